@@ -1,0 +1,31 @@
+"""Packed sparse weight formats: the one place that knows the layouts.
+
+See ``sparse24`` and ``bitmap`` for each layout with a worked example, and
+/work/notes/formats.md (format version 1) for the contract the kernels read.
+"""
+
+from slimstack.formats.bitmap import BitmapWeight, pack_bitmap, unpack_bitmap
+from slimstack.formats.common import FORMAT_VERSION, K_TILE, load_packed, padded_k
+from slimstack.formats.sparse24 import (
+    Sparse24Weight,
+    is_sparse24,
+    pack_sparse24,
+    unpack_sparse24,
+)
+
+PackedWeight = Sparse24Weight | BitmapWeight
+
+__all__ = [
+    "FORMAT_VERSION",
+    "K_TILE",
+    "BitmapWeight",
+    "PackedWeight",
+    "Sparse24Weight",
+    "is_sparse24",
+    "load_packed",
+    "pack_bitmap",
+    "pack_sparse24",
+    "padded_k",
+    "unpack_bitmap",
+    "unpack_sparse24",
+]

@@ -1,0 +1,141 @@
+"""What every packed format shares: K padding, input checks and safetensors (de)serialization.
+
+A packed file is a plain safetensors file whose header metadata names the format, its
+version, the dense shape ``N,K`` and the dtype, so a loader can refuse a file it does not
+understand instead of misreading it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT_VERSION = 1
+# K is padded with zero columns up to a multiple of this ("the K tile"), so every kernel
+# can walk K in whole tiles; kernels still mask reads of x at columns >= K.
+K_TILE = 64
+SUPPORTED_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+def padded_k(k: int) -> int:
+    """Return Kp, the smallest multiple of ``K_TILE`` that is >= k."""
+    return -(-k // K_TILE) * K_TILE
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    for name, value in SUPPORTED_DTYPES.items():
+        if value == dtype:
+            return name
+    raise TypeError(f"packed weights support dtypes {sorted(SUPPORTED_DTYPES)}, got {dtype}")
+
+
+def check_dense_weight(weight: torch.Tensor) -> None:
+    """Refuse anything that is not a non-empty 2-D fp32/fp16/bf16 tensor."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    dtype_name(weight.dtype)
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must be 2-D [out_features N, in_features K], got shape {tuple(weight.shape)}"
+        )
+    if weight.shape[0] == 0 or weight.shape[1] == 0:
+        raise ValueError(f"weight must be non-empty, got shape {tuple(weight.shape)}")
+
+
+def pad_columns(weight: torch.Tensor, kp: int) -> torch.Tensor:
+    """Zero-pad ``weight`` [N, K] on the right to [N, kp]."""
+    n, k = weight.shape
+    if k == kp:
+        return weight
+    padded = weight.new_zeros((n, kp))
+    padded[:, :k] = weight
+    return padded
+
+
+def expect(condition: bool, message: str) -> None:
+    """Raise ValueError(message) unless condition holds (container consistency checks)."""
+    if not condition:
+        raise ValueError(message)
+
+
+def save_packed(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    fmt: str,
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+) -> None:
+    """Write ``tensors`` and the format header atomically: a failed save leaves no file."""
+    path = Path(path)
+    metadata = {
+        "format": fmt,
+        "version": str(FORMAT_VERSION),
+        "shape": f"{shape[0]},{shape[1]}",
+        "dtype": dtype_name(dtype),
+    }
+    cpu_tensors = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(cpu_tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_packed(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> tuple[str, tuple[int, int], torch.dtype, dict[str, torch.Tensor]]:
+    """Read a packed file: (format, shape, dtype, tensors). Refuses unknown versions."""
+    with safe_open(str(path), framework="pt", device=str(device)) as f:
+        meta = f.metadata() or {}
+        missing = [key for key in ("format", "version", "shape", "dtype") if key not in meta]
+        if missing:
+            raise ValueError(
+                f"{path} is not a slimstack packed weight: header metadata lacks {missing}"
+            )
+        if meta["version"] != str(FORMAT_VERSION):
+            raise ValueError(
+                f"{path} has packed-format version {meta['version']}; this slimstack reads "
+                f"version {FORMAT_VERSION} only"
+            )
+        if meta["dtype"] not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"{path} declares dtype {meta['dtype']!r}; allowed: {sorted(SUPPORTED_DTYPES)}"
+            )
+        try:
+            n, k = (int(part) for part in meta["shape"].split(","))
+        except ValueError:
+            raise ValueError(f"{path} declares a malformed shape {meta['shape']!r}") from None
+        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+    return meta["format"], (n, k), SUPPORTED_DTYPES[meta["dtype"]], tensors
+
+
+def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu"):
+    """Load any packed weight file, picking the container from the format in its header."""
+    from slimstack.formats.bitmap import BitmapWeight
+    from slimstack.formats.sparse24 import Sparse24Weight
+
+    containers = {Sparse24Weight.format: Sparse24Weight, BitmapWeight.format: BitmapWeight}
+    fmt = _peek_format(path)
+    if fmt not in containers:
+        raise ValueError(f"{path} has unknown packed format {fmt!r}; known: {sorted(containers)}")
+    return containers[fmt].load(path, device=device)
+
+
+def _peek_format(path: str | os.PathLike) -> str:
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        fmt = (f.metadata() or {}).get("format")
+    if fmt is None:
+        raise ValueError(f"{path} is not a slimstack packed weight: header metadata lacks 'format'")
+    return fmt

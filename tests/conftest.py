@@ -1,0 +1,64 @@
+"""Shared test fixtures: paths to the shared model/data and sparse weight factories."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    return SHARED_DIR
+
+
+@pytest.fixture(scope="session")
+def stories260k_dir() -> Path:
+    path = SHARED_DIR / "models" / "stories260K"
+    if not path.is_dir():
+        pytest.skip(f"tiny model not found at {path}")
+    return path
+
+
+def _away_from_zero(values: torch.Tensor, margin: float = 0.05) -> torch.Tensor:
+    """Shift values away from 0 so that "kept" entries never round to zero in fp16/bf16."""
+    return torch.where(values >= 0, values + margin, values - margin)
+
+
+def random_sparse24(
+    n: int, k: int, dtype: torch.dtype = torch.float32, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random [n, k] weight with exactly 2 nonzeros in every full group of 4 along K."""
+    groups = -(-k // 4)
+    scores = torch.rand(n, groups, 4, generator=generator)
+    keep = torch.zeros(n, groups, 4, dtype=torch.bool)
+    keep.scatter_(-1, scores.topk(2, dim=-1).indices, True)
+    dense = _away_from_zero(torch.randn(n, groups * 4, generator=generator))
+    return torch.where(keep.reshape(n, -1), dense, 0.0)[:, :k].to(dtype).contiguous()
+
+
+def random_unstructured(
+    n: int,
+    k: int,
+    dtype: torch.dtype = torch.float32,
+    density: float = 0.5,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Random [n, k] weight with about ``density`` of its entries nonzero (uneven rows)."""
+    keep = torch.rand(n, k, generator=generator) < density
+    dense = _away_from_zero(torch.randn(n, k, generator=generator))
+    return torch.where(keep, dense, 0.0).to(dtype).contiguous()
+
+
+@pytest.fixture
+def make_sparse24() -> Callable[..., torch.Tensor]:
+    return random_sparse24
+
+
+@pytest.fixture
+def make_unstructured() -> Callable[..., torch.Tensor]:
+    return random_unstructured
