@@ -1,0 +1,472 @@
+"""Hugging Face checkpoint folders: validated lazy reading, atomic writing, slimstack.json.
+
+Reading never loads the whole model: tensors come one at a time from safetensors files
+(`safe_open`), so pruning or slicing a 7B checkpoint needs about one decoder layer of memory.
+Writing goes to a temporary folder beside the target that is renamed into place only when
+everything, metadata included, has been written; any failure (Ctrl-C too) removes it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import struct
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+    "chat_template.jinja",
+)
+METADATA_FILE = "slimstack.json"
+INDEX_FILE = "model.safetensors.index.json"
+LAYER_PREFIX = "model.layers."
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+# Tensors every decoder layer of the supported families has (biases are optional: qwen2).
+REQUIRED_LAYER_TENSORS = (
+    "input_layernorm.weight",
+    "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight",
+    "self_attn.k_proj.weight",
+    "self_attn.v_proj.weight",
+    "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight",
+    "mlp.up_proj.weight",
+    "mlp.down_proj.weight",
+)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be read, or a target that cannot be written."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_safetensors_file(path: Path) -> list[str]:
+    """Validate a safetensors file's header and length without reading tensor data.
+
+    Returns the tensor names. A truncated download or a corrupt header raises
+    CheckpointError naming the file, instead of failing later inside a kernel.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: corrupt safetensors file ({size} bytes, no header)")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8 or header_len > 100_000_000:
+            raise CheckpointError(
+                f"{path}: corrupt or truncated safetensors file (header claims {header_len} "
+                f"bytes, file has {size})"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{path}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    header.pop("__metadata__", None)
+    data_end = 0
+    for name, entry in header.items():
+        try:
+            begin, end = entry["data_offsets"]
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None
+        data_end = max(data_end, int(end))
+        if begin > end:
+            raise CheckpointError(f"{path}: corrupt offsets for tensor {name!r}")
+    expected = 8 + header_len + data_end
+    if size < expected:
+        raise CheckpointError(
+            f"{path}: truncated safetensors file: {size} bytes, its header needs {expected} "
+            "(an interrupted download or copy?)"
+        )
+    return list(header)
+
+
+@dataclass
+class Checkpoint:
+    """A validated Hugging Face model folder, read lazily tensor by tensor."""
+
+    path: Path
+    config: dict[str, Any]
+    weight_map: dict[str, str]  # tensor name -> safetensors file name (relative to path)
+    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
+    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+
+    # ---------------------------------------------------------------- opening
+    @classmethod
+    def open(cls, path: str | os.PathLike, check_layers: bool = True) -> Checkpoint:
+        folder = Path(path)
+        if not folder.exists():
+            raise CheckpointError(f"model folder not found: {folder}")
+        if not folder.is_dir():
+            raise CheckpointError(f"expected a model folder, got a file: {folder}")
+        config = read_config(folder)
+        weight_map = _read_weight_map(folder)
+        ckpt = cls(path=folder, config=config, weight_map=weight_map)
+        if check_layers:
+            ckpt.check_layers()
+        return ckpt
+
+    def close(self) -> None:
+        self._stack.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.config["num_hidden_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config["hidden_size"])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        name = self.config.get("torch_dtype") or self.config.get("dtype") or "float32"
+        return getattr(torch, name) if isinstance(name, str) else torch.float32
+
+    def weight_files(self) -> list[Path]:
+        return [self.path / name for name in sorted(set(self.weight_map.values()))]
+
+    def weight_hashes(self) -> dict[str, str]:
+        return {p.name: sha256_file(p) for p in self.weight_files()}
+
+    def tokenizer_files(self) -> list[Path]:
+        return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
+
+    def tensor_names(self) -> list[str]:
+        return list(self.weight_map)
+
+    def layer_names(self, index: int) -> list[str]:
+        """Full tensor names of decoder layer `index`."""
+        self._check_layer_index(index)
+        prefix = f"{LAYER_PREFIX}{index}."
+        return [n for n in self.weight_map if n.startswith(prefix)]
+
+    def non_layer_names(self) -> list[str]:
+        return [n for n in self.weight_map if not n.startswith(LAYER_PREFIX)]
+
+    # ---------------------------------------------------------------- reading
+    def _handle(self, name: str) -> Any:
+        try:
+            file = self.weight_map[name]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+        handle = self._handles.get(file)
+        if handle is None:
+            handle = self._stack.enter_context(safe_open(self.path / file, framework="pt"))
+            self._handles[file] = handle
+        return handle
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        return self._handle(name).get_tensor(name)
+
+    def tensor_shape(self, name: str) -> tuple[int, ...]:
+        """Shape from the file header, without reading the data."""
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def tensor_dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+
+    def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
+        """Tensors of one decoder layer, keyed by their name inside the layer."""
+        prefix = f"{LAYER_PREFIX}{index}."
+        return {n[len(prefix) :]: self.get_tensor(n) for n in self.layer_names(index)}
+
+    def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in names:
+            yield name, self.get_tensor(name)
+
+    # ---------------------------------------------------------------- checks
+    def _check_layer_index(self, index: int) -> None:
+        if not 0 <= index < self.num_layers:
+            raise CheckpointError(
+                f"layer index {index} out of range: {self.path.name} has layers "
+                f"0..{self.num_layers - 1}"
+            )
+
+    def check_layers(self) -> None:
+        """Every decoder layer has every tensor its family needs; no stray layers."""
+        present: dict[int, set[str]] = {}
+        for name in self.weight_map:
+            match = _LAYER_RE.match(name)
+            if match:
+                present.setdefault(int(match.group(1)), set()).add(match.group(2))
+        extra = sorted(i for i in present if i >= self.num_layers)
+        if extra:
+            raise CheckpointError(
+                f"{self.path}: weights for layer {extra[0]} but config.json says "
+                f"num_hidden_layers={self.num_layers}"
+            )
+        for index in range(self.num_layers):
+            missing = [t for t in REQUIRED_LAYER_TENSORS if t not in present.get(index, set())]
+            if missing:
+                raise CheckpointError(
+                    f"{self.path}: layer {index} is missing tensors: "
+                    + ", ".join(f"{LAYER_PREFIX}{index}.{t}" for t in missing)
+                )
+        if "model.embed_tokens.weight" not in self.weight_map:
+            raise CheckpointError(f"{self.path}: missing model.embed_tokens.weight")
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no config.json (is this a Hugging Face model folder?)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(
+            f"{folder}: unsupported model_type {model_type!r}; supported: "
+            + ", ".join(SUPPORTED_MODEL_TYPES)
+        )
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        if not isinstance(config.get(key), int):
+            raise CheckpointError(f"{config_path}: missing or invalid {key!r}")
+    return config
+
+
+def _read_weight_map(folder: Path) -> dict[str, str]:
+    index_path = folder / INDEX_FILE
+    shards = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not shards and not index_path.is_file():
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise CheckpointError(
+                f"{folder}: only pickle checkpoints found ({', '.join(pickles)}); slimstack "
+                "loads safetensors only, because unpickling can run arbitrary code. Convert "
+                "with transformers: model.save_pretrained(out, safe_serialization=True)"
+            )
+        raise CheckpointError(f"{folder}: no *.safetensors weight files")
+    if index_path.is_file():
+        try:
+            weight_map = dict(json.loads(index_path.read_text())["weight_map"])
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"{index_path}: corrupt index ({exc!r})") from None
+        files = sorted(set(weight_map.values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: index names missing shard(s): {', '.join(missing)}")
+        for file in files:
+            names = set(_check_safetensors_file(folder / file))
+            absent = [n for n, f in weight_map.items() if f == file and n not in names]
+            if absent:
+                raise CheckpointError(
+                    f"{folder / file}: index lists {absent[0]!r} but the shard does not hold it"
+                )
+        return weight_map
+    weight_map = {}
+    for file in shards:
+        for name in _check_safetensors_file(folder / file):
+            if name in weight_map:
+                raise CheckpointError(f"{folder}: tensor {name!r} appears in two shards")
+            weight_map[name] = file
+    return weight_map
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    return Checkpoint.open(path)
+
+
+# ====================================================================== writing
+class CheckpointWriter:
+    """Writes a standard HF folder atomically: shards + index, config, tokenizer, slimstack.json.
+
+    Use as a context manager; call `add` for each tensor (in any order, any number of times
+    for distinct names) and `finish` once. Leaving the block without `finish`, or with an
+    exception (KeyboardInterrupt included), removes the temporary folder and leaves the
+    target untouched.
+    """
+
+    def __init__(
+        self,
+        target: str | os.PathLike,
+        overwrite: bool = False,
+        max_shard_bytes: int = 2 * 1024**3,
+    ) -> None:
+        self.target = Path(target)
+        if self.target.exists() and not overwrite:
+            raise CheckpointError(f"output folder already exists: {self.target} (use --overwrite)")
+        if self.target.exists() and not self.target.is_dir():
+            raise CheckpointError(f"output path exists and is not a folder: {self.target}")
+        self.overwrite = overwrite
+        self.max_shard_bytes = max_shard_bytes
+        self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._shards: list[tuple[str, list[str]]] = []  # temp shard file, names
+        self._names: set[str] = set()
+        self._finished = False
+
+    def __enter__(self) -> CheckpointWriter:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir()
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if exc_type is not None or not self._finished:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._names:
+            raise CheckpointError(f"tensor {name!r} written twice")
+        self._names.add(name)
+        # safetensors needs contiguous, unshared storage
+        tensor = tensor.detach().to("cpu").contiguous().clone()
+        size = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self._pending[name] = tensor
+        self._pending_bytes += size
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        file = f"shard-{len(self._shards):05d}.safetensors"
+        save_file(self._pending, str(self.tmp / file), metadata={"format": "pt"})
+        self._shards.append((file, list(self._pending)))
+        self._pending = {}
+        self._pending_bytes = 0
+
+    def finish(
+        self,
+        config: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        tokenizer_from: str | os.PathLike | None = None,
+    ) -> Path:
+        self._flush()
+        if not self._shards:
+            raise CheckpointError("refusing to write a checkpoint without tensors")
+        weight_map: dict[str, str] = {}
+        total = len(self._shards)
+        for i, (tmp_name, names) in enumerate(self._shards):
+            final = (
+                "model.safetensors"
+                if total == 1
+                else f"model-{i + 1:05d}-of-{total:05d}.safetensors"
+            )
+            os.replace(self.tmp / tmp_name, self.tmp / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if total > 1:
+            total_size = sum((self.tmp / f).stat().st_size for f in set(weight_map.values()))
+            _write_json(
+                self.tmp / INDEX_FILE,
+                {"metadata": {"total_size": total_size}, "weight_map": weight_map},
+            )
+        _write_json(self.tmp / "config.json", config)
+        if tokenizer_from is not None:
+            for src in Path(tokenizer_from).iterdir():
+                if src.name in TOKENIZER_FILES and src.is_file():
+                    shutil.copy2(src, self.tmp / src.name)
+        if metadata is not None:
+            meta = {"slimstack_version": _version(), "created": _now(), **metadata}
+            _write_json(self.tmp / METADATA_FILE, meta)
+        self._commit()
+        self._finished = True
+        return self.target
+
+    def _commit(self) -> None:
+        old = None
+        if self.target.exists():
+            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.target, old)
+        try:
+            os.replace(self.tmp, self.target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, self.target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _version() -> str:
+    from slimstack import __version__
+
+    return __version__
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The folder's slimstack.json, or None when it was not written by slimstack."""
+    meta_path = Path(path) / METADATA_FILE
+    if not meta_path.is_file():
+        return None
+    try:
+        return json.loads(meta_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({exc})") from None
+
+
+def source_record(ckpt: Checkpoint) -> dict[str, Any]:
+    """What slimstack.json says about a source model: where, what, and its weights' hashes."""
+    return {
+        "path": str(ckpt.path.resolve()),
+        "model_type": ckpt.model_type,
+        "num_hidden_layers": ckpt.num_layers,
+        "weights_sha256": ckpt.weight_hashes(),
+    }

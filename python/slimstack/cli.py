@@ -1,0 +1,140 @@
+"""The `slimstack` command: one thin function per subcommand, each calling the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------- prune
+def _add_prune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a checkpoint's linear layers (magnitude, Wanda, SparseGPT)",
+        description="Prune every linear layer of the decoder blocks and write a standard "
+        "Hugging Face folder plus slimstack.json. Embeddings and lm_head stay dense.",
+    )
+    p.add_argument("model", help="Hugging Face model folder (safetensors)")
+    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument(
+        "--sparsity",
+        default="2:4",
+        help="N:M pattern with 0 < N < M (2:4, 4:8, 1:4) or a ratio in (0, 1) (0.5, 50%%)",
+    )
+    p.add_argument("--calib", help="calibration text: plain text or JSONL with a 'text' field")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the window sampling")
+    p.add_argument("--include", action="append", help="glob of modules to prune (repeatable)")
+    p.add_argument("--exclude", action="append", help="glob of modules to keep dense (repeatable)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(handler=cmd_prune)
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from slimstack.prune.driver import prune
+
+    report = prune(
+        args.model,
+        args.out,
+        method=args.method,
+        sparsity=args.sparsity,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        include=args.include,
+        exclude=args.exclude,
+        overwrite=args.overwrite,
+        device=args.device,
+    )
+    print(report.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------- eval
+def _add_eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity of a model; KL and top-1 agreement against a reference",
+        description="Perplexity on non-overlapping windows of a text file; with --reference, "
+        "KL divergence and top-1 agreement against it on the same windows.",
+    )
+    p.add_argument("model", help="Hugging Face model folder")
+    p.add_argument("--text", required=True, help="evaluation text file")
+    p.add_argument("--reference", help="dense source model folder to compare against")
+    p.add_argument("--seqlen", type=int, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(handler=cmd_eval)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from slimstack.evaluate import evaluate
+
+    result = evaluate(
+        args.model,
+        args.text,
+        reference=args.reference,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        max_windows=args.max_windows,
+        device=args.device,
+    )
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
+# --------------------------------------------------------------------------- info
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("info", help="versions and which kernel backends are available")
+    p.add_argument("--json", action="store_true", help="print as JSON")
+    p.set_defaults(handler=cmd_info)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from slimstack.info import format_info, info
+
+    facts = info()
+    print(json.dumps(facts, indent=2) if args.json else format_info(facts))
+    return 0
+
+
+# --------------------------------------------------------------------------- main
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_prune, _add_eval, _add_info]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slimstack",
+        description="Sparse inference for pruned LLMs: prune, slice, pack, serve, measure.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in PARSERS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as exc:
+        # user errors (bad spec, missing files, refused checkpoints): one clear line, no trace
+        print(f"slimstack {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slimstack {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

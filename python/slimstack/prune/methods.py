@@ -1,0 +1,128 @@
+"""Pruning methods on one weight matrix: magnitude, Wanda, SparseGPT.
+
+Each takes an fp32 weight [out, in], the statistics of that layer's inputs it needs, and a
+pattern, and returns the pruned weight. Unstructured ratios are applied within each output
+row for all three (Wanda's comparison group; it also gives every row the same count, which
+the bitmap kernels like). N:M groups run along the input dimension.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from slimstack.prune.masks import mask_for, nm_mask
+from slimstack.prune.patterns import NMPattern, Pattern, Unstructured
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class InputStats:
+    """Running statistics of one linear layer's inputs over the calibration tokens."""
+
+    features: int
+    want_hessian: bool = False
+    tokens: int = 0
+    sq_norms: torch.Tensor | None = None  # [in]: sum over tokens of x_j^2
+    hessian: torch.Tensor | None = field(default=None, repr=False)  # [in, in]: sum of x x^T
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, self.features).float()
+        if self.sq_norms is None:
+            self.sq_norms = torch.zeros(self.features, device=x.device)
+            if self.want_hessian:
+                self.hessian = torch.zeros(self.features, self.features, device=x.device)
+        self.sq_norms += x.square().sum(0)
+        if self.hessian is not None:
+            self.hessian.addmm_(x.t(), x)
+        self.tokens += x.shape[0]
+
+
+def magnitude_prune(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    keep = mask_for(weight.abs(), pattern, per_row=True)
+    return weight * keep
+
+
+def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| * ||X_j||_2, the Wanda importance of each weight."""
+    return weight.abs() * sq_norms.sqrt()[None, :]
+
+
+def wanda_prune(weight: torch.Tensor, stats: InputStats, pattern: Pattern) -> torch.Tensor:
+    keep = mask_for(wanda_scores(weight, stats.sq_norms), pattern, per_row=True)
+    return weight * keep
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    stats: InputStats,
+    pattern: Pattern,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> torch.Tensor:
+    """SparseGPT (Frantar & Alistarh, 2023): prune column by column, and after each column
+    spread its pruning error over the columns not yet visited using the inverse Hessian of
+    the layer's reconstruction loss; columns are processed in blocks with lazy updates.
+    Masks are chosen adaptively per block (per row, from w^2 / [H^-1]_jj^2)."""
+    if stats.hessian is None:
+        raise ValueError("sparsegpt needs the input Hessian (InputStats(want_hessian=True))")
+    w = weight.detach().clone().float()
+    rows, cols = w.shape
+    hessian = 2.0 * stats.hessian / max(stats.tokens, 1)
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    damp = percdamp * torch.diag(hessian).mean()
+    hessian += damp * torch.eye(cols, device=w.device)
+    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
+
+    if isinstance(pattern, NMPattern):
+        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
+    for b0 in range(0, cols, blocksize):
+        b1 = min(b0 + blocksize, cols)
+        block = w[:, b0:b1].clone()
+        hinv_block = hinv[b0:b1, b0:b1]
+        diag = torch.diag(hinv_block)
+        errors = torch.zeros_like(block)
+        if isinstance(pattern, Unstructured):
+            # row totals come out at exactly int(cols * ratio), as row_mask gives
+            count = int(b1 * pattern.ratio) - int(b0 * pattern.ratio)
+            pruned = _exact_row_prune(block.square() / diag.square(), count)
+        else:
+            pruned = torch.zeros_like(block, dtype=torch.bool)
+        for j in range(b1 - b0):
+            if isinstance(pattern, NMPattern) and j % pattern.m == 0:
+                scores = block[:, j : j + pattern.m].square() / diag[j : j + pattern.m].square()
+                pruned[:, j : j + pattern.m] = ~nm_mask(scores, pattern)
+            col = block[:, j]
+            quantised = torch.where(pruned[:, j], torch.zeros_like(col), col)
+            err = (col - quantised) / diag[j]
+            block[:, j:] -= err[:, None] * hinv_block[j, j:][None, :]
+            block[:, j] = quantised
+            errors[:, j] = err
+        w[:, b0:b1] = block
+        w[:, b1:] -= errors @ hinv[b0:b1, b1:]
+    return w
+
+
+def _exact_row_prune(scores: torch.Tensor, count: int) -> torch.Tensor:
+    """Boolean mask of the `count` lowest scores of each row (True = pruned)."""
+    pruned = torch.zeros_like(scores, dtype=torch.bool)
+    if count > 0:
+        order = torch.sort(scores, dim=1, stable=True).indices
+        pruned.scatter_(1, order[:, :count], True)
+    return pruned
+
+
+def prune_weight(
+    method: str, weight: torch.Tensor, stats: InputStats | None, pattern: Pattern
+) -> torch.Tensor:
+    if method == "magnitude":
+        return magnitude_prune(weight, pattern)
+    if method == "wanda":
+        return wanda_prune(weight, stats, pattern)
+    if method == "sparsegpt":
+        return sparsegpt_prune(weight, stats, pattern)
+    raise ValueError(f"unknown pruning method {method!r}; choose one of: {', '.join(METHODS)}")
