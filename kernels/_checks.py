@@ -1,0 +1,76 @@
+"""Argument checks shared by the Triton launchers: fail early, name what is wrong and what is allowed.
+
+Every check runs before anything is allocated or launched, so a bad call leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+K_TILE = 64  # formats.md: K is zero-padded up to a multiple of 64
+
+
+def padded_k(K: int) -> int:
+    return (K + K_TILE - 1) // K_TILE * K_TILE
+
+
+def check_size(op: str, name: str, value: int, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
+
+
+def check_activation(op: str, x: torch.Tensor, K: int, max_m: int | None = None) -> int:
+    """x must be a float [M, K] tensor; returns M."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"{op}: x must have shape [M, K={K}], got {tuple(x.shape)}")
+    rows = x.shape[0]
+    if max_m is not None and rows > max_m:
+        raise ValueError(f"{op}: M = {rows} rows is outside 0..{max_m}; use the GEMM for larger M")
+    return rows
+
+
+def check_packed(
+    op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{op}: {name} must have dtype {dtype}, got {t.dtype}")
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{op}: {name} must be contiguous (packed tensors are)")
+
+
+def check_same_device(op: str, x: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+
+
+def check_runnable(op: str, kernel: object, device: torch.device) -> None:
+    """A compiled Triton kernel needs CUDA tensors; the interpreter runs on CPU tensors."""
+    interpreted = type(kernel).__name__ == "InterpretedFunction"
+    if not interpreted and device.type != "cuda":
+        raise ValueError(
+            f"{op}: tensors are on {device}, but compiled Triton kernels need CUDA tensors "
+            "(to run them on CPU, set TRITON_INTERPRET=1 before triton is first imported)"
+        )
+
+
+def as_int32_words(op: str, name: str, t: torch.Tensor) -> torch.Tensor:
+    """View a contiguous uint8 [rows, bytes] tensor (bytes % 4 == 0) as int32 words."""
+    if t.shape[-1] % 4 != 0:
+        raise ValueError(f"{op}: {name} rows must hold a multiple of 4 bytes, got {t.shape[-1]}")
+    if t.numel() == 0:
+        return t.new_empty((*t.shape[:-1], t.shape[-1] // 4), dtype=torch.int32)
+    if t.data_ptr() % 4 != 0:  # a sliced view; the kernels read 4-byte words
+        t = t.clone()
+    return t.view(torch.int32)

@@ -1,0 +1,251 @@
+"""bitmap_gemv: y = x @ W^T for decode (M = 1..16) with an unstructured bitmap-packed weight.
+
+Layout (notes/formats.md): ``bitmask`` uint8 [N, Kp/8] (read here as int32 words [N, Kp/32],
+bit j of word w = column 32w + j), ``values`` 1-D with row n's kept values in column order
+from ``row_offsets[n]``.
+
+Each program owns BLOCK_N rows and walks K in BLOCK_K steps, carrying per row the index of
+its next kept value. A step expands the mask words to a 0/1 tile, an exclusive prefix sum
+along K turns each kept column into its value index, and one masked load (kept columns only,
+consecutive addresses, so sectors are fully used) fills a dense [BLOCK_N, BLOCK_K] tile.
+The dense tile then meets a plain slice of x: FMA for M = 1, tl.dot with x^T padded to 16
+columns for M >= 2 (as in sparse24_gemv). A split of K must first skip the values of the
+tiles before it, by popcounts of their mask words, so split-K is capped at 4 to keep that
+extra mask traffic small.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from slimstack.kernels._checks import (
+    as_int32_words,
+    check_activation,
+    check_packed,
+    check_runnable,
+    check_same_device,
+    check_size,
+    padded_k,
+)
+from slimstack.kernels.sparse24_gemv import (
+    MAX_M,
+    GemvConfig,
+    block_m_for,
+    choose_split_k,
+    sm_count,
+)
+
+_MAX_SPLIT_K = 4
+_INT32_LIMIT = 2**31
+
+
+@triton.jit
+def _popcount32(words):
+    """Bits set per int32 word (SWAR; shifts are arithmetic, the masks drop the sign fill)."""
+    c = words - ((words >> 1) & 0x55555555)
+    c = (c & 0x33333333) + ((c >> 2) & 0x33333333)
+    c = (c + (c >> 4)) & 0x0F0F0F0F
+    c = c + (c >> 8)
+    c = c + (c >> 16)
+    return c & 0x3F
+
+
+@triton.jit
+def _kept_before(
+    mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+):
+    """Per row, how many values the K tiles [0, t_start) keep."""
+    WORDS: tl.constexpr = BLOCK_K // 32
+    count = tl.zeros([BLOCK_N], dtype=tl.int64)
+    for t in range(0, t_start):
+        wcols = t * WORDS + tl.arange(0, WORDS)
+        words = tl.load(
+            mask_ptr + rows[:, None] * stride_mask + wcols[None, :],
+            mask=row_mask[:, None] & (wcols[None, :] < KW),
+            other=0,
+        )
+        count += tl.sum(_popcount32(words), axis=1).to(tl.int64)
+    return count
+
+
+@triton.jit
+def _bitmap_dense_tile(
+    values_ptr,
+    mask_ptr,
+    rows,
+    row_mask,
+    next_value,
+    k0,
+    KW,
+    stride_mask,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Dense W[rows, k0:k0+BLOCK_K] and each row's next value index after the tile."""
+    WORDS: tl.constexpr = BLOCK_K // 32
+    wcols = k0 // 32 + tl.arange(0, WORDS)
+    m_ptrs = mask_ptr + rows[:, None] * stride_mask + wcols[None, :]
+    if EVEN_K:
+        words = tl.load(m_ptrs, mask=row_mask[:, None], other=0)
+    else:
+        words = tl.load(m_ptrs, mask=row_mask[:, None] & (wcols[None, :] < KW), other=0)
+    shifts = tl.arange(0, 32)
+    kept = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, [BLOCK_N, BLOCK_K])
+    before = tl.cumsum(kept, axis=1) - kept  # kept columns to the left, within the tile
+    index = next_value[:, None] + before.to(tl.int64)
+    w = tl.load(values_ptr + index, mask=kept != 0, other=0.0)
+    return w, next_value + tl.sum(kept, axis=1).to(tl.int64)
+
+
+@triton.jit
+def _bitmap_gemv_kernel(
+    x_ptr,
+    values_ptr,
+    mask_ptr,
+    row_offsets_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    KW,
+    stride_xm,
+    stride_mask,
+    stride_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split_k = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+
+    num_tiles = tl.cdiv(32 * KW, BLOCK_K)
+    tiles_per_split = tl.cdiv(num_tiles, split_k)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+    next_value = tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
+    next_value += _kept_before(mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N, BLOCK_K)
+
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for t in range(t_start, t_end):
+            k0 = t * BLOCK_K
+            w, next_value = _bitmap_dense_tile(
+                values_ptr, mask_ptr, rows, row_mask, next_value, k0, KW, stride_mask,
+                BLOCK_N, BLOCK_K, EVEN_K,
+            )  # fmt: skip
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x_t = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
+                mask=m_mask[None, :] & (cols[:, None] < K),
+                other=0.0,
+            )
+            acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
+        y = tl.trans(acc)
+    else:
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for t in range(t_start, t_end):
+            k0 = t * BLOCK_K
+            w, next_value = _bitmap_dense_tile(
+                values_ptr, mask_ptr, rows, row_mask, next_value, k0, KW, stride_mask,
+                BLOCK_N, BLOCK_K, EVEN_K,
+            )  # fmt: skip
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)[None, :]
+
+    out_ptrs = out_ptr + pid_k * stride_split + offs_m[:, None] * N + rows[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & row_mask[None, :])
+
+
+def default_config(M: int) -> GemvConfig:
+    """Smaller K steps than sparse24: the 0/1 tile and its prefix sum live in registers too."""
+    if block_m_for(M) == 1:
+        return GemvConfig(block_n=16, block_k=256, num_warps=4)
+    return GemvConfig(block_n=64, block_k=64, num_warps=4)
+
+
+def _validate(x, values, bitmask, row_offsets, N, K, config) -> int:
+    op = "bitmap_gemv"
+    check_size(op, "N", N)
+    check_size(op, "K", K)
+    M = check_activation(op, x, K, max_m=MAX_M)
+    Kp = padded_k(K)
+    check_packed(op, "bitmask", bitmask, (N, Kp // 8), torch.uint8)
+    check_packed(op, "row_offsets", row_offsets, (N + 1,), torch.int64)
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{op}: values must be a torch.Tensor, got {type(values).__name__}")
+    check_packed(op, "values", values, (values.numel(),), x.dtype)  # 1-D
+    check_same_device(op, x, values=values, bitmask=bitmask, row_offsets=row_offsets)
+    check_runnable(op, _bitmap_gemv_kernel, x.device)
+    if max(x.numel(), values.numel(), M * N) >= _INT32_LIMIT:
+        raise ValueError(f"{op}: tensors past 2**31 elements are not supported")
+    if row_offsets.device.type == "cpu":  # free to check here; on CUDA it would cost a sync
+        end = int(row_offsets[-1])
+        if int(row_offsets[0]) != 0 or end > values.numel():
+            raise ValueError(
+                f"{op}: row_offsets must start at 0 and end within values "
+                f"(ends at {end}, values holds {values.numel()})"
+            )
+    if config is not None and (config.block_k % 64 or config.block_k < 64):
+        raise ValueError(f"{op}: config.block_k must be a multiple of 64, got {config.block_k}")
+    return M
+
+
+def bitmap_gemv(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    bitmask: torch.Tensor,
+    row_offsets: torch.Tensor,
+    N: int,
+    K: int,
+    *,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """y[M, N] = x[M, K] @ W^T for M <= 16, W bitmap-packed (values, bitmask, row_offsets)."""
+    M = _validate(x, values, bitmask, row_offsets, N, K, config)
+    if M == 0:
+        return x.new_empty((0, N))
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or default_config(M)
+    block_m = block_m_for(M)
+    Kp = padded_k(K)
+    k_tiles = triton.cdiv(Kp, cfg.block_k)
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    planned = min(choose_split_k(n_blocks, k_tiles, sm_count(x.device)), _MAX_SPLIT_K)
+    split = cfg.split_k or planned
+    split = min(split, k_tiles)
+
+    words = as_int32_words("bitmap_gemv", "bitmask", bitmask)
+    if split == 1:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    _bitmap_gemv_kernel[(n_blocks, split)](
+        x, values, words, row_offsets, out, M, N, K, Kp // 32,
+        x.stride(0), words.stride(0), M * N,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_DOT=block_m >= 16, EVEN_K=Kp % cfg.block_k == 0,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split == 1:
+        return out
+    return out.sum(dim=0).to(x.dtype)
+
+
+def bitmap_gemv_reference(x: torch.Tensor, dense_weight: torch.Tensor) -> torch.Tensor:
+    """float64 reference on the (already masked) dense weight, cast to x's dtype."""
+    return (x.double() @ dense_weight.double().t()).to(x.dtype)

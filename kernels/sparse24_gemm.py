@@ -1,0 +1,164 @@
+"""sparse24_gemm: y = x @ W^T for prefill (M >= 17) with a packed 2:4 weight.
+
+Triton has no sparse tensor-core instruction, so each program decodes its [BLOCK_N, BLOCK_K]
+slice of W into a dense register tile (kernels/_sparse24_tile.py) and feeds tl.dot. The
+product is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the decoded
+weight is the dot's A operand: on Hopper wgmma takes A straight from registers, and only x^T
+(a plain load the pipeliner can stage) goes through shared memory. The decode costs ALU work
+per weight element, amortised over BLOCK_M rows of x, which is why large-M tiles use
+BLOCK_M = 128. Programs are grouped along N so neighbouring programs share x tiles in L2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from slimstack.kernels._checks import (
+    as_int32_words,
+    check_activation,
+    check_packed,
+    check_runnable,
+    check_same_device,
+    check_size,
+    padded_k,
+)
+from slimstack.kernels._sparse24_tile import sparse24_dense_tile
+
+_INT32_LIMIT = 2**31
+
+
+@triton.jit
+def _sparse24_gemm_kernel(
+    x_ptr,
+    values_ptr,
+    meta_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    KV,
+    stride_xm,
+    stride_v,
+    stride_meta,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_N: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Grouped order: GROUP_N consecutive programs walk down N for one M block, so the x tile
+    # they share stays in L2 while each weight tile is read once per M block.
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_N * blocks_m
+    group = pid // per_group
+    first_n = group * GROUP_N
+    group_size = tl.minimum(blocks_n - first_n, GROUP_N)
+    pid_n = first_n + (pid % per_group) % group_size
+    pid_m = (pid % per_group) // group_size
+
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+
+    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, 2 * KV, BLOCK_K):
+        w = sparse24_dense_tile(
+            values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
+            BLOCK_N, BLOCK_K, EVEN_K,
+        )  # fmt: skip
+        cols = k0 + tl.arange(0, BLOCK_K)
+        x_t = tl.load(
+            x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
+            mask=m_mask[None, :] & (cols[:, None] < K),
+            other=0.0,
+        )
+        acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
+
+    out_ptrs = out_ptr + offs_m[None, :] * stride_om + rows[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & row_mask[:, None])
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Tile shape and launch shape; block_k is a multiple of 64 (the packed K tile)."""
+
+    block_m: int
+    block_n: int
+    block_k: int = 64
+    group_n: int = 8
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def default_config(M: int) -> GemmConfig:
+    """Small M: narrow x tiles so fewer padded rows; large M: 128x128 to amortise the decode."""
+    if M <= 32:
+        return GemmConfig(block_m=32, block_n=64, num_warps=4, num_stages=4)
+    if M <= 64:
+        return GemmConfig(block_m=64, block_n=64, num_warps=4, num_stages=4)
+    return GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+
+
+def _validate(x, values, meta, N, K, config) -> int:
+    op = "sparse24_gemm"
+    check_size(op, "N", N)
+    check_size(op, "K", K)
+    M = check_activation(op, x, K)
+    Kp = padded_k(K)
+    check_packed(op, "values", values, (N, Kp // 2), x.dtype)
+    check_packed(op, "meta", meta, (N, Kp // 8), torch.uint8)
+    check_same_device(op, x, values=values, meta=meta)
+    check_runnable(op, _sparse24_gemm_kernel, x.device)
+    if max(x.numel(), values.numel(), M * N) >= _INT32_LIMIT:
+        raise ValueError(f"{op}: tensors past 2**31 elements are not supported (int32 offsets)")
+    if config is not None:
+        if config.block_k % 64 or config.block_k < 64:
+            raise ValueError(f"{op}: config.block_k must be a multiple of 64, got {config.block_k}")
+        if min(config.block_m, config.block_n) < 16:
+            raise ValueError(f"{op}: tl.dot needs block_m and block_n >= 16, got {config}")
+    return M
+
+
+def sparse24_gemm(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    N: int,
+    K: int,
+    *,
+    config: GemmConfig | None = None,
+) -> torch.Tensor:
+    """y[M, N] = x[M, K] @ W^T, W packed as 2:4 (values [N, Kp/2], meta uint8 [N, Kp/8])."""
+    M = _validate(x, values, meta, N, K, config)
+    if M == 0:
+        return x.new_empty((0, N))
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or default_config(M)
+    Kp = padded_k(K)
+    words = as_int32_words("sparse24_gemm", "meta", meta)
+    out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n),)
+    _sparse24_gemm_kernel[grid](
+        x, values, words, out, M, N, K, Kp // 2,
+        x.stride(0), values.stride(0), words.stride(0), out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_n,
+        EVEN_K=Kp % cfg.block_k == 0,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def sparse24_gemm_reference(x: torch.Tensor, dense_weight: torch.Tensor) -> torch.Tensor:
+    """float64 reference on the (already masked) dense weight, cast to x's dtype."""
+    return (x.double() @ dense_weight.double().t()).to(x.dtype)

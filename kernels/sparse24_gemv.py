@@ -1,0 +1,209 @@
+"""sparse24_gemv: y = x @ W^T for decode (M = 1..16 rows) with a packed 2:4 weight.
+
+Memory-bound: each program streams BLOCK_N rows of ``values`` (wide contiguous loads) and
+their int32 metadata words once, decodes the 2:4 tile into a dense register tile
+(kernels/_sparse24_tile.py) and multiplies it with the matching dense slice of x, so x is
+read with plain vector loads rather than gathered per kept value. The bytes moved are
+0.5625x the dense weight's for 16-bit types.
+
+Two inner products, chosen by M (a constexpr):
+- M = 1: FMA into a [BLOCK_N, BLOCK_K] fp32 accumulator laid out like the weight tile,
+  reduced once at the end;
+- M 2..16: tl.dot of the [BLOCK_N, BLOCK_K] weight tile with x^T padded to 16 columns. The
+  padding is free on tensor cores, while FMA work would grow with every row of x.
+Small N leaves SMs idle, so there the K range is split across programs (fp32 partials,
+summed by the launcher). Accumulation is fp32; the output has x's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from slimstack.kernels._checks import (
+    as_int32_words,
+    check_activation,
+    check_packed,
+    check_runnable,
+    check_same_device,
+    check_size,
+    padded_k,
+)
+from slimstack.kernels._sparse24_tile import sparse24_dense_tile
+
+MAX_M = 16
+_DOT_MIN_M = 2  # M > 1 goes to the tensor cores, x^T padded to 16 columns
+_INT32_LIMIT = 2**31
+
+
+@triton.jit
+def _sparse24_gemv_kernel(
+    x_ptr,
+    values_ptr,
+    meta_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    KV,
+    stride_xm,
+    stride_v,
+    stride_meta,
+    stride_split,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split_k = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    offs_m = tl.arange(0, BLOCK_M)
+    m_mask = offs_m < M
+
+    num_tiles = tl.cdiv(2 * KV, BLOCK_K)
+    tiles_per_split = tl.cdiv(num_tiles, split_k)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+
+    if USE_DOT:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for t in range(t_start, t_end):
+            k0 = t * BLOCK_K
+            w = sparse24_dense_tile(
+                values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
+                BLOCK_N, BLOCK_K, EVEN_K,
+            )  # fmt: skip
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x_t = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
+                mask=m_mask[None, :] & (cols[:, None] < K),
+                other=0.0,
+            )
+            acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
+        y = tl.trans(acc)
+    else:
+        # M == 1: a 2-D accumulator in the weight tile's own layout, so x is the only operand
+        # that changes layout (a broadcast row) and the tile never round-trips shared memory.
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for t in range(t_start, t_end):
+            k0 = t * BLOCK_K
+            w = sparse24_dense_tile(
+                values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
+                BLOCK_N, BLOCK_K, EVEN_K,
+            )  # fmt: skip
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)[None, :]
+
+    out_ptrs = out_ptr + pid_k * stride_split + offs_m[:, None] * N + rows[None, :]
+    tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & row_mask[None, :])
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Tile shape and launch shape; block_k is a multiple of 64 (the packed K tile)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 3
+    split_k: int | None = None  # None: decided from N and the SM count
+
+
+def block_m_for(M: int) -> int:
+    """1 selects the FMA path; 16 (the smallest tl.dot operand) the tensor-core path."""
+    return 16 if M >= _DOT_MIN_M else 1
+
+
+def default_config(M: int) -> GemvConfig:
+    """Per program and K step: 8 KB of values in flight, fp32 accumulators without spills."""
+    if M < _DOT_MIN_M:
+        return GemvConfig(block_n=16, block_k=512, num_warps=4)
+    return GemvConfig(block_n=64, block_k=128, num_warps=4)
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132  # the interpreter: behave as on an H100 so the same plan is tested
+
+
+def choose_split_k(n_blocks: int, k_tiles: int, sm_count: int) -> int:
+    """Split K only when the N blocks alone cannot fill the GPU (about two programs per SM)."""
+    if n_blocks >= sm_count:
+        return 1
+    split = min(max(1, 2 * sm_count // n_blocks), k_tiles, 16)
+    # Every split gets at least one tile.
+    return triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))
+
+
+def _validate(x, values, meta, N, K, config) -> int:
+    op = "sparse24_gemv"
+    check_size(op, "N", N)
+    check_size(op, "K", K)
+    M = check_activation(op, x, K, max_m=MAX_M)
+    Kp = padded_k(K)
+    check_packed(op, "values", values, (N, Kp // 2), x.dtype)
+    check_packed(op, "meta", meta, (N, Kp // 8), torch.uint8)
+    check_same_device(op, x, values=values, meta=meta)
+    check_runnable(op, _sparse24_gemv_kernel, x.device)
+    if max(x.numel(), values.numel(), M * N) >= _INT32_LIMIT:
+        raise ValueError(f"{op}: tensors past 2**31 elements are not supported (int32 offsets)")
+    if config is not None and (config.block_k % 64 or config.block_k < 64):
+        raise ValueError(f"{op}: config.block_k must be a multiple of 64, got {config.block_k}")
+    return M
+
+
+def sparse24_gemv(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    meta: torch.Tensor,
+    N: int,
+    K: int,
+    *,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """y[M, N] = x[M, K] @ W^T for M <= 16, W packed as 2:4 (values [N, Kp/2], meta [N, Kp/8])."""
+    M = _validate(x, values, meta, N, K, config)
+    if M == 0:
+        return x.new_empty((0, N))
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    cfg = config or default_config(M)
+    block_m = block_m_for(M)
+    Kp = padded_k(K)
+    k_tiles = triton.cdiv(Kp, cfg.block_k)
+    n_blocks = triton.cdiv(N, cfg.block_n)
+    split = cfg.split_k or choose_split_k(n_blocks, k_tiles, sm_count(x.device))
+    split = min(split, k_tiles)
+
+    words = as_int32_words("sparse24_gemv", "meta", meta)
+    if split == 1:
+        out = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty((split, M, N), dtype=torch.float32, device=x.device)
+    _sparse24_gemv_kernel[(n_blocks, split)](
+        x, values, words, out, M, N, K, Kp // 2,
+        x.stride(0), values.stride(0), words.stride(0), M * N,
+        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        USE_DOT=block_m >= 16, EVEN_K=Kp % cfg.block_k == 0,
+        INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    if split == 1:
+        return out
+    return out.sum(dim=0).to(x.dtype)
+
+
+def sparse24_gemv_reference(x: torch.Tensor, dense_weight: torch.Tensor) -> torch.Tensor:
+    """float64 reference on the (already masked) dense weight, cast to x's dtype."""
+    return (x.double() @ dense_weight.double().t()).to(x.dtype)
