@@ -22,7 +22,7 @@ import triton.language as tl
 
 
 @triton.jit
-def sparse24_dense_tile(
+def load_sparse24_tile(
     values_ptr,
     meta_ptr,
     rows,
@@ -31,19 +31,17 @@ def sparse24_dense_tile(
     KV,
     stride_v,
     stride_meta,
-    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
-    """Dense W[rows, k0:k0+BLOCK_K] in the weight dtype; k0 is a multiple of BLOCK_K (>= 64).
+    """Raw packed tile for W[rows, k0:k0+BLOCK_K]: values [BLOCK_N, BLOCK_K/2] and int32 meta
+    words [BLOCK_N, BLOCK_K/32]; k0 is a multiple of BLOCK_K (>= 64), ``KV`` = Kp/2.
 
-    ``meta_ptr`` points at int32 words, ``KV`` = Kp/2 (the values row length). Rows outside
-    ``row_mask`` and columns past Kp decode to zero.
+    Split from the decode so a loop can prefetch the next raw tile (a few registers per
+    thread) while it decodes the current one. Masked-off rows and columns past Kp read as 0.
     """
-    GROUPS: tl.constexpr = BLOCK_K // 4
-    WORDS: tl.constexpr = BLOCK_K // 32
     vcols = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-    wcols = k0 // 32 + tl.arange(0, WORDS)
+    wcols = k0 // 32 + tl.arange(0, BLOCK_K // 32)
     v_ptrs = values_ptr + rows[:, None] * stride_v + vcols[None, :]
     m_ptrs = meta_ptr + rows[:, None] * stride_meta + wcols[None, :]
     if EVEN_K:
@@ -52,7 +50,13 @@ def sparse24_dense_tile(
     else:
         v = tl.load(v_ptrs, mask=row_mask[:, None] & (vcols[None, :] < KV), other=0.0)
         words = tl.load(m_ptrs, mask=row_mask[:, None] & (wcols[None, :] < KV // 16), other=0)
+    return v, words
 
+
+@triton.jit
+def decode_sparse24_tile(v, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense [BLOCK_N, BLOCK_K] tile, in the values dtype, from a raw tile."""
+    GROUPS: tl.constexpr = BLOCK_K // 4
     shifts = 4 * tl.arange(0, 8)
     nibbles = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, [BLOCK_N, GROUPS])
     i0 = nibbles & 3
@@ -67,3 +71,24 @@ def sparse24_dense_tile(
     # join(join(c0, c2), join(c1, c3)) has c_t at flat position t of its trailing 2x2.
     dense = tl.join(tl.join(col0, col2), tl.join(col1, col3))
     return tl.reshape(dense, [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def sparse24_dense_tile(
+    values_ptr,
+    meta_ptr,
+    rows,
+    row_mask,
+    k0,
+    KV,
+    stride_v,
+    stride_meta,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """Dense W[rows, k0:k0+BLOCK_K]: load_sparse24_tile then decode_sparse24_tile."""
+    v, words = load_sparse24_tile(
+        values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta, BLOCK_K, EVEN_K
+    )
+    return decode_sparse24_tile(v, words, BLOCK_N, BLOCK_K)

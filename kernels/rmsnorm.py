@@ -31,6 +31,12 @@ def _rmsnorm_kernel(x_ptr, w_ptr, out_ptr, H, stride_x, stride_out, eps, BLOCK_H
     )
 
 
+def launch_shape(hidden: int) -> tuple[int, int]:
+    """(BLOCK_H, num_warps): about 16 elements per thread, 1..16 warps."""
+    block = triton.next_power_of_2(hidden)
+    return block, min(16, max(1, block // 512))
+
+
 def _validate(x: torch.Tensor, weight: torch.Tensor, eps: float) -> None:
     op = "rmsnorm"
     for name, t in (("x", x), ("weight", weight)):
@@ -62,8 +68,7 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.T
     out = torch.empty(rows.shape, dtype=x.dtype, device=x.device)
     if rows.shape[0] == 0:
         return out.reshape(x.shape)
-    block = triton.next_power_of_2(hidden)
-    num_warps = min(16, max(1, block // 512))
+    block, num_warps = launch_shape(hidden)
     _rmsnorm_kernel[(rows.shape[0],)](
         rows, weight, out, hidden, rows.stride(0), out.stride(0), float(eps),
         BLOCK_H=block, num_warps=num_warps,

@@ -32,7 +32,11 @@ from slimstack.kernels._checks import (
     check_size,
     padded_k,
 )
-from slimstack.kernels._sparse24_tile import sparse24_dense_tile
+from slimstack.kernels._sparse24_tile import (
+    decode_sparse24_tile,
+    load_sparse24_tile,
+    sparse24_dense_tile,
+)
 
 MAX_M = 16
 _DOT_MIN_M = 2  # M > 1 goes to the tensor cores, x^T padded to 16 columns
@@ -92,16 +96,27 @@ def _sparse24_gemv_kernel(
     else:
         # M == 1: a 2-D accumulator in the weight tile's own layout, so x is the only operand
         # that changes layout (a broadcast row) and the tile never round-trips shared memory.
+        # Plain loads are not staged by Triton's pipeliner here, so the next raw tile is
+        # prefetched by hand into registers: twice the bytes in flight for ~20 registers.
+        # (Row masks are rebuilt from a scalar limit: the interpreter rejects bool & scalar.)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        live_rows = rows < tl.where(t_start < t_end, N, 0)
+        v, words = load_sparse24_tile(
+            values_ptr, meta_ptr, rows, live_rows, t_start * BLOCK_K, KV, stride_v, stride_meta,
+            BLOCK_K, EVEN_K,
+        )  # fmt: skip
         for t in range(t_start, t_end):
             k0 = t * BLOCK_K
-            w = sparse24_dense_tile(
-                values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
-                BLOCK_N, BLOCK_K, EVEN_K,
+            next_rows = rows < tl.where(t + 1 < t_end, N, 0)
+            v_next, words_next = load_sparse24_tile(
+                values_ptr, meta_ptr, rows, next_rows, k0 + BLOCK_K, KV, stride_v, stride_meta,
+                BLOCK_K, EVEN_K,
             )  # fmt: skip
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+            w = decode_sparse24_tile(v, words, BLOCK_N, BLOCK_K)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            v, words = v_next, words_next
         y = tl.sum(acc, axis=1)[None, :]
 
     out_ptrs = out_ptr + pid_k * stride_split + offs_m[:, None] * N + rows[None, :]
