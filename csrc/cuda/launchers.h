@@ -1,0 +1,105 @@
+// Host-side declarations of every CUDA launcher in csrc/cuda/*.cu.
+//
+// This header is included both by the .cu files (nvcc) and by the torch glue (glue.cpp,
+// a plain C++ compiler), so it contains nothing but the CUDA runtime API types: raw pointers,
+// sizes, a dtype tag and a cudaStream_t in; a cudaError_t out. No torch, no CUTLASS.
+//
+// Conventions shared by all launchers (see /work/notes/formats.md for the packed layouts):
+//   * W is [N, K] (nn.Linear layout), y = x @ W^T, x is [M, K] with row stride ldx (elements),
+//     y is [M, N] with row stride ldy. Kp = ceil(K / 64) * 64 is the packed (padded) K.
+//   * Launchers never allocate; where scratch memory is needed a *_workspace_bytes() or plan
+//     function says how much, and the caller passes it in.
+//   * Errors: cudaErrorInvalidValue for bad sizes/pointers/alignment, cudaErrorNotSupported for
+//     a device or problem the kernel cannot run, otherwise the launch error (cudaGetLastError()).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace slimstack {
+namespace cuda {
+
+// Element type of x, the packed values and y. Accumulation is always fp32.
+enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
+
+// ---------------------------------------------------------------------------------------------
+// sparse24_gemv: decode GEMV for M = 1..16 on the formats.md sparse24 layout
+// (values [N, Kp/2], meta uint8 [N, Kp/8]), through mma.sp (sm_80+).
+// ---------------------------------------------------------------------------------------------
+constexpr int kSparse24GemvMaxM = 16;
+
+struct Sparse24GemvPlan {
+  int split_k = 1;             // number of K slices (grid.y); > 1 needs the fp32 workspace
+  int slice_chunks = 0;        // 16-column chunks per K slice (a multiple of 16)
+  int row_tiles_per_warp = 1;  // 16-row tiles per warp (1 or 2)
+  size_t workspace_bytes = 0;  // split_k * M * N * sizeof(float) when split_k > 1, else 0
+};
+
+// Chooses the split-K factor and tile config. split_k_request > 0 forces a split (clamped to
+// what the problem allows); 0 picks one from the SM count of `device`.
+cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int split_k_request,
+                               Sparse24GemvPlan* plan);
+
+// x: [M, K] (ldx >= K), values/meta: packed, y: [M, N] (ldy >= N), workspace: plan.workspace_bytes
+// of device memory (may be null when the plan needs none).
+cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const uint8_t* meta,
+                          void* y, int64_t ldy, float* workspace, int64_t M, int64_t N, int64_t K,
+                          int64_t Kp, const Sparse24GemvPlan& plan, DType dtype,
+                          cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// bitmap_gemv: unstructured GEMV for M = 1..16 on the formats.md bitmap layout
+// (bitmask uint8 [N, Kp/8], values 1-D with int64 row_offsets [N+1], rows 8-element aligned).
+// ---------------------------------------------------------------------------------------------
+constexpr int kBitmapGemvMaxM = 16;
+
+cudaError_t bitmap_gemv(const void* x, int64_t ldx, const void* values, const uint8_t* bitmask,
+                        const int64_t* row_offsets, void* y, int64_t ldy, int64_t M, int64_t N,
+                        int64_t K, int64_t Kp, DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// sparse24_gemm_sm80: prefill GEMM (any M) with hand-written mma.sp on the formats.md sparse24
+// layout (no second copy of the weight). Runs on sm_80 and later (also on Hopper).
+// Requires x rows 16-byte aligned: ldx % 8 == 0, K % 8 == 0, x 16-byte aligned.
+// ---------------------------------------------------------------------------------------------
+cudaError_t sparse24_gemm_sm80(const void* x, int64_t ldx, const void* values, const uint8_t* meta,
+                               void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t Kp,
+                               DType dtype, cudaStream_t stream);
+
+// ---------------------------------------------------------------------------------------------
+// sparse24_gemm_sm90: prefill GEMM on Hopper sparse tensor cores via CUTLASS 3.x.
+// CUTLASS reads our `values` as its compressed A unchanged (row-major [N, Kp/2]), but needs the
+// metadata in its own reordered layout ("E"): build it once at pack time with
+// sparse24_sm90_reorder_meta (sparse24_sm90_meta_bytes() bytes).
+// The GEMM computes D^T = W x^T with W as the sparse A operand; it requires
+//   N % 8 == 0 (TMA store of y), x with exactly Kp columns (pad x when K != Kp),
+//   ldx % 8 == 0, ldy % 8 == 0, all pointers 16-byte aligned.
+// ---------------------------------------------------------------------------------------------
+// Bytes of the CUTLASS-layout metadata for an [N, Kp] weight (rows padded to 64, K to 128).
+size_t sparse24_sm90_meta_bytes(int64_t N, int64_t Kp);
+
+// meta: formats.md uint8 [N, Kp/8]; meta_sm90: sparse24_sm90_meta_bytes(N, Kp) bytes. Padding
+// rows/columns get the valid "indices 0,1" nibble 0x4 (their values are zero).
+cudaError_t sparse24_sm90_reorder_meta(const uint8_t* meta, uint8_t* meta_sm90, int64_t N,
+                                       int64_t Kp, cudaStream_t stream);
+
+// Workspace CUTLASS asks for (tile scheduler); usually 0.
+size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DType dtype);
+
+// True when this build contains the sm_90a kernel and `device` is compute capability 9.0.
+bool sparse24_gemm_sm90_available(int device);
+
+cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
+                               const uint8_t* meta_sm90, void* y, int64_t ldy, void* workspace,
+                               int64_t M, int64_t N, int64_t Kp, DType dtype, cudaStream_t stream);
+
+// Test hook: CUTLASS's own compressor applied to a dense 2:4 weight W [N, Kp] (row-major).
+// Writes values_out [N, Kp/2] and meta_sm90_out (sparse24_sm90_meta_bytes bytes). Lets the GPU
+// tests prove that our values are CUTLASS's compressed A and that the reordered meta matches.
+cudaError_t sparse24_sm90_compress_dense(const void* W, void* values_out, uint8_t* meta_sm90_out,
+                                         int64_t N, int64_t Kp, DType dtype, cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace slimstack

@@ -1,0 +1,374 @@
+// sparse24_gemv: y[M, N] = x[M, K] @ W^T for decode (M = 1..16), W in the formats.md sparse24
+// layout (values [N, Kp/2], meta uint8 [N, Kp/8]), read directly: no second copy of the weight.
+//
+// Why tensor cores for a GEMV: each kept weight multiplies M activations. On CUDA cores that is
+// M shared-memory gathers per weight, which caps M = 16 far below HBM speed; mma.sp does the 2:4
+// selection in hardware and feeds x from registers, so the kernel stays memory bound for every M.
+//
+// Work split
+//   block  = 4 warps; a warp owns kRT tiles of 16 rows; grid = (row blocks, K slices).
+//   K slice: blockIdx.y covers `slice_chunks` 16-column chunks; with more than one slice each
+//            writes fp32 partials and a second kernel sums them in a fixed order (deterministic).
+//   x slice: staged once per block in shared memory (zero beyond K), in a permuted layout that
+//            gives each lane its B fragment with two 16-byte loads.
+//
+// Reading the weight with 16-byte loads. A warp's "quad iteration" covers 16 chunks (256
+// columns) of 16 rows: lane (g, t) (g = lane / 4, t = lane % 4) loads, for u = 0..3, chunk
+// c = base + 4u + t of rows g and g + 8 (one uint4 each = 8 stored values = 4 groups). Since
+// the dot product may visit K in any order, each mma.sp's 32-column "virtual k" is built from
+// what the lanes hold: for step s (0, 1) of chunk row u,
+//   virtual group q (0..3)  <- real group 4*c_q + 2s       (c_q = base + 4u + q)
+//   virtual group q + 4     <- real group 4*c_q + 2s + 1
+// so a lane's A fragment is words (2s, 2s+1) of its own uint4s (no shuffles for values), and
+// B (x) and the metadata follow the same mapping:
+//   * x: a lane needs, from chunks c_{t/2} and c_{t/2 + 2}, the column pairs of parity t % 2;
+//     shared memory stores each chunk as two 16-byte pieces (even pairs, odd pairs).
+//   * meta: a lane with p = t % 2 needs nibble (2s + p) of the 16-bit meta word of each c_q;
+//     the four words of a chunk row are 8 contiguous bytes that lane u of the quad loaded,
+//     fetched with 4 shuffles per chunk row (both rows, both steps).
+#include "cuda/common.cuh"
+
+namespace slimstack {
+namespace cuda {
+namespace {
+
+using detail::ElemTraits;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kChunkCols = 16;        // logical columns per 16-byte chunk of stored values
+constexpr int kChunksPerIter = 16;    // chunks per quad iteration (4 u-steps x 4 lanes)
+constexpr int kTokenPadWords = 16;    // 64 B pad per token row keeps the B loads conflict free
+constexpr int kSmemBudget = 48 * 1024;  // default dynamic smem limit: no opt-in, 4+ blocks/SM
+constexpr int kBlocksPerSmTarget = 4;   // enough resident warps to keep ~32 KB/SM in flight
+
+struct GemvParams {
+  const void* x;
+  int64_t ldx;
+  const uint4* values;  // row stride Kp / 16 uint4
+  const uint2* meta;    // row stride Kp / 64 uint2
+  void* y;
+  int64_t ldy;
+  float* partial;  // [split, M, N] fp32 when gridDim.y > 1
+  int M, N, K, Kp;
+  int num_chunks;          // Kp / 16
+  int slice_chunks;        // chunks per K slice (multiple of 16)
+  int token_stride_words;  // shared-memory words per token: slice_chunks * 8 + pad
+  bool x_vec_ok;           // x rows allow aligned 16-byte loads
+};
+
+__device__ __forceinline__ uint32_t word_of(const uint4& v, int i) {
+  return i == 0 ? v.x : (i == 1 ? v.y : (i == 2 ? v.z : v.w));
+}
+
+// From lo = w0 | w1 << 16, hi = w2 | w3 << 16 (four 16-bit meta words), nibble k of each word,
+// packed as w0.k | w1.k << 4 | w2.k << 8 | w3.k << 12.
+__device__ __forceinline__ uint32_t gather_nibbles(uint32_t lo, uint32_t hi, int k) {
+  const uint32_t a = (lo >> (4 * k)) & 0x000F000Fu;
+  const uint32_t b = (hi >> (4 * k)) & 0x000F000Fu;
+  return ((a | (a >> 12)) & 0xFFu) | (((b | (b >> 12)) & 0xFFu) << 8);
+}
+
+// Stage x[:, chunk_begin*16 : (chunk_begin + chunk_count)*16] into shared memory, zero at and
+// beyond K. Per token, chunk lc occupies words [lc*8, lc*8 + 8): words 0..3 hold the column
+// pairs {0,1},{4,5},{8,9},{12,13}, words 4..7 the pairs {2,3},{6,7},{10,11},{14,15}.
+template <typename T>
+__device__ void stage_x(const GemvParams& p, uint32_t* xs, int chunk_begin, int chunk_count) {
+  const int tsw = p.token_stride_words;
+  if (p.x_vec_ok) {
+    const T* x = static_cast<const T*>(p.x);
+    const int halves = chunk_count * 2;  // 8-column halves per token
+    const int total = p.M * halves;
+    for (int i = threadIdx.x; i < total; i += kThreads) {
+      const int m = i / halves;
+      const int hc = i - m * halves;
+      const int lc = hc >> 1;
+      const int hh = hc & 1;
+      const int col = (chunk_begin + lc) * kChunkCols + hh * 8;
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (col < p.K) {  // K % 8 == 0 on this path, so the 8 columns are all in range
+        v = __ldg(reinterpret_cast<const uint4*>(x + m * p.ldx + col));
+      }
+      // v.x..v.w are pairs 4hh..4hh+3: even pairs to piece 0, odd pairs to piece 1.
+      uint32_t* dst = xs + m * tsw + lc * 8 + 2 * hh;
+      *reinterpret_cast<uint2*>(dst) = make_uint2(v.x, v.z);
+      *reinterpret_cast<uint2*>(dst + 4) = make_uint2(v.y, v.w);
+    }
+  } else {
+    // Unaligned rows or K % 8 != 0: element loads with a bound check per column.
+    const uint16_t* x = static_cast<const uint16_t*>(p.x);
+    const int pairs = chunk_count * 8;
+    const int total = p.M * pairs;
+    for (int i = threadIdx.x; i < total; i += kThreads) {
+      const int m = i / pairs;
+      const int pr = i - m * pairs;
+      const int lc = pr >> 3;
+      const int pair = pr & 7;
+      const int col = (chunk_begin + lc) * kChunkCols + 2 * pair;
+      const uint16_t* row = x + m * p.ldx;
+      const uint32_t lo = col < p.K ? row[col] : 0u;
+      const uint32_t hi = col + 1 < p.K ? row[col + 1] : 0u;
+      xs[m * tsw + lc * 8 + (pair & 1) * 4 + (pair >> 1)] = lo | (hi << 16);
+    }
+  }
+}
+
+template <typename T, int kNT, int kRT>
+__global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParams p) {
+#ifdef SLIMSTACK_NEEDS_SM80
+  __trap();
+#else
+  extern __shared__ __align__(16) uint32_t xs[];
+
+  const int split = blockIdx.y;
+  const int chunk_begin = split * p.slice_chunks;
+  const int chunk_end = min(p.num_chunks, chunk_begin + p.slice_chunks);
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+  const int tsw = p.token_stride_words;
+  const int64_t values_row = p.Kp / 16;  // uint4 per values row
+  const int64_t meta_row = p.Kp / 64;    // uint2 per meta row
+  const int first_tile = (blockIdx.x * kWarps + warp) * kRT;
+
+  stage_x<T>(p, xs, chunk_begin, chunk_end - chunk_begin);
+  __syncthreads();
+
+  float acc[kRT][kNT][4];
+#pragma unroll
+  for (int r = 0; r < kRT; ++r)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
+
+  for (int base = chunk_begin; base < chunk_end; base += kChunksPerIter) {
+    // Chunk rows u with base + 4u < chunk_end (warp-uniform; chunk counts are multiples of 4).
+    const int n_u = min(4, (chunk_end - base) >> 2);
+
+    // ---- issue every load of this iteration first (8 x 16 B + 2 x 8 B per row tile) ----
+    uint4 w[kRT][4][2];
+    uint2 mw[kRT][2];
+#pragma unroll
+    for (int r = 0; r < kRT; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = (first_tile + r) * 16 + g + 8 * h;
+        const bool row_ok = row < p.N;
+        const uint4* vrow = p.values + static_cast<int64_t>(row) * values_row;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          w[r][u][h] = (row_ok && u < n_u) ? detail::ld_stream_v4(vrow + base + 4 * u + t)
+                                           : make_uint4(0u, 0u, 0u, 0u);
+        }
+        // Lane t loads the meta of chunk row u = t: chunks base + 4t .. base + 4t + 3.
+        mw[r][h] = (row_ok && t < n_u) ? detail::ld_stream_v2(p.meta + static_cast<int64_t>(row) *
+                                                                         meta_row +
+                                                               (base >> 2) + t)
+                                       : make_uint2(detail::kPadMeta32, detail::kPadMeta32);
+      }
+    }
+
+    // ---- compute ----
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (u >= n_u) break;  // warp-uniform
+      // B fragments for both k32 steps of this chunk row, every n8 token tile.
+      uint32_t b[kNT][2][4];
+      const int lc = base - chunk_begin + 4 * u + (t >> 1);  // local chunk of c_{t/2}
+#pragma unroll
+      for (int j = 0; j < kNT; ++j) {
+        const int token = 8 * j + g;
+        uint4 q0 = make_uint4(0u, 0u, 0u, 0u);
+        uint4 q1 = q0;
+        if (token < p.M) {
+          const uint32_t* xrow = xs + token * tsw + (t & 1) * 4;
+          q0 = *reinterpret_cast<const uint4*>(xrow + lc * 8);
+          q1 = *reinterpret_cast<const uint4*>(xrow + (lc + 2) * 8);
+        }
+        b[j][0][0] = q0.x; b[j][0][1] = q1.x; b[j][0][2] = q0.y; b[j][0][3] = q1.y;
+        b[j][1][0] = q0.z; b[j][1][1] = q1.z; b[j][1][2] = q0.w; b[j][1][3] = q1.w;
+      }
+      const int src_lane = (lane & ~3) | u;
+#pragma unroll
+      for (int r = 0; r < kRT; ++r) {
+        const uint32_t lo_a = __shfl_sync(0xffffffffu, mw[r][0].x, src_lane);
+        const uint32_t hi_a = __shfl_sync(0xffffffffu, mw[r][0].y, src_lane);
+        const uint32_t lo_b = __shfl_sync(0xffffffffu, mw[r][1].x, src_lane);
+        const uint32_t hi_b = __shfl_sync(0xffffffffu, mw[r][1].y, src_lane);
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+          const int k = 2 * s + (t & 1);
+          const uint32_t e = gather_nibbles(lo_a, hi_a, k) | (gather_nibbles(lo_b, hi_b, k) << 16);
+          const uint32_t a[4] = {word_of(w[r][u][0], 2 * s), word_of(w[r][u][1], 2 * s),
+                                 word_of(w[r][u][0], 2 * s + 1), word_of(w[r][u][1], 2 * s + 1)};
+#pragma unroll
+          for (int j = 0; j < kNT; ++j) {
+            detail::mma_sp_16832<T, 0>(acc[r][j], a, b[j][s], e);
+          }
+        }
+      }
+    }
+  }
+
+  // ---- epilogue: c[0..1] = (row g, tokens 2t, 2t+1), c[2..3] = (row g+8, same tokens) ----
+  const bool final_output = gridDim.y == 1;
+#pragma unroll
+  for (int r = 0; r < kRT; ++r) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int row = (first_tile + r) * 16 + g + 8 * (i >> 1);
+        const int token = 8 * j + 2 * t + (i & 1);
+        if (row >= p.N || token >= p.M) continue;
+        if (final_output) {
+          static_cast<T*>(p.y)[static_cast<int64_t>(token) * p.ldy + row] =
+              ElemTraits<T>::from_float(acc[r][j][i]);
+        } else {
+          p.partial[(static_cast<int64_t>(split) * p.M + token) * p.N + row] = acc[r][j][i];
+        }
+      }
+    }
+  }
+#endif
+}
+
+// Sum the split-K partials in slice order (deterministic) and convert to the output dtype.
+template <typename T>
+__global__ void __launch_bounds__(256) splitk_reduce_kernel(const float* __restrict__ partial,
+                                                            T* __restrict__ y, int64_t ldy,
+                                                            int M, int N, int split) {
+  const int64_t total = static_cast<int64_t>(M) * N;
+  const int64_t plane = total;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float sum = 0.f;
+    for (int s = 0; s < split; ++s) sum += partial[s * plane + i];
+    const int64_t token = i / N;
+    const int64_t row = i - token * N;
+    y[token * ldy + row] = ElemTraits<T>::from_float(sum);
+  }
+}
+
+int smem_bytes(int M, int slice_chunks) {
+  return M * (slice_chunks * 8 + kTokenPadWords) * static_cast<int>(sizeof(uint32_t));
+}
+
+template <typename T, int kNT, int kRT>
+cudaError_t launch_typed(const GemvParams& p, int split, cudaStream_t stream) {
+  const int rows_per_block = kWarps * kRT * 16;
+  const dim3 grid(static_cast<unsigned>(detail::ceil_div(p.N, rows_per_block)),
+                  static_cast<unsigned>(split));
+  sparse24_gemv_kernel<T, kNT, kRT>
+      <<<grid, kThreads, smem_bytes(p.M, p.slice_chunks), stream>>>(p);
+  SLIMSTACK_CUDA_TRY(cudaGetLastError());
+  if (split > 1) {
+    const int64_t total = static_cast<int64_t>(p.M) * p.N;
+    const int blocks = static_cast<int>(std::min<int64_t>(detail::ceil_div(total, 256), 4096));
+    splitk_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p.partial, static_cast<T*>(p.y), p.ldy,
+                                                        p.M, p.N, split);
+    SLIMSTACK_CUDA_TRY(cudaGetLastError());
+  }
+  return cudaSuccess;
+}
+
+template <typename T>
+cudaError_t launch_for_type(const GemvParams& p, int split, int row_tiles, cudaStream_t stream) {
+  const bool two_token_tiles = p.M > 8;
+  if (row_tiles == 2) {
+    return two_token_tiles ? launch_typed<T, 2, 2>(p, split, stream)
+                           : launch_typed<T, 1, 2>(p, split, stream);
+  }
+  return two_token_tiles ? launch_typed<T, 2, 1>(p, split, stream)
+                         : launch_typed<T, 1, 1>(p, split, stream);
+}
+
+}  // namespace
+
+cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int split_k_request,
+                               Sparse24GemvPlan* plan) {
+  SLIMSTACK_REQUIRE(plan != nullptr);
+  SLIMSTACK_REQUIRE(M >= 1 && M <= kSparse24GemvMaxM);
+  SLIMSTACK_REQUIRE(N >= 1 && N <= INT32_MAX && Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX);
+  SLIMSTACK_REQUIRE(split_k_request >= 0);
+
+  int sms = 0;
+  SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
+
+  // Two 16-row tiles per warp once there are plenty of rows: halves the x re-reads per byte of
+  // weight; with few rows, one tile keeps more blocks in the grid.
+  const int row_tiles = N >= 8192 ? 2 : 1;
+  const int64_t rows_per_block = kWarps * 16 * row_tiles;
+  const int64_t row_blocks = detail::ceil_div(N, rows_per_block);
+  const int64_t num_chunks = Kp / kChunkCols;
+  const int64_t max_split = detail::ceil_div(num_chunks, kChunksPerIter);
+
+  // Largest slice whose x fits the shared-memory budget (a multiple of 16 chunks, >= 16).
+  int64_t max_slice = (kSmemBudget / (static_cast<int64_t>(M) * 4) - kTokenPadWords) / 8;
+  max_slice = std::max<int64_t>(kChunksPerIter, max_slice / kChunksPerIter * kChunksPerIter);
+  const int64_t min_split = detail::ceil_div(num_chunks, max_slice);
+
+  int64_t split = split_k_request > 0
+                      ? split_k_request
+                      : detail::ceil_div(static_cast<int64_t>(kBlocksPerSmTarget) * sms, row_blocks);
+  split = std::min(std::max(split, min_split), max_split);
+  const int64_t slice = detail::round_up(detail::ceil_div(num_chunks, split), kChunksPerIter);
+  split = detail::ceil_div(num_chunks, slice);
+
+  plan->split_k = static_cast<int>(split);
+  plan->slice_chunks = static_cast<int>(slice);
+  plan->row_tiles_per_warp = row_tiles;
+  plan->workspace_bytes = split > 1 ? static_cast<size_t>(split * M * N) * sizeof(float) : 0;
+  return cudaSuccess;
+}
+
+cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const uint8_t* meta,
+                          void* y, int64_t ldy, float* workspace, int64_t M, int64_t N, int64_t K,
+                          int64_t Kp, const Sparse24GemvPlan& plan, DType dtype,
+                          cudaStream_t stream) {
+  SLIMSTACK_REQUIRE(x != nullptr && values != nullptr && meta != nullptr && y != nullptr);
+  SLIMSTACK_REQUIRE(M >= 1 && M <= kSparse24GemvMaxM);
+  SLIMSTACK_REQUIRE(N >= 1 && N <= INT32_MAX);
+  SLIMSTACK_REQUIRE(Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX && K >= 1 && K <= Kp &&
+                    K > Kp - 64);
+  SLIMSTACK_REQUIRE(ldx >= K && ldy >= N);
+  SLIMSTACK_REQUIRE(detail::is_aligned(values, 16) && detail::is_aligned(meta, 8));
+  SLIMSTACK_REQUIRE(detail::is_aligned(x, 2) && detail::is_aligned(y, 2));
+  // The plan must be one sparse24_gemv_plan() could have produced for this problem.
+  const int64_t num_chunks = Kp / kChunkCols;
+  SLIMSTACK_REQUIRE(plan.slice_chunks >= kChunksPerIter && plan.slice_chunks % kChunksPerIter == 0);
+  SLIMSTACK_REQUIRE(plan.split_k == detail::ceil_div(num_chunks, plan.slice_chunks));
+  SLIMSTACK_REQUIRE(smem_bytes(static_cast<int>(M), plan.slice_chunks) <= kSmemBudget);
+  SLIMSTACK_REQUIRE(plan.row_tiles_per_warp == 1 || plan.row_tiles_per_warp == 2);
+  SLIMSTACK_REQUIRE(plan.split_k == 1 || workspace != nullptr);
+
+  GemvParams p;
+  p.x = x;
+  p.ldx = ldx;
+  p.values = static_cast<const uint4*>(values);
+  p.meta = reinterpret_cast<const uint2*>(meta);
+  p.y = y;
+  p.ldy = ldy;
+  p.partial = workspace;
+  p.M = static_cast<int>(M);
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.Kp = static_cast<int>(Kp);
+  p.num_chunks = static_cast<int>(num_chunks);
+  p.slice_chunks = plan.slice_chunks;
+  p.token_stride_words = plan.slice_chunks * 8 + kTokenPadWords;
+  p.x_vec_ok = detail::is_aligned(x, 16) && ldx % 8 == 0 && K % 8 == 0;
+
+  switch (dtype) {
+    case DType::kFloat16:
+      return launch_for_type<__half>(p, plan.split_k, plan.row_tiles_per_warp, stream);
+    case DType::kBFloat16:
+      return launch_for_type<__nv_bfloat16>(p, plan.split_k, plan.row_tiles_per_warp, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace cuda
+}  // namespace slimstack
