@@ -1,0 +1,43 @@
+"""Which implementation of RMSNorm / RoPE / SwiGLU a model runs with.
+
+CUDA gets the fused Triton kernels from `slimstack.kernels` (one pass over memory each,
+RoPE rotating q and k in place); CPU, and torch.compile (whose inductor fuses the torch
+ops itself), get the torch references in `engine.model`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimstack.engine.model import REFERENCE_KERNELS, Kernels
+
+BACKENDS = ("auto", "torch", "triton")
+
+
+def triton_kernels() -> Kernels:
+    from slimstack.kernels.rmsnorm import rmsnorm
+    from slimstack.kernels.rope import apply_rope_
+    from slimstack.kernels.swiglu import swiglu
+
+    def rotary_in_place(q, k, cos, sin):
+        apply_rope_(q, k, cos, sin)
+        return q, k
+
+    return Kernels("triton", rmsnorm, rotary_in_place, swiglu)
+
+
+def select_kernels(device: torch.device | str, backend: str = "auto") -> Kernels:
+    """`backend` "auto": Triton on CUDA when it imports, else torch."""
+    if backend not in BACKENDS:
+        raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    on_cuda = torch.device(device).type == "cuda"
+    if backend == "torch" or (backend == "auto" and not on_cuda):
+        return REFERENCE_KERNELS
+    if backend == "triton" and not on_cuda:
+        raise ValueError("the Triton kernels need a CUDA device; use kernels='torch' on CPU")
+    try:
+        return triton_kernels()
+    except ImportError:
+        if backend == "triton":
+            raise
+        return REFERENCE_KERNELS

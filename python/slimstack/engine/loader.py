@@ -1,0 +1,219 @@
+"""`slimstack.load`: an HF folder -> slimstack's decoder stack, sparse linears packed.
+
+The folder may come from slimstack (pruned, depth-sliced, up-scaled) or from anyone else;
+it is read layer by layer through the validated `Checkpoint` reader (no pickles), so the
+peak memory is the model plus one layer. Every linear of a decoder layer whose weight is
+2:4 or unstructured sparse is packed by `slimstack.ops`; dense ones stay `nn.Linear`.
+Embeddings, norms and lm_head stay dense.
+
+An up-scaled model's slimstack.json records where each layer came from ("layer_map");
+layer positions that name the same source layer share one module in memory, but only
+after their tensors are checked to be identical in the folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slimstack.checkpoint import Checkpoint, CheckpointError, read_metadata
+from slimstack.engine.config import EngineConfig, engine_config
+from slimstack.engine.fused import select_kernels
+from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def load(
+    path: str | os.PathLike,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    pack: bool = True,
+    kernels: str = "auto",
+) -> DecoderModel:
+    """Load an HF llama/mistral/qwen2 folder into slimstack's engine.
+
+    device: "cuda" or "cpu" (default: cuda when available). dtype: the compute dtype
+    (default: bfloat16 on CUDA, float32 on CPU). pack: pack sparse linears (False keeps
+    every linear dense, e.g. for a dense baseline of the same weights). kernels: "auto",
+    "torch" or "triton" for RMSNorm / RoPE / SwiGLU.
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    with Checkpoint.open(path) as ckpt:
+        config = engine_config(ckpt.config)
+        sharing = shared_layers(ckpt, read_metadata(ckpt.path))
+        layers: list[DecoderLayer] = []
+        sources: list[str] = []
+        for index in range(config.num_layers):
+            if index in sharing:
+                layers.append(layers[sharing[index]])
+                sources.append(f"shared with layer {sharing[index]}")
+                continue
+            layer = build_layer(ckpt, config, index, device, dtype)
+            if pack:
+                pack_layer(layer)
+            layers.append(layer)
+            sources.append("loaded")
+        embed = nn.Embedding.from_pretrained(
+            _tensor(ckpt, "model.embed_tokens.weight", device, dtype), freeze=True
+        )
+        norm = RMSNorm(_tensor(ckpt, "model.norm.weight", device, dtype), config.rms_norm_eps)
+        lm_head = _lm_head(ckpt, config, embed, device, dtype)
+    model = DecoderModel(config, embed, layers, norm, lm_head).to(device)
+    model.kernels = select_kernels(device, kernels)
+    model.source = str(Path(path))
+    model.sources = sources
+    model.tokenizer = _tokenizer(Path(path))
+    model.eos_token_ids = _eos_token_ids(Path(path), config)
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- layers
+def build_layer(
+    ckpt: Checkpoint, config: EngineConfig, index: int, device: torch.device, dtype: torch.dtype
+) -> DecoderLayer:
+    """Decoder layer `index` with dense nn.Linear projections, weights on `device`."""
+    prefix = f"model.layers.{index}."
+    tensors = ckpt.layer_tensors(index)
+    bias_of = {name: config.qkv_bias for name in _ATTENTION[:3]}
+    bias_of["o_proj"] = config.o_bias
+    bias_of.update(dict.fromkeys(_MLP, config.mlp_bias))
+
+    def linear(module: str, name: str) -> nn.Linear:
+        key = f"{module}.{name}"
+        bias_key = f"{key}.bias"
+        if bias_of[name] and bias_key not in tensors:
+            raise CheckpointError(
+                f"{ckpt.path}: config implies {prefix}{bias_key} but it is missing"
+            )
+        weight = tensors[f"{key}.weight"].to(device=device, dtype=dtype)
+        bias = tensors[bias_key].to(device=device, dtype=dtype) if bias_of[name] else None
+        return _linear(weight, bias)
+
+    def norm(name: str) -> RMSNorm:
+        return RMSNorm(
+            tensors[f"{name}.weight"].to(device=device, dtype=dtype), config.rms_norm_eps
+        )
+
+    attention = Attention(config, *(linear("self_attn", n) for n in _ATTENTION))
+    mlp = MLP(*(linear("mlp", n) for n in _MLP))
+    return DecoderLayer(norm("input_layernorm"), attention, norm("post_attention_layernorm"), mlp)
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    out_features, in_features = weight.shape
+    module = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        module.bias = nn.Parameter(bias, requires_grad=False)
+    return module
+
+
+def pack_layer(layer: DecoderLayer) -> None:
+    """Swap the layer's sparse linears for packed SparseLinear modules (ops decides which
+    format each weight takes and leaves dense ones alone)."""
+    weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
+    if not any(_zero_fraction(w) >= 0.25 for w in weights):
+        return  # a dense layer: nothing to pack, no need for the sparse ops at all
+    from slimstack.ops.sparsify import sparsify_model
+
+    sparsify_model(layer, pattern="auto")
+
+
+def _zero_fraction(weight: torch.Tensor) -> float:
+    return float((weight == 0).float().mean())
+
+
+def shared_layers(ckpt: Checkpoint, metadata: dict[str, Any] | None) -> dict[int, int]:
+    """Layer position -> earlier position whose module it can share.
+
+    Candidates come from slimstack.json's layer_map (same source model and layer); a
+    candidate is accepted only if every tensor of both layers is bit-identical in the
+    folder, so a map that no longer matches the weights (fine-tuned after up-scaling) is
+    harmless.
+    """
+    layer_map = (metadata or {}).get("layer_map")
+    if not isinstance(layer_map, list) or len(layer_map) != ckpt.num_layers:
+        return {}
+    first_seen: dict[tuple[str, int], int] = {}
+    sharing: dict[int, int] = {}
+    for index, entry in enumerate(layer_map):
+        if not isinstance(entry, dict) or "layer" not in entry:
+            return {}
+        key = (str(entry.get("model")), int(entry["layer"]))
+        if key in first_seen and _same_layer(ckpt, first_seen[key], index):
+            sharing[index] = first_seen[key]
+        else:
+            first_seen.setdefault(key, index)
+    return sharing
+
+
+def _same_layer(ckpt: Checkpoint, a: int, b: int) -> bool:
+    names_a = {n.split(".", 3)[3]: n for n in ckpt.layer_names(a)}
+    names_b = {n.split(".", 3)[3]: n for n in ckpt.layer_names(b)}
+    if set(names_a) != set(names_b):
+        return False
+    for short, name_a in names_a.items():
+        ta, tb = ckpt.get_tensor(name_a), ckpt.get_tensor(names_b[short])
+        if ta.dtype != tb.dtype or not torch.equal(ta, tb):
+            return False
+    return True
+
+
+# ----------------------------------------------------------------------------- the rest
+def _tensor(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if name not in ckpt.weight_map:
+        raise CheckpointError(f"{ckpt.path}: missing {name}")
+    return ckpt.get_tensor(name).to(device=device, dtype=dtype)
+
+
+def _lm_head(
+    ckpt: Checkpoint,
+    config: EngineConfig,
+    embed: nn.Embedding,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> nn.Linear:
+    if config.tie_word_embeddings:
+        head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        head.weight = embed.weight  # one tensor in memory, as transformers ties them
+        return head
+    if "lm_head.weight" not in ckpt.weight_map:
+        raise CheckpointError(
+            f"{ckpt.path}: no lm_head.weight and the config does not tie word embeddings"
+        )
+    return _linear(_tensor(ckpt, "lm_head.weight", device, dtype), None)
+
+
+def _eos_token_ids(folder: Path, config: EngineConfig) -> tuple[int, ...]:
+    """generation_config.json's eos_token_id (what transformers' generate stops on), else the
+    config's."""
+    gen_path = folder / "generation_config.json"
+    if gen_path.is_file():
+        try:
+            value = json.loads(gen_path.read_text()).get("eos_token_id")
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{gen_path}: not valid JSON ({exc})") from None
+        if value is not None:
+            return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+    return config.eos_token_ids
+
+
+def _tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, or None when it has none (token-id prompts still work)."""
+    if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -1,0 +1,117 @@
+"""The engine against transformers on CPU fp32: same greedy tokens, same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_support import (  # noqa: F401  (single_thread is an autouse fixture)
+    EXPECTED_CONTINUATION,
+    PROMPT,
+    hf_greedy,
+    hf_model,
+    random_prompts,
+    single_thread,
+    write_tiny_model,
+)
+
+from slimstack.engine.loader import load
+
+LOGIT_TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def stories(stories260k_dir: Path):
+    return load(stories260k_dir, device="cpu"), hf_model(stories260k_dir)
+
+
+def test_stories_greedy_50_tokens_match_transformers(stories) -> None:
+    engine, reference = stories
+    prompt = engine.tokenizer(PROMPT)["input_ids"]
+    result = engine.generate(PROMPT, max_new_tokens=50)
+    assert result.tokens == hf_greedy(reference, [prompt], 50)[0]
+    assert len(result.tokens) == 50 and result.finish_reasons == ["length"]
+    assert result.text.startswith(EXPECTED_CONTINUATION)
+
+
+def _padded(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def _check_logits_with_padding(engine, reference, prompts: list[list[int]], steps: int) -> None:
+    """Prefill logits at every real position, then `steps` decode steps fed with the
+    tokens transformers chose, all within LOGIT_TOL of transformers' logits."""
+    ids, mask = _padded(prompts)
+    with torch.no_grad():
+        ref_prefill = reference(input_ids=ids, attention_mask=mask).logits
+        ref = reference.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    ours = engine.logits(ids, mask)
+    real = mask.bool()
+    assert (ours[real] - ref_prefill[real]).abs().max() < LOGIT_TOL
+
+    pads = (mask == 0).sum(1).tolist()
+    engine.setup_cache(len(prompts), ids.shape[1] + steps)
+    step_logits = engine.prefill(ids, pads)
+    slot = torch.tensor([ids.shape[1]])
+    for step in range(steps):
+        assert (step_logits - ref.logits[step]).abs().max() < LOGIT_TOL, f"step {step}"
+        chosen = ref.sequences[:, ids.shape[1] + step]
+        step_logits = engine.decode(chosen[:, None], slot)
+        slot += 1
+
+
+def test_stories_logits_match_on_left_padded_batch(stories) -> None:
+    engine, reference = stories
+    tok = engine.tokenizer
+    prompts = [tok(t)["input_ids"] for t in (PROMPT, "Tom had a", "The sun")]
+    _check_logits_with_padding(engine, reference, prompts, steps=6)
+
+
+def test_stories_batch_greedy_matches_transformers_per_row(stories) -> None:
+    engine, reference = stories
+    tok = engine.tokenizer
+    prompts = [tok(t)["input_ids"] for t in (PROMPT, "Tom had a red", "Hi")]
+    result = engine.generate(prompts, max_new_tokens=24)
+    assert result.token_ids == hf_greedy(reference, prompts, 24)
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "llama"])
+def test_tiny_random_family_matches_transformers(model_type: str, tmp_path: Path) -> None:
+    """mistral: sliding window 8 (crossed by prompt and generation); qwen2: q/k/v bias, a
+    full and a sliding layer, tied embeddings; llama: llama3 rope scaling, attention and
+    MLP biases, untied lm_head."""
+    folder = write_tiny_model(tmp_path / model_type, model_type)
+    engine, reference = load(folder, device="cpu"), hf_model(folder)
+    prompts = random_prompts(engine.config.vocab_size, [13, 5, 9], seed=1)
+    _check_logits_with_padding(engine, reference, prompts, steps=12)
+    result = engine.generate(prompts, max_new_tokens=20)
+    assert result.token_ids == hf_greedy(reference, prompts, 20)
+    assert max(len(t) for t in result.token_ids) > 5  # not an immediate EOS everywhere
+
+
+def test_dynamic_rope_past_trained_context_matches_transformers(tmp_path: Path) -> None:
+    """Dynamic NTK only acts beyond max_position_embeddings (16 here): the frequencies
+    change every decode step from there, computed on the device."""
+    folder = write_tiny_model(
+        tmp_path / "dyn",
+        "llama",
+        max_position_embeddings=16,
+        rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 4.0},
+    )
+    engine, reference = load(folder, device="cpu"), hf_model(folder)
+    assert engine.config.context_length == 64
+    prompt = random_prompts(engine.config.vocab_size, [12], seed=2)
+    _check_logits_with_padding(engine, reference, prompt, steps=14)
