@@ -220,7 +220,7 @@ def bitmap_gemv(
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or default_config(M)
-    block_m = block_m_for(M)
+    block_m = block_m_for(M, cfg.use_dot)
     Kp = padded_k(K)
     k_tiles = triton.cdiv(Kp, cfg.block_k)
     n_blocks = triton.cdiv(N, cfg.block_n)

@@ -132,11 +132,16 @@ class GemvConfig:
     num_warps: int = 4
     num_stages: int = 3
     split_k: int | None = None  # None: decided from N and the SM count
+    use_dot: bool | None = None  # None: by M; True sends M = 1 to the tensor-core path too
 
 
-def block_m_for(M: int) -> int:
-    """1 selects the FMA path; 16 (the smallest tl.dot operand) the tensor-core path."""
-    return 16 if M >= _DOT_MIN_M else 1
+def block_m_for(M: int, use_dot: bool | None = None) -> int:
+    """1 selects the FMA path (M = 1 only); 16, the smallest tl.dot operand, the tensor cores."""
+    if use_dot is None:
+        use_dot = M >= _DOT_MIN_M
+    if not use_dot and M > 1:
+        raise ValueError(f"the FMA path takes M = 1 only, got M = {M} with use_dot=False")
+    return 16 if use_dot else 1
 
 
 def default_config(M: int) -> GemvConfig:
@@ -194,7 +199,7 @@ def sparse24_gemv(
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or default_config(M)
-    block_m = block_m_for(M)
+    block_m = block_m_for(M, cfg.use_dot)
     Kp = padded_k(K)
     k_tiles = triton.cdiv(Kp, cfg.block_k)
     n_blocks = triton.cdiv(N, cfg.block_n)

@@ -1,0 +1,431 @@
+"""Triton kernels against float64 references: interpreter on CPU, compiled on CUDA.
+
+Why the import dance below: TRITON_INTERPRET is read when ``triton`` is first imported (its
+own ``tl.cdiv``/``tl.sum`` are @jit functions decorated then) and again when each kernel is
+decorated, so one process cannot mix interpreted and compiled kernels.
+- Run alone on a CPU machine, this module sets TRITON_INTERPRET=1 before anything imports
+  triton and the tests run in-process (the variable stays set for later modules, so kernels
+  they import agree with triton's mode).
+- In a full run, an earlier module (anything importing transformers' modelling code, say) may
+  already have imported triton in compiled mode. Then the in-process tests skip and
+  ``test_interpreter_suite_in_fresh_process`` re-runs this file in a fresh interpreter-mode
+  process, so CI exercises the kernels whatever the collection order.
+- With CUDA, triton stays compiled and the same grids run on the GPU, bf16 included.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_CUDA = torch.cuda.is_available()
+if not _CUDA and "triton" not in sys.modules:
+    os.environ["TRITON_INTERPRET"] = "1"
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+from conftest import random_sparse24, random_unstructured  # noqa: E402
+
+from slimstack.formats import pack_bitmap, pack_sparse24  # noqa: E402
+from slimstack.kernels import (  # noqa: E402
+    bitmap_gemv,
+    rmsnorm,
+    rope,
+    sparse24_gemm,
+    sparse24_gemv,
+    swiglu,
+)
+
+INTERPRETED = type(tl.cdiv).__name__ == "InterpretedFunction"
+if INTERPRETED:
+    DEVICE, MODE = "cpu", "interpreter"
+elif _CUDA:
+    DEVICE, MODE = "cuda", "compiled"
+else:
+    DEVICE, MODE = None, "unavailable"
+
+pytestmark = pytest.mark.interpreter
+runs_here = pytest.mark.skipif(
+    DEVICE is None,
+    reason="triton was imported in compiled mode before this module and there is no GPU; "
+    "test_interpreter_suite_in_fresh_process runs this file in interpreter mode instead",
+)
+
+# bf16 arithmetic is wrong in triton 3.9's interpreter, so it is checked on GPUs only.
+DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if MODE == "compiled" else [])
+TOL = {
+    torch.float32: dict(atol=1e-4, rtol=1e-4),
+    torch.float16: dict(atol=1e-2, rtol=2e-3),
+    torch.bfloat16: dict(atol=6e-2, rtol=1.6e-2),
+}
+SHAPES = [(43, 172), (1, 64), (64, 640)]  # (N, K): odd N and K % 64 != 0, N = 1, two K tiles
+GEMV_M = [1, 3, 16]
+GEMM_M = [17, 128]
+ids = lambda v: str(v).replace("torch.", "")  # noqa: E731
+
+
+def _assert_matches(y: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype) -> None:
+    assert y.dtype == dtype and y.shape == ref64.shape
+    assert torch.isfinite(y).all(), "output has NaN/inf: some element was never written"
+    torch.testing.assert_close(y.double().cpu(), ref64.cpu(), **TOL[dtype])
+
+
+@pytest.fixture
+def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every torch.empty/empty_like the launchers allocate starts as NaN (or a huge int)."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(float("nan") if t.is_floating_point() else 2**30) if t.numel() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _activations(M: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return torch.randn(M, K, generator=_gen(seed)).to(dtype).to(DEVICE)
+
+
+def _bitmap_weight(N: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """~50% unstructured with uneven rows, plus an all-zero first row and a dense last row."""
+    w = random_unstructured(N, K, dtype, generator=_gen(seed))
+    w[0] = 0
+    if N > 1:
+        w[-1] = torch.randn(K, generator=_gen(seed + 1)).to(dtype) + 3.0
+    return w
+
+
+# ---------------------------------------------------------------------------- sparse24 ----
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", GEMV_M)
+def test_sparse24_gemv_matches_float64(poisoned, dtype, N, K, M):
+    w = random_sparse24(N, K, dtype, generator=_gen(N * K + M))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=M)
+    y = sparse24_gemv.sparse24_gemv(x, packed.values, packed.meta, N, K)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", GEMM_M)
+def test_sparse24_gemm_matches_float64(poisoned, dtype, N, K, M):
+    w = random_sparse24(N, K, dtype, generator=_gen(N + K + M))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=M + 1)
+    y = sparse24_gemm.sparse24_gemm(x, packed.values, packed.meta, N, K)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+GEMV_CONFIGS = [
+    pytest.param(1, dict(block_n=16, block_k=64, split_k=1), id="M1-fma-5-tiles-prefetch"),
+    pytest.param(1, dict(block_n=16, block_k=128, split_k=4), id="M1-fma-split4-uneven"),
+    pytest.param(1, dict(block_n=16, block_k=64, use_dot=True), id="M1-forced-dot"),
+    pytest.param(7, dict(block_n=16, block_k=64, split_k=1), id="M7-dot-5-tiles"),
+    pytest.param(16, dict(block_n=32, block_k=128, split_k=3), id="M16-dot-split3"),
+]
+
+
+@runs_here
+@pytest.mark.parametrize("M,cfg", GEMV_CONFIGS)
+def test_sparse24_gemv_configs(poisoned, M, cfg):
+    N, K, dtype = 40, 300, torch.float32  # Kp = 320: five 64-wide tiles, odd splits
+    w = random_sparse24(N, K, dtype, generator=_gen(7))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=8)
+    config = sparse24_gemv.GemvConfig(**cfg)
+    y = sparse24_gemv.sparse24_gemv(x, packed.values, packed.meta, N, K, config=config)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
+def test_sparse24_gemm_grouped_tiles(poisoned):
+    """Several M and N blocks with a group that does not divide the N blocks."""
+    N, K, M, dtype = 43, 172, 40, torch.float16
+    w = random_sparse24(N, K, dtype, generator=_gen(9))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=10)
+    config = sparse24_gemm.GemmConfig(block_m=16, block_n=16, block_k=64, group_n=2)
+    y = sparse24_gemm.sparse24_gemm(x, packed.values, packed.meta, N, K, config=config)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
+def test_strided_activations(poisoned):
+    """Rows with a stride > K and a transposed (column-major) x give the same results."""
+    N, K, dtype = 43, 172, torch.float32
+    w = random_sparse24(N, K, dtype, generator=_gen(11))
+    packed = pack_sparse24(w).to(DEVICE)
+    wide = _activations(3, K + 20, dtype, seed=12)[:, 5 : 5 + K]
+    column_major = _activations(K, 20, dtype, seed=13).t()
+    for x in (wide, column_major):
+        ref = x.double() @ w.double().t().to(DEVICE)
+        fn = sparse24_gemv.sparse24_gemv if x.shape[0] <= 16 else sparse24_gemm.sparse24_gemm
+        _assert_matches(fn(x, packed.values, packed.meta, N, K), ref, dtype)
+
+
+# ------------------------------------------------------------------------------ bitmap ----
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("M", GEMV_M)
+def test_bitmap_gemv_matches_float64(poisoned, dtype, N, K, M):
+    w = _bitmap_weight(N, K, dtype, seed=N * K + M)
+    p = pack_bitmap(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=M + 2)
+    y = bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, N, K)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
+@pytest.mark.parametrize("M,cfg", GEMV_CONFIGS)
+def test_bitmap_gemv_configs(poisoned, M, cfg):
+    """Forced split-K makes later splits skip earlier tiles' values by popcount."""
+    N, K, dtype = 40, 300, torch.float32
+    w = _bitmap_weight(N, K, dtype, seed=14)
+    p = pack_bitmap(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=15)
+    config = sparse24_gemv.GemvConfig(**cfg)
+    y = bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, N, K, config=config)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+# ---------------------------------------------------------------- launcher policy ----
+
+
+def test_split_k_only_for_small_n():
+    assert sparse24_gemv.choose_split_k(n_blocks=896, k_tiles=16, sm_count=132) == 1
+    for n_blocks in (1, 3, 64, 131):
+        for k_tiles in (1, 2, 5, 8, 64):
+            split = sparse24_gemv.choose_split_k(n_blocks, k_tiles, sm_count=132)
+            per_split = -(-k_tiles // split)
+            assert 1 <= split <= k_tiles
+            assert (split - 1) * per_split < k_tiles, "a split would get no K tile"
+
+
+def test_block_m_paths():
+    assert sparse24_gemv.block_m_for(1) == 1
+    assert [sparse24_gemv.block_m_for(m) for m in (2, 3, 16)] == [16, 16, 16]
+    assert sparse24_gemv.block_m_for(1, use_dot=True) == 16
+    with pytest.raises(ValueError, match="M = 1 only"):
+        sparse24_gemv.block_m_for(4, use_dot=False)
+
+
+# -------------------------------------------------------------------- bad input ----
+
+
+def _packed24(N=43, K=172, dtype=torch.float16):
+    p = pack_sparse24(random_sparse24(N, K, dtype, generator=_gen(0)))
+    return p.values, p.meta
+
+
+def _gemv_call(**change):
+    """Keyword arguments of a valid sparse24_gemv call with some of them replaced."""
+    values, meta = _packed24()
+    args = dict(x=torch.randn(2, 172).half(), values=values, meta=meta, N=43, K=172)
+    args.update({k: v(args) if callable(v) else v for k, v in change.items()})
+    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+            for k, v in args.items()}  # fmt: skip
+
+
+BAD_GEMV_CALLS = {
+    "int-x": (dict(x=torch.zeros(2, 172, dtype=torch.int32)), TypeError, "x must be float16"),
+    "x-wrong-K": (dict(x=torch.zeros(2, 171).half()), ValueError, "x must have shape"),
+    "M-17": (dict(x=torch.zeros(17, 172).half()), ValueError, "use the GEMM"),
+    "values-fp32": (
+        dict(values=lambda a: a["values"].float()), TypeError, "values must have dtype"
+    ),
+    "meta-short": (
+        dict(meta=lambda a: a["meta"][:, :-1].contiguous()), ValueError,
+        r"meta must have shape \[43, 24\]",
+    ),
+    "values-strided": (
+        dict(values=lambda a: a["values"].repeat(1, 2)[:, ::2]), ValueError, "contiguous"
+    ),
+    "meta-elsewhere": (dict(meta=lambda a: a["meta"].to("meta")), ValueError, "meta is on meta"),
+    "N-float": (dict(N=43.0), TypeError, "N must be an int"),
+    "N-zero": (dict(N=0), ValueError, "N must be >= 1"),
+    "block_k-96": (
+        dict(config=sparse24_gemv.GemvConfig(16, 96)), ValueError, "multiple of 64"
+    ),
+}  # fmt: skip
+
+
+@runs_here
+@pytest.mark.parametrize("case", BAD_GEMV_CALLS)
+def test_sparse24_gemv_rejects_bad_input(case):
+    change, error, match = BAD_GEMV_CALLS[case]
+    with pytest.raises(error, match=match):
+        sparse24_gemv.sparse24_gemv(**_gemv_call(**change))
+
+
+@runs_here
+def test_gemm_and_bitmap_reject_bad_input():
+    values, meta = _packed24()
+    x = torch.randn(20, 172).half().to(DEVICE)
+    values, meta = values.to(DEVICE), meta.to(DEVICE)
+    with pytest.raises(ValueError, match="block_m and block_n >= 16"):
+        sparse24_gemm.sparse24_gemm(
+            x, values, meta, 43, 172, config=sparse24_gemm.GemmConfig(block_m=8, block_n=64)
+        )
+    with pytest.raises(TypeError, match="meta must have dtype torch.uint8"):
+        sparse24_gemm.sparse24_gemm(x, values, meta.to(torch.int8), 43, 172)
+
+    p = pack_bitmap(_bitmap_weight(43, 172, torch.float16, seed=1)).to(DEVICE)
+    xs = x[:2]
+    with pytest.raises(TypeError, match="row_offsets must have dtype torch.int64"):
+        bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask, p.row_offsets.int(), 43, 172)
+    with pytest.raises(ValueError, match=r"bitmask must have shape \[43, 24\]"):
+        bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask[:, :-1], p.row_offsets, 43, 172)
+    if DEVICE == "cpu":  # the offsets/values cross-check costs a sync on CUDA, so CPU only
+        with pytest.raises(ValueError, match="end within values"):
+            bitmap_gemv.bitmap_gemv(xs, p.values[:-8], p.bitmask, p.row_offsets, 43, 172)
+
+
+@runs_here
+@pytest.mark.parametrize("M", [0])
+def test_empty_batch_returns_empty(M):
+    values, meta = (t.to(DEVICE) for t in _packed24())
+    x = torch.randn(M, 172).half().to(DEVICE)
+    assert sparse24_gemv.sparse24_gemv(x, values, meta, 43, 172).shape == (0, 43)
+    assert sparse24_gemm.sparse24_gemm(x, values, meta, 43, 172).shape == (0, 43)
+
+
+# ------------------------------------------------------------------ fused pieces ----
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("shape", [(3, 172), (2, 5, 64), (1, 1)])
+def test_rmsnorm_matches_hf_formula(poisoned, dtype, shape):
+    x = (torch.randn(shape, generator=_gen(20)) * 3).to(dtype).to(DEVICE)
+    weight = torch.randn(shape[-1], generator=_gen(21)).to(dtype).to(DEVICE)
+    y = rmsnorm.rmsnorm(x, weight, eps=1e-5)
+    x64 = x.double()
+    normed = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).double()
+    ref = weight.double() * normed
+    _assert_matches(y, ref, dtype)
+    _assert_matches(y, rmsnorm.rmsnorm_reference(x, weight, 1e-5).double(), dtype)
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("shape", [(7, 43), (2, 3, 172), (0, 5)])
+def test_swiglu_matches_float64(poisoned, dtype, shape):
+    gate = (torch.randn(shape, generator=_gen(22)) * 4).to(dtype).to(DEVICE)
+    up = torch.randn(shape, generator=_gen(23)).to(dtype).to(DEVICE)
+    y = swiglu.swiglu(gate, up)
+    g64 = gate.double()
+    _assert_matches(y, g64 * torch.sigmoid(g64) * up.double(), dtype)
+
+
+def _rope_tables(B: int, S: int, D: int, form: str) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    positions = torch.arange(S, dtype=torch.float64)[None, :] + 3 * torch.arange(B)[:, None]
+    angles = positions[..., None] * inv_freq  # [B, S, D/2]: each batch row at other positions
+    emb = torch.cat([angles, angles], dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    if form == "SD":
+        return cos[0], sin[0]
+    if form == "1SD":
+        return cos[:1], sin[:1]
+    return cos, sin
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("form", ["SD", "1SD", "BSD"])
+@pytest.mark.parametrize("B,S,Hq,Hk,D", [(2, 5, 8, 4, 8), (1, 3, 3, 1, 64)])
+def test_rope_in_place_matches_float64(dtype, form, B, S, Hq, Hk, D):
+    cos64, sin64 = _rope_tables(B, S, D, form)
+    cos, sin = cos64.to(dtype).to(DEVICE), sin64.to(dtype).to(DEVICE)
+    # q in HF's [B, H, S, D] layout, passed as a strided [B, S, H, D] view; k contiguous.
+    q = torch.randn(B, Hq, S, D, generator=_gen(24)).to(dtype).to(DEVICE).transpose(1, 2)
+    k = torch.randn(B, S, Hk, D, generator=_gen(25)).to(dtype).to(DEVICE)
+    expected = []
+    for t in (q, k):
+        t64, c, s = t.double(), cos.double(), sin.double()
+        c, s = c.reshape(-1, S, 1, D), s.reshape(-1, S, 1, D)
+        rotated = torch.cat([-t64[..., D // 2 :], t64[..., : D // 2]], dim=-1)
+        expected.append(t64 * c + rotated * s)
+    ref_q, ref_k = rope.apply_rope_reference(q, k, cos, sin)
+    rope.apply_rope_(q, k, cos, sin)
+    _assert_matches(q, expected[0], dtype)
+    _assert_matches(k, expected[1], dtype)
+    _assert_matches(ref_q, expected[0], dtype)  # the file's torch reference agrees too
+    _assert_matches(ref_k, expected[1], dtype)
+
+
+@runs_here
+def test_rope_agrees_with_transformers():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    B, S, Hq, Hk, D = 2, 6, 4, 2, 16
+    cos, sin = (t.float().to(DEVICE) for t in _rope_tables(B, S, D, "BSD"))
+    q = torch.randn(B, Hq, S, D, generator=_gen(26)).to(DEVICE)  # HF layout [B, H, S, D]
+    k = torch.randn(B, Hk, S, D, generator=_gen(27)).to(DEVICE)
+    q_hf, k_hf = apply_rotary_pos_emb(q, k, cos, sin)
+    rope.apply_rope_(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+    torch.testing.assert_close(q, q_hf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k, k_hf, atol=1e-5, rtol=1e-5)
+
+
+@runs_here
+def test_fused_pieces_reject_bad_input_and_leave_inputs_alone():
+    q = torch.randn(1, 3, 2, 8).to(DEVICE)
+    k = torch.randn(1, 3, 2, 8).to(DEVICE)
+    q_before = q.clone()
+    with pytest.raises(ValueError, match=r"cos must have shape \[S=3, D=8\]"):
+        rope.apply_rope_(q, k, torch.ones(4, 8).to(DEVICE), torch.ones(4, 8).to(DEVICE))
+    with pytest.raises(ValueError, match="head_dim must be even"):
+        rope.apply_rope_(q[..., :7], k[..., :7], torch.ones(3, 7), torch.ones(3, 7))
+    assert torch.equal(q, q_before)
+    with pytest.raises(ValueError, match="weight must be 1-D"):
+        rmsnorm.rmsnorm(torch.randn(2, 8).to(DEVICE), torch.ones(7).to(DEVICE))
+    with pytest.raises(ValueError, match="eps must be a positive"):
+        rmsnorm.rmsnorm(torch.randn(2, 8).to(DEVICE), torch.ones(8).to(DEVICE), eps=0.0)
+    with pytest.raises(ValueError, match="differ in shape"):
+        swiglu.swiglu(torch.randn(2, 8).to(DEVICE), torch.randn(2, 7).to(DEVICE))
+    with pytest.raises(TypeError, match="must be float16, bfloat16 or float32"):
+        swiglu.swiglu(torch.ones(2, dtype=torch.int64), torch.ones(2, dtype=torch.int64))
+
+
+# ---------------------------------------------------------- order-proof CPU run ----
+
+
+@pytest.mark.skipif(DEVICE is not None, reason="the kernels already ran in this process")
+def test_interpreter_suite_in_fresh_process():
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreter-mode run failed:\n{tail}"
+    summary = proc.stdout.strip().splitlines()[-1]
+    passed = re.search(r"(\d+) passed", summary)
+    skipped = re.search(r"(\d+) skipped", summary)
+    assert passed and int(passed.group(1)) >= 50, tail
+    assert skipped is None or int(skipped.group(1)) == 1, f"only this test may skip: {summary}"
