@@ -62,3 +62,42 @@ def make_sparse24() -> Callable[..., torch.Tensor]:
 @pytest.fixture
 def make_unstructured() -> Callable[..., torch.Tensor]:
     return random_unstructured
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir() -> Path:
+    path = SHARED_DIR / "data" / "wikitext-2"
+    if not path.is_dir():
+        pytest.skip(f"wikitext-2 not found at {path}")
+    return path
+
+
+def write_tiny_checkpoint(
+    folder: Path, model_type: str = "llama", layers: int = 2, seed: int = 0, **overrides
+) -> Path:
+    """A random tiny HF checkpoint of a supported family, saved as safetensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+    )
+    settings.update(overrides)
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path: Path) -> Callable[..., Path]:
+    def make(model_type: str = "llama", name: str = "tiny", **kwargs) -> Path:
+        return write_tiny_checkpoint(tmp_path / name, model_type, **kwargs)
+
+    return make

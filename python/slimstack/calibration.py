@@ -8,6 +8,7 @@ Only one layer's weights are in memory at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterator
@@ -71,6 +72,21 @@ def tokenize(model_path: str | os.PathLike, text: str) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
+def tokenize_file(model_path: str | os.PathLike, text_file: str | os.PathLike) -> torch.Tensor:
+    """Token stream of a text file (cached per model, file and file version: pruning several
+    variants or evaluating several models on one corpus tokenizes it once)."""
+    model, text = Path(model_path).resolve(), Path(text_file).resolve()
+    if not text.is_file():
+        raise CalibrationError(f"text file not found: {text_file}")
+    stat = text.stat()
+    return _tokenize_cached(str(model), str(text), stat.st_mtime_ns, stat.st_size).clone()
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenize_cached(model: str, text: str, mtime_ns: int, size: int) -> torch.Tensor:
+    return tokenize(model, read_text(text))
+
+
 def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`nsamples` random windows of `seqlen` tokens, reproducible by `seed`."""
     if nsamples <= 0 or seqlen <= 0:
@@ -117,7 +133,7 @@ def load_calibration(
     seqlen: int = 2048,
     seed: int = 0,
 ) -> CalibrationSet:
-    tokens = tokenize(model_path, read_text(text_file))
+    tokens = tokenize_file(model_path, text_file)
     windows = sample_windows(tokens, nsamples, seqlen, seed)
     return CalibrationSet(windows, str(Path(text_file).resolve()), sha256_file(text_file), seed)
 

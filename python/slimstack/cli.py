@@ -27,7 +27,9 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--calib", help="calibration text: plain text or JSONL with a 'text' field")
     p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument(
+        "--seqlen", type=int, help="tokens per window (default: 2048, or the model's context)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the window sampling")
     p.add_argument("--include", action="append", help="glob of modules to prune (repeatable)")
     p.add_argument("--exclude", action="append", help="glob of modules to keep dense (repeatable)")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from slimstack.calibration import read_text, tokenize
+from slimstack.calibration import tokenize_file
 from slimstack.checkpoint import Checkpoint
 
 
@@ -69,7 +69,7 @@ def load_hf_model(path: str | os.PathLike, device: torch.device, dtype: torch.dt
 def text_windows(
     model: str | os.PathLike, text_file: str | os.PathLike, seqlen: int
 ) -> torch.Tensor:
-    tokens = tokenize(model, read_text(text_file))
+    tokens = tokenize_file(model, text_file)
     count = tokens.numel() // seqlen
     if count == 0:
         raise ValueError(

@@ -84,7 +84,7 @@ def prune(
     sparsity: str | float = "2:4",
     calib: str | os.PathLike | None = None,
     nsamples: int = 128,
-    seqlen: int = 2048,
+    seqlen: int | None = None,
     seed: int = 0,
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
@@ -96,7 +96,7 @@ def prune(
 
     Embeddings and lm_head stay dense. `method` is magnitude, wanda or sparsegpt; `sparsity`
     an N:M pattern ("2:4") or a ratio ("0.5"). Wanda and SparseGPT stream `nsamples` windows
-    of `seqlen` tokens from `calib` through the model one layer at a time, each layer seeing
+    of `seqlen` tokens (default: 2048 or the model's context if shorter) from `calib` through the model one layer at a time, each layer seeing
     the outputs of the already-pruned layers before it.
     """
     start = time.perf_counter()
@@ -106,10 +106,11 @@ def prune(
     if method != "magnitude" and calib is None:
         raise ValueError(f"{method} needs calibration text (--calib FILE)")
     ckpt = Checkpoint.open(model)
-    cfg_window = ckpt.config.get("max_position_embeddings")
-    if cfg_window and seqlen > cfg_window:
+    context = int(ckpt.config.get("max_position_embeddings") or 2048)
+    seqlen = seqlen or min(2048, context)
+    if method != "magnitude" and seqlen > context:
         raise ValueError(
-            f"seqlen {seqlen} exceeds the model's context ({cfg_window} tokens); lower --seqlen"
+            f"seqlen {seqlen} exceeds the model's context ({context} tokens); lower --seqlen"
         )
     all_modules = [
         name[: -len(".weight")]

@@ -1,0 +1,178 @@
+"""Checkpoint folders: lazy validated reading, atomic writing, refusal of bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM
+
+from slimstack.checkpoint import (
+    METADATA_FILE,
+    Checkpoint,
+    CheckpointError,
+    CheckpointWriter,
+    read_metadata,
+    sha256_file,
+)
+
+STORIES_SHA = "407a7c581bdd66972383ce9ad24857713fb98786d06ea564a2fe9b34ebe77dfd"
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_reads_stories_layer_by_layer(stories260k_dir: Path) -> None:
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        assert (ckpt.model_type, ckpt.num_layers, ckpt.hidden_size) == ("llama", 5, 64)
+        layer = ckpt.layer_tensors(3)
+        assert layer["mlp.down_proj.weight"].shape == (64, 172)
+        assert ckpt.tensor_shape("model.layers.0.self_attn.k_proj.weight") == (32, 64)
+        assert ckpt.tensor_dtype("model.norm.weight") == torch.float32
+        assert ckpt.weight_hashes() == {"model.safetensors": STORIES_SHA}
+        assert {p.name for p in ckpt.tokenizer_files()} >= {
+            "tokenizer.json",
+            "tokenizer_config.json",
+        }
+        with pytest.raises(CheckpointError, match=r"layer index 5 out of range.*0\.\.4"):
+            ckpt.layer_tensors(5)
+
+
+def _write_from(ckpt: Checkpoint, target: Path, max_shard_bytes: int, **kw) -> Path:
+    with CheckpointWriter(target, max_shard_bytes=max_shard_bytes, **kw) as writer:
+        for name in ckpt.tensor_names():
+            writer.add(name, ckpt.get_tensor(name))
+        writer.finish(ckpt.config, {"steps": [{"op": "copy"}]}, tokenizer_from=ckpt.path)
+    return target
+
+
+@pytest.mark.parametrize("max_shard_bytes", [200_000, 2**31])
+def test_written_folder_loads_in_transformers(
+    stories260k_dir: Path, tmp_path: Path, max_shard_bytes: int
+) -> None:
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        out = _write_from(ckpt, tmp_path / "copy", max_shard_bytes)
+    sharded = max_shard_bytes < 2**31
+    assert (out / "model.safetensors.index.json").is_file() == sharded
+    assert (len(list(out.glob("*.safetensors"))) > 1) == sharded
+    assert read_metadata(out)["steps"] == [{"op": "copy"}]
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # no temporary left beside it
+    reread = Checkpoint.open(out)
+    assert len(reread.weight_files()) == len(list(out.glob("*.safetensors")))
+    a = AutoModelForCausalLM.from_pretrained(stories260k_dir, local_files_only=True)
+    b = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    ids = torch.randint(0, 512, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=0, atol=0)
+
+
+def test_writer_is_atomic_on_failure(stories260k_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), CheckpointWriter(target, max_shard_bytes=1000) as w:
+        w.add("a", torch.randn(1000))
+        w.add("b", torch.randn(1000))  # flushes a shard into the temporary folder
+        raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_existing_unless_overwrite(stories260k_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    with pytest.raises(CheckpointError, match="already exists.*--overwrite"):
+        CheckpointWriter(target)
+    assert (target / "keep.txt").read_text() == "precious"
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        _write_from(ckpt, target, 2**31, overwrite=True)
+    assert not (target / "keep.txt").exists()
+    assert (target / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+# ------------------------------------------------------------------ bad input
+def test_missing_folder_and_config(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="model folder not found"):
+        Checkpoint.open(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="no config.json"):
+        Checkpoint.open(tmp_path / "empty")
+
+
+def test_unknown_model_type_lists_supported(stories260k_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        CheckpointError, match="unsupported model_type 'gpt2'.*llama, mistral, qwen2"
+    ):
+        Checkpoint.open(folder)
+
+
+def test_pickle_only_checkpoint_refused(stories260k_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(stories260k_dir / "config.json", folder)
+    (folder / "pytorch_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    with pytest.raises(CheckpointError, match="pickle.*safetensors only.*arbitrary code"):
+        Checkpoint.open(folder)
+
+
+@pytest.mark.parametrize("cut", [4, 100, -1000])
+def test_truncated_safetensors_refused(stories260k_dir: Path, tmp_path: Path, cut: int) -> None:
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:cut])
+    with pytest.raises(CheckpointError, match="corrupt|truncated"):
+        Checkpoint.open(folder)
+
+
+def test_garbage_header_refused(stories260k_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:20] = b"}}}}garbage!"
+    weights.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt safetensors header"):
+        Checkpoint.open(folder)
+
+
+def test_missing_layer_tensor_refused(stories260k_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        tensors = {n: ckpt.get_tensor(n) for n in ckpt.tensor_names()}
+    del tensors["model.layers.2.mlp.up_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(
+        CheckpointError, match=r"layer 2 is missing tensors: model\.layers\.2\.mlp\.up_proj"
+    ):
+        Checkpoint.open(folder)
+
+
+def test_index_naming_missing_shard_refused(stories260k_dir: Path, tmp_path: Path) -> None:
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        out = _write_from(ckpt, tmp_path / "sharded", 200_000)
+    next(iter(sorted(out.glob("model-*.safetensors")))).unlink()
+    with pytest.raises(CheckpointError, match="missing shard"):
+        Checkpoint.open(out)
+
+
+def test_sha256_file(tmp_path: Path) -> None:
+    (tmp_path / "f").write_bytes(b"abc")
+    assert sha256_file(tmp_path / "f") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    )
+
+
+def test_metadata_corrupt_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / METADATA_FILE).write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_metadata(tmp_path)
+    assert read_metadata(tmp_path / "none") is None

@@ -1,0 +1,299 @@
+"""Pruning: patterns, exact masks on hand-made cases, the layer-by-layer driver, bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from slimstack.checkpoint import Checkpoint, sha256_file
+from slimstack.evaluate import evaluate
+from slimstack.prune.driver import prune, select_modules
+from slimstack.prune.methods import (
+    InputStats,
+    magnitude_prune,
+    sparsegpt_prune,
+    wanda_prune,
+)
+from slimstack.prune.patterns import (
+    NMPattern,
+    PatternError,
+    Unstructured,
+    follows_nm,
+    parse_pattern,
+)
+
+
+# ------------------------------------------------------------------ patterns
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("2:4", NMPattern(2, 4)),
+        (" 4 : 8 ", NMPattern(4, 8)),
+        ("1:4", NMPattern(1, 4)),
+        ("0.5", Unstructured(0.5)),
+        ("50%", Unstructured(0.5)),
+        (0.7, Unstructured(0.7)),
+    ],
+)
+def test_parse_pattern(spec, expected) -> None:
+    assert parse_pattern(spec) == expected
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("3:2", "need 0 < N < M"),
+        ("0:4", "need 0 < N < M"),
+        ("4:4", "need 0 < N < M"),
+        ("2x4", "unrecognised sparsity '2x4'"),
+        ("1.5", "outside \\(0, 1\\)"),
+        ("0", "outside \\(0, 1\\)"),
+        ("100%", "outside \\(0, 1\\)"),
+        (-0.2, "outside \\(0, 1\\)"),
+    ],
+)
+def test_parse_pattern_rejects(spec, message: str) -> None:
+    with pytest.raises(PatternError, match=message) as info:
+        parse_pattern(spec)
+    assert "allowed" in str(info.value)
+
+
+# ------------------------------------------------------------------ hand-computable masks
+W = torch.tensor(
+    [
+        [1.0, 2.0, 3.0, 4.0, 4.0, 3.0, 2.0, 1.0],
+        [-8.0, 1.0, -0.5, 2.0, 0.1, -0.2, 5.0, 0.3],
+    ]
+)
+# Column norms that overturn magnitude order: columns 0 and 7 see large activations.
+X = torch.zeros(4, 8)
+X[:, :] = 0.5
+X[:, 0] = 5.0
+X[:, 7] = 5.0  # ||X_j|| = 10 for j in {0, 7}, 1 otherwise
+
+
+def _stats(x: torch.Tensor, hessian: bool = False) -> InputStats:
+    stats = InputStats(x.shape[1], want_hessian=hessian)
+    stats.update(x)
+    return stats
+
+
+def test_magnitude_masks_by_hand() -> None:
+    pruned = magnitude_prune(W, NMPattern(2, 4))
+    assert (pruned != 0).tolist() == [
+        [False, False, True, True, True, True, False, False],
+        [True, False, False, True, False, False, True, True],
+    ]
+    pruned = magnitude_prune(W, Unstructured(0.5))  # row 1 keeps |8|, |5|, |2|, |1|
+    assert (pruned != 0).tolist() == [
+        [False, False, True, True, True, True, False, False],
+        [True, True, False, True, False, False, True, False],
+    ]
+    pruned = magnitude_prune(W, Unstructured(0.25))  # 2 of 8 per row
+    assert (pruned == 0).sum(1).tolist() == [2, 2]
+    assert pruned[0, 0] == 0 and pruned[0, 7] == 0 and pruned[1, 4] == 0 and pruned[1, 5] == 0
+
+
+def test_wanda_masks_by_hand() -> None:
+    stats = _stats(X)
+    assert torch.allclose(stats.sq_norms.sqrt(), torch.tensor([10.0, 1, 1, 1, 1, 1, 1, 10]))
+    # row 0 scores: [10, 2, 3, 4, 4, 3, 2, 10]
+    # row 1 scores: [80, 1, .5, 2, .1, .2, 5, 3]
+    pruned = wanda_prune(W, stats, NMPattern(2, 4))
+    assert (pruned != 0).tolist() == [
+        [True, False, False, True, True, False, False, True],
+        [True, False, False, True, False, False, True, True],
+    ]
+    pruned = wanda_prune(W, stats, Unstructured(0.5))
+    assert (pruned != 0).tolist() == [
+        [True, False, False, True, True, False, False, True],
+        [True, False, False, True, False, False, True, True],
+    ]
+    # kept weights are the originals, bit for bit
+    assert torch.equal(pruned[pruned != 0], W[pruned != 0])
+
+
+def test_wanda_unstructured_exact_row0() -> None:
+    # distinct scores so the mask is unambiguous: keep the 4 largest of each row
+    weights = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]])
+    norms = torch.ones(4, 8)
+    norms[:, 0] = 100.0  # column 0 score 200 > all
+    pruned = wanda_prune(weights, _stats(norms), Unstructured(0.5))
+    assert (pruned != 0).tolist() == [[True, False, False, False, False, True, True, True]]
+
+
+@pytest.mark.parametrize(
+    "pattern", [NMPattern(2, 4), NMPattern(4, 8), NMPattern(1, 4), Unstructured(0.5)]
+)
+def test_sparsegpt_reconstructs_best(pattern) -> None:
+    gen = torch.Generator().manual_seed(0)
+    # correlated inputs with uneven column scales, as real activations have
+    mixing = torch.randn(64, 64, generator=gen) * 0.3 + torch.eye(64)
+    x = (torch.randn(2048, 64, generator=gen) @ mixing) * torch.linspace(0.2, 3.0, 64)
+    weight = torch.randn(48, 64, generator=gen)
+    stats = _stats(x, hessian=True)
+
+    def error(pruned: torch.Tensor) -> float:
+        return float(torch.linalg.norm(x @ weight.t() - x @ pruned.t()))
+
+    results = {
+        "magnitude": magnitude_prune(weight, pattern),
+        "wanda": wanda_prune(weight, stats, pattern),
+        "sparsegpt": sparsegpt_prune(weight, stats, pattern),
+    }
+    for pruned in results.values():
+        if isinstance(pattern, NMPattern):
+            assert follows_nm(pruned, pattern)
+            assert ((pruned != 0).reshape(48, -1, pattern.m).sum(-1) == pattern.n).all()
+        else:
+            assert ((pruned == 0).sum(1) == 32).all()
+    errors = {name: error(p) for name, p in results.items()}
+    assert errors["sparsegpt"] < min(errors["wanda"], errors["magnitude"]), errors
+
+
+@pytest.mark.parametrize("pattern", [NMPattern(2, 4), Unstructured(0.5)])
+def test_wanda_beats_magnitude_with_outlier_features(pattern) -> None:
+    # Wanda's premise: a few input features carry much larger activations than the rest
+    gen = torch.Generator().manual_seed(1)
+    scales = torch.ones(64)
+    scales[torch.randperm(64, generator=gen)[:6]] = 20.0
+    x = torch.randn(1024, 64, generator=gen) * scales
+    weight = torch.randn(32, 64, generator=gen)
+    stats = _stats(x)
+    err_m = torch.linalg.norm(x @ (weight - magnitude_prune(weight, pattern)).t())
+    err_w = torch.linalg.norm(x @ (weight - wanda_prune(weight, stats, pattern)).t())
+    assert err_w < 0.8 * err_m
+
+
+def test_select_modules_globs() -> None:
+    names = [
+        f"model.layers.{i}.{m}" for i in range(2) for m in ("self_attn.q_proj", "mlp.down_proj")
+    ]
+    assert select_modules(names, None, ["mlp.down_proj"]) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
+    assert select_modules(names, ["model.layers.1.*"], None) == names[2:]
+
+
+# ------------------------------------------------------------------ the driver
+@pytest.fixture(scope="module")
+def calib_args(wikitext_dir: Path) -> dict:
+    return {"calib": wikitext_dir / "valid.txt", "nsamples": 8, "seqlen": 128, "progress": False}
+
+
+@pytest.mark.parametrize(
+    ("method", "spec"), [("wanda", "2:4"), ("sparsegpt", "0.5"), ("magnitude", "4:8")]
+)
+def test_prune_stories(
+    stories260k_dir: Path, tmp_path: Path, calib_args: dict, method: str, spec: str
+) -> None:
+    out = tmp_path / "pruned"
+    exclude = ["mlp.down_proj"] if spec == "4:8" else None  # in_features 172 is not a multiple of 8
+    report = prune(
+        stories260k_dir, out, method=method, sparsity=spec, exclude=exclude, **calib_args
+    )
+    pattern = parse_pattern(spec)
+    expected_modules = 35 - (5 if exclude else 0)
+    assert len(report.sparsity) == expected_modules
+    meta = json.loads((out / "slimstack.json").read_text())
+    step = meta["steps"][-1]
+    assert (step["method"], step["pattern"]) == (method, str(pattern))
+    assert meta["source"]["weights_sha256"]["model.safetensors"] == sha256_file(
+        stories260k_dir / "model.safetensors"
+    )
+    if method != "magnitude":
+        assert step["calibration"]["nsamples"] == 8 and step["calibration"]["seqlen"] == 128
+        assert step["calibration"]["sha256"] == sha256_file(calib_args["calib"])
+    with Checkpoint.open(stories260k_dir) as src, Checkpoint.open(out) as dst:
+        for name in src.tensor_names():
+            before, after = src.get_tensor(name), dst.get_tensor(name)
+            module = name.removesuffix(".weight")
+            if module not in report.sparsity:
+                assert torch.equal(before, after), name  # untouched modules copied exactly
+                continue
+            assert step["sparsity"][module] == pytest.approx(float((after == 0).float().mean()))
+            if isinstance(pattern, NMPattern):
+                assert (
+                    (after != 0).reshape(after.shape[0], -1, pattern.m).sum(-1) <= pattern.n
+                ).all()
+            else:
+                assert ((after == 0).sum(1) == int(after.shape[1] * pattern.ratio)).all()
+            if method != "sparsegpt":  # kept weights unchanged
+                kept = after != 0
+                assert torch.equal(after[kept], before[kept])
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)  # loads unchanged
+    assert model.config.num_hidden_layers == 5
+
+
+@pytest.mark.slow
+def test_wanda_and_sparsegpt_beat_magnitude_perplexity(
+    stories260k_dir: Path, tmp_path: Path, wikitext_dir: Path
+) -> None:
+    calib = {"calib": wikitext_dir / "valid.txt", "nsamples": 32, "seqlen": 256, "progress": False}
+    for spec in ("0.5", "2:4"):
+        ppl = {}
+        for method in ("magnitude", "wanda", "sparsegpt"):
+            out = tmp_path / f"{method}-{spec.replace(':', '_')}"
+            prune(stories260k_dir, out, method=method, sparsity=spec, **calib)
+            ppl[method] = evaluate(
+                out, wikitext_dir / "test.txt", max_windows=48, progress=False
+            ).perplexity
+        assert ppl["wanda"] < ppl["magnitude"], (spec, ppl)
+        assert ppl["sparsegpt"] < ppl["magnitude"], (spec, ppl)
+
+
+# ------------------------------------------------------------------ bad input: message + nothing written
+def _assert_nothing_written(tmp_path: Path) -> None:
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_k_not_divisible_names_module_and_shape(stories260k_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(
+        PatternError, match=r"model\.layers\.0\.mlp\.down_proj has shape \(64, 172\).*M=8"
+    ):
+        prune(stories260k_dir, tmp_path / "out", method="magnitude", sparsity="4:8", progress=False)
+    _assert_nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"method": "obs"}, "unknown pruning method 'obs'.*magnitude, wanda, sparsegpt"),
+        ({"method": "wanda", "calib": None}, "wanda needs calibration text"),
+        ({"method": "magnitude", "sparsity": "3:2"}, "need 0 < N < M"),
+        ({"method": "magnitude", "sparsity": "2x4"}, "unrecognised sparsity"),
+        ({"method": "magnitude", "sparsity": "1.2"}, "outside"),
+        ({"method": "magnitude", "include": ["nothing.*"]}, "no linear layer matches"),
+        ({"method": "wanda", "seqlen": 4096}, "exceeds the model's context"),
+    ],
+)
+def test_bad_input_writes_nothing(
+    stories260k_dir: Path, tmp_path: Path, wikitext_dir: Path, kwargs, message
+) -> None:
+    args = {"calib": wikitext_dir / "valid.txt", "progress": False, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        prune(stories260k_dir, tmp_path / "out", **args)
+    _assert_nothing_written(tmp_path)
+
+
+def test_too_little_calibration_text(stories260k_dir: Path, tmp_path: Path) -> None:
+    text = tmp_path / "short.txt"
+    text.write_text("Once upon a time there was a cat.")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"calibration text has \d+ tokens.*seqlen=128"):
+        prune(
+            stories260k_dir,
+            out,
+            method="wanda",
+            sparsity="2:4",
+            calib=text,
+            seqlen=128,
+            progress=False,
+        )
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
