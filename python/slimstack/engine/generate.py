@@ -71,7 +71,8 @@ class Timings:
 class GenerationResult:
     """texts[i] / token_ids[i]: the continuation of prompt i, without the EOS token and
     without the stop string (its tokens stay in token_ids); finish_reasons[i] is "eos",
-    "stop" or "length"."""
+    "stop" or "length". A text reads on from its prompt: prompt + text is the whole
+    passage (so it may start with a space). texts are None without a tokenizer."""
 
     texts: list[str | None]
     token_ids: list[list[int]]
@@ -119,6 +120,7 @@ class Stream:
 class _Row:
     """Host-side state of one sequence: its tokens, its text, why it stopped."""
 
+    prefix: list[int]  # the prompt's last token: decoded with the new ones for spacing
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters already streamed
@@ -148,7 +150,7 @@ class _Stopper:
             return
         row.tokens.append(token)
         if self.want_text:
-            row.text = self.decode(row.tokens)
+            row.text = self.decode(row)
             cut = self._stop_at(row.text)
             if cut is not None:
                 row.text, row.reason = row.text[:cut], "stop"
@@ -156,8 +158,14 @@ class _Stopper:
         if len(row.tokens) >= self.max_new_tokens:
             row.reason = "length"
 
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def decode(self, row: _Row) -> str:
+        """The continuation's text as it reads after the prompt (a SentencePiece word's
+        leading space included), by decoding it behind the prompt's last token."""
+        prefix = self.tokenizer.decode(row.prefix, skip_special_tokens=True)
+        full = self.tokenizer.decode(row.prefix + row.tokens, skip_special_tokens=True)
+        if full.startswith(prefix):
+            return full[len(prefix) :]
+        return self.tokenizer.decode(row.tokens, skip_special_tokens=True)
 
     def _stop_at(self, text: str) -> int | None:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
@@ -383,7 +391,7 @@ def _run(
     model.setup_cache(batch, _cache_length(model, width + stopper.max_new_tokens))
     runner = decode_runner(model, mode)  # captured before prefill touches the cache
     generator = make_generator(device, seed)
-    rows = [_Row() for _ in range(batch)]
+    rows = [_Row(prefix=p[-1:]) for p in prompts]
     reader = _TokenReader(device, batch, lag=2)
 
     def consume(drain: bool = False) -> Iterator[tuple[int, str]]:
@@ -426,7 +434,7 @@ def _run(
         decode_ms=(decode_done - prefill_done) * 1e3,
         decode_steps=steps,
     )
-    texts = [row.text if stopper.want_text else _final_text(stopper, row.tokens) for row in rows]
+    texts = [row.text if stopper.want_text else _final_text(stopper, row) for row in rows]
     return GenerationResult(
         texts=texts,
         token_ids=[row.tokens for row in rows],
@@ -435,5 +443,5 @@ def _run(
     )
 
 
-def _final_text(stopper: _Stopper, tokens: list[int]) -> str | None:
-    return stopper.decode(tokens) if stopper.tokenizer is not None else None
+def _final_text(stopper: _Stopper, row: _Row) -> str | None:
+    return stopper.decode(row) if stopper.tokenizer is not None else None

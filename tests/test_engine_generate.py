@@ -1,0 +1,201 @@
+"""generate(): sampling, seeds, stop strings, EOS, streaming, batches, errors; the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from engine_support import (  # noqa: F401  (single_thread is an autouse fixture)
+    EXPECTED_CONTINUATION,
+    PROMPT,
+    single_thread,
+)
+
+from slimstack.engine.loader import load
+from slimstack.engine.sampling import SamplingParams, filter_top_k, filter_top_p, sample
+
+
+@pytest.fixture(scope="module")
+def engine(stories260k_dir: Path):
+    return load(stories260k_dir, device="cpu")
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_seeded_sampling_repeats_exactly_and_seeds_differ(engine) -> None:
+    kwargs = dict(max_new_tokens=40, temperature=0.9, top_k=40, top_p=0.95)
+    prompts = [PROMPT, "Tom had a", "The"]
+    first = engine.generate(prompts, seed=1234, **kwargs)
+    again = engine.generate(prompts, seed=1234, **kwargs)
+    other = engine.generate(prompts, seed=4321, **kwargs)
+    assert first.token_ids == again.token_ids and first.texts == again.texts
+    assert first.token_ids != other.token_ids
+    greedy = engine.generate(prompts, max_new_tokens=40)
+    assert first.token_ids != greedy.token_ids  # it really sampled
+
+
+def test_top_k_and_top_p_filters() -> None:
+    logits = torch.tensor([[1.0, 3.0, 2.0, 0.0, 2.5]])
+    kept = filter_top_k(logits, 2)
+    assert torch.isfinite(kept).tolist() == [[False, True, False, False, True]]
+    probs = logits.softmax(-1)[0]  # [0.05, 0.40, 0.15, 0.02, 0.24 ...] sorted: 1, 4, 2, 0, 3
+    order = probs.argsort(descending=True)
+    mass = probs[order[0]] + probs[order[1]]
+    kept = filter_top_p(logits, float(mass) - 1e-3)  # needs exactly the two most likely
+    assert torch.isfinite(kept)[0].nonzero().flatten().tolist() == sorted(order[:2].tolist())
+    kept = filter_top_p(logits, 1e-6)  # always at least one token
+    assert torch.isfinite(kept).sum() == 1
+
+
+def test_sampling_follows_the_distribution() -> None:
+    """The exponential race draws token i with probability p_i."""
+    probs = torch.tensor([0.1, 0.6, 0.3])
+    logits = probs.log().expand(20000, 3).contiguous()
+    gen = torch.Generator().manual_seed(0)
+    draws = sample(logits, SamplingParams(temperature=1.0), gen)
+    freq = torch.bincount(draws, minlength=3).float() / draws.numel()
+    assert torch.allclose(freq, probs, atol=0.015)
+    top1 = sample(logits, SamplingParams(temperature=1.0, top_k=1), gen)
+    assert bool((top1 == 1).all())
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(top_k=0), "top_k must be a positive integer"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(seed="x"), "seed must be an int"),
+        (dict(stop=[""]), "stop must be a non-empty string"),
+    ],
+)
+def test_bad_sampling_arguments(engine, kwargs: dict, message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        engine.generate(PROMPT, max_new_tokens=4, **kwargs)
+
+
+# ----------------------------------------------------------------------------- stopping
+def test_stop_string_cuts_text_per_sequence(engine) -> None:
+    result = engine.generate([PROMPT, "Tom had a"], max_new_tokens=40, stop=["park", "xyzzy"])
+    full = engine.generate([PROMPT, "Tom had a"], max_new_tokens=40)
+    assert result.texts[0] == (" " + EXPECTED_CONTINUATION).split("park")[0]
+    assert result.finish_reasons[0] == "stop"
+    assert full.texts[0].startswith(result.texts[0] + "park")
+    # the other row did not stop early because of row 0 (unless it says "park" itself)
+    if "park" not in full.texts[1]:
+        assert result.texts[1] == full.texts[1] and result.finish_reasons[1] == "length"
+
+
+def test_eos_stops_a_row_and_is_not_returned(engine) -> None:
+    greedy = engine.generate(PROMPT, max_new_tokens=12)
+    engine.eos_token_ids = (greedy.tokens[5],)  # pretend the 6th token is EOS
+    try:
+        result = engine.generate(PROMPT, max_new_tokens=12)
+    finally:
+        engine.eos_token_ids = (2,)
+    assert result.tokens == greedy.tokens[:5]
+    assert result.finish_reasons == ["eos"]
+    assert result.text == greedy.text[: len(result.text)]
+    assert result.text.strip() == engine.tokenizer.decode(greedy.tokens[:5]).strip()
+
+
+def test_streaming_pieces_add_up_to_the_text(engine) -> None:
+    stream = engine.generate(PROMPT, max_new_tokens=30, stream=True)
+    pieces = list(stream)
+    assert len(pieces) > 10 and all(isinstance(p, str) and p for p in pieces)
+    assert "".join(pieces) == stream.result.text
+    assert stream.result.text == engine.generate(PROMPT, max_new_tokens=30).text
+
+
+def test_streaming_holds_back_a_partial_stop_string(engine) -> None:
+    stream = engine.generate(PROMPT, max_new_tokens=30, stream=True, stop="the park")
+    pieces = list(stream)
+    text = "".join(pieces)
+    assert text == stream.result.text == (" " + EXPECTED_CONTINUATION).split("the park")[0]
+    assert "the" not in text.split("outside")[-1]  # " the" never leaked out
+
+
+def test_streaming_a_batch_tags_pieces_with_the_row(engine) -> None:
+    stream = engine.generate([PROMPT, "Tom had a"], max_new_tokens=16, stream=True)
+    texts = ["", ""]
+    for index, piece in stream:
+        texts[index] += piece
+    assert texts == stream.result.texts
+
+
+def test_result_fields_and_timings(engine) -> None:
+    result = engine.generate(PROMPT, max_new_tokens=8)
+    timings = result.timings
+    assert timings.decode_steps == 7 and timings.batch == 1 and timings.prefill_ms > 0
+    assert timings.decode_tokens_per_s > 0
+    assert timings.to_dict()["throughput_tokens_per_s"] == timings.decode_tokens_per_s
+    batch = engine.generate([PROMPT, "Hi"], max_new_tokens=8)
+    with pytest.raises(ValueError, match="2 sequences"):
+        _ = batch.text
+
+
+def test_token_id_prompts_match_text_prompts(engine) -> None:
+    ids = engine.tokenizer(PROMPT)["input_ids"]
+    assert engine.generate(ids, max_new_tokens=10).tokens == (
+        engine.generate(PROMPT, max_new_tokens=10).tokens
+    )
+
+
+# ----------------------------------------------------------------------------- errors
+def test_prompt_longer_than_context_is_refused(engine) -> None:
+    context = engine.config.context_length
+    with pytest.raises(ValueError, match=f"longer than the model's context \\({context}"):
+        engine.generate([1] * context, max_new_tokens=1)
+    with pytest.raises(ValueError, match=f"use max_new_tokens <= {context - 500}"):
+        engine.generate([1] * 500, max_new_tokens=100)
+
+
+@pytest.mark.parametrize("prompts", ["", [""], [], [[]], ["ok", ""]])
+def test_empty_prompts_are_refused(engine, prompts) -> None:
+    with pytest.raises(ValueError, match="empty|non-empty"):
+        engine.generate(prompts, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("value", [0, -3])
+def test_non_positive_max_new_tokens_is_refused(engine, value: int) -> None:
+    with pytest.raises(ValueError, match="max_new_tokens must be > 0"):
+        engine.generate(PROMPT, max_new_tokens=value)
+
+
+def test_unknown_keyword_is_refused_with_a_hint(engine) -> None:
+    with pytest.raises(TypeError, match="'max_tokens'.*did you mean 'max_new_tokens'"):
+        engine.generate(PROMPT, max_tokens=4)
+    with pytest.raises(TypeError, match="'beam_width'.*accepted: max_new_tokens"):
+        engine.generate(PROMPT, beam_width=4)
+
+
+def test_other_bad_inputs(engine) -> None:
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        engine.generate([1, 99999], max_new_tokens=2)
+    with pytest.raises(TypeError, match="string or a list of token ids"):
+        engine.generate([PROMPT, 3.5], max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        engine.generate(PROMPT, max_new_tokens=2, mode="graph")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        engine.generate(PROMPT, max_new_tokens=2, mode="fast")
+
+
+# ----------------------------------------------------------------------------- CLI
+def test_cli_generate_streams_the_continuation(stories260k_dir: Path, capsys) -> None:
+    from slimstack.cli import main
+
+    code = main(
+        ["generate", str(stories260k_dir), PROMPT, "--max-new-tokens", "20", "--device", "cpu"]
+    )
+    out, err = capsys.readouterr()
+    assert code == 0
+    assert out.startswith(PROMPT + " girl named Lily.")
+    assert "tokens/s" in err
+
+
+def test_cli_generate_reports_bad_input(stories260k_dir: Path, capsys) -> None:
+    from slimstack.cli import main
+
+    code = main(["generate", str(stories260k_dir), "", "--device", "cpu"])
+    assert code == 2
+    assert "empty" in capsys.readouterr().err

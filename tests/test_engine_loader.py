@@ -1,0 +1,135 @@
+"""Loading pruned, depth-sliced and up-scaled folders; model.info(); loader errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from engine_support import (  # noqa: F401  (single_thread is an autouse fixture)
+    PROMPT,
+    hf_greedy,
+    hf_model,
+    single_thread,
+    write_tiny_model,
+)
+
+from slimstack.checkpoint import Checkpoint, CheckpointError, CheckpointWriter
+from slimstack.engine.loader import load
+
+
+def write_layer_subset(
+    source: Path, out: Path, layers: list[int], metadata: dict | None = None
+) -> Path:
+    """A folder whose layer i is `source`'s layer layers[i] (drops and repeats allowed)."""
+    with Checkpoint.open(source) as ckpt, CheckpointWriter(out) as writer:
+        for name in ckpt.non_layer_names():
+            writer.add(name, ckpt.get_tensor(name))
+        for new, old in enumerate(layers):
+            for name, tensor in ckpt.layer_tensors(old).items():
+                writer.add(f"model.layers.{new}.{name}", tensor)
+        config = {**ckpt.config, "num_hidden_layers": len(layers)}
+        writer.finish(config, metadata, tokenizer_from=source)
+    return out
+
+
+def _layer_map(source: Path, layers: list[int]) -> dict:
+    return {"layer_map": [{"model": str(source), "layer": i} for i in layers]}
+
+
+def _greedy_matches_transformers(folder: Path, new_tokens: int = 50):
+    engine = load(folder, device="cpu")
+    prompt = engine.tokenizer(PROMPT)["input_ids"]
+    result = engine.generate(PROMPT, max_new_tokens=new_tokens)
+    assert result.tokens == hf_greedy(hf_model(folder), [prompt], new_tokens)[0]
+    return engine, result
+
+
+def test_depth_sliced_copy_runs_only_its_layers(stories260k_dir: Path, tmp_path: Path) -> None:
+    folder = write_layer_subset(stories260k_dir, tmp_path / "sliced", [0, 1, 3])
+    engine, result = _greedy_matches_transformers(folder)
+    assert len(engine.layers) == 3
+    assert engine.info().num_layers == 3
+    full = load(stories260k_dir, device="cpu").generate(PROMPT, max_new_tokens=50)
+    assert result.tokens != full.tokens  # dropping layers changed the model
+
+
+def test_upscaled_copy_shares_identical_repeated_layers(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    order = [0, 1, 2, 2, 3, 4]
+    folder = write_layer_subset(
+        stories260k_dir, tmp_path / "up", order, _layer_map(stories260k_dir, order)
+    )
+    engine, _ = _greedy_matches_transformers(folder, new_tokens=30)
+    assert engine.layers[3] is engine.layers[2]
+    info = engine.info()
+    assert info.num_layers == 6 and info.unique_layers == 5 and info.shared == {3: 2}
+    assert len(info.linears) == 5 * 7  # a shared layer's weights are counted once
+
+
+def test_layer_map_is_not_trusted_when_tensors_differ(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    order = [0, 1, 2, 2, 3, 4]
+    folder = write_layer_subset(
+        stories260k_dir, tmp_path / "up", order, _layer_map(stories260k_dir, order)
+    )
+    # a later edit (e.g. fine-tuning) changed one repeated layer: no sharing, correct output
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    weights["model.layers.3.mlp.up_proj.weight"] *= 1.5
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    engine, _ = _greedy_matches_transformers(folder, new_tokens=30)
+    assert engine.layers[3] is not engine.layers[2]
+    assert engine.info().shared == {}
+
+
+def test_info_counts_bytes_of_dense_model(stories260k_dir: Path) -> None:
+    engine = load(stories260k_dir, device="cpu")
+    info = engine.info()
+    cfg = engine.config
+    expected_linear = cfg.num_layers * (
+        4
+        * (
+            2 * cfg.hidden_size * cfg.num_heads * cfg.head_dim
+            + 2 * cfg.hidden_size * cfg.num_kv_heads * cfg.head_dim
+            + 3 * cfg.hidden_size * cfg.intermediate_size
+        )
+    )
+    assert info.formats == {"dense": 35}
+    assert info.linear_nbytes == info.dense_linear_nbytes == expected_linear
+    # tied embeddings: lm_head is not counted twice; norms: 2 per layer + final
+    norms = 4 * cfg.hidden_size * (2 * cfg.num_layers + 1)
+    assert info.other_nbytes == 4 * cfg.vocab_size * cfg.hidden_size + norms
+    assert engine.lm_head.weight is engine.embed_tokens.weight
+    assert "35 dense" in info.table()
+
+
+def test_load_errors_are_clear(stories260k_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TypeError, match="dtype must be"):
+        load(stories260k_dir, device="cpu", dtype=torch.int8)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        load(stories260k_dir, device="cpu", kernels="cuda")
+    with pytest.raises(CheckpointError, match="not found"):
+        load(tmp_path / "missing", device="cpu")
+    # qwen2 needs its q/k/v biases
+    folder = write_tiny_model(tmp_path / "qwen2", "qwen2")
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(folder / "model.safetensors")
+    del weights["model.layers.0.self_attn.k_proj.bias"]
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="k_proj.bias"):
+        load(folder, device="cpu")
+    # an unsupported rope scaling is refused, naming the supported ones
+    other = tmp_path / "longrope"
+    shutil.copytree(stories260k_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "longrope", "rope_theta": 10000.0}
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="longrope.*supported: default, linear"):
+        load(other, device="cpu")
