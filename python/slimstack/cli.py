@@ -110,8 +110,65 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- generate
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="load a (pruned) model into slimstack's engine and stream a continuation",
+        description="Load MODEL with sparse linears packed and stream the continuation of "
+        "PROMPT to stdout; timings go to stderr.",
+    )
+    p.add_argument("model", help="Hugging Face model folder (safetensors)")
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
+    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
+    p.add_argument("--top-p", type=float, help="sample among the most likely tokens up to p")
+    p.add_argument("--seed", type=int, help="seed for reproducible sampling")
+    p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+    p.add_argument("--mode", default="auto", choices=["auto", "eager", "graph", "compile"])
+    p.set_defaults(handler=cmd_generate)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from slimstack.engine.loader import load
+
+    model = load(args.model, device=args.device, dtype=getattr(torch, args.dtype or "", None))
+    stream = model.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=args.stop,
+        stream=True,
+        mode=args.mode,
+    )
+    print(args.prompt, end="", flush=True)
+    for piece in stream:
+        print(piece, end="", flush=True)
+    print()
+    t = stream.result.timings
+    print(
+        f"[{stream.result.finish_reasons[0]}; prefill {t.prefill_ms:.1f} ms, "
+        f"{t.decode_steps} decode steps at {t.decode_tokens_per_s:.1f} tokens/s]",
+        file=sys.stderr,
+    )
+    return 0
+
+
 # --------------------------------------------------------------------------- main
-PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [_add_prune, _add_eval, _add_info]
+PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
+    _add_prune,
+    _add_eval,
+    _add_info,
+    _add_generate,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
