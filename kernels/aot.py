@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,7 @@ class Variant:
     num_warps: int
     num_stages: int = 3
     unaligned: frozenset[str] = field(default_factory=frozenset)  # ints not assumed % 16
+    dtype: str = ""  # set by variants()
 
 
 def _gemv_variants(dt: str) -> list[Variant]:
@@ -135,7 +136,8 @@ def _fused_variants(dt: str) -> list[Variant]:
 def variants(dtypes: tuple[str, ...] = DTYPES) -> list[Variant]:
     out: list[Variant] = []
     for dt in dtypes:
-        out += _gemv_variants(dt) + _gemm_variants(dt) + _fused_variants(dt)
+        made = _gemv_variants(dt) + _gemm_variants(dt) + _fused_variants(dt)
+        out += [replace(v, dtype=dt) for v in made]
     return out
 
 
@@ -210,6 +212,7 @@ def compile_variant(v: Variant, arch: int = 90, sass_dir: Path | None = None) ->
         "name": v.name,
         "module": v.module,
         "kind": v.kind,
+        "dtype": v.dtype,
         "arch": arch,
         "cubin_bytes": len(cubin),
         "sass_lines": sass.count("\n"),
