@@ -1,0 +1,122 @@
+"""Plot an e2e results JSON (bench/results/*-e2e.json) and check the issue's targets.
+
+    python bench/plot_e2e.py bench/results/2026-11-24-nvidia-h100-80gb-hbm3-e2e.json
+
+Writes <json stem>.png beside the file: decode tokens/s per variant for every
+(batch, prompt) setting, transformers' generate included, and the share of the measured
+HBM bandwidth the weight reads reach. Reads only the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+TARGETS = (
+    # (description, row filter, field, minimum)
+    ("dense decode >= 75% of HBM (batch 1)", {"variant": "dense-32L"}, "hbm_share", 0.75),
+    ("dense faster than transformers (batch 1)", {"variant": "dense-32L"}, "speedup", 1.0),
+    ("2:4 >= 1.4x dense (batch 1)", {"variant": "2:4-32L"}, "speedup", 1.4),
+    ("24 layers + 2:4 >= 1.8x dense (batch 1)", {"variant": "2:4-24L"}, "speedup", 1.8),
+)
+
+
+def _settings(rows: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    return sorted({(r["batch"], r["prompt_len"]) for r in rows})
+
+
+def check_targets(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per target and setting: value, minimum, met or not."""
+    lines = []
+    for text, where, field, minimum in TARGETS:
+        for row in rows:
+            if row["provider"] != "slimstack" or row["batch"] != 1:
+                continue
+            if any(row.get(k) != v for k, v in where.items()) or row.get(field) is None:
+                continue
+            ok = row[field] >= minimum
+            lines.append(
+                f"{'met ' if ok else 'MISS'} {text} at prompt {row['prompt_len']}: "
+                f"{row[field]:.3f} (>= {minimum})"
+            )
+    for row in rows:  # prefill at 2048 with 2:4 weights no slower than dense
+        if (
+            row["provider"] == "slimstack"
+            and row["sparsity"] == "2:4"
+            and row["prompt_len"] >= 2048
+        ):
+            value = row.get("prefill_speedup")
+            if value is not None:
+                lines.append(
+                    f"{'met ' if value >= 1.0 else 'MISS'} prefill {row['variant']} "
+                    f"b={row['batch']} p={row['prompt_len']} vs dense: {value:.3f} (>= 1.0)"
+                )
+    return lines
+
+
+def plot(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(path.read_text())
+    rows = data["rows"]
+    settings = _settings(rows)
+    labels = sorted(
+        {(r["provider"], r["variant"]) for r in rows},
+        key=lambda pv: (pv[0] != "transformers", -int(pv[1].split("-")[-1][:-1]), pv[1]),
+    )
+    fig, axes = plt.subplots(2, 1, figsize=(max(8, 2.2 * len(settings)), 8))
+    width = 0.8 / max(len(labels), 1)
+    for i, (provider, variant) in enumerate(labels):
+        values, shares = [], []
+        for batch, prompt in settings:
+            row = next(
+                (
+                    r
+                    for r in rows
+                    if (r["provider"], r["variant"], r["batch"], r["prompt_len"])
+                    == (provider, variant, batch, prompt)
+                ),
+                None,
+            )
+            values.append(row["tokens_per_s"] if row else 0)
+            shares.append((row.get("hbm_share") or 0) if row else 0)
+        xs = [s + i * width for s in range(len(settings))]
+        name = "transformers generate (dense)" if provider == "transformers" else variant
+        axes[0].bar(xs, values, width, label=name)
+        if provider == "slimstack":
+            axes[1].bar(xs, shares, width, label=name)
+    ticks = [s + 0.4 - width / 2 for s in range(len(settings))]
+    for ax in axes:
+        ax.set_xticks(ticks, [f"batch {b}\nprompt {p}" for b, p in settings])
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("decode tokens/s (whole batch)")
+    axes[1].set_ylabel("weight bytes/step / time / peak HBM")
+    axes[1].axhline(0.75, color="gray", linestyle="--", linewidth=1)
+    model = rows[0]["model"] if rows else "?"
+    fig.suptitle(
+        f"{model}: {data['gpu']}, peak HBM {data.get('peak', {}).get('hbm_gbps', '?')} GB/s, "
+        f"commit {str(data.get('commit'))[:8]}"
+    )
+    fig.tight_layout()
+    out = path.with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="an e2e results JSON")
+    args = parser.parse_args()
+    print(f"wrote {plot(args.results)}")
+    for line in check_targets(json.loads(args.results.read_text())["rows"]):
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""End-to-end decode benchmark on a GPU: slimstack dense / 2:4 / 50% / sliced vs dense and
+vs transformers' generate, on synthetic Mistral-7B-shaped checkpoints.
+
+    pip install --no-build-isolation --no-deps -e .          # on the GPU machine
+    pytest bench/test_bench_e2e.py -s                        # all five variants
+    pytest bench/test_bench_e2e.py -s -k "dense-32L"         # one at a time (10-minute calls)
+    python bench/plot_e2e.py bench/results/<file>.json
+
+Each variant writes its checkpoint (about 15 GB for 32 layers) under $SLIMSTACK_E2E_DIR
+(default: a temporary folder), measures, merges its rows into
+bench/results/<date>-<gpu>-e2e.json and deletes the checkpoint, so the disk holds one at a
+time. The dense full-depth variant also runs transformers' generate on the same folder.
+
+Environment knobs: SLIMSTACK_E2E_SPEC=tiny (small shapes, a smoke run),
+SLIMSTACK_E2E_CONFIGS="1x128,8x2048" (batch x prompt), SLIMSTACK_E2E_NEW_TOKENS=256,
+SLIMSTACK_E2E_HF=0 (skip transformers), SLIMSTACK_E2E_MODE=graph|compile|eager.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from e2e_helpers import (
+    MISTRAL_7B,
+    TINY,
+    checkpoint_gb,
+    decode_weight_bytes,
+    environment,
+    free_disk_gb,
+    make_row,
+    measure_peaks,
+    results_path,
+    run_slimstack,
+    run_transformers,
+    variants,
+    write_results,
+    write_synthetic_checkpoint,
+)
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="the e2e benchmark needs CUDA"),
+]
+
+SPEC = TINY if os.environ.get("SLIMSTACK_E2E_SPEC") == "tiny" else MISTRAL_7B
+CONFIGS = [
+    tuple(int(v) for v in item.split("x"))
+    for item in os.environ.get("SLIMSTACK_E2E_CONFIGS", "1x128,1x2048,8x128,8x2048").split(",")
+]
+NEW_TOKENS = int(os.environ.get("SLIMSTACK_E2E_NEW_TOKENS", "256"))
+RUN_HF = os.environ.get("SLIMSTACK_E2E_HF", "1") != "0"
+MODE = os.environ.get("SLIMSTACK_E2E_MODE", "graph")
+DTYPE = torch.bfloat16
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    root = os.environ.get("SLIMSTACK_E2E_DIR")
+    folder = Path(tempfile.mkdtemp(prefix="slimstack-e2e-", dir=root))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def run_env(device: torch.device) -> dict:
+    env = environment(device)
+    return {"env": env, "peak": measure_peaks(device)}
+
+
+@pytest.mark.parametrize("variant", variants(SPEC), ids=lambda v: v.name)
+def test_e2e_decode(variant, workdir: Path, run_env: dict, device: torch.device) -> None:
+    from slimstack.engine.loader import load
+
+    needed = checkpoint_gb(SPEC, variant.layers) * 1.1
+    if free_disk_gb(workdir) < needed:
+        pytest.fail(f"{workdir} has {free_disk_gb(workdir):.1f} GB free, {needed:.1f} GB needed")
+    folder = write_synthetic_checkpoint(workdir / variant.name, SPEC, variant, device, DTYPE)
+    peak = run_env["peak"]["hbm_gbps"]
+    rows = []
+    try:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        model = load(folder, device=device, dtype=DTYPE)
+        weight_bytes = decode_weight_bytes(model)
+        print(f"\n{variant.name}: {weight_bytes / 1e9:.2f} GB read per decode step")
+        print(model.info().table().split("\n\n")[0])
+        for batch, prompt_len in CONFIGS:
+            measured = run_slimstack(model, batch, prompt_len, NEW_TOKENS, mode=MODE)
+            assert measured["decode_steps"] == NEW_TOKENS - 1
+            memory = torch.cuda.max_memory_allocated(device) / 1e9
+            row = make_row(
+                SPEC, variant, "slimstack", batch, prompt_len, NEW_TOKENS, measured,
+                weight_bytes, peak, memory, DTYPE, MODE,
+            )  # fmt: skip
+            rows.append(row)
+            print(_describe(row))
+            model.release_cache()
+        del model
+        torch.cuda.empty_cache()
+        if RUN_HF and variant.sparsity == "dense" and variant.layers == SPEC.layers:
+            for batch, prompt_len in CONFIGS:
+                torch.cuda.reset_peak_memory_stats(device)
+                measured = run_transformers(folder, batch, prompt_len, NEW_TOKENS, device)
+                memory = torch.cuda.max_memory_allocated(device) / 1e9
+                row = make_row(
+                    SPEC, variant, "transformers", batch, prompt_len, NEW_TOKENS, measured,
+                    None, peak, memory, DTYPE, "generate",
+                )  # fmt: skip
+                rows.append(row)
+                print(_describe(row))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        if rows:
+            path = write_results(
+                results_path(run_env["env"]), run_env["env"], run_env["peak"], rows
+            )
+            print(f"rows merged into {path}")
+    assert all(row["tokens_per_s"] > 0 for row in rows)
+
+
+def _describe(row: dict) -> str:
+    share = f", {row['hbm_share']:.0%} of HBM" if row.get("hbm_share") else ""
+    return (
+        f"  {row['provider']:>12} b={row['batch']} prompt={row['prompt_len']}: "
+        f"{row['tokens_per_s']:.1f} tok/s ({row['decode_ms_per_step']:.2f} ms/step{share}), "
+        f"prefill {row['prefill_ms']:.1f} ms, peak mem {row['gpu_mem_gb']:.1f} GB"
+    )

@@ -1,0 +1,154 @@
+"""HF config -> engine config; rotary frequencies against transformers; attention masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slimstack.engine.config import ConfigError, engine_config, rope_config
+from slimstack.engine.model import decode_mask, prefill_mask
+from slimstack.engine.rotary import RotaryEmbedding
+
+BASE = dict(
+    model_type="llama",
+    vocab_size=100,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def test_llama_defaults_and_gqa() -> None:
+    cfg = engine_config(BASE)
+    assert (cfg.head_dim, cfg.kv_groups, cfg.context_length) == (8, 4, 64)
+    assert cfg.rope.type == "default" and cfg.rope.theta == 10000.0
+    assert cfg.sliding_windows == (None, None, None)
+    assert not (cfg.qkv_bias or cfg.o_bias or cfg.mlp_bias or cfg.tie_word_embeddings)
+
+
+def test_legacy_rope_scaling_layout_is_read() -> None:
+    rope = rope_config({**BASE, "rope_theta": 5e5, "rope_scaling": {"type": "linear", "factor": 2}})
+    assert (rope.type, rope.theta, rope.factor) == ("linear", 5e5, 2.0)
+    rope = rope_config(
+        {
+            **BASE,
+            "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0},
+        }
+    )
+    assert rope.type == "llama3" and rope.original_max_position_embeddings == 64
+
+
+def test_family_specific_fields() -> None:
+    qwen = engine_config({**BASE, "model_type": "qwen2", "sliding_window": 16})
+    assert qwen.qkv_bias and not qwen.o_bias and qwen.sliding_windows == (None,) * 3
+    qwen = engine_config(
+        {
+            **BASE,
+            "model_type": "qwen2",
+            "use_sliding_window": True,
+            "sliding_window": 16,
+            "max_window_layers": 2,
+        }
+    )
+    assert qwen.sliding_windows == (None, None, 16)
+    mistral = engine_config({**BASE, "model_type": "mistral", "sliding_window": 16})
+    assert mistral.sliding_windows == (16, 16, 16)
+    assert (
+        engine_config({**BASE, "model_type": "mistral", "sliding_window": None}).sliding_windows
+        == (None,) * 3
+    )
+    llama = engine_config({**BASE, "attention_bias": True, "mlp_bias": True, "sliding_window": 4})
+    assert llama.qkv_bias and llama.o_bias and llama.mlp_bias and llama.sliding_windows[0] is None
+    typed = engine_config(
+        {
+            **BASE,
+            "model_type": "qwen2",
+            "use_sliding_window": True,
+            "sliding_window": 4,
+            "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        }
+    )
+    assert typed.sliding_windows == (4, None, 4)
+    assert engine_config({**BASE, "eos_token_id": [2, 7]}).eos_token_ids == (2, 7)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(model_type="gpt2"), "unsupported model_type 'gpt2'"),
+        (dict(hidden_act="gelu"), "hidden_act 'gelu'"),
+        (dict(num_key_value_heads=3), "not a multiple of num_key_value_heads"),
+        (dict(vocab_size=0), "'vocab_size' must be a positive integer"),
+        (dict(rope_scaling={"type": "longrope"}), "'longrope' is not supported"),
+        (dict(rope_scaling={"type": "linear"}), "needs a 'factor'"),
+        (
+            dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, layer_types=["x"]),
+            "layer_types lists 1 layers",
+        ),
+    ],
+)
+def test_bad_configs_are_refused(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        engine_config({**BASE, **change})
+
+
+ROPE_CASES = {
+    "default": {"rope_type": "default"},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "dynamic": {"rope_type": "dynamic", "factor": 2.0},
+    "llama3": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16,
+    },
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+}
+
+
+@pytest.mark.parametrize("name", sorted(ROPE_CASES))
+def test_rotary_tables_match_transformers(name: str) -> None:
+    """cos/sin for positions past the trained context (64), where scaling matters."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    params = {"rope_theta": 1000.0, **ROPE_CASES[name]}
+    hf_config = LlamaConfig(**{**BASE, "rope_parameters": dict(params)})
+    reference = LlamaRotaryEmbedding(hf_config)
+    ours = RotaryEmbedding(engine_config({**BASE, "rope_parameters": dict(params)}))
+    positions = torch.stack([torch.arange(100), torch.arange(100) + 7])
+    x = torch.zeros(1, dtype=torch.float32)
+    ref_cos, ref_sin = reference(x, positions)
+    cos, sin = ours(positions, torch.float32)
+    assert torch.allclose(cos, ref_cos, atol=1e-5) and torch.allclose(sin, ref_sin, atol=1e-5)
+    if name != "default":  # the scaling really changed something
+        plain = RotaryEmbedding(engine_config({**BASE, "rope_parameters": {"rope_theta": 1000.0}}))
+        assert not torch.allclose(plain(positions, torch.float32)[0], cos, atol=1e-3)
+
+
+def _brute_force_mask(pad: list[int], query: int, keys: int, window: int | None) -> torch.Tensor:
+    out = torch.zeros(len(pad), keys, dtype=torch.bool)
+    for b, p in enumerate(pad):
+        for j in range(keys):
+            ok = p <= j <= query and (window is None or query - j < window)
+            out[b, j] = ok or (j == query and query < p)  # a padding query sees itself
+    return out
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_masks_match_a_brute_force(window: int | None) -> None:
+    pad = [0, 2, 5]
+    seq, length = 6, 10
+    mask = prefill_mask(torch.tensor(pad), seq, window)
+    assert mask.shape == (3, 1, seq, seq)
+    for i in range(seq):
+        assert torch.equal(mask[:, 0, i], _brute_force_mask(pad, i, seq, window))
+    slot_ids = torch.arange(length)
+    for slot in range(seq, length):
+        mask = decode_mask(torch.tensor(pad), torch.tensor([slot]), slot_ids, window)
+        assert mask.shape == (3, 1, 1, length)
+        assert torch.equal(mask[:, 0, 0], _brute_force_mask(pad, slot, length, window))
