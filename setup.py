@@ -137,7 +137,8 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
-        "dev": ["pytest", "pytest-benchmark", "ruff"],
+        # nvidia-cutlass ships the CUTLASS C++ headers the CUDA kernels compile against
+        "dev": ["pytest", "pytest-benchmark", "ruff", "nvidia-cutlass==4.2.0.0"],
     },
     entry_points={"console_scripts": ["slimstack=slimstack.cli:main"]},
     ext_modules=ext_modules,

@@ -329,6 +329,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 class CheckpointWriter:
     """Writes a standard HF folder atomically: shards + index, config, tokenizer, slimstack.json.
 
+    At most `max_shard_bytes` of tensors are held in memory before a shard is written, so
+    the peak memory of a pruning run is about one layer plus one shard.
     Use as a context manager; call `add` for each tensor (in any order, any number of times
     for distinct names) and `finish` once. Leaving the block without `finish`, or with an
     exception (KeyboardInterrupt included), removes the temporary folder and leaves the
@@ -339,7 +341,7 @@ class CheckpointWriter:
         self,
         target: str | os.PathLike,
         overwrite: bool = False,
-        max_shard_bytes: int = 2 * 1024**3,
+        max_shard_bytes: int = 1024**3,
     ) -> None:
         self.target = Path(target)
         if self.target.exists() and not overwrite:
@@ -368,8 +370,9 @@ class CheckpointWriter:
         if name in self._names:
             raise CheckpointError(f"tensor {name!r} written twice")
         self._names.add(name)
-        # safetensors needs contiguous, unshared storage
-        tensor = tensor.detach().to("cpu").contiguous().clone()
+        tensor = tensor.detach().to("cpu").contiguous()
+        if tensor.untyped_storage().nbytes() != tensor.numel() * tensor.element_size():
+            tensor = tensor.clone()  # a view: safetensors needs tensors owning their storage
         size = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + size > self.max_shard_bytes:
             self._flush()

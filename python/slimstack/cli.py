@@ -19,7 +19,12 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         "Hugging Face folder plus slimstack.json. Embeddings and lm_head stay dense.",
     )
     p.add_argument("model", help="Hugging Face model folder (safetensors)")
-    p.add_argument("--method", default="wanda", choices=["magnitude", "wanda", "sparsegpt"])
+    p.add_argument(
+        "--method",
+        default="wanda",
+        choices=["magnitude", "wanda", "sparsegpt"],
+        help="pruning method (default wanda)",
+    )
     p.add_argument(
         "--sparsity",
         default="2:4",
@@ -110,6 +115,46 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="prune the built-in default model with Wanda 2:4 and compare it with the dense one",
+        description="Prune ../shared/models/stories260K (or --model) with --method to "
+        "--sparsity, calibrated on wikitext-2 valid, evaluate on wikitext-2 test against the "
+        "dense model, and print the table.",
+    )
+    p.add_argument("--model", help="model folder (default: ../shared/models/stories260K)")
+    p.add_argument("--calib", help="calibration text (default: ../shared wikitext-2 valid)")
+    p.add_argument("--text", help="evaluation text (default: ../shared wikitext-2 test)")
+    p.add_argument(
+        "--method",
+        default="wanda",
+        choices=["magnitude", "wanda", "sparsegpt"],
+        help="pruning method (default wanda)",
+    )
+    p.add_argument("--sparsity", default="2:4", help="N:M pattern or ratio (default 2:4)")
+    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--out", help="keep the pruned folder here (default: a temporary folder)")
+    p.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from slimstack.demo import format_table, run_demo
+
+    dense, pruned = run_demo(
+        args.model,
+        args.calib,
+        args.text,
+        method=args.method,
+        sparsity=args.sparsity,
+        max_windows=args.max_windows,
+        out=args.out,
+    )
+    print(format_table(dense, pruned, f"{args.method} {args.sparsity}"))
+    return 0
+
+
 # --------------------------------------------------------------------------- generate
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -167,6 +212,7 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prune,
     _add_eval,
     _add_info,
+    _add_demo,
     _add_generate,
 ]
 
