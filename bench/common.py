@@ -1,0 +1,456 @@
+"""Kernel benchmark helpers: cases, weights, providers, timers, peaks and the results file.
+
+Everything the suite (bench/test_bench_kernels.py) and its tests need that is not pytest
+plumbing. The results document follows DESIGN.md ("Benchmark results"): one JSON per run,
+``speedup`` = baseline time / this row's time, both measured in the same run on the same
+inputs; ``validate_results`` checks a document against that schema.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_ENV = "SLIMSTACK_BENCH_RESULTS"  # a folder to write the results JSON into
+
+# The linear layers of Mistral-7B / Llama-3-8B and Llama-2-13B, as (N, K).
+LLM_SHAPES = [
+    (4096, 4096), (1024, 4096), (14336, 4096), (4096, 14336),
+    (5120, 5120), (13824, 5120), (5120, 13824),
+]  # fmt: skip
+GPU_M = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
+GPU_DTYPES = [torch.bfloat16, torch.float16]
+# CPU: small enough that CI exercises the whole suite in seconds.
+CPU_SHAPES = [(256, 512), (384, 256)]
+CPU_M = [1, 8, 64]
+CPU_DTYPES = [torch.float32, torch.bfloat16]
+GEMV_MAX_M = 16
+
+ROW_KEYS = {
+    "op": str, "provider": str, "baseline": str, "N": int, "K": int, "M": int, "dtype": str,
+    "median_ms": float, "baseline_ms": float, "speedup": float, "gbps": float,
+}  # fmt: skip
+TOP_KEYS = {"suite": str, "commit": str, "gpu": str, "torch": str, "peak": dict, "rows": list}
+
+
+class Unavailable(Exception):
+    """This provider cannot run here (missing build, unsupported shape); the case skips."""
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
+    provider: str  # triton | triton_dot | cuda | torch | cpu | auto
+    N: int
+    K: int
+    M: int
+    dtype: torch.dtype
+
+    @property
+    def weight_format(self) -> str:
+        return "bitmap" if self.op.startswith("bitmap") else "sparse24"
+
+    def __str__(self) -> str:
+        dt = str(self.dtype).removeprefix("torch.")
+        return f"{self.op}-{self.provider}-{self.N}x{self.K}-M{self.M}-{dt}"
+
+
+def cases(device_type: str) -> list[Case]:
+    """Ordered by (dtype, shape) so consecutive cases reuse the cached weights."""
+    if device_type == "cuda":
+        plan = [
+            ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
+            ("sparse24_gemv", ("triton_dot",), lambda m: m == 1),
+            ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
+            ("sparse24_gemm", ("triton", "cuda"), lambda m: m > GEMV_MAX_M),
+            ("sparse24_mm", ("torch", "auto"), lambda m: True),
+            ("bitmap_mm", ("auto",), lambda m: m <= GEMV_MAX_M),
+        ]
+        shapes, ms, dtypes = LLM_SHAPES, GPU_M, GPU_DTYPES
+    else:
+        plan = [
+            ("sparse24_mm", ("cpu", "auto"), lambda m: True),
+            ("bitmap_mm", ("cpu", "auto"), lambda m: True),
+        ]
+        shapes, ms, dtypes = CPU_SHAPES, CPU_M, CPU_DTYPES
+    return [
+        Case(op, provider, N, K, M, dtype)
+        for dtype in dtypes
+        for N, K in shapes
+        for op, providers, wanted in plan
+        for provider in providers
+        for M in ms
+        if wanted(M)
+    ]
+
+
+# ------------------------------------------------------------------------- weights ----
+
+
+def prune_24(w: torch.Tensor) -> torch.Tensor:
+    """Keep the two largest |w| of every group of four along K (K % 4 == 0)."""
+    groups = w.reshape(w.shape[0], -1, 4)
+    keep = groups.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, keep, True)
+    return (groups * mask).reshape(w.shape)
+
+
+def prune_rows_half(w: torch.Tensor) -> torch.Tensor:
+    """Wanda-like: the larger half of |w| in every row survives (unstructured 50%)."""
+    k = w.shape[1] // 2
+    keep = w.abs().topk(k, dim=1).indices
+    return torch.zeros_like(w).scatter_(1, keep, w.gather(1, keep))
+
+
+@dataclass
+class WeightSet:
+    """One weight in every form the providers read, pruned once."""
+
+    dense: torch.Tensor  # the masked weight, the cuBLAS / torch dense baseline's operand
+    packed: Any  # Sparse24Weight or BitmapWeight (slimstack.formats)
+    semi: Any = None  # torch SparseSemiStructuredTensor, built on first use
+
+
+def make_weight(N: int, K: int, dtype: torch.dtype, fmt: str, device: str, seed: int):
+    from slimstack.formats import pack_bitmap, pack_sparse24
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(N, K, generator=g, device=device, dtype=torch.float32) * K**-0.5
+    if fmt == "sparse24":
+        dense = prune_24(w).to(dtype)
+        return WeightSet(dense, pack_sparse24(dense))
+    dense = prune_rows_half(w).to(dtype)
+    return WeightSet(dense, pack_bitmap(dense))
+
+
+def rotation_count(bytes_per_set: int, device: str) -> int:
+    """Enough input sets that cycling through them streams more than twice the L2 (CUDA)."""
+    if device != "cuda":
+        return 2
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
+    return max(2, min(8, math.ceil(2 * l2 / max(bytes_per_set, 1))))
+
+
+# ----------------------------------------------------------------------- providers ----
+
+
+def _extension() -> Any:
+    try:
+        import slimstack._C as ext  # noqa: PLC0415
+    except ImportError as err:
+        raise Unavailable(f"slimstack._C is not built: {err}") from err
+    return ext
+
+
+def _ext_function(names: tuple[str, ...]) -> Callable:
+    ext = _extension()
+    for name in names:
+        if hasattr(ext, name):
+            return getattr(ext, name)
+    raise Unavailable(f"slimstack._C has none of {names}")
+
+
+def _packed_args(ws: WeightSet) -> tuple:
+    p = ws.packed
+    if hasattr(p, "meta"):
+        return (p.values, p.meta)
+    return (p.values, p.bitmask, p.row_offsets)
+
+
+def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tensor]:
+    """fn(x, weights) -> y for this case's provider, or Unavailable."""
+    N, K = case.N, case.K
+    if case.provider in ("triton", "triton_dot"):
+        try:
+            from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
+        except ImportError as err:
+            raise Unavailable(f"triton kernels unavailable: {err}") from err
+        if case.op == "sparse24_gemv":
+            cfg = None
+            if case.provider == "triton_dot":
+                base = sparse24_gemv.default_config(16)
+                cfg = sparse24_gemv.GemvConfig(base.block_n, base.block_k, use_dot=True)
+            return lambda x, ws: sparse24_gemv.sparse24_gemv(x, *_packed_args(ws), N, K, config=cfg)
+        kernel = {
+            "sparse24_gemm": sparse24_gemm.sparse24_gemm,
+            "bitmap_gemv": bitmap_gemv.bitmap_gemv,
+        }
+        return lambda x, ws: kernel[case.op](x, *_packed_args(ws), N, K)
+    if case.provider in ("cuda", "cpu"):
+        fn = _ext_function(
+            (f"{case.op}_{case.provider}",)
+            + ((f"{case.weight_format}_mm_{case.provider}",) if case.op.endswith("_mm") else ())
+        )
+        return lambda x, ws: fn(x, *_packed_args(ws), N, K)
+    if case.provider == "torch":
+        return _torch_semi_structured_call()
+    if case.provider == "auto":
+        try:
+            from slimstack.ops import sparse_linear
+        except ImportError as err:
+            raise Unavailable(f"slimstack.ops.sparse_linear unavailable: {err}") from err
+        return lambda x, ws: sparse_linear(x, ws.packed, None)
+    raise Unavailable(f"unknown provider {case.provider!r}")
+
+
+def _torch_semi_structured_call() -> Callable:
+    try:
+        from torch.sparse import to_sparse_semi_structured
+    except ImportError as err:
+        raise Unavailable("torch.sparse.to_sparse_semi_structured is missing") from err
+
+    def call(x: torch.Tensor, ws: WeightSet) -> torch.Tensor:
+        if ws.semi is None:
+            ws.semi = to_sparse_semi_structured(ws.dense)
+        return torch.nn.functional.linear(x, ws.semi)
+
+    return call
+
+
+def dense_call(x: torch.Tensor, ws: WeightSet) -> torch.Tensor:
+    return torch.matmul(x, ws.dense.t())
+
+
+# -------------------------------------------------------------------------- timers ----
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(
+    call: Callable[[int], Any], n_sets: int, device: str, *, min_ms: float = 20.0
+) -> tuple[float, str]:
+    """Median time of one call, cycling over ``n_sets`` input sets, after warm-up.
+
+    CUDA: the calls are captured into a CUDA graph (no launch overhead in the numbers) and
+    each replay is timed with events; eager event timing if capture fails. CPU: perf_counter
+    per call. Returns (milliseconds, method).
+    """
+    for i in range(max(3, n_sets)):  # warm-up: compile, autotune caches, allocator
+        call(i % n_sets)
+    _sync(device)
+    if device != "cuda":
+        return _cpu_median_ms(call, n_sets, min_ms), "perf_counter"
+    try:
+        return _graph_median_ms(call, n_sets, min_ms), "cuda_graph"
+    except RuntimeError:
+        return _eager_median_ms(call, n_sets, min_ms), "cuda_events"
+
+
+def _calls_for(estimate_ms: float, min_ms: float, n_sets: int) -> int:
+    calls = max(n_sets, math.ceil(min_ms / max(estimate_ms, 1e-4)))
+    return min(1000, math.ceil(calls / n_sets) * n_sets)
+
+
+def _cpu_median_ms(call, n_sets: int, min_ms: float) -> float:
+    times = []
+    start_all = time.perf_counter()
+    i = 0
+    while i < 5 or (time.perf_counter() - start_all) * 1e3 < min_ms and i < 200:
+        t0 = time.perf_counter()
+        call(i % n_sets)
+        times.append((time.perf_counter() - t0) * 1e3)
+        i += 1
+    return statistics.median(times)
+
+
+def _event_ms(fn: Callable[[], Any]) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _graph_median_ms(call, n_sets: int, min_ms: float) -> float:
+    estimate = _event_ms(lambda: call(0))
+    calls = _calls_for(estimate, min_ms / 4, n_sets)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # capture needs its warm-up on a side stream
+        for i in range(n_sets):
+            call(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(calls):
+            call(i % n_sets)
+    graph.replay()
+    times = [_event_ms(graph.replay) / calls for _ in range(7)]
+    return statistics.median(times)
+
+
+def _eager_median_ms(call, n_sets: int, min_ms: float) -> float:
+    estimate = _event_ms(lambda: call(0))
+    calls = _calls_for(estimate, min_ms / 4, n_sets)
+
+    def batch() -> None:
+        for i in range(calls):
+            call(i % n_sets)
+
+    return statistics.median(_event_ms(batch) / calls for _ in range(7))
+
+
+# --------------------------------------------------------------------------- peaks ----
+
+
+def measure_peaks(device: str) -> dict[str, float]:
+    """HBM (or DRAM) copy bandwidth, read + write bytes, and dense matmul TFLOP/s."""
+    if device == "cuda":
+        nbytes, n, dtype = 2**30, 8192, torch.bfloat16
+    else:
+        nbytes, n, dtype = 2**26, 1024, torch.float32
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms, _ = median_ms(lambda i: dst.copy_(src), 1, device, min_ms=50)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    mm_ms, _ = median_ms(lambda i: a @ b, 1, device, min_ms=50)
+    return {
+        "hbm_gbps": _significant(2 * nbytes / copy_ms / 1e6),
+        "dense_tflops": _significant(2 * n**3 / mm_ms / 1e9),
+    }
+
+
+# ----------------------------------------------------------------- results file ----
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=BENCH_DIR, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def environment(device: str) -> dict[str, Any]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {
+        "commit": git_commit(),
+        "gpu": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+    }
+
+
+def make_row(
+    case: Case, median: float, baseline: float, baseline_name: str, moved_bytes: int
+) -> dict[str, Any]:
+    return {
+        "op": case.op,
+        "provider": case.provider,
+        "baseline": baseline_name,
+        "N": case.N,
+        "K": case.K,
+        "M": case.M,
+        "dtype": str(case.dtype).removeprefix("torch."),
+        "median_ms": _significant(median),
+        "baseline_ms": _significant(baseline),
+        "speedup": _significant(baseline / median),
+        "gbps": _significant(moved_bytes / median / 1e6),
+        "tflops": _significant(2 * case.M * case.N * case.K / median / 1e9),
+    }
+
+
+def _significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def results_document(env: dict[str, Any], peak: dict[str, float], rows: list[dict]) -> dict:
+    return {"suite": "kernels", **env, "peak": peak, "rows": rows}
+
+
+def validate_results(doc: dict[str, Any]) -> list[str]:
+    """Problems with a results document against DESIGN.md's schema (empty list: valid)."""
+    problems = []
+    for key, kind in TOP_KEYS.items():
+        if not isinstance(doc.get(key), kind):
+            problems.append(f"top-level {key!r} missing or not {kind.__name__}")
+    for key in ("triton", "cuda"):
+        if key not in doc:
+            problems.append(f"top-level {key!r} missing")
+    if doc.get("suite") not in ("kernels", "e2e"):
+        problems.append(f"suite must be 'kernels' or 'e2e', got {doc.get('suite')!r}")
+    peak = doc.get("peak") or {}
+    for key in ("hbm_gbps", "dense_tflops"):
+        if not (isinstance(peak.get(key), (int, float)) and peak[key] > 0):
+            problems.append(f"peak.{key} must be a positive number")
+    for i, row in enumerate(doc.get("rows") or []):
+        problems += _row_problems(i, row)
+    return problems
+
+
+def _row_problems(i: int, row: dict[str, Any]) -> list[str]:
+    problems = []
+    for key, kind in ROW_KEYS.items():
+        value = row.get(key)
+        ok = isinstance(value, kind) or (kind is float and isinstance(value, int))
+        if not ok or isinstance(value, bool):
+            problems.append(f"rows[{i}].{key} missing or not {kind.__name__}")
+    if problems:
+        return problems
+    if row["median_ms"] <= 0 or row["baseline_ms"] <= 0:
+        return [f"rows[{i}]: times must be positive"]
+    expected = row["baseline_ms"] / row["median_ms"]
+    if abs(row["speedup"] - expected) > 0.01 * expected + 1e-3:
+        problems.append(f"rows[{i}].speedup is not baseline_ms / median_ms")
+    return problems
+
+
+def gpu_slug(gpu: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", gpu.lower()).strip("-") or "unknown"
+
+
+def results_path(gpu: str, device: str, date: _dt.date | None = None) -> Path:
+    """bench/results/ on a GPU; on CPU a temp folder unless SLIMSTACK_BENCH_RESULTS names one."""
+    date = date or _dt.date.today()
+    folder = os.environ.get(RESULTS_ENV)
+    if folder:
+        root = Path(folder)
+    elif device == "cuda":
+        root = BENCH_DIR / "results"
+    else:
+        root = Path(tempfile.gettempdir()) / "slimstack-bench"
+    return root / f"{date.isoformat()}-{gpu_slug(gpu)}-kernels.json"
+
+
+def write_results(doc: dict[str, Any], path: Path) -> Path:
+    import json
+
+    problems = validate_results(doc)
+    if problems:
+        raise ValueError("results document does not match DESIGN.md: " + "; ".join(problems))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+    return path

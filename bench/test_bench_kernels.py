@@ -1,0 +1,30 @@
+"""Kernel benchmarks: each sparse kernel and provider against the dense matmul, same inputs.
+
+    pytest bench/test_bench_kernels.py --benchmark-only            # all cases for this device
+    SLIMSTACK_BENCH_RESULTS=bench/results pytest bench/ --benchmark-only -k "M1-"
+
+On CUDA: the LLM shapes of the issue, M = 1..8192, bf16 and fp16; providers triton (and the
+M = 1 tensor-core variant triton_dot), cuda (the extension, when built), torch
+(to_sparse_semi_structured) and auto (slimstack.ops.sparse_linear); baseline cuBLAS dense.
+The device time of each row comes from CUDA-graph replays timed with events (bench/common.py);
+pytest-benchmark's own table shows synchronised host wall time of single calls.
+On CPU: the extension's CPU kernels and auto at small sizes against torch's dense matmul, so
+CI exercises the suite; the results JSON then goes to a temp folder unless
+SLIMSTACK_BENCH_RESULTS names one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import Case, cases
+from conftest import DEVICE
+
+
+@pytest.mark.parametrize("case", cases(DEVICE), ids=str)
+def test_kernel_vs_dense(case: Case, benchmark, bench_session) -> None:
+    row, one_call = bench_session.measure(case)
+    benchmark.extra_info.update(row)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    benchmark.pedantic(lambda: (one_call(), sync()), rounds=3, iterations=1, warmup_rounds=1)
+    assert row["median_ms"] > 0 and row["baseline_ms"] > 0

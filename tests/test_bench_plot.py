@@ -1,0 +1,156 @@
+"""The benchmark suite's results writer, its schema check, the plot script, and one CPU run
+of the whole suite end to end (results into a temp folder, never into bench/results)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _load(name: str) -> ModuleType:
+    """bench/ is a folder of scripts, not a package: import a file under a private name."""
+    spec = importlib.util.spec_from_file_location(f"slimstack_bench_{name}", BENCH / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while defining
+    spec.loader.exec_module(module)
+    return module
+
+
+common = _load("common")
+plot = _load("plot")
+
+
+def _rows(dtypes=("bfloat16", "float16")) -> list[dict]:
+    rows = []
+    for dtype in dtypes:
+        torch_dtype = getattr(torch, dtype)
+        for N, K in ((4096, 4096), (1024, 4096), (14336, 4096)):
+            for provider, ms_scale in (("triton", 0.6), ("cuda", 0.55)):
+                for M in (1, 2, 16, 2048):
+                    case = common.Case("sparse24_gemv", provider, N, K, M, torch_dtype)
+                    dense_ms = 1e-6 * N * K * (1 + M / 64)
+                    rows.append(
+                        common.make_row(case, dense_ms * ms_scale, dense_ms, "cublas_dense", N * K)
+                    )
+    return rows
+
+
+def _document(rows: list[dict]) -> dict:
+    env = {"commit": "0123456789abcdef", "gpu": "NVIDIA H100 80GB HBM3", "torch": "2.11.0",
+           "triton": "3.6.0", "cuda": "13.0"}  # fmt: skip
+    return common.results_document(env, {"hbm_gbps": 3000.0, "dense_tflops": 790.0}, rows)
+
+
+def test_writer_produces_the_design_schema(tmp_path):
+    path = common.write_results(_document(_rows()), tmp_path / "run.json")
+    doc = json.loads(path.read_text())
+    assert common.validate_results(doc) == []
+    assert doc["suite"] == "kernels" and doc["gpu"] == "NVIDIA H100 80GB HBM3"
+    assert set(doc["peak"]) == {"hbm_gbps", "dense_tflops"}
+    row = doc["rows"][0]
+    for key in ("op", "provider", "baseline", "N", "K", "M", "dtype", "median_ms",
+                "baseline_ms", "speedup", "gbps"):  # fmt: skip
+        assert key in row
+    assert row["dtype"] == "bfloat16"
+    assert row["speedup"] == pytest.approx(row["baseline_ms"] / row["median_ms"], rel=1e-3)
+    assert row["speedup"] == pytest.approx(1 / 0.6, rel=1e-3)
+
+
+@pytest.mark.parametrize(
+    "breakage,expected",
+    [
+        (lambda d: d.pop("commit"), "'commit'"),
+        (lambda d: d["peak"].update(hbm_gbps=0), "peak.hbm_gbps"),
+        (lambda d: d["rows"][3].update(speedup=9.0), "rows[3].speedup"),
+        (lambda d: d["rows"][1].pop("baseline_ms"), "rows[1].baseline_ms"),
+        (lambda d: d["rows"][0].update(M="1"), "rows[0].M"),
+    ],
+)
+def test_schema_check_names_the_problem_and_writer_refuses(tmp_path, breakage, expected):
+    doc = _document(_rows(("bfloat16",)))
+    breakage(doc)
+    problems = common.validate_results(doc)
+    assert any(expected in p for p in problems), problems
+    with pytest.raises(ValueError, match="does not match DESIGN.md"):
+        common.write_results(doc, tmp_path / "bad.json")
+    assert list(tmp_path.iterdir()) == []  # nothing written, no temp file left
+
+
+def test_results_path_per_device(monkeypatch, tmp_path):
+    day = dt.date(2026, 11, 23)
+    monkeypatch.delenv(common.RESULTS_ENV, raising=False)
+    gpu = common.results_path("NVIDIA H100 80GB HBM3", "cuda", day)
+    assert gpu == BENCH / "results" / "2026-11-23-nvidia-h100-80gb-hbm3-kernels.json"
+    cpu = common.results_path("cpu", "cpu", day)
+    assert cpu.name == "2026-11-23-cpu-kernels.json" and BENCH not in cpu.parents
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    assert common.results_path("cpu", "cpu", day) == tmp_path / "2026-11-23-cpu-kernels.json"
+
+
+def test_plot_draws_one_png_per_dtype(tmp_path):
+    path = common.write_results(_document(_rows()), tmp_path / "2026-11-23-h100-kernels.json")
+    pngs = plot.plot_results(path)
+    assert sorted(p.name for p in pngs) == [
+        "2026-11-23-h100-kernels-bfloat16.png",
+        "2026-11-23-h100-kernels-float16.png",
+    ]
+    for png in pngs:
+        assert png.parent == tmp_path
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 10_000
+
+
+def test_plot_cli(tmp_path):
+    path = common.write_results(_document(_rows(("float16",))), tmp_path / "r.json")
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "plot.py"), str(path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "r-float16.png").stat().st_size > 10_000
+
+
+def test_prune_helpers_make_the_patterns_the_kernels_expect():
+    from slimstack.formats import is_sparse24
+
+    w = torch.randn(8, 64)
+    assert is_sparse24(common.prune_24(w))
+    half = common.prune_rows_half(w)
+    assert ((half != 0).sum(1) == 32).all()
+    kept = half != 0
+    assert torch.equal(half[kept], w[kept])
+
+
+@pytest.mark.slow
+def test_cpu_suite_end_to_end(tmp_path):
+    """pytest bench/ on CPU: rows for the CPU kernels, a valid JSON in the folder we name."""
+    import slimstack._C as ext
+
+    if not hasattr(ext, "sparse24_mm_cpu"):
+        pytest.skip("slimstack._C has no CPU kernels in this build")
+    env = dict(os.environ, **{common.RESULTS_ENV: str(tmp_path)})
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+         "--benchmark-disable-gc", str(BENCH / "test_bench_kernels.py"), "-k", "float32"],
+        cwd=BENCH.parent, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    (path,) = tmp_path.glob("*-cpu-kernels.json")
+    doc = json.loads(path.read_text())
+    assert common.validate_results(doc) == []
+    providers = {(r["op"], r["provider"]) for r in doc["rows"]}
+    assert {("sparse24_mm", "cpu"), ("bitmap_mm", "cpu")} <= providers
+    assert all(r["baseline"] == "torch_dense" for r in doc["rows"])
+    assert plot.plot_results(path)
