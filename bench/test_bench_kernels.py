@@ -18,7 +18,8 @@ from __future__ import annotations
 import pytest
 import torch
 from common import Case, cases
-from conftest import DEVICE
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.mark.parametrize("case", cases(DEVICE), ids=str)

@@ -30,7 +30,6 @@ if not _CUDA and "triton" not in sys.modules:
 
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
-from conftest import random_sparse24, random_unstructured  # noqa: E402
 
 from slimstack.formats import pack_bitmap, pack_sparse24  # noqa: E402
 from slimstack.kernels import (  # noqa: E402
@@ -96,9 +95,9 @@ def _activations(M: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return torch.randn(M, K, generator=_gen(seed)).to(dtype).to(DEVICE)
 
 
-def _bitmap_weight(N: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+def _bitmap_weight(make, N: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """~50% unstructured with uneven rows, plus an all-zero first row and a dense last row."""
-    w = random_unstructured(N, K, dtype, generator=_gen(seed))
+    w = make(N, K, dtype, generator=_gen(seed))
     w[0] = 0
     if N > 1:
         w[-1] = torch.randn(K, generator=_gen(seed + 1)).to(dtype) + 3.0
@@ -112,8 +111,8 @@ def _bitmap_weight(N: int, K: int, dtype: torch.dtype, seed: int) -> torch.Tenso
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("M", GEMV_M)
-def test_sparse24_gemv_matches_float64(poisoned, dtype, N, K, M):
-    w = random_sparse24(N, K, dtype, generator=_gen(N * K + M))
+def test_sparse24_gemv_matches_float64(poisoned, make_sparse24, dtype, N, K, M):
+    w = make_sparse24(N, K, dtype, generator=_gen(N * K + M))
     packed = pack_sparse24(w).to(DEVICE)
     x = _activations(M, K, dtype, seed=M)
     y = sparse24_gemv.sparse24_gemv(x, packed.values, packed.meta, N, K)
@@ -124,8 +123,8 @@ def test_sparse24_gemv_matches_float64(poisoned, dtype, N, K, M):
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("M", GEMM_M)
-def test_sparse24_gemm_matches_float64(poisoned, dtype, N, K, M):
-    w = random_sparse24(N, K, dtype, generator=_gen(N + K + M))
+def test_sparse24_gemm_matches_float64(poisoned, make_sparse24, dtype, N, K, M):
+    w = make_sparse24(N, K, dtype, generator=_gen(N + K + M))
     packed = pack_sparse24(w).to(DEVICE)
     x = _activations(M, K, dtype, seed=M + 1)
     y = sparse24_gemm.sparse24_gemm(x, packed.values, packed.meta, N, K)
@@ -143,9 +142,9 @@ GEMV_CONFIGS = [
 
 @runs_here
 @pytest.mark.parametrize("M,cfg", GEMV_CONFIGS)
-def test_sparse24_gemv_configs(poisoned, M, cfg):
+def test_sparse24_gemv_configs(poisoned, make_sparse24, M, cfg):
     N, K, dtype = 40, 300, torch.float32  # Kp = 320: five 64-wide tiles, odd splits
-    w = random_sparse24(N, K, dtype, generator=_gen(7))
+    w = make_sparse24(N, K, dtype, generator=_gen(7))
     packed = pack_sparse24(w).to(DEVICE)
     x = _activations(M, K, dtype, seed=8)
     config = sparse24_gemv.GemvConfig(**cfg)
@@ -154,10 +153,10 @@ def test_sparse24_gemv_configs(poisoned, M, cfg):
 
 
 @runs_here
-def test_sparse24_gemm_grouped_tiles(poisoned):
+def test_sparse24_gemm_grouped_tiles(poisoned, make_sparse24):
     """Several M and N blocks with a group that does not divide the N blocks."""
     N, K, M, dtype = 43, 172, 40, torch.float16
-    w = random_sparse24(N, K, dtype, generator=_gen(9))
+    w = make_sparse24(N, K, dtype, generator=_gen(9))
     packed = pack_sparse24(w).to(DEVICE)
     x = _activations(M, K, dtype, seed=10)
     config = sparse24_gemm.GemmConfig(block_m=16, block_n=16, block_k=64, group_n=2)
@@ -166,10 +165,10 @@ def test_sparse24_gemm_grouped_tiles(poisoned):
 
 
 @runs_here
-def test_strided_activations(poisoned):
+def test_strided_activations(poisoned, make_sparse24):
     """Rows with a stride > K and a transposed (column-major) x give the same results."""
     N, K, dtype = 43, 172, torch.float32
-    w = random_sparse24(N, K, dtype, generator=_gen(11))
+    w = make_sparse24(N, K, dtype, generator=_gen(11))
     packed = pack_sparse24(w).to(DEVICE)
     wide = _activations(3, K + 20, dtype, seed=12)[:, 5 : 5 + K]
     column_major = _activations(K, 20, dtype, seed=13).t()
@@ -186,8 +185,8 @@ def test_strided_activations(poisoned):
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("N,K", SHAPES)
 @pytest.mark.parametrize("M", GEMV_M)
-def test_bitmap_gemv_matches_float64(poisoned, dtype, N, K, M):
-    w = _bitmap_weight(N, K, dtype, seed=N * K + M)
+def test_bitmap_gemv_matches_float64(poisoned, make_unstructured, dtype, N, K, M):
+    w = _bitmap_weight(make_unstructured, N, K, dtype, seed=N * K + M)
     p = pack_bitmap(w).to(DEVICE)
     x = _activations(M, K, dtype, seed=M + 2)
     y = bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, N, K)
@@ -196,10 +195,10 @@ def test_bitmap_gemv_matches_float64(poisoned, dtype, N, K, M):
 
 @runs_here
 @pytest.mark.parametrize("M,cfg", GEMV_CONFIGS)
-def test_bitmap_gemv_configs(poisoned, M, cfg):
+def test_bitmap_gemv_configs(poisoned, make_unstructured, M, cfg):
     """Forced split-K makes later splits skip earlier tiles' values by popcount."""
     N, K, dtype = 40, 300, torch.float32
-    w = _bitmap_weight(N, K, dtype, seed=14)
+    w = _bitmap_weight(make_unstructured, N, K, dtype, seed=14)
     p = pack_bitmap(w).to(DEVICE)
     x = _activations(M, K, dtype, seed=15)
     config = sparse24_gemv.GemvConfig(**cfg)
@@ -231,14 +230,14 @@ def test_block_m_paths():
 # -------------------------------------------------------------------- bad input ----
 
 
-def _packed24(N=43, K=172, dtype=torch.float16):
-    p = pack_sparse24(random_sparse24(N, K, dtype, generator=_gen(0)))
+def _packed24(make_sparse24, N=43, K=172, dtype=torch.float16):
+    p = pack_sparse24(make_sparse24(N, K, dtype, generator=_gen(0)))
     return p.values, p.meta
 
 
-def _gemv_call(**change):
+def _gemv_call(make_sparse24, **change):
     """Keyword arguments of a valid sparse24_gemv call with some of them replaced."""
-    values, meta = _packed24()
+    values, meta = _packed24(make_sparse24)
     args = dict(x=torch.randn(2, 172).half(), values=values, meta=meta, N=43, K=172)
     args.update({k: v(args) if callable(v) else v for k, v in change.items()})
     return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
@@ -270,15 +269,15 @@ BAD_GEMV_CALLS = {
 
 @runs_here
 @pytest.mark.parametrize("case", BAD_GEMV_CALLS)
-def test_sparse24_gemv_rejects_bad_input(case):
+def test_sparse24_gemv_rejects_bad_input(make_sparse24, case):
     change, error, match = BAD_GEMV_CALLS[case]
     with pytest.raises(error, match=match):
-        sparse24_gemv.sparse24_gemv(**_gemv_call(**change))
+        sparse24_gemv.sparse24_gemv(**_gemv_call(make_sparse24, **change))
 
 
 @runs_here
-def test_gemm_and_bitmap_reject_bad_input():
-    values, meta = _packed24()
+def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
+    values, meta = _packed24(make_sparse24)
     x = torch.randn(20, 172).half().to(DEVICE)
     values, meta = values.to(DEVICE), meta.to(DEVICE)
     with pytest.raises(ValueError, match="block_m and block_n >= 16"):
@@ -288,7 +287,7 @@ def test_gemm_and_bitmap_reject_bad_input():
     with pytest.raises(TypeError, match="meta must have dtype torch.uint8"):
         sparse24_gemm.sparse24_gemm(x, values, meta.to(torch.int8), 43, 172)
 
-    p = pack_bitmap(_bitmap_weight(43, 172, torch.float16, seed=1)).to(DEVICE)
+    p = pack_bitmap(_bitmap_weight(make_unstructured, 43, 172, torch.float16, seed=1)).to(DEVICE)
     xs = x[:2]
     with pytest.raises(TypeError, match="row_offsets must have dtype torch.int64"):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask, p.row_offsets.int(), 43, 172)
@@ -301,8 +300,8 @@ def test_gemm_and_bitmap_reject_bad_input():
 
 @runs_here
 @pytest.mark.parametrize("M", [0])
-def test_empty_batch_returns_empty(M):
-    values, meta = (t.to(DEVICE) for t in _packed24())
+def test_empty_batch_returns_empty(make_sparse24, M):
+    values, meta = (t.to(DEVICE) for t in _packed24(make_sparse24))
     x = torch.randn(M, 172).half().to(DEVICE)
     assert sparse24_gemv.sparse24_gemv(x, values, meta, 43, 172).shape == (0, 43)
     assert sparse24_gemm.sparse24_gemm(x, values, meta, 43, 172).shape == (0, 43)
