@@ -1,10 +1,11 @@
 """End-to-end benchmark pieces: synthetic checkpoints, timed runs, the results file.
 
 Quality is not measured here, so the checkpoints are random weights of the real shapes
-(Mistral-7B by default), written on the benchmark machine through slimstack's own
-CheckpointWriter and pruned with slimstack's own magnitude pruning to exact 2:4 or 50%
-per row. Every layer's weights come from a generator seeded by its index, so the 24-layer
-variants hold exactly the first 24 layers of the 32-layer ones.
+(Mistral-7B by default, from bench/synthetic.py's table), written on the benchmark machine
+through slimstack's own CheckpointWriter and pruned with slimstack's own magnitude pruning
+to exact 2:4 or 50% per row. Unlike bench/synthetic.py (CPU, one generator) the weights are
+drawn on the GPU, pruned, and each layer's come from a generator seeded by its index, so
+the 24-layer variants hold exactly the first 24 layers of the 32-layer ones.
 
 The same code runs on CPU with `TINY` shapes (tests/test_bench_e2e_helpers.py), so a GPU
 session only spends its time measuring.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import common  # bench/common.py: environment, peaks (shared with the kernel suite)
+import synthetic  # bench/synthetic.py: the real models' shapes
 import torch
 
 from slimstack.checkpoint import CheckpointWriter
@@ -49,16 +51,23 @@ class ModelSpec:
         return self.hidden // self.heads
 
 
-MISTRAL_7B = ModelSpec(
-    name="mistral-7b-shaped",
-    hidden=4096,
-    intermediate=14336,
-    layers=32,
-    heads=32,
-    kv_heads=8,
-    vocab=32000,
-    max_positions=32768,
-)
+def spec_from_shape(shape: str, layers: int) -> ModelSpec:
+    """A ModelSpec from bench/synthetic.py's table of real model shapes."""
+    real = synthetic.SHAPES[shape]
+    return ModelSpec(
+        name=f"{shape}-shaped",
+        hidden=real["hidden_size"],
+        intermediate=real["intermediate_size"],
+        layers=layers,
+        heads=real["num_attention_heads"],
+        kv_heads=real["num_key_value_heads"],
+        vocab=real["vocab_size"],
+        max_positions=real["max_position_embeddings"],
+        sliding_window=real.get("sliding_window"),
+    )
+
+
+MISTRAL_7B = spec_from_shape("mistral-7b", layers=32)
 TINY = ModelSpec(
     name="tiny", hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256,
     max_positions=512,

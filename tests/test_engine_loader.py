@@ -29,7 +29,9 @@ def write_layer_subset(
             writer.add(name, ckpt.get_tensor(name))
         for new, old in enumerate(layers):
             for name, tensor in ckpt.layer_tensors(old).items():
-                writer.add(f"model.layers.{new}.{name}", tensor)
+                # clone: a repeated layer's tensors are views of one mmap'd region, and
+                # CheckpointWriter no longer copies (safetensors refuses shared storage)
+                writer.add(f"model.layers.{new}.{name}", tensor.clone())
         config = {**ckpt.config, "num_hidden_layers": len(layers)}
         writer.finish(config, metadata, tokenizer_from=source)
     return out
@@ -67,7 +69,7 @@ def test_upscaled_copy_shares_identical_repeated_layers(
     assert engine.layers[3] is engine.layers[2]
     info = engine.info()
     assert info.num_layers == 6 and info.unique_layers == 5 and info.shared == {3: 2}
-    assert len(info.linears) == 5 * 7  # a shared layer's weights are counted once
+    assert len(info.linears) == 5 * 4  # a shared layer's weights are counted once
 
 
 def test_layer_map_is_not_trusted_when_tensors_differ(
@@ -100,13 +102,38 @@ def test_info_counts_bytes_of_dense_model(stories260k_dir: Path) -> None:
             + 3 * cfg.hidden_size * cfg.intermediate_size
         )
     )
-    assert info.formats == {"dense": 35}
+    assert info.formats == {"dense": 20}  # qkv_proj, o_proj, gate_up_proj, down_proj
     assert info.linear_nbytes == info.dense_linear_nbytes == expected_linear
     # tied embeddings: lm_head is not counted twice; norms: 2 per layer + final
     norms = 4 * cfg.hidden_size * (2 * cfg.num_layers + 1)
     assert info.other_nbytes == 4 * cfg.vocab_size * cfg.hidden_size + norms
     assert engine.lm_head.weight is engine.embed_tokens.weight
-    assert "35 dense" in info.table()
+    assert "20 dense" in info.table()
+    unfused = load(stories260k_dir, device="cpu", fuse=False).info()
+    assert unfused.formats == {"dense": 35} and unfused.linear_nbytes == info.linear_nbytes
+
+
+def test_fusion_only_joins_alike_projections(stories260k_dir: Path, tmp_path: Path) -> None:
+    """q_proj made 2:4 while k/v stay dense: q/k/v stay separate, gate/up still fuse; the
+    logits are the same either way."""
+    from slimstack.prune.methods import magnitude_prune
+    from slimstack.prune.patterns import parse_pattern
+
+    out = tmp_path / "mixed"
+    with Checkpoint.open(stories260k_dir) as ckpt, CheckpointWriter(out) as writer:
+        for name in ckpt.tensor_names():
+            tensor = ckpt.get_tensor(name)
+            if name.endswith("q_proj.weight"):
+                tensor = magnitude_prune(tensor, parse_pattern("2:4"))
+            writer.add(name, tensor)
+        writer.finish(ckpt.config, tokenizer_from=stories260k_dir)
+    fused = load(out, device="cpu", pack=False)
+    separate = load(out, device="cpu", pack=False, fuse=False)
+    attention, mlp = fused.layers[0].self_attn, fused.layers[0].mlp
+    assert attention.qkv_proj is None and attention.q_proj is not None
+    assert mlp.gate_up_proj is not None and mlp.gate_proj is None
+    ids = torch.tensor([fused.tokenizer(PROMPT)["input_ids"]])
+    assert torch.allclose(fused.logits(ids), separate.logits(ids), atol=1e-5)
 
 
 def test_load_errors_are_clear(stories260k_dir: Path, tmp_path: Path) -> None:

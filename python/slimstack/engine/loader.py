@@ -25,10 +25,12 @@ from slimstack.checkpoint import Checkpoint, CheckpointError, read_metadata
 from slimstack.engine.config import EngineConfig, engine_config
 from slimstack.engine.fused import select_kernels
 from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
+from slimstack.formats import is_sparse24
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense for packing and fusion decisions
 
 
 def load(
@@ -37,13 +39,15 @@ def load(
     dtype: torch.dtype | None = None,
     pack: bool = True,
     kernels: str = "auto",
+    fuse: bool = True,
 ) -> DecoderModel:
     """Load an HF llama/mistral/qwen2 folder into slimstack's engine.
 
     device: "cuda" or "cpu" (default: cuda when available). dtype: the compute dtype
     (default: bfloat16 on CUDA, float32 on CPU). pack: pack sparse linears (False keeps
     every linear dense, e.g. for a dense baseline of the same weights). kernels: "auto",
-    "torch" or "triton" for RMSNorm / RoPE / SwiGLU.
+    "torch" or "triton" for RMSNorm / RoPE / SwiGLU. fuse: one q/k/v and one gate/up
+    projection per layer where the parts are alike (see `build_layer`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -60,7 +64,7 @@ def load(
                 layers.append(layers[sharing[index]])
                 sources.append(f"shared with layer {sharing[index]}")
                 continue
-            layer = build_layer(ckpt, config, index, device, dtype)
+            layer = build_layer(ckpt, config, index, device, dtype, fuse)
             if pack:
                 pack_layer(layer)
             layers.append(layer)
@@ -81,16 +85,26 @@ def load(
 
 # ----------------------------------------------------------------------------- layers
 def build_layer(
-    ckpt: Checkpoint, config: EngineConfig, index: int, device: torch.device, dtype: torch.dtype
+    ckpt: Checkpoint,
+    config: EngineConfig,
+    index: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    fuse: bool = True,
 ) -> DecoderLayer:
-    """Decoder layer `index` with dense nn.Linear projections, weights on `device`."""
+    """Decoder layer `index` with dense nn.Linear projections, weights on `device`.
+
+    fuse: concatenate q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj` when
+    the parts are alike (all 2:4, all other-sparse or all dense), so that packing sees
+    one weight and a decode step streams one longer matrix instead of several short ones.
+    """
     prefix = f"model.layers.{index}."
     tensors = ckpt.layer_tensors(index)
     bias_of = {name: config.qkv_bias for name in _ATTENTION[:3]}
     bias_of["o_proj"] = config.o_bias
     bias_of.update(dict.fromkeys(_MLP, config.mlp_bias))
 
-    def linear(module: str, name: str) -> nn.Linear:
+    def parts(module: str, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = f"{module}.{name}"
         bias_key = f"{key}.bias"
         if bias_of[name] and bias_key not in tensors:
@@ -99,16 +113,36 @@ def build_layer(
             )
         weight = tensors[f"{key}.weight"].to(device=device, dtype=dtype)
         bias = tensors[bias_key].to(device=device, dtype=dtype) if bias_of[name] else None
-        return _linear(weight, bias)
+        return weight, bias
+
+    def group(module: str, names: tuple[str, ...], fused_name: str) -> dict[str, nn.Linear]:
+        loaded = [parts(module, n) for n in names]
+        if fuse and len({_sparsity_kind(w) for w, _ in loaded}) == 1:
+            weight = torch.cat([w for w, _ in loaded])
+            bias = torch.cat([b for _, b in loaded]) if loaded[0][1] is not None else None
+            return {fused_name: _linear(weight, bias)}
+        return {n: _linear(w, b) for n, (w, b) in zip(names, loaded)}
 
     def norm(name: str) -> RMSNorm:
         return RMSNorm(
             tensors[f"{name}.weight"].to(device=device, dtype=dtype), config.rms_norm_eps
         )
 
-    attention = Attention(config, *(linear("self_attn", n) for n in _ATTENTION))
-    mlp = MLP(*(linear("mlp", n) for n in _MLP))
+    attention = Attention(
+        config,
+        o_proj=_linear(*parts("self_attn", "o_proj")),
+        **group("self_attn", _ATTENTION[:3], "qkv_proj"),
+    )
+    mlp = MLP(
+        down_proj=_linear(*parts("mlp", "down_proj")), **group("mlp", _MLP[:2], "gate_up_proj")
+    )
     return DecoderLayer(norm("input_layernorm"), attention, norm("post_attention_layernorm"), mlp)
+
+
+def _sparsity_kind(weight: torch.Tensor) -> str:
+    if _zero_fraction(weight) < SPARSE_MIN_ZEROS:
+        return "dense"
+    return "sparse24" if is_sparse24(weight) else "sparse"
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
@@ -124,7 +158,7 @@ def pack_layer(layer: DecoderLayer) -> None:
     """Swap the layer's sparse linears for packed SparseLinear modules (ops decides which
     format each weight takes and leaves dense ones alone)."""
     weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
-    if not any(_zero_fraction(w) >= 0.25 for w in weights):
+    if not any(_zero_fraction(w) >= SPARSE_MIN_ZEROS for w in weights):
         return  # a dense layer: nothing to pack, no need for the sparse ops at all
     from slimstack.ops.sparsify import sparsify_model
 

@@ -70,28 +70,41 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Projections are either fused (`qkv_proj`: one [q; k; v] matmul, one launch, one
+    longer weight stream) or separate (`q_proj`, `k_proj`, `v_proj`)."""
+
     def __init__(
         self,
         config: EngineConfig,
-        q_proj: nn.Module,
-        k_proj: nn.Module,
-        v_proj: nn.Module,
         o_proj: nn.Module,
+        q_proj: nn.Module | None = None,
+        k_proj: nn.Module | None = None,
+        v_proj: nn.Module | None = None,
+        qkv_proj: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = q_proj, k_proj, v_proj, o_proj
+        if (qkv_proj is None) == (q_proj is None or k_proj is None or v_proj is None):
+            raise ValueError("give either qkv_proj or all of q_proj, k_proj, v_proj")
+        self.qkv_proj, self.q_proj, self.k_proj, self.v_proj = qkv_proj, q_proj, k_proj, v_proj
+        self.o_proj = o_proj
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        kv = config.num_kv_heads * config.head_dim
+        self.split_sizes = (config.num_heads * config.head_dim, kv, kv)
 
     def project(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: Kernels
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, S, D], k/v [B, Hkv, S, D] with rotary applied to q and k."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(batch, seq, self.num_heads, self.head_dim)
+        k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
         q, k = kernels.rotary(q, k, cos, sin)  # on [B, S, H, D]: the fused kernel works in place
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
@@ -143,12 +156,27 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module) -> None:
+    """SwiGLU; gate and up fused into `gate_up_proj` ([gate; up]) or separate."""
+
+    def __init__(
+        self,
+        down_proj: nn.Module,
+        gate_proj: nn.Module | None = None,
+        up_proj: nn.Module | None = None,
+        gate_up_proj: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+        if (gate_up_proj is None) == (gate_proj is None or up_proj is None):
+            raise ValueError("give either gate_up_proj or both gate_proj and up_proj")
+        self.gate_up_proj, self.gate_proj, self.up_proj = gate_up_proj, gate_proj, up_proj
+        self.down_proj = down_proj
 
     def forward(self, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(kernels.swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):
