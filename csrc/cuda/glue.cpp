@@ -1,0 +1,338 @@
+// Torch glue for the CUDA kernels: checks tensors with messages a user can act on, sets the
+// device guard and current stream, allocates outputs and scratch, calls the launchers in
+// csrc/cuda/*.cu (which know nothing about torch) and turns their cudaError_t into errors.
+//
+// Naming follows csrc/bindings.cpp: <op>_cuda, arguments (x, <packed tensors>, N, K) with the
+// packed layouts of /work/notes/formats.md. Built only against a CUDA torch
+// (SLIMSTACK_WITH_CUDA); setup.py picks this file up with the csrc/cuda/*.cpp glob.
+#ifdef SLIMSTACK_WITH_CUDA
+
+#include "cuda/glue.h"
+
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "cuda/launchers.h"
+
+namespace slimstack {
+namespace {
+
+namespace sc = slimstack::cuda;
+
+constexpr int64_t kKTile = 64;  // formats version 1 pads K to a multiple of 64
+
+int64_t padded_k(int64_t k) { return (k + kKTile - 1) / kKTile * kKTile; }
+
+bool aligned(const at::Tensor& t, int64_t bytes) {
+  return reinterpret_cast<uintptr_t>(t.data_ptr()) % static_cast<uintptr_t>(bytes) == 0;
+}
+
+sc::DType kernel_dtype(const std::string& op, const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kHalf:
+      return sc::DType::kFloat16;
+    case at::kBFloat16:
+      return sc::DType::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": x must be float16 or bfloat16, got ", x.scalar_type(),
+                       " (the CUDA kernels have no fp32 path; use the Triton or CPU backend)");
+  }
+  return sc::DType::kFloat16;  // unreachable
+}
+
+// x: [M, K], CUDA, fp16/bf16, contiguous; N and K positive.
+void check_x(const std::string& op, const at::Tensor& x, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(N > 0 && K > 0, op, ": N and K must be positive, got N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
+                    x.defined() ? x.device().str() : std::string("an undefined tensor"));
+  kernel_dtype(op, x);
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K, op, ": x must be [M, K=", K, "], got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous (call .contiguous())");
+}
+
+// A packed tensor: on x's device, exact dtype and shape (empty shape: 1-D of any length),
+// contiguous and aligned to `align` bytes.
+void check_packed(const std::string& op, const char* name, const at::Tensor& t,
+                  at::ScalarType dtype, const std::vector<int64_t>& shape, const at::Tensor& x,
+                  int64_t align) {
+  TORCH_CHECK_VALUE(t.defined() && t.device() == x.device(), op, ": ", name, " must be on ",
+                    x.device(), " like x, got ",
+                    t.defined() ? t.device().str() : std::string("an undefined tensor"));
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  if (shape.empty()) {
+    TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got ", t.sizes());
+  } else {
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), op, ": ", name, " must be ",
+                      at::IntArrayRef(shape), ", got ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+  TORCH_CHECK_VALUE(aligned(t, align), op, ": ", name, " must be ", align,
+                    "-byte aligned (it is a view at an odd offset; pass a .clone())");
+}
+
+void check_launch(const std::string& op, cudaError_t err) {
+  if (err == cudaSuccess) return;
+  if (err == cudaErrorNotSupported) {
+    TORCH_CHECK(false, op, ": not supported on this device or build (",
+                cudaGetErrorString(err), ")");
+  }
+  if (err == cudaErrorInvalidValue) {
+    TORCH_CHECK(false, op, ": the launcher rejected its arguments after the glue checks passed "
+                "(a slimstack bug; please report the shapes): ", cudaGetErrorString(err));
+  }
+  TORCH_CHECK(false, op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+// y [M, N] in x's dtype on x's device: the caller's `out` (checked; lets tests poison it and
+// CUDA graphs keep a static buffer) or a fresh tensor. `align`: byte alignment the kernel needs.
+at::Tensor make_output(const std::string& op, const at::Tensor& x, int64_t M, int64_t N,
+                       const std::optional<at::Tensor>& out, int64_t align) {
+  if (!out.has_value() || !out->defined()) return at::empty({M, N}, x.options());
+  const at::Tensor& y = *out;
+  TORCH_CHECK_VALUE(y.device() == x.device(), op, ": out must be on ", x.device(), ", got ",
+                    y.device());
+  TORCH_CHECK_TYPE(y.scalar_type() == x.scalar_type(), op, ": out must be ", x.scalar_type(),
+                   " like x, got ", y.scalar_type());
+  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == M && y.size(1) == N, op, ": out must be [", M,
+                    ", ", N, "], got ", y.sizes());
+  TORCH_CHECK_VALUE(y.is_contiguous() && aligned(y, align), op, ": out must be contiguous and ",
+                    align, "-byte aligned");
+  return y;
+}
+
+cudaStream_t current_stream(const at::Tensor& x) {
+  return c10::cuda::getCurrentCUDAStream(x.device().index()).stream();
+}
+
+// x as the GEMMs need it: Kp columns (zero padded) or a K that is a multiple of 8, with
+// 16-byte aligned rows. Copies only when x does not already qualify.
+at::Tensor x_for_gemm(const at::Tensor& x, int64_t K, int64_t want_cols) {
+  if (x.size(1) == want_cols && aligned(x, 16)) return x;
+  at::Tensor padded = at::zeros({x.size(0), want_cols}, x.options());
+  padded.narrow(1, 0, K).copy_(x);
+  return padded;
+}
+
+// ---------------------------------------------------------------------------------------------
+
+at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
+                              const at::Tensor& meta, int64_t N, int64_t K, int64_t split_k,
+                              const std::optional<at::Tensor>& out) {
+  const std::string op = "sparse24_gemv_cuda";
+  check_x(op, x, N, K);
+  const int64_t M = x.size(0);
+  TORCH_CHECK_VALUE(M <= sc::kSparse24GemvMaxM, op, ": decode GEMV takes M <= ",
+                    sc::kSparse24GemvMaxM, " rows of x, got M=", M,
+                    " (use sparse24_gemm_sm80_cuda / sparse24_gemm_sm90_cuda for prefill)");
+  TORCH_CHECK_VALUE(split_k >= 0, op, ": split_k must be >= 0 (0 = automatic), got ", split_k);
+  const int64_t Kp = padded_k(K);
+  check_packed(op, "values", values, x.scalar_type(), {N, Kp / 2}, x, 16);
+  check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, x, 8);
+  at::Tensor y = make_output(op, x, M, N, out, 2);
+  if (M == 0) return y;
+
+  c10::cuda::CUDAGuard guard(x.device());
+  sc::Sparse24GemvPlan plan;
+  check_launch(op, sc::sparse24_gemv_plan(M, N, Kp, x.device().index(),
+                                          static_cast<int>(split_k), &plan));
+  at::Tensor workspace;
+  if (plan.workspace_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes / sizeof(float))},
+                          x.options().dtype(at::kFloat));
+  }
+  check_launch(op, sc::sparse24_gemv(x.data_ptr(), K, values.data_ptr(),
+                                     meta.data_ptr<uint8_t>(), y.data_ptr(), N,
+                                     workspace.defined() ? workspace.data_ptr<float>() : nullptr,
+                                     M, N, K, Kp, plan, kernel_dtype(op, x), current_stream(x)));
+  return y;
+}
+
+pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t device,
+                                       int64_t split_k) {
+  const std::string op = "sparse24_gemv_plan_cuda";
+  TORCH_CHECK_VALUE(M >= 1 && M <= sc::kSparse24GemvMaxM && N > 0 && K > 0, op,
+                    ": need 1 <= M <= ", sc::kSparse24GemvMaxM, ", N > 0, K > 0; got M=", M,
+                    ", N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(split_k >= 0, op, ": split_k must be >= 0, got ", split_k);
+  sc::Sparse24GemvPlan plan;
+  check_launch(op, sc::sparse24_gemv_plan(M, N, padded_k(K), static_cast<int>(device),
+                                          static_cast<int>(split_k), &plan));
+  pybind11::dict d;
+  d["split_k"] = plan.split_k;
+  d["slice_chunks"] = plan.slice_chunks;
+  d["row_tiles_per_warp"] = plan.row_tiles_per_warp;
+  d["workspace_bytes"] = plan.workspace_bytes;
+  return d;
+}
+
+at::Tensor bitmap_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
+                            const at::Tensor& bitmask, const at::Tensor& row_offsets, int64_t N,
+                            int64_t K, const std::optional<at::Tensor>& out) {
+  const std::string op = "bitmap_gemv_cuda";
+  check_x(op, x, N, K);
+  const int64_t M = x.size(0);
+  TORCH_CHECK_VALUE(M <= sc::kBitmapGemvMaxM, op, ": decode GEMV takes M <= ",
+                    sc::kBitmapGemvMaxM, " rows of x, got M=", M);
+  const int64_t Kp = padded_k(K);
+  check_packed(op, "values", values, x.scalar_type(), {}, x, 16);
+  check_packed(op, "bitmask", bitmask, at::kByte, {N, Kp / 8}, x, 4);
+  check_packed(op, "row_offsets", row_offsets, at::kLong, {N + 1}, x, 8);
+  at::Tensor y = make_output(op, x, M, N, out, 2);
+  if (M == 0) return y;
+  c10::cuda::CUDAGuard guard(x.device());
+  check_launch(op, sc::bitmap_gemv(x.data_ptr(), K, values.data_ptr(),
+                                   bitmask.data_ptr<uint8_t>(), row_offsets.data_ptr<int64_t>(),
+                                   y.data_ptr(), N, M, N, K, Kp, kernel_dtype(op, x),
+                                   current_stream(x)));
+  return y;
+}
+
+at::Tensor sparse24_gemm_sm80_cuda(const at::Tensor& x, const at::Tensor& values,
+                                   const at::Tensor& meta, int64_t N, int64_t K,
+                                   const std::optional<at::Tensor>& out) {
+  const std::string op = "sparse24_gemm_sm80_cuda";
+  check_x(op, x, N, K);
+  const int64_t M = x.size(0);
+  const int64_t Kp = padded_k(K);
+  check_packed(op, "values", values, x.scalar_type(), {N, Kp / 2}, x, 16);
+  check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, x, 8);
+  at::Tensor y = make_output(op, x, M, N, out, 2);
+  if (M == 0) return y;
+  c10::cuda::CUDAGuard guard(x.device());
+  // 16-byte cp.async of x rows needs K % 8 == 0; otherwise run on a zero-padded copy.
+  const at::Tensor xg = x_for_gemm(x, K, K % 8 == 0 ? K : Kp);
+  const int64_t Kx = xg.size(1);
+  check_launch(op, sc::sparse24_gemm_sm80(xg.data_ptr(), Kx, values.data_ptr(),
+                                          meta.data_ptr<uint8_t>(), y.data_ptr(), N, M, N, Kx, Kp,
+                                          kernel_dtype(op, x), current_stream(x)));
+  return y;
+}
+
+int64_t sparse24_sm90_meta_nbytes(int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(N > 0 && K > 0, "sparse24_sm90_meta_nbytes: N and K must be positive, got N=",
+                    N, ", K=", K);
+  return static_cast<int64_t>(sc::sparse24_sm90_meta_bytes(N, padded_k(K)));
+}
+
+at::Tensor sparse24_sm90_reorder_meta_cuda(const at::Tensor& meta, int64_t N, int64_t K) {
+  const std::string op = "sparse24_sm90_reorder_meta_cuda";
+  TORCH_CHECK_VALUE(N > 0 && K > 0, op, ": N and K must be positive, got N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(meta.defined() && meta.is_cuda(), op, ": meta must be a CUDA tensor");
+  const int64_t Kp = padded_k(K);
+  check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, meta, 1);
+  const int64_t nbytes = static_cast<int64_t>(sc::sparse24_sm90_meta_bytes(N, Kp));
+  TORCH_CHECK(nbytes > 0, op, ": this build has no sm90 sparse GEMM (CUDA < 12.2)");
+  at::Tensor out = at::empty({nbytes}, meta.options());
+  c10::cuda::CUDAGuard guard(meta.device());
+  check_launch(op, sc::sparse24_sm90_reorder_meta(meta.data_ptr<uint8_t>(),
+                                                  out.data_ptr<uint8_t>(), N, Kp,
+                                                  current_stream(meta)));
+  return out;
+}
+
+bool sparse24_gemm_sm90_available(int64_t device) {
+  return sc::sparse24_gemm_sm90_available(static_cast<int>(device));
+}
+
+at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values,
+                                   const at::Tensor& meta_sm90, int64_t N, int64_t K,
+                                   const std::optional<at::Tensor>& out) {
+  const std::string op = "sparse24_gemm_sm90_cuda";
+  check_x(op, x, N, K);
+  const int64_t M = x.size(0);
+  const int64_t Kp = padded_k(K);
+  TORCH_CHECK_VALUE(N % 8 == 0, op, ": N must be a multiple of 8 (TMA stores y^T columns), got N=",
+                    N, "; use sparse24_gemm_sm80_cuda for this layer");
+  check_packed(op, "values", values, x.scalar_type(), {N, Kp / 2}, x, 16);
+  const int64_t nbytes = static_cast<int64_t>(sc::sparse24_sm90_meta_bytes(N, Kp));
+  check_packed(op, "meta_sm90", meta_sm90, at::kByte, {nbytes}, x, 16);
+  at::Tensor y = make_output(op, x, M, N, out, 16);
+  if (M == 0) return y;
+  c10::cuda::CUDAGuard guard(x.device());
+  TORCH_CHECK(sc::sparse24_gemm_sm90_available(x.device().index()), op,
+              ": needs a compute capability 9.0 GPU and a build with sm_90a "
+              "(TORCH_CUDA_ARCH_LIST containing 9.0a); use sparse24_gemm_sm80_cuda instead");
+  // CUTLASS reads exactly Kp columns of x through TMA: pad when K != Kp.
+  const at::Tensor xg = x_for_gemm(x, K, Kp);
+  const sc::DType dtype = kernel_dtype(op, x);
+  const size_t ws_bytes = sc::sparse24_gemm_sm90_workspace_bytes(M, N, Kp, dtype);
+  at::Tensor workspace;
+  if (ws_bytes > 0) {
+    workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
+  }
+  check_launch(op, sc::sparse24_gemm_sm90(xg.data_ptr(), Kp, values.data_ptr(),
+                                          meta_sm90.data_ptr<uint8_t>(), y.data_ptr(), N,
+                                          workspace.defined() ? workspace.data_ptr() : nullptr, M,
+                                          N, Kp, dtype, current_stream(x)));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> sparse24_sm90_compress_dense_cuda(const at::Tensor& w) {
+  const std::string op = "sparse24_sm90_compress_dense_cuda";
+  TORCH_CHECK_VALUE(w.defined() && w.is_cuda(), op, ": w must be a CUDA tensor");
+  TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) > 0 && w.size(1) > 0, op,
+                    ": w must be a non-empty [N, K] matrix, got ", w.sizes());
+  const sc::DType dtype = kernel_dtype(op, w);
+  const int64_t N = w.size(0);
+  const int64_t K = w.size(1);
+  const int64_t Kp = padded_k(K);
+  c10::cuda::CUDAGuard guard(w.device());
+  const at::Tensor wp = x_for_gemm(w.contiguous(), K, Kp);
+  at::Tensor values = at::empty({N, Kp / 2}, w.options());
+  at::Tensor meta_sm90 =
+      at::empty({static_cast<int64_t>(sc::sparse24_sm90_meta_bytes(N, Kp))},
+                w.options().dtype(at::kByte));
+  check_launch(op, sc::sparse24_sm90_compress_dense(wp.data_ptr(), values.data_ptr(),
+                                                    meta_sm90.data_ptr<uint8_t>(), N, Kp, dtype,
+                                                    current_stream(w)));
+  return {values, meta_sm90};
+}
+
+}  // namespace
+
+void register_cuda(pybind11::module_& m) {
+  namespace py = pybind11;
+  m.def("sparse24_gemv_cuda", &sparse24_gemv_cuda,
+        "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed sparse24, mma.sp", py::arg("x"),
+        py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"), py::arg("split_k") = 0,
+        py::arg("out") = py::none());
+  m.def("sparse24_gemv_plan_cuda", &sparse24_gemv_plan_cuda,
+        "the split-K / tile plan sparse24_gemv_cuda would use (dict)", py::arg("M"),
+        py::arg("N"), py::arg("K"), py::arg("device") = 0, py::arg("split_k") = 0);
+  m.def("bitmap_gemv_cuda", &bitmap_gemv_cuda,
+        "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed bitmap", py::arg("x"),
+        py::arg("values"), py::arg("bitmask"), py::arg("row_offsets"), py::arg("N"),
+        py::arg("K"), py::arg("out") = py::none());
+  m.def("sparse24_gemm_sm80_cuda", &sparse24_gemm_sm80_cuda,
+        "prefill y = x @ W^T, W packed sparse24, mma.sp (sm_80 and later)", py::arg("x"),
+        py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"),
+        py::arg("out") = py::none());
+  m.def("sparse24_sm90_meta_nbytes", &sparse24_sm90_meta_nbytes,
+        "bytes of the CUTLASS sm90 metadata for an [N, K] weight", py::arg("N"), py::arg("K"));
+  m.def("sparse24_sm90_reorder_meta_cuda", &sparse24_sm90_reorder_meta_cuda,
+        "formats.md meta [N, Kp/8] -> CUTLASS sm90 metadata (uint8 1-D), once at pack time",
+        py::arg("meta"), py::arg("N"), py::arg("K"));
+  m.def("sparse24_gemm_sm90_available", &sparse24_gemm_sm90_available,
+        "whether sparse24_gemm_sm90_cuda can run on this device with this build",
+        py::arg("device") = 0);
+  m.def("sparse24_gemm_sm90_cuda", &sparse24_gemm_sm90_cuda,
+        "prefill y = x @ W^T on Hopper sparse tensor cores (CUTLASS), W = (values, meta_sm90)",
+        py::arg("x"), py::arg("values"), py::arg("meta_sm90"), py::arg("N"), py::arg("K"),
+        py::arg("out") = py::none());
+  m.def("sparse24_sm90_compress_dense_cuda", &sparse24_sm90_compress_dense_cuda,
+        "test hook: CUTLASS's own compressor on a dense 2:4 W -> (values, meta_sm90)",
+        py::arg("w"));
+}
+
+}  // namespace slimstack
+
+#endif  // SLIMSTACK_WITH_CUDA
