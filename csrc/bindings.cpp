@@ -1,9 +1,122 @@
 // slimstack._C: the pybind11 boundary. It checks tensors and calls kernels, nothing else:
 // every policy decision (backend, tile config, padding) lives in Python.
+//
+// Naming: <op>_<device> (sparse24_mm_cpu, bitmap_mm_cpu, ...). CUDA entry points go in the
+// SLIMSTACK_WITH_CUDA block of the module below, reusing the check helpers.
 #include <torch/extension.h>
+
+#include <string>
+
+#include "cpu/sparse_mm.h"
+
+namespace {
+
+constexpr int64_t kKTile = 64;  // formats version 1: K is padded to a multiple of 64
+
+int64_t padded_k(int64_t k) { return (k + kKTile - 1) / kKTile * kKTile; }
+
+bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
+}
+
+// x [M, K] with M >= 0, a kernel dtype, contiguous, on `device`.
+void check_x(const std::string& op, const at::Tensor& x, int64_t N, int64_t K,
+             c10::DeviceType device) {
+  TORCH_CHECK_VALUE(N > 0 && K > 0, op, ": N and K must be positive, got N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(x.device().type() == device, op, ": x is on ", x.device(), ", expected ",
+                    c10::DeviceTypeName(device));
+  TORCH_CHECK_TYPE(is_kernel_dtype(x.scalar_type()), op,
+                   ": x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K, op, ": x must be [M, K=", K, "], got ",
+                    x.sizes());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
+}
+
+// A packed tensor: exact dtype, exact shape (empty `shape` means 1-D of any length),
+// contiguous, on x's device.
+void check_packed(const std::string& op, const char* name, const at::Tensor& t,
+                  at::ScalarType dtype, std::vector<int64_t> shape, const at::Tensor& x) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
+                    " but x is on ", x.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
+                   t.scalar_type());
+  if (shape.empty()) {
+    TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got ", t.sizes());
+  } else {
+    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), op, ": ", name, " must be ",
+                      at::IntArrayRef(shape), ", got ", t.sizes());
+  }
+  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+template <typename Fn>
+void with_kernel_type(at::ScalarType t, Fn&& fn) {
+  switch (t) {
+    case at::kFloat: return fn(float{});
+    case at::kHalf: return fn(c10::Half{});
+    case at::kBFloat16: return fn(c10::BFloat16{});
+    default: TORCH_CHECK_TYPE(false, "unsupported dtype ", t);
+  }
+}
+
+at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
+                           int64_t N, int64_t K) {
+  const std::string op = "sparse24_mm_cpu";
+  check_x(op, x, N, K, c10::DeviceType::CPU);
+  const int64_t Kp = padded_k(K);
+  check_packed(op, "values", values, x.scalar_type(), {N, Kp / 2}, x);
+  check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, x);
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0) return out;
+  with_kernel_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    slimstack::cpu::sparse24_mm<T>(x.data_ptr<T>(), values.data_ptr<T>(), meta.data_ptr<uint8_t>(),
+                                   out.data_ptr<T>(), x.size(0), N, K);
+  });
+  return out;
+}
+
+at::Tensor bitmap_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
+                         const at::Tensor& row_offsets, int64_t N, int64_t K) {
+  const std::string op = "bitmap_mm_cpu";
+  check_x(op, x, N, K, c10::DeviceType::CPU);
+  check_packed(op, "values", values, x.scalar_type(), {}, x);
+  check_packed(op, "bitmask", bitmask, at::kByte, {N, padded_k(K) / 8}, x);
+  check_packed(op, "row_offsets", row_offsets, at::kLong, {N + 1}, x);
+  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  if (x.size(0) == 0) return out;
+  int64_t bad_row = -1;
+  with_kernel_type(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    bad_row = slimstack::cpu::bitmap_mm<T>(
+        x.data_ptr<T>(), values.data_ptr<T>(), values.numel(), bitmask.data_ptr<uint8_t>(),
+        row_offsets.data_ptr<int64_t>(), out.data_ptr<T>(), x.size(0), N, K);
+  });
+  TORCH_CHECK_VALUE(bad_row < 0, op, ": corrupt bitmap weight: row ", bad_row,
+                    " has offsets outside values or more set bits than its values slot");
+  return out;
+}
+
+void select_cpu_isa(const std::string& name) {
+  TORCH_CHECK_VALUE(slimstack::cpu::select_isa(name), "CPU ISA '", name,
+                    "' is not supported here; supported: ",
+                    c10::Join(", ", slimstack::cpu::supported_isas()));
+}
+
+}  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "slimstack native kernels";
+  m.def("sparse24_mm_cpu", &sparse24_mm_cpu, "y[M, N] = x[M, K] @ W^T, W packed sparse24",
+        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"));
+  m.def("bitmap_mm_cpu", &bitmap_mm_cpu, "y[M, N] = x[M, K] @ W^T, W packed bitmap",
+        py::arg("x"), py::arg("values"), py::arg("bitmask"), py::arg("row_offsets"),
+        py::arg("N"), py::arg("K"));
+  m.def("cpu_isas", &slimstack::cpu::supported_isas,
+        "instruction sets the CPU kernels can use here, best first");
+  m.def("cpu_isa", &slimstack::cpu::current_isa, "instruction set the CPU kernels use now");
+  m.def("select_cpu_isa", &select_cpu_isa, "switch the CPU kernels' instruction set (tests)",
+        py::arg("name"));
 #ifdef SLIMSTACK_WITH_CUDA
   m.attr("with_cuda") = true;
 #else

@@ -1,0 +1,107 @@
+// Shared machinery of the CPU sparse kernels: each task decompresses a block of weight
+// rows to fp32 and multiplies it with x by a register-tiled dense micro-kernel. The
+// sparse formats only differ in how one row is decompressed.
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace slimstack::cpu {
+
+constexpr int64_t kKTile = 64;     // formats: K is padded to a multiple of this
+constexpr int64_t kRowQuantum = 4;  // weight rows per micro-kernel call
+
+inline int64_t padded_k(int64_t k) { return (k + kKTile - 1) / kKTile * kKTile; }
+
+inline float to_float(float v) { return v; }
+inline float to_float(c10::Half v) { return static_cast<float>(v); }
+inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
+
+template <typename T>
+inline T from_float(float v) {
+  return static_cast<T>(v);
+}
+
+// acc[m, j] = sum_k x[m, k] * w[j, k] for m < M, j < rows (rows a multiple of kRowQuantum);
+// x has leading dimension ldx, w and k span Kp (a multiple of kKTile), acc is [M, rows].
+void dense_block_mm(const float* x, int64_t ldx, const float* w, int64_t rows, int64_t M,
+                    int64_t Kp, float* acc);
+
+// Weight rows per task: large blocks amortize the x traffic, but keep every thread busy.
+inline int64_t rows_per_task(int64_t N) {
+  const int64_t threads = at::get_num_threads();
+  int64_t rows = 64;
+  while (rows > kRowQuantum && (N + rows - 1) / rows < 2 * threads) rows /= 2;
+  return rows;
+}
+
+// x [M, K] in T -> fp32 [M, Kp] with zero columns K..Kp (this is where reads of x are
+// masked to K: padding weights meet zeros, never memory past x).
+template <typename T>
+std::vector<float> padded_fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp) {
+  std::vector<float> buf(static_cast<size_t>(M * Kp), 0.0f);
+  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const T* src = x + m * K;
+      float* dst = buf.data() + m * Kp;
+      for (int64_t k = 0; k < K; ++k) dst[k] = to_float(src[k]);
+    }
+  });
+  return buf;
+}
+
+// out[M, N] = x @ W^T where decompress_row(n, dst) writes row n of W (Kp fp32 values,
+// dst pre-zeroed) and returns false if the packed row is malformed. Returns -1, or the
+// smallest malformed row.
+template <typename T, typename DecompressRow>
+int64_t block_sparse_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K,
+                        const DecompressRow& decompress_row) {
+  const int64_t Kp = padded_k(K);
+  std::vector<float> x_buf;
+  const float* x32 = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (K == Kp) x32 = x;  // already fp32 and tile-aligned: no copy needed
+  }
+  if (x32 == nullptr) {
+    x_buf = padded_fp32_rows(x, M, K, Kp);
+    x32 = x_buf.data();
+  }
+  const int64_t block = rows_per_task(N);
+  const int64_t num_blocks = (N + block - 1) / block;
+  std::atomic<int64_t> first_bad{N};
+
+  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> w(static_cast<size_t>(block * Kp));
+    std::vector<float> acc(static_cast<size_t>(M * block));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * block;
+      const int64_t rows = std::min(block, N - n0);
+      const int64_t rows_padded = (rows + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
+      std::memset(w.data(), 0, sizeof(float) * rows_padded * Kp);
+      for (int64_t r = 0; r < rows; ++r) {
+        if (!decompress_row(n0 + r, w.data() + r * Kp)) {
+          int64_t seen = first_bad.load();
+          while (n0 + r < seen && !first_bad.compare_exchange_weak(seen, n0 + r)) {
+          }
+        }
+      }
+      dense_block_mm(x32, Kp, w.data(), rows_padded, M, Kp, acc.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const float* a = acc.data() + m * rows_padded;
+        T* y = out + m * N + n0;
+        for (int64_t r = 0; r < rows; ++r) y[r] = from_float<T>(a[r]);
+      }
+    }
+  });
+  const int64_t bad = first_bad.load();
+  return bad == N ? -1 : bad;
+}
+
+}  // namespace slimstack::cpu
