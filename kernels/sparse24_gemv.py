@@ -7,8 +7,8 @@ read with plain vector loads rather than gathered per kept value. The bytes move
 0.5625x the dense weight's for 16-bit types.
 
 Two inner products, chosen by M (a constexpr):
-- M = 1: FMA into a [BLOCK_N, BLOCK_K] fp32 accumulator laid out like the weight tile,
-  reduced once at the end;
+- M = 1: no dense tile: each kept value gathers its x (L1 hits) and does one FMA, half the
+  FLOPs of a decoded tile;
 - M 2..16: tl.dot of the [BLOCK_N, BLOCK_K] weight tile with x^T padded to 16 columns. The
   padding is free on tensor cores, while FMA work would grow with every row of x.
 Small N leaves SMs idle, so there the K range is split across programs (fp32 partials,
@@ -32,15 +32,29 @@ from slimstack.kernels._checks import (
     check_size,
     padded_k,
 )
-from slimstack.kernels._sparse24_tile import (
-    decode_sparse24_tile,
-    load_sparse24_tile,
-    sparse24_dense_tile,
-)
+from slimstack.kernels._sparse24_tile import load_sparse24_tile, sparse24_dense_tile
 
 MAX_M = 16
 _DOT_MIN_M = 2  # M > 1 goes to the tensor cores, x^T padded to 16 columns
 _INT32_LIMIT = 2**31
+
+
+@triton.jit
+def _gathered_x(
+    x_ptr, words, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_X: tl.constexpr
+):
+    """x at the column of every kept value of the tile, [BLOCK_N, BLOCK_K/2].
+
+    Value j of a row sits in group j // 2 at in-group index (word[j // 16] >> 2 * (j % 16)) & 3:
+    the formats.md nibbles read as 2-bit fields of the little-endian int32 words.
+    """
+    VALUES: tl.constexpr = BLOCK_K // 2
+    fields = (words[:, :, None] >> (2 * tl.arange(0, 16))[None, None, :]) & 3
+    index = tl.reshape(fields, [BLOCK_N, VALUES])
+    cols = k0 + 4 * (tl.arange(0, VALUES) // 2)[None, :] + index
+    if EVEN_X:  # K % BLOCK_K == 0: no column past K, and one compare less per value
+        return tl.load(x_ptr + cols)
+    return tl.load(x_ptr + cols, mask=cols < K, other=0.0)
 
 
 @triton.jit
@@ -62,6 +76,7 @@ def _sparse24_gemv_kernel(
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    EVEN_X: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -94,12 +109,14 @@ def _sparse24_gemv_kernel(
             acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
         y = tl.trans(acc)
     else:
-        # M == 1: a 2-D accumulator in the weight tile's own layout, so x is the only operand
-        # that changes layout (a broadcast row) and the tile never round-trips shared memory.
-        # Plain loads are not staged by Triton's pipeliner here, so the next raw tile is
-        # prefetched by hand into registers: twice the bytes in flight for ~20 registers.
-        # (Row masks are rebuilt from a scalar limit: the interpreter rejects bool & scalar.)
-        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        # M == 1: no dense tile at all. Each kept value gathers its x (an L1 hit: the CTA
+        # reads the same BLOCK_K slice of x) and does one FMA into a [BLOCK_N, BLOCK_K/2] fp32
+        # accumulator reduced once at the end: half the FLOPs of a decoded tile and no
+        # layout shuffles. Plain loads are not staged by Triton's pipeliner, so the next raw
+        # tile is prefetched by hand into registers: twice the bytes in flight for ~20
+        # registers. (Row masks are rebuilt from a scalar limit: the interpreter rejects
+        # bool & scalar.)
+        acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
         live_rows = rows < tl.where(t_start < t_end, N, 0)
         v, words = load_sparse24_tile(
             values_ptr, meta_ptr, rows, live_rows, t_start * BLOCK_K, KV, stride_v, stride_meta,
@@ -112,10 +129,9 @@ def _sparse24_gemv_kernel(
                 values_ptr, meta_ptr, rows, next_rows, k0 + BLOCK_K, KV, stride_v, stride_meta,
                 BLOCK_K, EVEN_K,
             )  # fmt: skip
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-            w = decode_sparse24_tile(v, words, BLOCK_N, BLOCK_K)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = _gathered_x(x_ptr, words, k0, K, BLOCK_N, BLOCK_K, EVEN_X)
+            acc += v.to(tl.float32) * x.to(tl.float32)
+            v, words = v_next, words_next
             v, words = v_next, words_next
         y = tl.sum(acc, axis=1)[None, :]
 
@@ -215,7 +231,7 @@ def sparse24_gemv(
         x, values, words, out, M, N, K, Kp // 2,
         x.stride(0), values.stride(0), words.stride(0), M * N,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=block_m >= 16, EVEN_K=Kp % cfg.block_k == 0,
+        USE_DOT=block_m >= 16, EVEN_K=Kp % cfg.block_k == 0, EVEN_X=K % cfg.block_k == 0,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

@@ -153,6 +153,19 @@ def test_sparse24_gemv_configs(poisoned, make_sparse24, M, cfg):
 
 
 @runs_here
+@pytest.mark.parametrize("M", [1, 4])
+def test_sparse24_gemv_k_multiple_of_block(poisoned, make_sparse24, M):
+    """K % BLOCK_K == 0 takes the unmasked x path (what 4096-wide layers run)."""
+    N, K, dtype = 24, 256, torch.float16
+    w = make_sparse24(N, K, dtype, generator=_gen(16))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=17)
+    config = sparse24_gemv.GemvConfig(block_n=16, block_k=128, split_k=1)
+    y = sparse24_gemv.sparse24_gemv(x, packed.values, packed.meta, N, K, config=config)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
 def test_sparse24_gemm_grouped_tiles(poisoned, make_sparse24):
     """Several M and N blocks with a group that does not divide the N blocks."""
     N, K, M, dtype = 43, 172, 40, torch.float16
