@@ -5,8 +5,8 @@ bit j of word w = column 32w + j), ``values`` 1-D with row n's kept values in co
 from ``row_offsets[n]``.
 
 Each program owns BLOCK_N rows and walks K in BLOCK_K steps, carrying per row the index of
-its next kept value. A step expands the mask words to a 0/1 tile, an exclusive prefix sum
-along K turns each kept column into its value index, and one masked load (kept columns only,
+its next kept value. A step turns each kept column into its value index with popcounts
+(per word, then below the column in its word) and one masked load (kept columns only,
 consecutive addresses, so sectors are fully used) fills a dense [BLOCK_N, BLOCK_K] tile.
 The dense tile then meets a plain slice of x: FMA for M = 1, tl.dot with x^T padded to 16
 columns for M >= 2 (as in sparse24_gemv). A split of K must first skip the values of the
@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 from slimstack.kernels._checks import (
     as_int32_words,
@@ -42,8 +43,11 @@ _INT32_LIMIT = 2**31
 
 
 @triton.jit
-def _popcount32(words):
-    """Bits set per int32 word (SWAR; shifts are arithmetic, the masks drop the sign fill)."""
+def _popcount32(words, HW_POPC: tl.constexpr):
+    """Bits set per int32 word: the POPC instruction when compiled, SWAR arithmetic in the
+    interpreter (which has no libdevice). Shifts are arithmetic; the masks drop the sign fill."""
+    if HW_POPC:
+        return libdevice.popc(words)
     c = words - ((words >> 1) & 0x55555555)
     c = (c & 0x33333333) + ((c >> 2) & 0x33333333)
     c = (c + (c >> 4)) & 0x0F0F0F0F
@@ -54,7 +58,15 @@ def _popcount32(words):
 
 @triton.jit
 def _kept_before(
-    mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr
+    mask_ptr,
+    rows,
+    row_mask,
+    KW,
+    stride_mask,
+    t_start,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HW_POPC: tl.constexpr,
 ):
     """Per row, how many values the K tiles [0, t_start) keep."""
     WORDS: tl.constexpr = BLOCK_K // 32
@@ -66,7 +78,7 @@ def _kept_before(
             mask=row_mask[:, None] & (wcols[None, :] < KW),
             other=0,
         )
-        count += tl.sum(_popcount32(words), axis=1).to(tl.int64)
+        count += tl.sum(_popcount32(words, HW_POPC), axis=1).to(tl.int64)
     return count
 
 
@@ -83,8 +95,15 @@ def _bitmap_dense_tile(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    HW_POPC: tl.constexpr,
 ):
-    """Dense W[rows, k0:k0+BLOCK_K] and each row's next value index after the tile."""
+    """Dense W[rows, k0:k0+BLOCK_K] and each row's next value index after the tile.
+
+    A kept column's value index is the row's running count, plus the kept bits of the words
+    before its own in this tile (a scan over BLOCK_K/32 word counts), plus the kept bits
+    below it in its word (a popcount). No scan runs over single columns: in Triton that
+    costs a warp-shuffle ladder per element.
+    """
     WORDS: tl.constexpr = BLOCK_K // 32
     wcols = k0 // 32 + tl.arange(0, WORDS)
     m_ptrs = mask_ptr + rows[:, None] * stride_mask + wcols[None, :]
@@ -92,12 +111,17 @@ def _bitmap_dense_tile(
         words = tl.load(m_ptrs, mask=row_mask[:, None], other=0)
     else:
         words = tl.load(m_ptrs, mask=row_mask[:, None] & (wcols[None, :] < KW), other=0)
-    shifts = tl.arange(0, 32)
-    kept = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 1, [BLOCK_N, BLOCK_K])
-    before = tl.cumsum(kept, axis=1) - kept  # kept columns to the left, within the tile
-    index = next_value[:, None] + before.to(tl.int64)
-    w = tl.load(values_ptr + index, mask=kept != 0, other=0.0)
-    return w, next_value + tl.sum(kept, axis=1).to(tl.int64)
+    per_word = _popcount32(words, HW_POPC)
+    word_start = tl.cumsum(per_word, axis=1) - per_word
+    bit = tl.arange(0, 32)[None, None, :]
+    kept = (words[:, :, None] >> bit) & 1
+    below = _popcount32(words[:, :, None] & ~(-1 << bit), HW_POPC)
+    # 64-bit row start once per row, 32-bit offsets per column: one address add each.
+    row_values = values_ptr + next_value
+    offset = tl.reshape(word_start[:, :, None] + below, [BLOCK_N, BLOCK_K])
+    kept = tl.reshape(kept, [BLOCK_N, BLOCK_K])
+    w = tl.load(row_values[:, None] + offset, mask=kept != 0, other=0.0)
+    return w, next_value + tl.sum(per_word, axis=1).to(tl.int64)
 
 
 @triton.jit
@@ -119,6 +143,7 @@ def _bitmap_gemv_kernel(
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     EVEN_K: tl.constexpr,
+    HW_POPC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -134,7 +159,9 @@ def _bitmap_gemv_kernel(
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
     next_value = tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
-    next_value += _kept_before(mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N, BLOCK_K)
+    next_value += _kept_before(
+        mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N, BLOCK_K, HW_POPC
+    )
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -142,7 +169,7 @@ def _bitmap_gemv_kernel(
             k0 = t * BLOCK_K
             w, next_value = _bitmap_dense_tile(
                 values_ptr, mask_ptr, rows, row_mask, next_value, k0, KW, stride_mask,
-                BLOCK_N, BLOCK_K, EVEN_K,
+                BLOCK_N, BLOCK_K, EVEN_K, HW_POPC,
             )  # fmt: skip
             cols = k0 + tl.arange(0, BLOCK_K)
             x_t = tl.load(
@@ -158,7 +185,7 @@ def _bitmap_gemv_kernel(
             k0 = t * BLOCK_K
             w, next_value = _bitmap_dense_tile(
                 values_ptr, mask_ptr, rows, row_mask, next_value, k0, KW, stride_mask,
-                BLOCK_N, BLOCK_K, EVEN_K,
+                BLOCK_N, BLOCK_K, EVEN_K, HW_POPC,
             )  # fmt: skip
             cols = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
@@ -238,6 +265,7 @@ def bitmap_gemv(
         x.stride(0), words.stride(0), M * N,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         USE_DOT=block_m >= 16, EVEN_K=Kp % cfg.block_k == 0,
+        HW_POPC=type(_bitmap_gemv_kernel).__name__ != "InterpretedFunction",
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
