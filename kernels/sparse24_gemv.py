@@ -1,16 +1,15 @@
 """sparse24_gemv: y = x @ W^T for decode (M = 1..16 rows) with a packed 2:4 weight.
 
-Memory-bound: each program streams BLOCK_N rows of ``values`` (wide contiguous loads) and
-their int32 metadata words once, decodes the 2:4 tile into a dense register tile
-(kernels/_sparse24_tile.py) and multiplies it with the matching dense slice of x, so x is
-read with plain vector loads rather than gathered per kept value. The bytes moved are
-0.5625x the dense weight's for 16-bit types.
-
-Two inner products, chosen by M (a constexpr):
-- M = 1: no dense tile: each kept value gathers its x (L1 hits) and does one FMA, half the
-  FLOPs of a decoded tile;
-- M 2..16: tl.dot of the [BLOCK_N, BLOCK_K] weight tile with x^T padded to 16 columns. The
-  padding is free on tensor cores, while FMA work would grow with every row of x.
+Memory-bound: each program streams BLOCK_N rows of ``values`` (128-bit contiguous loads) and
+their int32 metadata words once; the bytes moved are 0.5625x the dense weight's for 16-bit
+types. Two inner products, chosen by M (a constexpr):
+- M = 1: no dense tile. Each kept value gathers its x (L1 hits: the program reads one
+  BLOCK_K slice of x) and does one FMA, half the FLOPs of a decoded tile. The next raw tile
+  is prefetched into registers while the current one is used.
+- M 2..16: the 2:4 tile is decoded into a dense [BLOCK_N, BLOCK_K] register tile
+  (kernels/_sparse24_tile.py) and meets x^T, padded to 16 columns, in tl.dot. The padding is
+  free on tensor cores, while FMA work would grow with every row of x; Triton's pipeliner
+  stages these loads through shared memory (cp.async).
 Small N leaves SMs idle, so there the K range is split across programs (fp32 partials,
 summed by the launcher). Accumulation is fp32; the output has x's dtype.
 """
