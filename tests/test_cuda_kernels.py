@@ -1,0 +1,350 @@
+"""GPU tests of the CUDA kernels (csrc/cuda) through slimstack._C's *_cuda entry points.
+
+Each kernel is compared with a float64 reference (dense matmul of the already-masked weight)
+on fresh random inputs, writing into a NaN-poisoned output, over a shape x dtype x M grid that
+includes the odd shapes (N=43, K=172; K=64; N=1) and the 7B shapes (4096x4096, 14336x4096).
+Skips cleanly without a CUDA device or without the CUDA build of the extension.
+
+A memcheck run on the small cases:
+    compute-sanitizer --tool memcheck python -m pytest tests/test_cuda_kernels.py -k small -x
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slimstack.formats import pack_bitmap, pack_sparse24, padded_k
+from slimstack.formats.cutlass_sm90 import reorder_meta_sm90, sm90_meta_offsets
+
+
+def _load_extension():
+    if not torch.cuda.is_available():
+        return None, "no CUDA device"
+    try:
+        from slimstack import _C
+    except ImportError as err:  # built without the extension
+        return None, f"slimstack._C is not importable: {err}"
+    if not getattr(_C, "with_cuda", False) or not hasattr(_C, "sparse24_gemv_cuda"):
+        return None, "slimstack._C was built without the CUDA kernels"
+    return _C, ""
+
+
+_C, _SKIP_REASON = _load_extension()
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.cuda_ext,
+    pytest.mark.skipif(_C is None, reason=_SKIP_REASON),
+]
+
+DTYPES = [torch.float16, torch.bfloat16]
+# (N, K): odd N and K not a multiple of 8 or 64, a single K tile, a single row, a K that is
+# not a multiple of 64 with N % 8 == 0 (sm90 path with padding), and the 7B MLP/attention shapes.
+SHAPES = [(43, 172), (64, 64), (1, 64), (128, 200), (4096, 4096), (14336, 4096)]
+SMALL = {(43, 172), (64, 64), (1, 64), (128, 200)}
+# Inputs are exact in the dtype and the kernels accumulate in fp32, so the error is the final
+# rounding (half an ulp, relative) plus fp32 accumulation noise (absolute, ~sqrt(K)).
+RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def _shape_id(shape: tuple[int, int]) -> str:
+    n, k = shape
+    return f"{'small-' if shape in SMALL else ''}N{n}-K{k}"
+
+
+def _dtype_id(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+_WEIGHTS: dict[tuple, tuple[torch.Tensor, object]] = {}
+
+
+def _weight(kind: str, n: int, k: int, dtype: torch.dtype, make) -> tuple[torch.Tensor, object]:
+    """Dense masked weight on the GPU and its packed form (cached: packing 14336x4096 is slow)."""
+    key = (kind, n, k, dtype)
+    if key not in _WEIGHTS:
+        gen = torch.Generator().manual_seed(n * 7919 + k)
+        dense = make(n, k, dtype, generator=gen)
+        packed = pack_sparse24(dense) if kind == "sparse24" else pack_bitmap(dense)
+        _WEIGHTS[key] = (dense.cuda(), packed.to("cuda"))
+    return _WEIGHTS[key]
+
+
+def _x(m: int, k: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return torch.randn(m, k, generator=gen, device="cuda").to(dtype)
+
+
+def _poisoned(m: int, n: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+
+
+def _check(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
+    ref = x.double() @ dense.double().T
+    assert not torch.isnan(y).any(), "output has NaN: some element was never written"
+    k = x.shape[1]
+    torch.testing.assert_close(y.double(), ref, rtol=RTOL[x.dtype], atol=1e-3 * math.sqrt(k))
+
+
+# ------------------------------------------------------------------------------------------
+# sparse24_gemv
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_sparse24_gemv_matches_reference(dtype, shape, m, make_sparse24) -> None:
+    n, k = shape
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    x = _x(m, k, dtype, seed=m)
+    out = _poisoned(m, n, dtype)
+    y = _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _check(y, x, dense)
+    # the default allocation path agrees bit for bit
+    assert torch.equal(_C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k), y)
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 16])
+@pytest.mark.parametrize("shape", [(43, 172), (4096, 4096)], ids=_shape_id)
+def test_sparse24_gemv_forced_split_k(shape, split_k, make_sparse24) -> None:
+    n, k = shape
+    dtype = torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    for m in (1, 9):
+        x = _x(m, k, dtype, seed=100 + m)
+        y = _C.sparse24_gemv_cuda(
+            x, packed.values, packed.meta, n, k, split_k, _poisoned(m, n, dtype)
+        )
+        _check(y, x, dense)
+        again = _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, split_k)
+        assert torch.equal(y, again), "split-K reduction must be deterministic"
+
+
+@pytest.mark.parametrize("m", [1, 8, 16])
+@pytest.mark.parametrize(("n", "k"), [(4096, 4096), (14336, 4096), (4096, 14336), (43, 172)])
+def test_sparse24_gemv_plan_is_consistent(n, k, m) -> None:
+    plan = _C.sparse24_gemv_plan_cuda(m, n, k, torch.cuda.current_device(), 0)
+    kp = padded_k(k)
+    chunks = kp // 16
+    assert plan["slice_chunks"] % 16 == 0
+    assert plan["split_k"] == -(-chunks // plan["slice_chunks"])
+    assert m * (plan["slice_chunks"] * 32 + 64) <= 48 * 1024, "x slice must fit shared memory"
+    expected_ws = plan["split_k"] * m * n * 4 if plan["split_k"] > 1 else 0
+    assert plan["workspace_bytes"] == expected_ws
+
+
+def test_sparse24_gemv_unaligned_x_uses_the_safe_path(make_sparse24) -> None:
+    n, k, m = 64, 64, 3
+    dtype = torch.float16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    storage = _x(1, m * k + 1, dtype, seed=5).reshape(-1)
+    x = storage[1:].view(m, k)  # 2-byte offset: no 16-byte loads possible
+    assert x.data_ptr() % 16 != 0
+    y = _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, out=_poisoned(m, n, dtype))
+    _check(y, x, dense)
+
+
+def test_sparse24_gemv_rejects_bad_input(make_sparse24) -> None:
+    n, k = 64, 64
+    _, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)
+    x = _x(2, k, torch.float16, seed=1)
+    with pytest.raises(ValueError, match="M <= 16"):
+        _C.sparse24_gemv_cuda(_x(17, k, torch.float16, 2), packed.values, packed.meta, n, k)
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        _C.sparse24_gemv_cuda(x.float(), packed.values, packed.meta, n, k)
+    with pytest.raises(TypeError, match="values must be"):
+        _C.sparse24_gemv_cuda(x.bfloat16(), packed.values, packed.meta, n, k)
+    with pytest.raises(ValueError, match="values must be on"):
+        _C.sparse24_gemv_cuda(x, packed.values.cpu(), packed.meta, n, k)
+    with pytest.raises(ValueError, match="meta must be"):
+        _C.sparse24_gemv_cuda(x, packed.values, packed.meta[:, :4].contiguous(), n, k)
+    with pytest.raises(ValueError, match="contiguous"):
+        _C.sparse24_gemv_cuda(_x(k, 2, torch.float16, 3).T, packed.values, packed.meta, n, k)
+    with pytest.raises(ValueError, match=r"x must be \[M, K=64\]"):
+        _C.sparse24_gemv_cuda(_x(2, 32, torch.float16, 4), packed.values, packed.meta, n, k)
+    with pytest.raises(ValueError, match="out must be"):
+        _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, out=_poisoned(2, n + 1, x.dtype))
+    with pytest.raises(ValueError, match="x must be a CUDA tensor"):
+        _C.sparse24_gemv_cuda(x.cpu(), packed.values, packed.meta, n, k)
+
+
+def test_sparse24_gemv_empty_batch(make_sparse24) -> None:
+    _, packed = _weight("sparse24", 64, 64, torch.float16, make_sparse24)
+    y = _C.sparse24_gemv_cuda(_x(0, 64, torch.float16, 1), packed.values, packed.meta, 64, 64)
+    assert y.shape == (0, 64)
+
+
+def test_sparse24_gemv_replays_in_a_cuda_graph(make_sparse24) -> None:
+    n, k, m = 4096, 4096, 1
+    dtype = torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    static_x = _x(m, k, dtype, seed=11)
+    static_y = _poisoned(m, n, dtype)
+    _C.sparse24_gemv_cuda(static_x, packed.values, packed.meta, n, k, out=static_y)  # warm-up
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        _C.sparse24_gemv_cuda(static_x, packed.values, packed.meta, n, k, out=static_y)
+    fresh = _x(m, k, dtype, seed=12)
+    static_x.copy_(fresh)
+    static_y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    _check(static_y, fresh, dense)
+
+
+# ------------------------------------------------------------------------------------------
+# bitmap_gemv
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_bitmap_gemv_matches_reference(dtype, shape, m, make_unstructured) -> None:
+    n, k = shape
+    dense, packed = _weight("bitmap", n, k, dtype, make_unstructured)
+    x = _x(m, k, dtype, seed=m + 1)
+    out = _poisoned(m, n, dtype)
+    y = _C.bitmap_gemv_cuda(x, packed.values, packed.bitmask, packed.row_offsets, n, k, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _check(y, x, dense)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_bitmap_gemv_extreme_rows_small(m) -> None:
+    # rows: empty, full, a single kept value at the last column, every other column
+    k = 2200  # more than one 1024-column sub-tile, not a multiple of 64
+    gen = torch.Generator().manual_seed(3)
+    dense = torch.randn(4, k, generator=gen).add_(3.0).to(torch.float16)
+    dense[0] = 0
+    dense[2, :-1] = 0
+    dense[3, 1::2] = 0
+    packed = pack_bitmap(dense).to("cuda")
+    dense = dense.cuda()
+    x = _x(m, k, torch.float16, seed=m)
+    y = _C.bitmap_gemv_cuda(
+        x, packed.values, packed.bitmask, packed.row_offsets, 4, k, out=_poisoned(m, 4, dense.dtype)
+    )
+    _check(y, x, dense)
+    assert torch.equal(y[:, 0], torch.zeros(m, dtype=y.dtype, device="cuda"))
+
+
+def test_bitmap_gemv_rejects_bad_input(make_unstructured) -> None:
+    n, k = 43, 172
+    _, packed = _weight("bitmap", n, k, torch.float16, make_unstructured)
+    x = _x(1, k, torch.float16, seed=1)
+    with pytest.raises(ValueError, match="M <= 16"):
+        x17 = _x(17, k, torch.float16, 2)
+        _C.bitmap_gemv_cuda(x17, packed.values, packed.bitmask, packed.row_offsets, n, k)
+    with pytest.raises(TypeError, match="row_offsets must be"):
+        _C.bitmap_gemv_cuda(x, packed.values, packed.bitmask, packed.row_offsets.int(), n, k)
+    with pytest.raises(ValueError, match="bitmask must be"):
+        short = packed.bitmask[:-1].contiguous()
+        _C.bitmap_gemv_cuda(x, packed.values, short, packed.row_offsets, n, k)
+
+
+# ------------------------------------------------------------------------------------------
+# sparse24 GEMM, sm80 kernel (runs on sm_80 and later, Hopper included)
+
+
+@pytest.mark.parametrize("m", [1, 17, 64, 128, 257])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_sparse24_gemm_sm80_matches_reference(dtype, shape, m, make_sparse24) -> None:
+    n, k = shape
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    x = _x(m, k, dtype, seed=1000 + m)
+    out = _poisoned(m, n, dtype)
+    y = _C.sparse24_gemm_sm80_cuda(x, packed.values, packed.meta, n, k, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _check(y, x, dense)
+
+
+# ------------------------------------------------------------------------------------------
+# sparse24 GEMM, sm90 CUTLASS kernel
+
+
+def _sm90_or_skip() -> None:
+    if not _C.sparse24_gemm_sm90_available(torch.cuda.current_device()):
+        pytest.skip("needs a compute capability 9.0 GPU and a build with sm_90a")
+
+
+SM90_SHAPES = [s for s in SHAPES if s[0] % 8 == 0]
+
+
+@pytest.mark.parametrize("m", [1, 64, 128, 257, 2048])
+@pytest.mark.parametrize("shape", SM90_SHAPES, ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_sparse24_gemm_sm90_matches_reference(dtype, shape, m, make_sparse24) -> None:
+    _sm90_or_skip()
+    n, k = shape
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
+    x = _x(m, k, dtype, seed=2000 + m)
+    out = _poisoned(m, n, dtype)
+    y = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    _check(y, x, dense)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_sm90_meta_reorder_matches_python_reference(shape, make_sparse24) -> None:
+    n, k = shape
+    _, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)
+    on_device = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
+    assert on_device.numel() == _C.sparse24_sm90_meta_nbytes(n, k)
+    assert torch.equal(on_device, reorder_meta_sm90(packed.meta))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (43, 192), (4096, 4096)], ids=_shape_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_sm90_cutlass_compressor_agrees_with_our_packing(dtype, shape, make_sparse24) -> None:
+    """Our values are CUTLASS's compressed A, and our reordered meta is its E."""
+    _sm90_or_skip()
+    n, k = shape
+    assert k % 64 == 0  # no padding groups (CUTLASS codes an all-zero group differently)
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    values_c, meta_c = _C.sparse24_sm90_compress_dense_cuda(dense)
+    assert torch.equal(values_c.view(torch.int16), packed.values.view(torch.int16))
+    ours = reorder_meta_sm90(packed.meta)
+    mapped = sm90_meta_offsets(n, k)[:n, : k // 8].reshape(-1).cuda()
+    assert torch.equal(meta_c[mapped], ours[mapped])
+    # and the GEMM on CUTLASS's own buffers gives the same answer as on ours
+    if n % 8 == 0:
+        x = _x(128, k, dtype, seed=7)
+        y_theirs = _C.sparse24_gemm_sm90_cuda(x, values_c, meta_c, n, k)
+        y_ours = _C.sparse24_gemm_sm90_cuda(
+            x, packed.values, _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k), n, k
+        )
+        assert torch.equal(y_theirs, y_ours)
+
+
+def test_sm90_rejects_rows_not_multiple_of_8(make_sparse24) -> None:
+    n, k = 43, 172
+    _, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)
+    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        _C.sparse24_gemm_sm90_cuda(_x(64, k, torch.float16, 1), packed.values, meta_sm90, n, k)
+
+
+def test_sm90_rejects_meta_in_the_wrong_layout(make_sparse24) -> None:
+    n, k = 64, 64
+    _, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)
+    with pytest.raises(ValueError, match="meta_sm90 must be"):
+        # the formats.md meta ([N, Kp/8]) is not the CUTLASS buffer (1-D)
+        _C.sparse24_gemm_sm90_cuda(_x(64, k, torch.float16, 1), packed.values, packed.meta, n, k)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_kernels_follow_the_tensors_device(make_sparse24) -> None:
+    n, k, m = 128, 200, 3
+    dense, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)
+    dev = torch.device("cuda", 1)
+    x = _x(m, k, torch.float16, seed=3).to(dev)
+    with torch.cuda.device(0):
+        y = _C.sparse24_gemv_cuda(x, packed.values.to(dev), packed.meta.to(dev), n, k)
+    assert y.device == dev
+    _check(y.cuda(0), x.cuda(0), dense)
