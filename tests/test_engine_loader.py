@@ -160,3 +160,43 @@ def test_load_errors_are_clear(stories260k_dir: Path, tmp_path: Path) -> None:
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="longrope.*supported: default, linear"):
         load(other, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def wanda24(stories260k_dir: Path, shared_dir: Path, tmp_path_factory) -> Path:
+    from slimstack.prune.driver import prune
+
+    out = tmp_path_factory.mktemp("wanda") / "stories-wanda24"
+    calib = shared_dir / "data" / "wikitext-2" / "valid.txt"
+    prune(
+        stories260k_dir, out, method="wanda", sparsity="2:4", calib=calib, nsamples=8,
+        seqlen=128, progress=False,
+    )  # fmt: skip
+    return out
+
+
+def test_wanda_24_copy_is_packed_and_matches_transformers(wanda24: Path) -> None:
+    engine, result = _greedy_matches_transformers(wanda24)
+    info = engine.info()
+    assert info.formats == {"sparse24": 20}  # every fused projection packed, none dense
+    assert info.linear_nbytes < 0.6 * info.dense_linear_nbytes
+    dense = load(wanda24, device="cpu", pack=False)
+    ids = torch.tensor([engine.tokenizer(PROMPT)["input_ids"]])
+    assert torch.allclose(engine.logits(ids), dense.logits(ids), atol=1e-4)
+
+
+def test_unstructured_50_copy_is_packed_as_bitmap(stories260k_dir: Path, tmp_path: Path) -> None:
+    from slimstack.prune.driver import prune
+
+    out = tmp_path / "magnitude50"
+    prune(stories260k_dir, out, method="magnitude", sparsity="0.5", progress=False)
+    engine = load(out, device="cpu")
+    assert engine.info().formats == {"bitmap": 20}
+    dense = load(out, device="cpu", pack=False)
+    ids = torch.tensor([engine.tokenizer(PROMPT)["input_ids"]] * 2)
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    assert torch.allclose(engine.logits(ids, mask), dense.logits(ids, mask), atol=1e-4)
+    assert engine.generate(PROMPT, max_new_tokens=30).tokens == (
+        dense.generate(PROMPT, max_new_tokens=30).tokens
+    )

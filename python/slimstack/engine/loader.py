@@ -30,7 +30,7 @@ from slimstack.formats import is_sparse24
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense for packing and fusion decisions
+SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense: ops is not even imported
 
 
 def load(
@@ -140,9 +140,15 @@ def build_layer(
 
 
 def _sparsity_kind(weight: torch.Tensor) -> str:
-    if _zero_fraction(weight) < SPARSE_MIN_ZEROS:
+    """The format ops would pack this weight in: "sparse24", "bitmap" or "dense"."""
+    zeros = _zero_fraction(weight)
+    if zeros < SPARSE_MIN_ZEROS:
         return "dense"
-    return "sparse24" if is_sparse24(weight) else "sparse"
+    if is_sparse24(weight):
+        return "sparse24"
+    from slimstack.ops.sparsify import BITMAP_MIN_ZEROS
+
+    return "bitmap" if zeros >= BITMAP_MIN_ZEROS else "dense"
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
