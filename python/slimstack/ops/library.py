@@ -1,0 +1,139 @@
+"""The sparse matmuls as ``torch.library`` custom ops, so torch.compile and CUDA graphs see
+one opaque node with a known output shape instead of tracing into kernel launchers.
+
+- ``slimstack::sparse24_mm`` / ``slimstack::bitmap_mm``: the native extension, its CPU
+  kernel on CPU tensors and its CUDA kernels on CUDA tensors.
+- ``slimstack::sparse24_mm_triton`` / ``slimstack::bitmap_mm_triton``: the Triton launchers
+  in ``slimstack.kernels`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+
+All take x [M, K] (contiguous, the packed weight's dtype) and return y [M, N] in x's dtype.
+Which op runs is decided by ``slimstack.ops.dispatch``; nothing here chooses a backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from functools import cache
+from types import ModuleType
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+# decode kernels (GEMV) take at most this many rows; larger M goes to the GEMMs
+GEMV_MAX_M = 16
+
+
+@cache
+def native_extension() -> ModuleType | None:
+    """slimstack._C, or None when the package was installed without it."""
+    try:
+        return importlib.import_module("slimstack._C")
+    except ImportError:
+        return None
+
+
+def _require_native(op: str) -> ModuleType:
+    ext = native_extension()
+    if ext is None:
+        raise RuntimeError(f"{op}: the native extension slimstack._C is not built")
+    return ext
+
+
+def _empty_like_output(x: Tensor, n: int) -> Tensor:
+    return x.new_empty((x.shape[0], n))
+
+
+# ----------------------------------------------------------------------------- native
+
+
+@torch.library.custom_op("slimstack::sparse24_mm", mutates_args=(), device_types="cpu")
+def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
+    """y = x @ W^T for a sparse24-packed W, native kernels."""
+    return _require_native("sparse24_mm").sparse24_mm_cpu(x, values, meta, N, K)
+
+
+@torch.library.custom_op("slimstack::bitmap_mm", mutates_args=(), device_types="cpu")
+def bitmap_mm(
+    x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
+) -> Tensor:
+    """y = x @ W^T for a bitmap-packed W, native kernels."""
+    return _require_native("bitmap_mm").bitmap_mm_cpu(x, values, bitmask, row_offsets, N, K)
+
+
+# The Hopper GEMM reads the metadata in CUTLASS's order: reorder once per weight and keep it
+# as long as the weight's meta tensor lives.
+_SM90_META: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _sm90_meta(ext: ModuleType, meta: Tensor, n: int, k: int) -> Tensor:
+    reordered = _SM90_META.get(meta)
+    if reordered is None:
+        reordered = ext.sparse24_sm90_reorder_meta_cuda(meta, n, k)
+        _SM90_META[meta] = reordered
+    return reordered
+
+
+@sparse24_mm.register_kernel("cuda")
+def _sparse24_mm_cuda(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
+    ext = _require_native("sparse24_mm")
+    if not getattr(ext, "with_cuda", False):
+        raise RuntimeError("sparse24_mm: slimstack._C was built without CUDA kernels")
+    if x.shape[0] <= GEMV_MAX_M:
+        return ext.sparse24_gemv_cuda(x, values, meta, N, K)
+    if ext.sparse24_gemm_sm90_available(x.device.index or 0):
+        return ext.sparse24_gemm_sm90_cuda(x, values, _sm90_meta(ext, meta, N, K), N, K)
+    return ext.sparse24_gemm_sm80_cuda(x, values, meta, N, K)
+
+
+@bitmap_mm.register_kernel("cuda")
+def _bitmap_mm_cuda(
+    x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
+) -> Tensor:
+    ext = _require_native("bitmap_mm")
+    if not getattr(ext, "with_cuda", False):
+        raise RuntimeError("bitmap_mm: slimstack._C was built without CUDA kernels")
+    return ext.bitmap_gemv_cuda(x, values, bitmask, row_offsets, N, K)
+
+
+# ----------------------------------------------------------------------------- triton
+
+
+def _triton_kernel(module: str, name: str):
+    # Imported on first use: importing triton is slow and fixes its interpreter mode.
+    return getattr(importlib.import_module(f"slimstack.kernels.{module}"), name)
+
+
+@torch.library.custom_op("slimstack::sparse24_mm_triton", mutates_args=())
+def sparse24_mm_triton(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
+    """y = x @ W^T for a sparse24-packed W: Triton GEMV for decode, tiled GEMM otherwise."""
+    if x.shape[0] <= GEMV_MAX_M:
+        return _triton_kernel("sparse24_gemv", "sparse24_gemv")(x, values, meta, N, K)
+    return _triton_kernel("sparse24_gemm", "sparse24_gemm")(x, values, meta, N, K)
+
+
+@torch.library.custom_op("slimstack::bitmap_mm_triton", mutates_args=())
+def bitmap_mm_triton(
+    x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
+) -> Tensor:
+    """y = x @ W^T for a bitmap-packed W (M <= 16): Triton GEMV."""
+    return _triton_kernel("bitmap_gemv", "bitmap_gemv")(x, values, bitmask, row_offsets, N, K)
+
+
+# ----------------------------------------------------------------------------- fake
+
+
+@sparse24_mm.register_fake
+@sparse24_mm_triton.register_fake
+def _sparse24_mm_fake(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
+    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: f"x must be [M, {K}]")
+    return _empty_like_output(x, N)
+
+
+@bitmap_mm.register_fake
+@bitmap_mm_triton.register_fake
+def _bitmap_mm_fake(
+    x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
+) -> Tensor:
+    torch._check(x.dim() == 2 and x.shape[1] == K, lambda: f"x must be [M, {K}]")
+    return _empty_like_output(x, N)

@@ -1,0 +1,112 @@
+"""``sparsify_model``: swap every sparse enough nn.Linear of a model for a SparseLinear."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from slimstack.formats import is_sparse24
+from slimstack.formats.common import SUPPORTED_DTYPES
+from slimstack.ops.sparse_linear import PATTERNS, Pattern, SparseLinear
+
+# Below this share of zeros a bitmap weight is no smaller than dense for 16-bit types
+# (bits + compacted values + row offsets: ~0.5625x at 50%), so it is left dense.
+BITMAP_MIN_ZEROS = 0.45
+
+
+@dataclass
+class SwappedLinear:
+    name: str
+    format: str
+    shape: tuple[int, int]
+    dense_bytes: int
+    packed_bytes: int
+
+
+@dataclass
+class SparsifyReport:
+    """Which linears were packed (and how), which were left dense and why."""
+
+    swapped: list[SwappedLinear] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(s.dense_bytes for s in self.swapped)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(s.packed_bytes for s in self.swapped)
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def __str__(self) -> str:
+        lines = [
+            f"{len(self.swapped)} linear(s) packed, {len(self.skipped)} left dense; weight bytes "
+            f"{self.bytes_before:,} -> {self.bytes_after:,} (saved {self.bytes_saved:,})"
+        ]
+        lines += [
+            f"  {s.name}: {s.format} {s.shape[0]}x{s.shape[1]}, "
+            f"{s.dense_bytes:,} -> {s.packed_bytes:,} bytes"
+            for s in self.swapped
+        ]
+        lines += [f"  {name}: dense ({why})" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _choose_format(weight: torch.Tensor, pattern: Pattern) -> tuple[str | None, str]:
+    """(format, reason): the format to pack ``weight`` in, or None and why not."""
+    if weight.device.type == "meta":
+        return None, "weight is on the meta device"
+    if weight.dtype not in SUPPORTED_DTYPES.values():
+        return None, f"dtype {weight.dtype} has no sparse kernels"
+    if pattern in ("auto", "sparse24") and is_sparse24(weight):
+        return "sparse24", "2:4"
+    zeros = float((weight == 0).float().mean())
+    if pattern in ("auto", "bitmap") and zeros >= BITMAP_MIN_ZEROS:
+        return "bitmap", f"{zeros:.0%} zeros"
+    few_zeros = f"only {zeros:.0%} zeros (< {BITMAP_MIN_ZEROS:.0%})"
+    return None, {"sparse24": "not 2:4", "bitmap": few_zeros}.get(
+        pattern, f"not 2:4 and {few_zeros}"
+    )
+
+
+def sparsify_model(model: nn.Module, pattern: Pattern = "auto") -> SparsifyReport:
+    """Replace, in place, each nn.Linear whose weight is exactly 2:4 (pattern "auto" or
+    "sparse24") or at least 45% zeros (pattern "auto" or "bitmap": bitmap format) by a
+    SparseLinear computing the same function; other modules are left alone.
+
+    A linear reachable under several names is packed once and shared. Returns the report.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if pattern not in PATTERNS:
+        raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    report = SparsifyReport()
+    replacements: dict[int, nn.Module] = {}
+    # list first: the module tree is modified while walking it
+    for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
+        for child_name, child in list(parent.named_children()):
+            if not isinstance(child, nn.Linear):
+                continue
+            name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if id(child) not in replacements:
+                replacements[id(child)] = _pack_linear(name, child, pattern, report)
+            setattr(parent, child_name, replacements[id(child)])
+    return report
+
+
+def _pack_linear(name: str, linear: nn.Linear, pattern: Pattern, report: SparsifyReport):
+    fmt, reason = _choose_format(linear.weight.detach(), pattern)
+    if fmt is None:
+        report.skipped[name] = reason
+        return linear
+    sparse = SparseLinear.from_linear(linear, pattern=fmt)
+    report.swapped.append(
+        SwappedLinear(name, fmt, sparse.shape, linear.weight.nbytes, sparse.packed.nbytes)
+    )
+    return sparse
