@@ -136,9 +136,10 @@ def test_result_fields_and_timings(engine) -> None:
 
 def test_token_id_prompts_match_text_prompts(engine) -> None:
     ids = engine.tokenizer(PROMPT)["input_ids"]
-    assert engine.generate(ids, max_new_tokens=10).tokens == (
-        engine.generate(PROMPT, max_new_tokens=10).tokens
-    )
+    expected = engine.generate(PROMPT, max_new_tokens=10).tokens
+    assert engine.generate(ids, max_new_tokens=10).tokens == expected
+    assert engine.generate(torch.tensor(ids), max_new_tokens=10).tokens == expected
+    assert engine.generate(torch.tensor([ids, ids]), max_new_tokens=10).token_ids == [expected] * 2
 
 
 # ----------------------------------------------------------------------------- errors

@@ -245,8 +245,13 @@ def _is_token_list(value: Any) -> bool:
 def encode_prompts(model: DecoderModel, prompts: Any) -> tuple[list[list[int]], bool]:
     """Prompts -> token id lists, and whether a single prompt was given.
 
-    Accepted: a string, a list of strings, a list of token ids, a list of such lists.
+    Accepted: a string, a list of strings, a list of token ids, a list of such lists, or a
+    1-D / 2-D tensor of token ids.
     """
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() not in (1, 2) or prompts.dtype.is_floating_point:
+            raise ValueError(f"a tensor prompt must be 1-D or 2-D integer ids, got {prompts.shape}")
+        prompts = prompts.tolist()
     if isinstance(prompts, str) or (_is_token_list(prompts) and len(prompts) > 0):
         items, single = [prompts], True
     elif isinstance(prompts, (list, tuple)) and prompts:
