@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from slimstack.engine.model import REFERENCE_KERNELS, Kernels
+from slimstack.engine.model import REFERENCE_KERNELS, Kernels, swiglu_reference
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -23,7 +23,14 @@ def triton_kernels() -> Kernels:
         apply_rope_(q, k, cos, sin)
         return q, k
 
-    return Kernels("triton", rmsnorm, rotary_in_place, swiglu)
+    def swiglu_any_layout(gate, up):
+        # gate/up are halves of the fused gate_up_proj output (strided views): the Triton
+        # kernel would first copy both, torch's two elementwise kernels read them in place
+        if gate.is_contiguous() and up.is_contiguous():
+            return swiglu(gate, up)
+        return swiglu_reference(gate, up)
+
+    return Kernels("triton", rmsnorm, rotary_in_place, swiglu_any_layout)
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto") -> Kernels:
