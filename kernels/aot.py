@@ -93,8 +93,8 @@ def _gemm_variants(dt: str) -> list[Variant]:
     from slimstack.kernels import sparse24_gemm
 
     out = []
-    for m in (17, 64, 2048):
-        cfg = sparse24_gemm.default_config(m)
+    for m in (17, 64, 512, 2048):
+        cfg = sparse24_gemm.default_config(m, 4096)
         out.append(
             Variant(
                 f"sparse24_gemm[BLOCK_M={cfg.block_m},{dt}]", "sparse24_gemm",

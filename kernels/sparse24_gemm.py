@@ -27,6 +27,7 @@ from slimstack.kernels._checks import (
     padded_k,
 )
 from slimstack.kernels._sparse24_tile import sparse24_dense_tile
+from slimstack.kernels.sparse24_gemv import sm_count
 
 _INT32_LIMIT = 2**31
 
@@ -99,12 +100,19 @@ class GemmConfig:
     num_stages: int = 3
 
 
-def default_config(M: int) -> GemmConfig:
-    """Small M: narrow x tiles so fewer padded rows; large M: 128x128 to amortise the decode."""
+def default_config(M: int, N: int | None = None, sm_count: int = 132) -> GemmConfig:
+    """Tiles by problem size (from SASS: per K step, decode issue cycles vs wgmma cycles).
+
+    Small M: narrow x tiles, fewer padded rows. Large M: 256 x-rows per tile halve the decode
+    work per FLOP (the 128x128 tile issues ~716 cycles per K step for ~490 of wgmma; 256x128
+    issues ~764 for ~980), used once there are enough tiles to fill every SM.
+    """
     if M <= 32:
         return GemmConfig(block_m=32, block_n=64, num_warps=4, num_stages=4)
     if M <= 64:
         return GemmConfig(block_m=64, block_n=64, num_warps=4, num_stages=4)
+    if N is not None and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= sm_count:
+        return GemmConfig(block_m=256, block_n=128, num_warps=8, num_stages=3)
     return GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
@@ -143,7 +151,7 @@ def sparse24_gemm(
         return x.new_empty((0, N))
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config or default_config(M)
+    cfg = config or default_config(M, N, sm_count(x.device))
     Kp = padded_k(K)
     words = as_int32_words("sparse24_gemm", "meta", meta)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)

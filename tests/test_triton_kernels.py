@@ -178,6 +178,19 @@ def test_sparse24_gemm_grouped_tiles(poisoned, make_sparse24):
 
 
 @runs_here
+def test_sparse24_gemm_large_m_tile(poisoned, make_sparse24):
+    """The 256 x 128 tile that large prefills use, with a partial M tile and N < BLOCK_N."""
+    N, K, M, dtype = 43, 172, 300, torch.float16
+    w = make_sparse24(N, K, dtype, generator=_gen(18))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=19)
+    assert sparse24_gemm.default_config(8192, 4096).block_m == 256
+    config = sparse24_gemm.default_config(8192, 4096)
+    y = sparse24_gemm.sparse24_gemm(x, packed.values, packed.meta, N, K, config=config)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
 def test_strided_activations(poisoned, make_sparse24):
     """Rows with a stride > K and a transposed (column-major) x give the same results."""
     N, K, dtype = 43, 172, torch.float32
