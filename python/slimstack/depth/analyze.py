@@ -1,0 +1,218 @@
+"""`slimstack analyze`: score every layer of a checkpoint by five criteria and write
+scores.json, report.md and plots into one folder (atomically: all of it or nothing).
+
+Angular distance, Block Influence and the perplexity criterion share one streamed forward
+pass (one layer in memory at a time); Taylor+ streams a forward and a backward pass; the SNR
+reads only the v_proj weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slimstack.calibration import load_calibration
+from slimstack.checkpoint import Checkpoint, CheckpointError, source_record
+from slimstack.depth.angular import TOKEN_MODES, AngularDistance
+from slimstack.depth.block_influence import BlockInfluence
+from slimstack.depth.passes import forward_pass
+from slimstack.depth.perplexity import LayerRemovalPerplexity
+from slimstack.depth.selection import CRITERIA, agreement, canonical_criterion
+from slimstack.depth.snr import DEFAULT_MODULE, snr_scores
+from slimstack.depth.streaming import DEFAULT_BUDGET_MB
+from slimstack.depth.taylor import taylor_scores
+
+SCORES_FILE = "scores.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class AnalysisResult:
+    output: Path
+    scores: dict[str, Any]
+    plots: list[Path]
+
+    def summary(self) -> str:
+        lines = [f"wrote {self.output / SCORES_FILE}, report.md and {len(self.plots)} plots"]
+        for name, result in self.scores["criteria"].items():
+            lines.append(f"  {name:<16} drop first: {result['drop_order'][:8]}")
+        return "\n".join(lines)
+
+
+def parse_criteria(criteria: str | Sequence[str] | None) -> list[str]:
+    if criteria is None:
+        return list(CRITERIA)
+    items = criteria.split(",") if isinstance(criteria, str) else list(criteria)
+    chosen = []
+    for item in items:
+        name = canonical_criterion(item)
+        if name not in chosen:
+            chosen.append(name)
+    if not chosen:
+        raise ValueError(f"no criterion given; choose from: {', '.join(CRITERIA)}")
+    return [c for c in CRITERIA if c in chosen]  # a stable order for reports
+
+
+@contextmanager
+def staging_folder(target: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder beside `target`, renamed into place only if the block succeeds."""
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"output folder already exists: {target} (use --overwrite)")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"output path exists and is not a folder: {target}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _check_settings(ckpt: Checkpoint, seqlen: int, token: str, dtype: str) -> None:
+    context = ckpt.config.get("max_position_embeddings")
+    if context and seqlen > context:
+        raise ValueError(
+            f"seqlen {seqlen} exceeds the model's context ({context} tokens); lower --seqlen"
+        )
+    if seqlen < 2:
+        raise ValueError(f"seqlen must be at least 2 (one token predicts the next), got {seqlen}")
+    if token not in TOKEN_MODES:
+        raise ValueError(f"--token must be one of {', '.join(TOKEN_MODES)}, got {token!r}")
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+
+
+def score_layers(
+    ckpt: Checkpoint,
+    input_ids: torch.Tensor | None,
+    criteria: Sequence[str],
+    token: str = "last",
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    batch_size: int = 8,
+    budget_mb: float = DEFAULT_BUDGET_MB,
+    taylor_keep: tuple[int | None, int | None] = (None, None),
+    snr_module: str = DEFAULT_MODULE,
+    progress: bool = True,
+) -> tuple[dict[str, dict[str, Any]], dict[str, float]]:
+    """Each requested criterion's entry for scores.json, and the seconds each took."""
+    results: dict[str, dict[str, Any]] = {}
+    seconds: dict[str, float] = {}
+    observers = {}
+    if "angular" in criteria:
+        observers["angular"] = AngularDistance(token)
+    if "block_influence" in criteria:
+        observers["block_influence"] = BlockInfluence()
+    if "perplexity" in criteria:
+        observers["perplexity"] = LayerRemovalPerplexity(batch_size)
+    if observers:
+        start = time.perf_counter()
+        forward_pass(
+            ckpt, input_ids, list(observers.values()), dtype, device, budget_mb, batch_size,
+            progress, desc="forward (" + ", ".join(observers) + ")",
+        )  # fmt: skip
+        shared = (time.perf_counter() - start) / len(observers)
+        for name, observer in observers.items():
+            results[name] = observer.result()
+            seconds[name] = round(shared, 3)
+    if "taylor" in criteria:
+        start = time.perf_counter()
+        results["taylor"] = taylor_scores(
+            ckpt, input_ids, dtype, device, batch_size, *taylor_keep, progress=progress
+        )
+        seconds["taylor"] = round(time.perf_counter() - start, 3)
+    if "snr" in criteria:
+        start = time.perf_counter()
+        results["snr"] = snr_scores(ckpt, snr_module)
+        seconds["snr"] = round(time.perf_counter() - start, 3)
+    return {c: results[c] for c in criteria}, seconds
+
+
+def analyze(
+    model: str | os.PathLike,
+    calib: str | os.PathLike | None,
+    out: str | os.PathLike,
+    criteria: str | Sequence[str] | None = None,
+    nsamples: int = 32,
+    seqlen: int = 256,
+    seed: int = 0,
+    token: str = "last",
+    dtype: str = "float32",
+    device: str | torch.device | None = None,
+    batch_size: int = 8,
+    budget_mb: float = DEFAULT_BUDGET_MB,
+    taylor_keep_first: int | None = None,
+    taylor_keep_last: int | None = None,
+    snr_module: str = DEFAULT_MODULE,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> AnalysisResult:
+    """Score the layers of `model` and write `out`/scores.json, report.md and plots/.
+
+    `calib` (text or JSONL) is needed by every criterion but the SNR; `nsamples` windows of
+    `seqlen` tokens are drawn from it with `seed`. `token` is where angular distance is
+    measured: "last" (PruneMe) or "mean" (every token).
+    """
+    chosen = parse_criteria(criteria)
+    out = Path(out)
+    ckpt = Checkpoint.open(model)
+    _check_settings(ckpt, seqlen, token, dtype)
+    needs_data = any(c != "snr" for c in chosen)
+    if needs_data and calib is None:
+        raise ValueError("these criteria need calibration text (--calib FILE); only snr does not")
+    if out.exists() and not overwrite:  # refuse before the long work, not after it
+        raise CheckpointError(f"output folder already exists: {out} (use --overwrite)")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    calibration = load_calibration(model, calib, nsamples, seqlen, seed) if needs_data else None
+    results, seconds = score_layers(
+        ckpt,
+        calibration.input_ids if calibration is not None else None,
+        chosen,
+        token,
+        _DTYPES[dtype],
+        device,
+        batch_size,
+        budget_mb,
+        (taylor_keep_first, taylor_keep_last),
+        snr_module,
+        progress,
+    )
+    scores = {
+        "model": source_record(ckpt),
+        "settings": {
+            "criteria": chosen,
+            "calibration": calibration.record() if calibration is not None else None,
+            "angular_token": token,
+            "dtype": dtype,
+            "device": str(device),
+            "batch_size": batch_size,
+        },
+        "criteria": results,
+        "agreement": agreement(results, ckpt.num_layers),
+        "seconds": seconds,
+    }
+    ckpt.close()
+    from slimstack.depth.report import write_report  # matplotlib only when writing
+
+    with staging_folder(out, overwrite) as tmp:
+        (tmp / SCORES_FILE).write_text(json.dumps(scores, indent=2, allow_nan=False) + "\n")
+        plots = write_report(scores, tmp)
+    return AnalysisResult(out, scores, [out / p.relative_to(tmp) for p in plots])
