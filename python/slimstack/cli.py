@@ -173,7 +173,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype")
-    p.add_argument("--mode", default="auto", choices=["auto", "eager", "graph", "compile"])
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=["auto", "eager", "graph", "compile"],
+        help="decode step: CUDA graph (auto on CUDA), eager (auto on CPU) or torch.compile",
+    )
     p.set_defaults(handler=cmd_generate)
 
 
