@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +53,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    provider: str  # triton | triton_dot | cuda | torch | cpu | auto
+    provider: str  # triton | triton_dot | cuda | cuda_sm90 | torch | cpu | auto
     N: int
     K: int
     M: int
@@ -75,7 +75,7 @@ def cases(device_type: str) -> list[Case]:
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("sparse24_gemv", ("triton_dot",), lambda m: m == 1),
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
-            ("sparse24_gemm", ("triton", "cuda"), lambda m: m > GEMV_MAX_M),
+            ("sparse24_gemm", ("triton", "cuda", "cuda_sm90"), lambda m: m > GEMV_MAX_M),
             ("sparse24_mm", ("torch", "auto"), lambda m: True),
             ("bitmap_mm", ("auto",), lambda m: m <= GEMV_MAX_M),
         ]
@@ -122,6 +122,7 @@ class WeightSet:
     dense: torch.Tensor  # the masked weight, the cuBLAS / torch dense baseline's operand
     packed: Any  # Sparse24Weight or BitmapWeight (slimstack.formats)
     semi: Any = None  # torch SparseSemiStructuredTensor, built on first use
+    extras: dict[str, Any] = field(default_factory=dict)  # provider-specific copies (sm90 meta)
 
 
 def make_weight(N: int, K: int, dtype: torch.dtype, fmt: str, device: str, seed: int):
@@ -190,11 +191,23 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
             "bitmap_gemv": bitmap_gemv.bitmap_gemv,
         }
         return lambda x, ws: kernel[case.op](x, *_packed_args(ws), N, K)
+    if case.provider == "cuda_sm90":  # CUTLASS sparse tensor cores: meta reordered once
+        fn = _ext_function(("sparse24_gemm_sm90_cuda",))
+        reorder = _ext_function(("sparse24_sm90_reorder_meta_cuda",))
+
+        def sm90(x: torch.Tensor, ws: WeightSet) -> torch.Tensor:
+            if "sm90_meta" not in ws.extras:
+                ws.extras["sm90_meta"] = reorder(ws.packed.meta, N, K)
+            return fn(x, ws.packed.values, ws.extras["sm90_meta"], N, K)
+
+        return sm90
     if case.provider in ("cuda", "cpu"):
-        fn = _ext_function(
-            (f"{case.op}_{case.provider}",)
-            + ((f"{case.weight_format}_mm_{case.provider}",) if case.op.endswith("_mm") else ())
-        )
+        names = {
+            "sparse24_gemm": ("sparse24_gemm_sm80_cuda",),
+            "sparse24_mm": ("sparse24_mm_cpu",),
+            "bitmap_mm": ("bitmap_mm_cpu",),
+        }.get(case.op, ())
+        fn = _ext_function((f"{case.op}_{case.provider}", *names))
         return lambda x, ws: fn(x, *_packed_args(ws), N, K)
     if case.provider == "torch":
         return _torch_semi_structured_call()
