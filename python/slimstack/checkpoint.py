@@ -1,7 +1,7 @@
 """Hugging Face checkpoint folders: validated lazy reading, atomic writing, slimstack.json.
 
 Reading never loads the whole model: tensors come one at a time from safetensors files
-(`safe_open`), so pruning or slicing a 7B checkpoint needs about one decoder layer of memory.
+(positional reads of the byte range the header gives), so pruning or slicing a 7B checkpoint needs about one decoder layer of memory.
 Writing goes to a temporary folder beside the target that is renamed into place only when
 everything, metadata included, has been written; any failure (Ctrl-C too) removes it.
 """
@@ -17,13 +17,11 @@ import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -84,11 +82,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def _check_safetensors_file(path: Path) -> list[str]:
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: file, dtype, shape and absolute byte range."""
+
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+def _read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     """Validate a safetensors file's header and length without reading tensor data.
 
-    Returns the tensor names. A truncated download or a corrupt header raises
-    CheckpointError naming the file, instead of failing later inside a kernel.
+    A truncated download or a corrupt header raises CheckpointError naming the file,
+    instead of failing later inside a kernel.
     """
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -108,22 +117,44 @@ def _check_safetensors_file(path: Path) -> list[str]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    data_end = 0
+    base = 8 + header_len
+    entries = {}
     for name, entry in header.items():
         try:
-            begin, end = entry["data_offsets"]
+            begin, end = (int(v) for v in entry["data_offsets"])
+            dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
         except (TypeError, KeyError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors entry for {name!r}") from None
-        data_end = max(data_end, int(end))
-        if begin > end:
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if end - begin != numel * dtype.itemsize or begin < 0:
             raise CheckpointError(f"{path}: corrupt offsets for tensor {name!r}")
-    expected = 8 + header_len + data_end
+        entries[name] = TensorEntry(path.name, dtype, shape, base + begin, base + end)
+    expected = max((e.end for e in entries.values()), default=base)
     if size < expected:
         raise CheckpointError(
             f"{path}: truncated safetensors file: {size} bytes, its header needs {expected} "
             "(an interrupted download or copy?)"
         )
-    return list(header)
+    return entries
+
+
+def _read_tensor(path: Path, entry: TensorEntry) -> torch.Tensor:
+    """Plain positional reads, no mmap: the pages of a 7B checkpoint never pile up in this
+    process's RSS, and a tensor's memory is freed as soon as the caller drops it."""
+    buffer = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(entry.start)
+        view = memoryview(buffer.numpy()).cast("B")
+        filled = 0
+        while filled < len(view):
+            got = f.readinto(view[filled:])
+            if not got:
+                raise CheckpointError(f"{path}: unexpected end of file reading a tensor")
+            filled += got
+    return buffer.view(entry.dtype).reshape(entry.shape)
 
 
 @dataclass
@@ -132,9 +163,12 @@ class Checkpoint:
 
     path: Path
     config: dict[str, Any]
-    weight_map: dict[str, str]  # tensor name -> safetensors file name (relative to path)
-    _handles: dict[str, Any] = field(default_factory=dict, repr=False)
-    _stack: ExitStack = field(default_factory=ExitStack, repr=False)
+    entries: dict[str, TensorEntry]  # tensor name -> file, dtype, shape, byte range
+
+    @property
+    def weight_map(self) -> dict[str, str]:
+        """Tensor name -> safetensors file name (relative to path)."""
+        return {name: e.file for name, e in self.entries.items()}
 
     # ---------------------------------------------------------------- opening
     @classmethod
@@ -145,15 +179,13 @@ class Checkpoint:
         if not folder.is_dir():
             raise CheckpointError(f"expected a model folder, got a file: {folder}")
         config = read_config(folder)
-        weight_map = _read_weight_map(folder)
-        ckpt = cls(path=folder, config=config, weight_map=weight_map)
+        ckpt = cls(path=folder, config=config, entries=_read_entries(folder))
         if check_layers:
             ckpt.check_layers()
         return ckpt
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can use `with`."""
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -180,7 +212,7 @@ class Checkpoint:
         return getattr(torch, name) if isinstance(name, str) else torch.float32
 
     def weight_files(self) -> list[Path]:
-        return [self.path / name for name in sorted(set(self.weight_map.values()))]
+        return [self.path / name for name in sorted({e.file for e in self.entries.values()})]
 
     def weight_hashes(self) -> dict[str, str]:
         return {p.name: sha256_file(p) for p in self.weight_files()}
@@ -189,38 +221,34 @@ class Checkpoint:
         return [self.path / n for n in TOKENIZER_FILES if (self.path / n).is_file()]
 
     def tensor_names(self) -> list[str]:
-        return list(self.weight_map)
+        return list(self.entries)
 
     def layer_names(self, index: int) -> list[str]:
         """Full tensor names of decoder layer `index`."""
         self._check_layer_index(index)
         prefix = f"{LAYER_PREFIX}{index}."
-        return [n for n in self.weight_map if n.startswith(prefix)]
+        return [n for n in self.entries if n.startswith(prefix)]
 
     def non_layer_names(self) -> list[str]:
-        return [n for n in self.weight_map if not n.startswith(LAYER_PREFIX)]
+        return [n for n in self.entries if not n.startswith(LAYER_PREFIX)]
 
     # ---------------------------------------------------------------- reading
-    def _handle(self, name: str) -> Any:
+    def _entry(self, name: str) -> TensorEntry:
         try:
-            file = self.weight_map[name]
+            return self.entries[name]
         except KeyError:
             raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._stack.enter_context(safe_open(self.path / file, framework="pt"))
-            self._handles[file] = handle
-        return handle
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        entry = self._entry(name)
+        return _read_tensor(self.path / entry.file, entry)
 
     def tensor_shape(self, name: str) -> tuple[int, ...]:
         """Shape from the file header, without reading the data."""
-        return tuple(self._handle(name).get_slice(name).get_shape())
+        return self._entry(name).shape
 
     def tensor_dtype(self, name: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._handle(name).get_slice(name).get_dtype()]
+        return self._entry(name).dtype
 
     def layer_tensors(self, index: int) -> dict[str, torch.Tensor]:
         """Tensors of one decoder layer, keyed by their name inside the layer."""
@@ -242,7 +270,7 @@ class Checkpoint:
     def check_layers(self) -> None:
         """Every decoder layer has every tensor its family needs; no stray layers."""
         present: dict[int, set[str]] = {}
-        for name in self.weight_map:
+        for name in self.entries:
             match = _LAYER_RE.match(name)
             if match:
                 present.setdefault(int(match.group(1)), set()).add(match.group(2))
@@ -259,7 +287,7 @@ class Checkpoint:
                     f"{self.path}: layer {index} is missing tensors: "
                     + ", ".join(f"{LAYER_PREFIX}{index}.{t}" for t in missing)
                 )
-        if "model.embed_tokens.weight" not in self.weight_map:
+        if "model.embed_tokens.weight" not in self.entries:
             raise CheckpointError(f"{self.path}: missing model.embed_tokens.weight")
 
 
@@ -283,7 +311,7 @@ def read_config(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _read_weight_map(folder: Path) -> dict[str, str]:
+def _read_entries(folder: Path) -> dict[str, TensorEntry]:
     index_path = folder / INDEX_FILE
     shards = sorted(p.name for p in folder.glob("*.safetensors"))
     if not shards and not index_path.is_file():
@@ -304,21 +332,22 @@ def _read_weight_map(folder: Path) -> dict[str, str]:
         missing = [f for f in files if not (folder / f).is_file()]
         if missing:
             raise CheckpointError(f"{folder}: index names missing shard(s): {', '.join(missing)}")
-        for file in files:
-            names = set(_check_safetensors_file(folder / file))
-            absent = [n for n, f in weight_map.items() if f == file and n not in names]
-            if absent:
+        headers = {file: _read_safetensors_header(folder / file) for file in files}
+        entries = {}
+        for name, file in weight_map.items():
+            if name not in headers[file]:
                 raise CheckpointError(
-                    f"{folder / file}: index lists {absent[0]!r} but the shard does not hold it"
+                    f"{folder / file}: index lists {name!r} but the shard does not hold it"
                 )
-        return weight_map
-    weight_map = {}
+            entries[name] = headers[file][name]
+        return entries
+    entries = {}
     for file in shards:
-        for name in _check_safetensors_file(folder / file):
-            if name in weight_map:
+        for name, entry in _read_safetensors_header(folder / file).items():
+            if name in entries:
                 raise CheckpointError(f"{folder}: tensor {name!r} appears in two shards")
-            weight_map[name] = file
-    return weight_map
+            entries[name] = entry
+    return entries
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -46,7 +46,12 @@ def build_layer(
     cls = getattr(_modeling(cfg.model_type), f"{_CLASS_PREFIX[cfg.model_type]}DecoderLayer")
     with torch.device("meta"):
         layer = cls(cfg, layer_idx=index)
-    tensors = {k: v.to(device=device, dtype=dtype) for k, v in ckpt.layer_tensors(index).items()}
+    prefix = f"model.layers.{index}."
+    # one tensor at a time: never the layer twice (checkpoint dtype + compute dtype) in memory
+    tensors = {
+        name.removeprefix(prefix): ckpt.get_tensor(name).to(device=device, dtype=dtype)
+        for name in ckpt.layer_names(index)
+    }
     layer.load_state_dict(tensors, strict=True, assign=True)
     return layer.eval()
 

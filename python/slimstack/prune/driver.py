@@ -144,13 +144,14 @@ def prune(
         bar = tqdm(range(ckpt.num_layers), desc=f"{method} {pattern}", disable=not progress)
         for index in bar:
             pruned = _prune_layer(ckpt, stream, index, method, pattern, chosen)
-            for name, tensor in ckpt.layer_tensors(index).items():
-                full = f"{LAYER_PREFIX}{index}.{name}"
-                module = full[: -len(".weight")]
-                if module in pruned:
-                    tensor = pruned[module].to(tensor.dtype)
-                    reached[module] = float((tensor == 0).float().mean())
-                writer.add(full, tensor)
+            for name in ckpt.layer_names(index):
+                module = name.removesuffix(".weight")
+                if module in pruned:  # already in the checkpoint's dtype
+                    tensor = pruned.pop(module)
+                    reached[module] = float((tensor == 0).sum() / tensor.numel())
+                else:
+                    tensor = ckpt.get_tensor(name)
+                writer.add(name, tensor)
         bar.close()
         seconds = time.perf_counter() - start
         step: dict[str, Any] = {
@@ -198,14 +199,17 @@ def _prune_layer(
 ) -> dict[str, torch.Tensor]:
     """Prune the chosen linears of layer `index`; advance the stream past the pruned layer.
 
-    Returns full module name -> pruned fp32 weight.
+    Returns full module name -> pruned weight in the checkpoint's dtype.
     """
     prefix = f"{LAYER_PREFIX}{index}."
     if stream is None:  # magnitude: no activations needed
+        modules = [n.removesuffix(".weight") for n in ckpt.layer_names(index)]
         return {
-            prefix + name[: -len(".weight")]: prune_weight(method, tensor.float(), None, pattern)
-            for name, tensor in ckpt.layer_tensors(index).items()
-            if prefix + name[: -len(".weight")] in chosen
+            module: prune_weight(
+                method, ckpt.get_tensor(f"{module}.weight").float(), None, pattern
+            ).to(ckpt.tensor_dtype(f"{module}.weight"))
+            for module in modules
+            if module in chosen
         }
     layer = stream.load_layer(index)
     targets = {n: m for n, m in layer.named_modules() if prefix + n in chosen}

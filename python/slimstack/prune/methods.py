@@ -40,9 +40,18 @@ class InputStats:
         self.tokens += x.shape[0]
 
 
+def _by_row_chunks(weight: torch.Tensor, prune_rows, elements: int = 1 << 22) -> torch.Tensor:
+    """Apply a row-wise pruning function chunk by chunk: masks and sort indices of a
+    14336 x 4096 weight would otherwise need GBs of temporaries."""
+    out = torch.empty_like(weight)
+    step = max(1, elements // max(weight.shape[1], 1))
+    for r0 in range(0, weight.shape[0], step):
+        out[r0 : r0 + step] = prune_rows(weight[r0 : r0 + step])
+    return out
+
+
 def magnitude_prune(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    keep = mask_for(weight.abs(), pattern, per_row=True)
-    return weight * keep
+    return _by_row_chunks(weight, lambda w: w * mask_for(w.abs(), pattern, per_row=True))
 
 
 def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -51,8 +60,10 @@ def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
 
 
 def wanda_prune(weight: torch.Tensor, stats: InputStats, pattern: Pattern) -> torch.Tensor:
-    keep = mask_for(wanda_scores(weight, stats.sq_norms), pattern, per_row=True)
-    return weight * keep
+    def prune_rows(w: torch.Tensor) -> torch.Tensor:
+        return w * mask_for(wanda_scores(w, stats.sq_norms), pattern, per_row=True)
+
+    return _by_row_chunks(weight, prune_rows)
 
 
 def sparsegpt_prune(
