@@ -212,6 +212,144 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- analyze
+def _add_analyze(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "analyze",
+        help="score every layer (angular distance, Block Influence, Taylor+, perplexity, SNR)",
+        description="Score the decoder layers of MODEL by five depth-pruning criteria and write "
+        "REPORT_DIR/scores.json, report.md (rankings, where the criteria agree) and plots/.",
+    )
+    p.add_argument("model", help="Hugging Face model folder (safetensors)")
+    p.add_argument("--calib", help="calibration text (every criterion but snr needs it)")
+    p.add_argument("--out", required=True, help="report folder (refused if it exists)")
+    p.add_argument(
+        "--criteria",
+        help="comma-separated subset of angular, bi, taylor, ppl, snr (default: all five)",
+    )
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the window sampling")
+    p.add_argument(
+        "--token",
+        default="last",
+        choices=["last", "mean"],
+        help="angular distance at the last token (PruneMe, default) or over every token",
+    )
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--batch-size", type=int, default=8, help="windows per layer call")
+    p.add_argument(
+        "--memory-mb",
+        type=float,
+        default=4096,
+        help="budget for the hidden states the forward pass keeps (default 4096)",
+    )
+    p.add_argument("--taylor-keep-first", type=int, help="Taylor+ never drops these first layers")
+    p.add_argument("--taylor-keep-last", type=int, help="Taylor+ never drops these last layers")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
+    p.set_defaults(handler=cmd_analyze)
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from slimstack.depth.analyze import analyze
+
+    result = analyze(
+        args.model,
+        args.calib,
+        args.out,
+        criteria=args.criteria,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        token=args.token,
+        dtype=args.dtype,
+        device=args.device,
+        batch_size=args.batch_size,
+        budget_mb=args.memory_mb,
+        taylor_keep_first=args.taylor_keep_first,
+        taylor_keep_last=args.taylor_keep_last,
+        overwrite=args.overwrite,
+    )
+    print(result.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------- slice
+def _add_slice(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "slice",
+        help="drop, keep or repeat layers (ranges, mergekit passthrough config, a criterion)",
+        description="Write a standard Hugging Face folder with some decoder layers dropped, "
+        "kept, reordered or repeated (SOLAR up-scaling), plus slimstack.json with the layer "
+        "map. Ranges are Python-style and half-open: 20:28 is layers 20..27.",
+    )
+    p.add_argument("model", nargs="?", help="model folder (not needed with --config)")
+    how = p.add_mutually_exclusive_group(required=True)
+    how.add_argument("--drop", action="append", help="layers to drop: 20:28, 5, -4: (repeatable)")
+    how.add_argument("--keep", action="append", help="layers to keep, in order (repeatable)")
+    how.add_argument("--config", help="mergekit YAML with slices and merge_method: passthrough")
+    how.add_argument("--criterion", help="drop what angular, bi, taylor, ppl or snr picks")
+    p.add_argument("--n", type=int, help="with --criterion: how many layers to drop")
+    p.add_argument("--scores", help="with --criterion: an analysis (scores.json or its folder)")
+    p.add_argument("--calib", help="with --criterion and no --scores: text to score layers on")
+    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--seed", type=int, default=0, help="seed for the window sampling")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="convert weights")
+    p.add_argument("--device", help="cpu or cuda, for --criterion scoring")
+    p.add_argument("--out", required=True, help="output folder (refused if it exists)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(handler=cmd_slice)
+
+
+def cmd_slice(args: argparse.Namespace) -> int:
+    from slimstack.depth.slicing import slice_model
+
+    report = slice_model(
+        args.model,
+        args.out,
+        drop=args.drop,
+        keep=args.keep,
+        config=args.config,
+        criterion=args.criterion,
+        n=args.n,
+        scores=args.scores,
+        calib=args.calib,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        seed=args.seed,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+        device=args.device,
+    )
+    print(report.summary())
+    return 0
+
+
+# --------------------------------------------------------------------------- apply
+def _add_apply(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "apply",
+        help="run a recipe: slice, prune and eval steps into one output folder",
+        description="Run the steps of RECIPE (YAML: model, out, steps: slice / prune / eval) "
+        "and write one folder whose slimstack.json records every step.",
+    )
+    p.add_argument("recipe", help="recipe YAML file")
+    p.add_argument("--out", help="output folder (default: the recipe's 'out')")
+    p.add_argument("--device", help="cpu or cuda (default: the recipe's, else cuda if any)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.set_defaults(handler=cmd_apply)
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    from slimstack.depth.recipe import apply_recipe
+
+    report = apply_recipe(args.recipe, out=args.out, overwrite=args.overwrite, device=args.device)
+    print(report.summary())
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_prune,
@@ -219,6 +357,9 @@ PARSERS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_info,
     _add_demo,
     _add_generate,
+    _add_analyze,
+    _add_slice,
+    _add_apply,
 ]
 
 

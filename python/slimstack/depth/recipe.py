@@ -1,0 +1,405 @@
+"""`slimstack apply recipe.yaml`: chain slice, prune and eval steps into one output folder.
+
+    model: ./Mistral-7B-v0.1
+    out: ./mistral-24L-wanda24
+    steps:
+      - slice:
+          drop: "24:32"                 # or keep, config: FILE, inline slices:, criterion + n
+      - prune:
+          method: wanda
+          sparsity: "2:4"
+          calib: ./wikitext-2/valid.txt
+      - eval:
+          text: ./wikitext-2/test.txt   # perplexity, KL and top-1 agreement vs the source
+
+Input paths are taken as given (relative to the working directory) or, failing that,
+relative to the recipe's folder; `out` in the recipe is relative to the recipe's folder.
+The whole recipe is checked before any work starts. Each step writes into a staging folder
+beside the output; only when every step has succeeded is the last one renamed into place,
+with a slimstack.json that records the source and every step, evaluations included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from slimstack.checkpoint import (
+    METADATA_FILE,
+    Checkpoint,
+    CheckpointError,
+    read_metadata,
+    source_record,
+)
+from slimstack.depth.layer_ranges import drop_to_keep, keep_layers
+from slimstack.depth.mergekit_config import TOP_LEVEL_KEYS as MERGEKIT_KEYS
+from slimstack.depth.selection import canonical_criterion
+
+RECIPE_KEYS = ("model", "out", "device", "steps")
+STEP_KEYS = {
+    "slice": (
+        "drop", "keep", "config", "criterion", "n", "scores", "calib", "nsamples", "seqlen",
+        "seed", "dtype", *MERGEKIT_KEYS,
+    ),
+    "prune": ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "include", "exclude"),
+    "eval": ("text", "seqlen", "batch_size", "max_windows", "reference"),
+}  # fmt: skip
+PATH_KEYS = {"config", "scores", "calib", "text", "reference"}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run as written."""
+
+
+@dataclass
+class Step:
+    op: str
+    params: dict[str, Any]
+    index: int
+
+    @property
+    def label(self) -> str:
+        return f"step {self.index + 1} ({self.op})"
+
+
+@dataclass
+class Recipe:
+    model: Path
+    steps: list[Step]
+    out: Path | None = None
+    device: str | None = None
+    file: Path | None = None
+    text: str = ""
+
+
+@dataclass
+class RecipeReport:
+    output: Path
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [f"applied {len(self.steps)} steps in {self.seconds:.1f} s -> {self.output}"]
+        for number, step in enumerate(self.steps, 1):
+            lines.append(f"  {number}. {_describe(step)}")
+        return "\n".join(lines)
+
+
+def _describe(step: dict[str, Any]) -> str:
+    op = step.get("op")
+    if op == "slice":
+        return f"slice: {step['source_layers']} -> {step['num_hidden_layers']} layers"
+    if op == "prune":
+        return f"prune: {step['method']} {step['pattern']}"
+    if op == "eval":
+        text = f"eval: perplexity {step['perplexity']:.4f}"
+        if step.get("reference_perplexity") is not None:
+            text += (
+                f" (source {step['reference_perplexity']:.4f}), KL {step['kl']:.5f}, "
+                f"top-1 agreement {step['top1_agreement']:.4f}"
+            )
+        return text
+    return str(op)
+
+
+# ----------------------------------------------------------------------------- parsing
+def _resolve_input(value: Any, where: str, base_dir: Path | None) -> Path:
+    if not isinstance(value, str) or not value.strip():
+        raise RecipeError(f"{where}: expected a path, got {value!r}")
+    path = Path(os.path.expanduser(value))
+    for candidate in [path] if path.is_absolute() or base_dir is None else [path, base_dir / path]:
+        if candidate.exists():
+            return candidate
+    raise RecipeError(
+        f"{where}: {value!r} not found (relative paths: working directory or recipe folder)"
+    )
+
+
+def _parse_step(index: int, item: Any, base_dir: Path | None) -> Step:
+    where = f"steps[{index}]"
+    if not isinstance(item, Mapping) or len(item) != 1:
+        raise RecipeError(
+            f"{where}: each step is one of 'slice:', 'prune:' or 'eval:' with its settings below it"
+        )
+    ((op, params),) = item.items()
+    if op not in STEP_KEYS:
+        raise RecipeError(f"{where}: unknown step {op!r}; steps are: {', '.join(STEP_KEYS)}")
+    params = dict(params or {})
+    unknown = [k for k in params if k not in STEP_KEYS[op]]
+    if unknown:
+        raise RecipeError(
+            f"{where} ({op}): unknown setting(s) {', '.join(map(repr, unknown))}; allowed: "
+            f"{', '.join(STEP_KEYS[op])}"
+        )
+    for key in PATH_KEYS & set(params):
+        if params[key] is not None and not (key == "reference" and params[key] == "none"):
+            params[key] = _resolve_input(params[key], f"{where}.{key}", base_dir)
+    if "slices" in params:  # inline mergekit: its model paths resolve like the recipe's
+        params["base_dir"] = base_dir
+    return Step(op, params, index)
+
+
+def parse_recipe(raw: Any, file: Path | None = None, text: str = "") -> Recipe:
+    if not isinstance(raw, Mapping):
+        raise RecipeError("a recipe is a mapping with 'model' and 'steps'")
+    unknown = [k for k in raw if k not in RECIPE_KEYS]
+    if unknown:
+        raise RecipeError(
+            f"recipe: unknown key(s) {', '.join(map(repr, unknown))}; allowed: "
+            f"{', '.join(RECIPE_KEYS)}"
+        )
+    base_dir = file.resolve().parent if file is not None else None
+    if "model" not in raw:
+        raise RecipeError("recipe: 'model' (the source model folder) is required")
+    model = _resolve_input(raw["model"], "model", base_dir)
+    steps = raw.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise RecipeError("recipe: 'steps' must be a non-empty list")
+    out = raw.get("out")
+    if out is not None:
+        out = Path(os.path.expanduser(str(out)))
+        if base_dir is not None and not out.is_absolute():
+            out = base_dir / out
+    parsed = [_parse_step(i, item, base_dir) for i, item in enumerate(steps)]
+    if all(step.op == "eval" for step in parsed):
+        raise RecipeError("recipe: nothing to write: add a slice or prune step")
+    return Recipe(model, parsed, out, raw.get("device"), file, text)
+
+
+def load_recipe(recipe: str | os.PathLike | Mapping) -> Recipe:
+    if isinstance(recipe, Mapping):
+        return parse_recipe(recipe)
+    path = Path(recipe)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    text = path.read_text()
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    return parse_recipe(raw, path, text)
+
+
+# ----------------------------------------------------------------------------- checking
+def check_recipe(recipe: Recipe) -> None:
+    """Everything that can be checked before running: settings, patterns, and layer ranges
+    against the depth each step will see."""
+    from slimstack.prune.methods import METHODS
+    from slimstack.prune.patterns import parse_pattern
+
+    with Checkpoint.open(recipe.model) as ckpt:
+        depth = ckpt.num_layers
+    for step in recipe.steps:
+        p = step.params
+        try:
+            if step.op == "slice":
+                depth = _check_slice(p, depth)
+            elif step.op == "prune":
+                method = p.get("method", "wanda")
+                if method not in METHODS:
+                    raise RecipeError(f"unknown method {method!r}; choose: {', '.join(METHODS)}")
+                parse_pattern(p.get("sparsity", "2:4"))
+                if method != "magnitude" and p.get("calib") is None:
+                    raise RecipeError(f"{method} needs calib: a calibration text file")
+            elif p.get("text") is None:
+                raise RecipeError("eval needs text: an evaluation text file")
+        except ValueError as exc:
+            raise RecipeError(f"{step.label}: {exc}") from None
+
+
+def _check_slice(p: dict[str, Any], depth: int) -> int:
+    modes = [k for k in ("drop", "keep", "config", "criterion", "slices") if k in p]
+    if len(modes) != 1:
+        raise RecipeError(
+            "a slice step takes exactly one of drop, keep, config, slices (inline mergekit) "
+            f"or criterion; got {', '.join(modes) or 'none'}"
+        )
+    mode = modes[0]
+    if mode == "drop":
+        return len(drop_to_keep(p["drop"], depth))
+    if mode == "keep":
+        return len(keep_layers(p["keep"], depth))
+    if mode == "criterion":
+        canonical_criterion(p["criterion"])
+        n = p.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or not 0 < n < depth:
+            raise RecipeError(f"criterion needs n, the number of layers to drop (1..{depth - 1})")
+        needs_data = canonical_criterion(p["criterion"]) != "snr"
+        if needs_data and p.get("scores") is None and p.get("calib") is None:
+            raise RecipeError("criterion needs scores (an analysis) or calib (to score now)")
+        return depth - n
+    return depth  # configs name their models: checked in full when the step runs
+
+
+# ----------------------------------------------------------------------------- running
+def _run_slice(step: Step, current: Path, target: Path, device: Any, progress: bool) -> None:
+    from slimstack.depth.slicing import slice_model
+
+    p = dict(step.params)
+    config = p.pop("config", None)
+    if "slices" in p:
+        base_dir = p.pop("base_dir", None)
+        from slimstack.depth.mergekit_config import parse_config
+        from slimstack.depth.slicing import plan_config, write_plan
+
+        inline = {k: p.pop(k) for k in list(p) if k in MERGEKIT_KEYS}
+        plan = plan_config(parse_config(inline, current, base_dir))
+        write_plan(plan, target, progress=progress)
+        return
+    slice_model(
+        current,
+        target,
+        drop=p.get("drop"),
+        keep=p.get("keep"),
+        config=config,
+        criterion=p.get("criterion"),
+        n=p.get("n"),
+        scores=p.get("scores"),
+        calib=p.get("calib"),
+        nsamples=p.get("nsamples", 32),
+        seqlen=p.get("seqlen", 256),
+        seed=p.get("seed", 0),
+        dtype=p.get("dtype"),
+        device=device,
+        progress=progress,
+    )
+
+
+def _run_prune(step: Step, current: Path, target: Path, device: Any, progress: bool) -> None:
+    from slimstack.prune.driver import prune
+
+    p = step.params
+    prune(
+        current,
+        target,
+        method=p.get("method", "wanda"),
+        sparsity=p.get("sparsity", "2:4"),
+        calib=p.get("calib"),
+        nsamples=p.get("nsamples", 128),
+        seqlen=p.get("seqlen", 2048),
+        seed=p.get("seed", 0),
+        include=p.get("include"),
+        exclude=p.get("exclude"),
+        device=device,
+        progress=progress,
+    )
+
+
+def _run_eval(step: Step, current: Path, source: Path, device: Any, progress: bool) -> dict:
+    from slimstack.evaluate import evaluate
+
+    p = step.params
+    reference = p.get("reference", source)
+    result = evaluate(
+        current,
+        p["text"],
+        reference=None if reference == "none" else reference,
+        seqlen=p.get("seqlen"),
+        batch_size=p.get("batch_size", 8),
+        max_windows=p.get("max_windows"),
+        device=device,
+        progress=progress,
+    )
+    return {"op": "eval", **result.to_dict()}
+
+
+def _rename_paths(obj: Any, names: dict[str, str]) -> Any:
+    """Staging folders vanish: name them by their step in the final record."""
+    if isinstance(obj, str):
+        for path, name in names.items():
+            if obj == path or obj.startswith(path + os.sep):
+                return name + obj[len(path) :]
+        return obj
+    if isinstance(obj, list):
+        return [_rename_paths(v, names) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _rename_paths(v, names) for k, v in obj.items()}
+    return obj
+
+
+def apply_recipe(
+    recipe: str | os.PathLike | Mapping | Recipe,
+    out: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> RecipeReport:
+    """Run every step of `recipe` and write the result to `out` (or the recipe's `out`)."""
+    start = time.perf_counter()
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    target = Path(out) if out is not None else recipe.out
+    if target is None:
+        raise RecipeError("no output folder: give --out DIR or 'out:' in the recipe")
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"output folder already exists: {target} (use --overwrite)")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"output path exists and is not a folder: {target}")
+    check_recipe(recipe)
+    device = device or recipe.device
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f".{target.name}.recipe-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        records, current, names = _run_steps(recipe, staging, device, progress)
+        meta = read_metadata(current) or {}
+        with Checkpoint.open(recipe.model) as source:
+            meta["source"] = source_record(source)
+        meta["steps"] = records
+        names.update({str(current): str(target), str(current.resolve()): str(target.resolve())})
+        meta["recipe"] = {
+            "file": str(recipe.file.resolve()) if recipe.file is not None else None,
+            "text": recipe.text or None,
+        }
+        meta = _rename_paths(meta, names)
+        (current / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        _replace(current, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return RecipeReport(target, meta["steps"], time.perf_counter() - start)
+
+
+def _run_steps(
+    recipe: Recipe, staging: Path, device: Any, progress: bool
+) -> tuple[list[dict[str, Any]], Path, dict[str, str]]:
+    current = recipe.model
+    records: list[dict[str, Any]] = []
+    names: dict[str, str] = {}
+    total = len(recipe.steps)
+    for step in recipe.steps:
+        if progress:
+            tqdm.write(f"[{step.index + 1}/{total}] {step.op}")
+        if step.op == "eval":
+            records.append(_run_eval(step, current, recipe.model, device, progress))
+            continue
+        folder = staging / f"step{step.index + 1}-{step.op}"
+        runner = _run_slice if step.op == "slice" else _run_prune
+        try:
+            runner(step, current, folder, device, progress)
+        except ValueError as exc:
+            raise RecipeError(f"{step.label}: {exc}") from exc
+        records.append((read_metadata(folder) or {}).get("steps", [{}])[-1])
+        names[str(folder.resolve())] = f"<{step.label}>"
+        names[str(folder)] = f"<{step.label}>"
+        current = folder
+    return records, current, names
+
+
+def _replace(folder: Path, target: Path) -> None:
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    os.replace(folder, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
