@@ -5,6 +5,7 @@
 // SLIMSTACK_WITH_CUDA block of the module below, reusing the check helpers.
 #include <torch/extension.h>
 
+#include <optional>
 #include <string>
 
 #include "cpu/sparse_mm.h"
@@ -49,6 +50,21 @@ void check_packed(const std::string& op, const char* name, const at::Tensor& t,
   TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// y [M, N] in x's dtype: the caller's `out` (checked; lets tests poison it) or a new tensor.
+at::Tensor make_output(const std::string& op, const at::Tensor& x, int64_t N,
+                       const std::optional<at::Tensor>& out) {
+  if (!out.has_value() || !out->defined()) return at::empty({x.size(0), N}, x.options());
+  const at::Tensor& y = *out;
+  TORCH_CHECK_VALUE(y.device() == x.device(), op, ": out is on ", y.device(), " but x is on ",
+                    x.device());
+  TORCH_CHECK_TYPE(y.scalar_type() == x.scalar_type(), op, ": out must be ", x.scalar_type(),
+                   " like x, got ", y.scalar_type());
+  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == N, op,
+                    ": out must be [", x.size(0), ", ", N, "], got ", y.sizes());
+  TORCH_CHECK_VALUE(y.is_contiguous(), op, ": out must be contiguous");
+  return y;
+}
+
 template <typename Fn>
 void with_kernel_type(at::ScalarType t, Fn&& fn) {
   switch (t) {
@@ -60,13 +76,13 @@ void with_kernel_type(at::ScalarType t, Fn&& fn) {
 }
 
 at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& meta,
-                           int64_t N, int64_t K) {
+                           int64_t N, int64_t K, const std::optional<at::Tensor>& out_arg) {
   const std::string op = "sparse24_mm_cpu";
   check_x(op, x, N, K, c10::DeviceType::CPU);
   const int64_t Kp = padded_k(K);
   check_packed(op, "values", values, x.scalar_type(), {N, Kp / 2}, x);
   check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, x);
-  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  at::Tensor out = make_output(op, x, N, out_arg);
   if (x.size(0) == 0) return out;
   with_kernel_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -77,13 +93,14 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
 }
 
 at::Tensor bitmap_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at::Tensor& bitmask,
-                         const at::Tensor& row_offsets, int64_t N, int64_t K) {
+                         const at::Tensor& row_offsets, int64_t N, int64_t K,
+                         const std::optional<at::Tensor>& out_arg) {
   const std::string op = "bitmap_mm_cpu";
   check_x(op, x, N, K, c10::DeviceType::CPU);
   check_packed(op, "values", values, x.scalar_type(), {}, x);
   check_packed(op, "bitmask", bitmask, at::kByte, {N, padded_k(K) / 8}, x);
   check_packed(op, "row_offsets", row_offsets, at::kLong, {N + 1}, x);
-  at::Tensor out = at::empty({x.size(0), N}, x.options());
+  at::Tensor out = make_output(op, x, N, out_arg);
   if (x.size(0) == 0) return out;
   int64_t bad_row = -1;
   with_kernel_type(x.scalar_type(), [&](auto tag) {
@@ -108,10 +125,11 @@ void select_cpu_isa(const std::string& name) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "slimstack native kernels";
   m.def("sparse24_mm_cpu", &sparse24_mm_cpu, "y[M, N] = x[M, K] @ W^T, W packed sparse24",
-        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"));
+        py::arg("x"), py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"),
+        py::arg("out") = py::none());
   m.def("bitmap_mm_cpu", &bitmap_mm_cpu, "y[M, N] = x[M, K] @ W^T, W packed bitmap",
         py::arg("x"), py::arg("values"), py::arg("bitmask"), py::arg("row_offsets"),
-        py::arg("N"), py::arg("K"));
+        py::arg("N"), py::arg("K"), py::arg("out") = py::none());
   m.def("cpu_isas", &slimstack::cpu::supported_isas,
         "instruction sets the CPU kernels can use here, best first");
   m.def("cpu_isa", &slimstack::cpu::current_isa, "instruction set the CPU kernels use now");

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_sparse24, random_unstructured
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -40,8 +39,10 @@ def gen(seed: int) -> torch.Generator:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_sparse24_round_trip_is_bitwise(shape: tuple[int, int], dtype: torch.dtype) -> None:
-    weight = random_sparse24(*shape, dtype=dtype, generator=gen(0))
+def test_sparse24_round_trip_is_bitwise(
+    shape: tuple[int, int], dtype: torch.dtype, make_sparse24
+) -> None:
+    weight = make_sparse24(*shape, dtype=dtype, generator=gen(0))
     packed = pack_sparse24(weight)
     n, k = shape
     kp = padded_k(k)
@@ -55,8 +56,8 @@ def test_sparse24_round_trip_is_bitwise(shape: tuple[int, int], dtype: torch.dty
 
 
 @pytest.mark.parametrize("shape", [(43, 172), (5, 64), (2, 7)])
-def test_sparse24_matches_documented_column_formula(shape: tuple[int, int]) -> None:
-    weight = random_sparse24(*shape, generator=gen(1))
+def test_sparse24_matches_documented_column_formula(shape: tuple[int, int], make_sparse24) -> None:
+    weight = make_sparse24(*shape, generator=gen(1))
     packed = pack_sparse24(weight)
     n, k = shape
     j = torch.arange(packed.kp // 2)
@@ -68,8 +69,8 @@ def test_sparse24_matches_documented_column_formula(shape: tuple[int, int]) -> N
     assert bool((column[:, 1::2] > column[:, 0::2]).all())
 
 
-def test_sparse24_uint16_reading_gives_group_nibbles() -> None:
-    weight = random_sparse24(4, 128, generator=gen(2))
+def test_sparse24_uint16_reading_gives_group_nibbles(make_sparse24) -> None:
+    weight = make_sparse24(4, 128, generator=gen(2))
     packed = pack_sparse24(weight)
     words = packed.meta.view(torch.int16).to(torch.int64) & 0xFFFF  # little-endian host
     for g in range(packed.kp // 4):
@@ -95,8 +96,8 @@ def test_sparse24_short_groups_keep_lowest_zero_positions() -> None:
     assert packed.values[0, :8].tolist() == [0, 0, 0, 5, 6, 0, 7, 8]
 
 
-def test_sparse24_padding_is_zero_and_k_masking_is_exact() -> None:
-    weight = random_sparse24(9, 70, generator=gen(3))
+def test_sparse24_padding_is_zero_and_k_masking_is_exact(make_sparse24) -> None:
+    weight = make_sparse24(9, 70, generator=gen(3))
     packed = pack_sparse24(weight)
     assert packed.kp == 128
     # columns 72..127 are whole padding groups: stored 0.0 at positions (0, 1)
@@ -105,8 +106,8 @@ def test_sparse24_padding_is_zero_and_k_masking_is_exact() -> None:
     assert unpack_sparse24(packed).shape == (9, 70)
 
 
-def test_sparse24_refusal_names_first_offending_row_and_group() -> None:
-    weight = random_sparse24(8, 64, generator=gen(4))
+def test_sparse24_refusal_names_first_offending_row_and_group(make_sparse24) -> None:
+    weight = make_sparse24(8, 64, generator=gen(4))
     weight[3, 20:24] = torch.tensor([1.0, 2.0, 3.0, 0.0])  # row 3, group 5
     weight[6, 0:4] = 1.0  # a later offender must not be the one reported
     assert not is_sparse24(weight)
@@ -132,8 +133,8 @@ def test_negative_zero_counts_as_zero() -> None:
     assert torch.equal(pack_bitmap(weight).unpack(), weight)
 
 
-def test_is_sparse24() -> None:
-    assert is_sparse24(random_sparse24(16, 172, generator=gen(5)))
+def test_is_sparse24(make_sparse24) -> None:
+    assert is_sparse24(make_sparse24(16, 172, generator=gen(5)))
     assert is_sparse24(torch.zeros(3, 5))
     assert not is_sparse24(torch.ones(3, 5))
     assert not is_sparse24(torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0]]))
@@ -155,8 +156,8 @@ def test_bad_inputs_are_refused(pack, weight, error, match) -> None:
         pack(weight)
 
 
-def test_container_refuses_inconsistent_tensors() -> None:
-    packed = pack_sparse24(random_sparse24(4, 64, generator=gen(6)))
+def test_container_refuses_inconsistent_tensors(make_sparse24) -> None:
+    packed = pack_sparse24(make_sparse24(4, 64, generator=gen(6)))
     with pytest.raises(ValueError, match="meta must be uint8"):
         Sparse24Weight(packed.values, packed.meta[:, :4].contiguous(), (4, 64), torch.float32)
     with pytest.raises(ValueError, match="values must be"):
@@ -169,8 +170,8 @@ def test_container_refuses_inconsistent_tensors() -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("density", [0.5, 0.1, 1.0])
-def test_bitmap_round_trip_is_bitwise(shape, dtype, density) -> None:
-    weight = random_unstructured(*shape, dtype=dtype, density=density, generator=gen(7))
+def test_bitmap_round_trip_is_bitwise(shape, dtype, density, make_unstructured) -> None:
+    weight = make_unstructured(*shape, dtype=dtype, density=density, generator=gen(7))
     packed = pack_bitmap(weight)
     n, k = shape
     assert packed.bitmask.shape == (n, padded_k(k) // 8) and packed.bitmask.dtype == torch.uint8
@@ -180,8 +181,8 @@ def test_bitmap_round_trip_is_bitwise(shape, dtype, density) -> None:
     packed.validate()
 
 
-def test_bitmap_layout_contract() -> None:
-    weight = random_unstructured(6, 100, density=0.4, generator=gen(8))
+def test_bitmap_layout_contract(make_unstructured) -> None:
+    weight = make_unstructured(6, 100, density=0.4, generator=gen(8))
     packed = pack_bitmap(weight)
     offsets = packed.row_offsets
     assert int(offsets[0]) == 0 and int(offsets[-1]) == packed.values.numel()
@@ -207,10 +208,10 @@ def test_bitmap_worked_example_from_docstring() -> None:
     assert packed.row_offsets.tolist() == [0, 8, 16]
 
 
-def test_packed_bytes_at_half_density() -> None:
+def test_packed_bytes_at_half_density(make_sparse24) -> None:
     n, k = 256, 512
     dense_bytes = n * k * 2
-    s24 = pack_sparse24(random_sparse24(n, k, dtype=torch.float16, generator=gen(9)))
+    s24 = pack_sparse24(make_sparse24(n, k, dtype=torch.float16, generator=gen(9)))
     assert s24.nbytes == n * k // 2 * 2 + n * k // 8
     assert s24.nbytes / dense_bytes <= 0.6
     keep = torch.rand(n, k, generator=gen(10)).argsort(-1) < k // 2  # exactly 50% per row
@@ -224,8 +225,8 @@ def test_packed_bytes_at_half_density() -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("kind", ["sparse24", "bitmap"])
-def test_save_load_round_trip(tmp_path, kind: str, dtype: torch.dtype) -> None:
-    weight = random_sparse24(43, 172, dtype=dtype, generator=gen(11))
+def test_save_load_round_trip(tmp_path, kind: str, dtype: torch.dtype, make_sparse24) -> None:
+    weight = make_sparse24(43, 172, dtype=dtype, generator=gen(11))
     packed = pack_sparse24(weight) if kind == "sparse24" else pack_bitmap(weight)
     path = tmp_path / "w.safetensors"
     packed.save(path)
@@ -245,12 +246,12 @@ def test_save_load_round_trip(tmp_path, kind: str, dtype: torch.dtype) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
 
 
-def test_load_refuses_wrong_format_and_version(tmp_path) -> None:
+def test_load_refuses_wrong_format_and_version(tmp_path, make_sparse24) -> None:
     path = tmp_path / "w.safetensors"
-    pack_sparse24(random_sparse24(4, 64, generator=gen(12))).save(path)
+    pack_sparse24(make_sparse24(4, 64, generator=gen(12))).save(path)
     with pytest.raises(ValueError, match="not 'bitmap'"):
         BitmapWeight.load(path)
-    packed = pack_sparse24(random_sparse24(4, 64, generator=gen(12)))
+    packed = pack_sparse24(make_sparse24(4, 64, generator=gen(12)))
     tensors = {"values": packed.values, "meta": packed.meta}
     meta = {"format": "sparse24", "version": "2", "shape": "4,64", "dtype": "float32"}
     save_file(tensors, str(path), metadata=meta)
@@ -261,8 +262,8 @@ def test_load_refuses_wrong_format_and_version(tmp_path) -> None:
         load_packed(path)
 
 
-def test_load_refuses_corrupt_bitmap_offsets(tmp_path) -> None:
-    packed = pack_bitmap(random_unstructured(4, 64, generator=gen(13)))
+def test_load_refuses_corrupt_bitmap_offsets(tmp_path, make_unstructured) -> None:
+    packed = pack_bitmap(make_unstructured(4, 64, generator=gen(13)))
     offsets = packed.row_offsets.clone()
     offsets[2] = offsets[1]  # row 1 now has an empty slot but set bits
     corrupt = BitmapWeight(packed.values, packed.bitmask, offsets, (4, 64), torch.float32)
@@ -272,18 +273,18 @@ def test_load_refuses_corrupt_bitmap_offsets(tmp_path) -> None:
         BitmapWeight.load(path)
 
 
-def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch) -> None:
+def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, make_sparse24) -> None:
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(formats_common, "save_file", broken_save_file)
     with pytest.raises(OSError, match="disk full"):
-        pack_sparse24(random_sparse24(4, 64, generator=gen(14))).save(tmp_path / "w.safetensors")
+        pack_sparse24(make_sparse24(4, 64, generator=gen(14))).save(tmp_path / "w.safetensors")
     assert list(tmp_path.iterdir()) == []
 
 
-def test_to_device_keeps_everything() -> None:
-    packed = pack_bitmap(random_unstructured(5, 64, generator=gen(15)))
+def test_to_device_keeps_everything(make_unstructured) -> None:
+    packed = pack_bitmap(make_unstructured(5, 64, generator=gen(15)))
     moved = packed.to("cpu")
     assert moved.shape == packed.shape and moved.dtype == packed.dtype
     assert torch.equal(moved.unpack(), packed.unpack())

@@ -17,6 +17,8 @@ namespace slimstack::cpu {
 
 constexpr int64_t kKTile = 64;     // formats: K is padded to a multiple of this
 constexpr int64_t kRowQuantum = 4;  // weight rows per micro-kernel call
+// Below this many multiply-adds a task is not worth waking another thread for.
+constexpr int64_t kMinTaskWork = 1 << 18;
 
 inline int64_t padded_k(int64_t k) { return (k + kKTile - 1) / kKTile * kKTile; }
 
@@ -47,7 +49,8 @@ inline int64_t rows_per_task(int64_t N) {
 template <typename T>
 std::vector<float> padded_fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp) {
   std::vector<float> buf(static_cast<size_t>(M * Kp), 0.0f);
-  at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+  at::parallel_for(0, M, std::max<int64_t>(1, kMinTaskWork / std::max<int64_t>(K, 1)),
+                   [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const T* src = x + m * K;
       float* dst = buf.data() + m * Kp;
@@ -76,8 +79,9 @@ int64_t block_sparse_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K,
   const int64_t block = rows_per_task(N);
   const int64_t num_blocks = (N + block - 1) / block;
   std::atomic<int64_t> first_bad{N};
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (block * Kp * std::max<int64_t>(M, 1)));
 
-  at::parallel_for(0, num_blocks, 1, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, num_blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> w(static_cast<size_t>(block * Kp));
     std::vector<float> acc(static_cast<size_t>(M * block));
     for (int64_t b = b0; b < b1; ++b) {

@@ -137,3 +137,43 @@ def _bitmap_mm_fake(
 ) -> Tensor:
     torch._check(x.dim() == 2 and x.shape[1] == K, lambda: f"x must be [M, {K}]")
     return _empty_like_output(x, N)
+
+
+# ----------------------------------------------------------------------------- autograd
+# Gradients flow to x only (dx = dy @ W, W unpacked on the fly): the packed weight is
+# frozen. This keeps SparseLinear usable inside models that train other parameters, and
+# lets torch.compile trace graphs whose inputs require grad.
+
+
+def _save_sparse24(ctx, inputs, output) -> None:
+    _, values, meta, n, k = inputs
+    ctx.save_for_backward(values, meta)
+    ctx.shape = (n, k)
+
+
+def _grad_sparse24(ctx, grad: Tensor):
+    from slimstack.formats import Sparse24Weight
+
+    values, meta = ctx.saved_tensors
+    dense = Sparse24Weight(values, meta, ctx.shape, values.dtype).unpack()
+    return grad @ dense.to(grad.dtype), None, None, None, None
+
+
+def _save_bitmap(ctx, inputs, output) -> None:
+    _, values, bitmask, row_offsets, n, k = inputs
+    ctx.save_for_backward(values, bitmask, row_offsets)
+    ctx.shape = (n, k)
+
+
+def _grad_bitmap(ctx, grad: Tensor):
+    from slimstack.formats import BitmapWeight
+
+    values, bitmask, row_offsets = ctx.saved_tensors
+    dense = BitmapWeight(values, bitmask, row_offsets, ctx.shape, values.dtype).unpack()
+    return grad @ dense.to(grad.dtype), None, None, None, None, None
+
+
+for _op in (sparse24_mm, sparse24_mm_triton):
+    _op.register_autograd(_grad_sparse24, setup_context=_save_sparse24)
+for _op in (bitmap_mm, bitmap_mm_triton):
+    _op.register_autograd(_grad_bitmap, setup_context=_save_bitmap)

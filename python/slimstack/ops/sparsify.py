@@ -90,7 +90,8 @@ def sparsify_model(model: nn.Module, pattern: Pattern = "auto") -> SparsifyRepor
     replacements: dict[int, nn.Module] = {}
     # list first: the module tree is modified while walking it
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(parent.named_children()):
+        # _modules, not named_children(): the latter hides a module's second name
+        for child_name, child in list(parent._modules.items()):
             if not isinstance(child, nn.Linear):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name

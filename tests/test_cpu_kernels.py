@@ -1,0 +1,195 @@
+"""CPU kernels of slimstack._C against a float64 dense reference on the masked weight."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from slimstack.formats import pack_bitmap, pack_sparse24
+
+_C = pytest.importorskip("slimstack._C", reason="the native extension is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (atol, rtol) against float64: fp32 accumulation, then one rounding to the output dtype
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (6e-2, 8e-3),
+}
+SHAPES = [(43, 172), (1, 64), (64, 64), (16, 200), (300, 128)]
+MS = [1, 3, 16, 17, 128]
+FORMATS = ["sparse24", "bitmap"]
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def make_weight(make_sparse24, make_unstructured):
+    """make_weight(fmt, n, k, dtype, seed) -> (dense masked weight, packed)."""
+
+    def make(fmt: str, n: int, k: int, dtype: torch.dtype, seed: int):
+        if fmt == "sparse24":
+            dense = make_sparse24(n, k, dtype=dtype, generator=gen(seed))
+            return dense, pack_sparse24(dense)
+        dense = make_unstructured(n, k, dtype=dtype, density=0.5, generator=gen(seed))
+        return dense, pack_bitmap(dense)
+
+    return make
+
+
+def run_kernel(x: torch.Tensor, packed, out: torch.Tensor | None = None) -> torch.Tensor:
+    n, k = packed.shape
+    if packed.format == "sparse24":
+        return _C.sparse24_mm_cpu(x, packed.values, packed.meta, n, k, out=out)
+    return _C.bitmap_mm_cpu(x, packed.values, packed.bitmask, packed.row_offsets, n, k, out=out)
+
+
+def reference(x: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    return x.double() @ dense.double().t()
+
+
+def assert_matches_reference(y: torch.Tensor, x: torch.Tensor, dense: torch.Tensor) -> None:
+    atol, rtol = TOLERANCES[x.dtype]
+    assert y.dtype == x.dtype and y.shape == (x.shape[0], dense.shape[0])
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), reference(x, dense), atol=atol, rtol=rtol)
+
+
+@pytest.fixture
+def isa() -> Iterator[None]:
+    """Restore the default instruction set after a test that switches it."""
+    default = _C.cpu_isa()
+    yield
+    _C.select_cpu_isa(default)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("m", MS)
+def test_kernel_grid(
+    fmt: str, dtype: torch.dtype, shape: tuple[int, int], m: int, make_weight
+) -> None:
+    n, k = shape
+    dense, packed = make_weight(fmt, n, k, dtype, seed=n * 1000 + k)
+    x = torch.randn(m, k, generator=gen(m)).to(dtype)
+    out = torch.full((m, n), float("nan"), dtype=dtype)  # poisoned: every entry must be written
+    y = run_kernel(x, packed, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert_matches_reference(y, x, dense)
+    assert_matches_reference(run_kernel(x, packed), x, dense)  # kernel-allocated output
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("m", [1, 5, 17])
+def test_every_instruction_set(isa, fmt: str, m: int, make_weight) -> None:
+    assert "generic" in _C.cpu_isas() and _C.cpu_isa() in _C.cpu_isas()
+    dense, packed = make_weight(fmt, 43, 172, torch.float32, seed=3)
+    x = torch.randn(m, 172, generator=gen(4))
+    for name in _C.cpu_isas():
+        _C.select_cpu_isa(name)
+        assert _C.cpu_isa() == name
+        assert_matches_reference(run_kernel(x, packed), x, dense)
+
+
+def test_unknown_instruction_set_is_refused(isa) -> None:
+    with pytest.raises(ValueError, match="not supported here; supported: .*generic"):
+        _C.select_cpu_isa("avx9000")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_reads_of_x_stop_at_k(fmt: str, dtype: torch.dtype, make_weight) -> None:
+    # x's last row ends where NaN memory begins: any read at columns >= K poisons y
+    m, n, k = 3, 43, 172
+    dense, packed = make_weight(fmt, n, k, dtype, seed=5)
+    storage = torch.full((m * k + 64,), float("nan"), dtype=dtype)
+    storage[: m * k] = torch.randn(m * k, generator=gen(6)).to(dtype)
+    x = storage[: m * k].view(m, k)
+    assert_matches_reference(run_kernel(x, packed), x, dense)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_batch(fmt: str, make_weight) -> None:
+    _, packed = make_weight(fmt, 8, 64, torch.float32, seed=7)
+    assert run_kernel(torch.empty(0, 64), packed).shape == (0, 8)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_all_zero_rows(fmt: str) -> None:
+    dense = torch.zeros(5, 70)
+    dense[2, 3] = 1.5
+    packed = pack_sparse24(dense) if fmt == "sparse24" else pack_bitmap(dense)
+    x = torch.randn(4, 70, generator=gen(8))
+    assert_matches_reference(run_kernel(x, packed), x, dense)
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+@pytest.fixture
+def s24(make_weight):
+    return make_weight("sparse24", 8, 64, torch.float32, seed=9)[1]
+
+
+def test_sparse24_argument_checks(s24) -> None:
+    v, meta = s24.values, s24.meta
+    x = torch.randn(2, 64)
+    cases = [
+        (lambda: _C.sparse24_mm_cpu(x.half(), v, meta, 8, 64), TypeError, "values must be Half"),
+        (lambda: _C.sparse24_mm_cpu(x.double(), v, meta, 8, 64), TypeError, "float32, float16"),
+        (
+            lambda: _C.sparse24_mm_cpu(torch.randn(2, 65), v, meta, 8, 64),
+            ValueError,
+            r"\[M, K=64\]",
+        ),
+        (lambda: _C.sparse24_mm_cpu(x, v, meta[:, :4], 8, 64), ValueError, "meta must be"),
+        (lambda: _C.sparse24_mm_cpu(x, v, meta.int(), 8, 64), TypeError, "meta must be Byte"),
+        (lambda: _C.sparse24_mm_cpu(x, v, meta, 9, 64), ValueError, "values must be"),
+        (lambda: _C.sparse24_mm_cpu(x, v, meta, 0, 64), ValueError, "N and K must be positive"),
+        (lambda: _C.sparse24_mm_cpu(x.t().contiguous().t(), v, meta, 8, 64), ValueError, None),
+        (lambda: _C.sparse24_mm_cpu(x.to("meta"), v, meta, 8, 64), ValueError, "x is on meta"),
+        (lambda: _C.sparse24_mm_cpu(x, v, meta, 8, 64, out=torch.empty(2, 9)), ValueError, "out"),
+        (
+            lambda: _C.sparse24_mm_cpu(x, v, meta, 8, 64, out=torch.empty(2, 8).half()),
+            TypeError,
+            "out",
+        ),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+
+
+def test_non_contiguous_x_is_refused(s24) -> None:
+    x = torch.randn(64, 4).t()  # [4, 64], column-major
+    with pytest.raises(ValueError, match="x must be contiguous"):
+        _C.sparse24_mm_cpu(x, s24.values, s24.meta, 8, 64)
+
+
+def test_bitmap_argument_checks(make_weight) -> None:
+    _, p = make_weight("bitmap", 8, 64, torch.float32, seed=10)
+    x = torch.randn(2, 64)
+    with pytest.raises(ValueError, match="row_offsets must be"):
+        _C.bitmap_mm_cpu(x, p.values, p.bitmask, p.row_offsets[:-1].contiguous(), 8, 64)
+    with pytest.raises(TypeError, match="row_offsets must be Long"):
+        _C.bitmap_mm_cpu(x, p.values, p.bitmask, p.row_offsets.int(), 8, 64)
+    with pytest.raises(ValueError, match="values must be 1-D"):
+        _C.bitmap_mm_cpu(x, p.values.view(-1, 8), p.bitmask, p.row_offsets, 8, 64)
+
+
+def test_corrupt_bitmap_names_the_row(make_weight) -> None:
+    _, p = make_weight("bitmap", 8, 64, torch.float32, seed=11)
+    x = torch.randn(2, 64)
+    short = p.row_offsets.clone()
+    short[4] = short[3]  # row 3 keeps its bits but loses its values slot
+    with pytest.raises(ValueError, match="row 3 has offsets outside values or more set bits"):
+        _C.bitmap_mm_cpu(x, p.values, p.bitmask, short, 8, 64)
+    past_end = p.row_offsets.clone()
+    past_end[-1] += 8  # the last row claims values that do not exist
+    with pytest.raises(ValueError, match="row 7"):
+        _C.bitmap_mm_cpu(x, p.values, p.bitmask, past_end, 8, 64)

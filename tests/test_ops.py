@@ -1,0 +1,479 @@
+"""ops: sparse_linear dispatch, custom ops, SparseLinear and sparsify_model on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from slimstack.formats import pack_bitmap, pack_sparse24
+from slimstack.ops import (
+    SparseLinear,
+    SparsifyReport,
+    available_backends,
+    choose_backend,
+    dispatch,
+    sparse_linear,
+    sparsify_model,
+)
+from slimstack.ops import backends as ops_backends
+
+HAS_EXT = available_backends()["cpu_extension"]
+needs_ext = pytest.mark.skipif(not HAS_EXT, reason="the native extension is not built")
+CPU = torch.device("cpu")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+TOLERANCES = {
+    torch.float32: (1e-4, 1e-5),
+    torch.float16: (1e-2, 1e-3),
+    torch.bfloat16: (6e-2, 8e-3),
+}
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture
+def make_weight(make_sparse24, make_unstructured):
+    def make(fmt: str, n: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+        if fmt == "sparse24":
+            dense = make_sparse24(n, k, dtype=dtype, generator=gen(seed))
+            return dense, pack_sparse24(dense)
+        dense = make_unstructured(n, k, dtype=dtype, density=0.5, generator=gen(seed))
+        return dense, pack_bitmap(dense)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def clean_dispatch(monkeypatch):
+    """Every test starts from the default table, no forced backend, no memoized choice."""
+    monkeypatch.delenv(dispatch.FORCE_ENV, raising=False)
+    monkeypatch.delenv(dispatch.TABLE_ENV, raising=False)
+    dispatch.set_dispatch_table(None)
+    yield
+    dispatch.set_dispatch_table(None)
+
+
+def reference(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    y = x.double() @ dense.double().t()
+    return y if bias is None else y + bias.double()
+
+
+# ----------------------------------------------------------------------------- sparse_linear
+
+
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(43, 172), (1, 64)])
+@pytest.mark.parametrize("lead", [(1,), (3,), (2, 17)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_sparse_linear_matches_reference(make_weight, fmt, dtype, shape, lead, with_bias) -> None:
+    n, k = shape
+    dense, packed = make_weight(fmt, n, k, dtype, seed=sum(lead))
+    x = torch.randn(*lead, k, generator=gen(1)).to(dtype)
+    bias = torch.randn(n, generator=gen(2)).to(dtype) if with_bias else None
+    y = sparse_linear(x, packed, bias)
+    assert y.shape == (*lead, n) and y.dtype == dtype and torch.isfinite(y).all()
+    atol, rtol = TOLERANCES[dtype]
+    torch.testing.assert_close(y.double(), reference(x, dense, bias), atol=atol, rtol=rtol)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+@pytest.mark.parametrize("m", [1, 16, 17, 128])
+def test_cpu_is_chosen_and_agrees_with_reference_backend(make_weight, monkeypatch, fmt, m) -> None:
+    dense, packed = make_weight(fmt, 43, 172, seed=m)
+    x = torch.randn(m, 172, generator=gen(3))
+    assert choose_backend(fmt, CPU, torch.float32, m) == "cpu"
+    y_cpu = sparse_linear(x, packed)
+    monkeypatch.setenv(dispatch.FORCE_ENV, "reference")
+    assert choose_backend(fmt, CPU, torch.float32, m) == "reference"
+    y_ref = sparse_linear(x, packed)
+    torch.testing.assert_close(y_cpu, y_ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y_cpu.double(), reference(x, dense, None), atol=1e-4, rtol=1e-5)
+
+
+def test_empty_batch(make_weight) -> None:
+    _, packed = make_weight("sparse24", 8, 64)
+    assert sparse_linear(torch.empty(2, 0, 64), packed).shape == (2, 0, 8)
+
+
+def test_sparse_linear_refuses_bad_inputs(make_weight) -> None:
+    _, packed = make_weight("sparse24", 8, 64)
+    x = torch.randn(2, 64)
+    with pytest.raises(TypeError, match="x is torch.float16 but the packed weight is"):
+        sparse_linear(x.half(), packed)
+    with pytest.raises(ValueError, match=r"\[\.\.\., K=64\]"):
+        sparse_linear(torch.randn(2, 63), packed)
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        sparse_linear(x, packed, torch.zeros(7))
+    with pytest.raises(TypeError, match="Sparse24Weight or BitmapWeight"):
+        sparse_linear(x, torch.zeros(8, 64))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        sparse_linear([[1.0] * 64], packed)
+
+
+# ----------------------------------------------------------------------------- backend choice
+
+
+@pytest.mark.parametrize(
+    "forced, match",
+    [
+        ("cuda", "SLIMSTACK_BACKEND=cuda cannot run"),
+        ("torch", "SLIMSTACK_BACKEND=torch cannot run"),
+        ("triton", "SLIMSTACK_BACKEND=triton cannot run"),
+    ],
+)
+def test_forced_backend_that_cannot_run_is_an_error(make_weight, monkeypatch, forced, match):
+    if torch.cuda.is_available():
+        pytest.skip("these backends may run here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    _, packed = make_weight("sparse24", 8, 64)
+    monkeypatch.setenv(dispatch.FORCE_ENV, forced)
+    with pytest.raises(RuntimeError, match=match):
+        sparse_linear(torch.randn(2, 64), packed)
+
+
+def test_forced_cpu_without_extension_is_an_error(make_weight, monkeypatch) -> None:
+    _, packed = make_weight("bitmap", 8, 64)
+    monkeypatch.setitem(ops_backends.UNAVAILABLE, "cpu", "slimstack._C is not built")
+    monkeypatch.setenv(dispatch.FORCE_ENV, "cpu")
+    with pytest.raises(RuntimeError, match="SLIMSTACK_BACKEND=cpu .*slimstack._C is not built"):
+        sparse_linear(torch.randn(2, 64), packed)
+    # unforced, the table falls through to the pure-PyTorch fallback
+    monkeypatch.delenv(dispatch.FORCE_ENV)
+    assert choose_backend("bitmap", CPU, torch.float32, 2) == "reference"
+
+
+def test_unknown_forced_backend(monkeypatch) -> None:
+    monkeypatch.setenv(dispatch.FORCE_ENV, "fpga")
+    with pytest.raises(ValueError, match="'fpga' is not a backend; use one of"):
+        choose_backend("sparse24", CPU, torch.float32, 1)
+    monkeypatch.setenv(dispatch.FORCE_ENV, "auto")
+    assert choose_backend("sparse24", CPU, torch.float32, 1) in ("cpu", "reference")
+
+
+def test_triton_is_not_picked_automatically_for_cpu_tensors(monkeypatch) -> None:
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    table = {"version": 1, "rules": [{"order": ["triton", "reference"]}]}
+    dispatch.set_dispatch_table(table)
+    assert choose_backend("sparse24", CPU, torch.float16, 1) == "reference"
+
+
+@needs_ext
+def test_table_rules_by_m_range_and_dtype(make_weight) -> None:
+    table = {
+        "version": 1,
+        "rules": [
+            {"device": "cpu", "format": "sparse24", "m_max": 16, "order": ["cpu"]},
+            {"device": "cpu", "dtype": "bfloat16", "order": ["cpu"]},
+            {"device": "cpu", "order": ["reference"]},
+        ],
+    }
+    dispatch.set_dispatch_table(table)
+    assert choose_backend("sparse24", CPU, torch.float32, 16) == "cpu"
+    assert choose_backend("sparse24", CPU, torch.float32, 17) == "reference"
+    assert choose_backend("bitmap", CPU, torch.bfloat16, 100) == "cpu"
+    assert choose_backend("bitmap", CPU, torch.float16, 1) == "reference"
+    dense, packed = make_weight("sparse24", 43, 172)
+    x = torch.randn(20, 172, generator=gen(4))
+    for rows in (x, x[:16]):  # reference backend, then the CPU kernel
+        expected = reference(rows, dense, None)
+        torch.testing.assert_close(
+            sparse_linear(rows, packed).double(), expected, atol=1e-4, rtol=1e-5
+        )
+
+
+def test_table_file_round_trip(tmp_path, monkeypatch) -> None:
+    table = {
+        "version": 1,
+        "rules": [{"device": "cpu", "m_min": 5, "order": ["reference"], "note": "bench"}],
+    }
+    path = tmp_path / "table.json"
+    dispatch.save_dispatch_table(table, path)
+    assert json.loads(path.read_text()) == table
+    assert dispatch.dispatch_table() == table
+    assert [p.name for p in tmp_path.iterdir()] == ["table.json"]
+    monkeypatch.setenv(dispatch.TABLE_ENV, str(path))
+    assert dispatch.load_dispatch_table() == table
+    # no rule matches M = 1: the pure-PyTorch fallback
+    assert choose_backend("sparse24", CPU, torch.float32, 1) == "reference"
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"rules": [{"order": ["cpu"]}]}, "version"),
+        ({"version": 1, "rules": []}, "non-empty"),
+        ({"version": 1, "rules": [{"order": ["gpu"]}]}, "order must list backends"),
+        ({"version": 1, "rules": [{"device": "tpu", "order": ["cpu"]}]}, "device must be"),
+        ({"version": 1, "rules": [{"dtype": "float64", "order": ["cpu"]}]}, "dtype must be"),
+        ({"version": 1, "rules": [{"m_max": "16", "order": ["cpu"]}]}, "m_min and m_max"),
+        ({"version": 1, "rules": [{"M": 1, "order": ["cpu"]}]}, "unknown keys"),
+    ],
+)
+def test_bad_tables_are_refused(tmp_path, bad, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        dispatch.save_dispatch_table(bad, tmp_path / "t.json")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_available_backends_report() -> None:
+    report = available_backends()
+    for key in ("cpu_extension", "cuda_extension", "triton", "torch_semi_structured", "gpu"):
+        assert key in report
+    assert report["cuda_extension"] in (True, False)
+    if report["cpu_extension"]:
+        assert report["cpu_isa"] in ("avx512", "avx2", "generic")
+    assert (report["gpu"] is False) == (not torch.cuda.is_available())
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_opcheck_native_ops(make_weight, dtype) -> None:
+    _, s24 = make_weight("sparse24", 43, 172, dtype)
+    _, bmp = make_weight("bitmap", 43, 172, dtype)
+    x = torch.randn(3, 172, generator=gen(5)).to(dtype)
+    torch.library.opcheck(torch.ops.slimstack.sparse24_mm, (x, s24.values, s24.meta, 43, 172))
+    torch.library.opcheck(
+        torch.ops.slimstack.bitmap_mm, (x, bmp.values, bmp.bitmask, bmp.row_offsets, 43, 172)
+    )
+
+
+def test_fake_impls_give_output_shape(make_weight) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    _, s24 = make_weight("sparse24", 43, 172, torch.float16)
+    _, bmp = make_weight("bitmap", 43, 172, torch.float16)
+    with FakeTensorMode() as mode:
+        x = mode.from_tensor(torch.randn(5, 172).half())
+        v, meta = mode.from_tensor(s24.values), mode.from_tensor(s24.meta)
+        for op in (torch.ops.slimstack.sparse24_mm, torch.ops.slimstack.sparse24_mm_triton):
+            y = op(x, v, meta, 43, 172)
+            assert y.shape == (5, 43) and y.dtype == torch.float16
+        args = [mode.from_tensor(t) for t in (bmp.values, bmp.bitmask, bmp.row_offsets)]
+        for op in (torch.ops.slimstack.bitmap_mm, torch.ops.slimstack.bitmap_mm_triton):
+            assert op(x, *args, 43, 172).shape == (5, 43)
+
+
+@needs_ext
+@pytest.mark.slow
+def test_torch_compile_on_cpu(make_weight) -> None:
+    s24 = SparseLinear(make_weight("sparse24", 43, 172, seed=6)[1], torch.randn(43))
+    bmp = SparseLinear(make_weight("bitmap", 43, 172, seed=7)[1])
+    model = nn.Sequential(s24, nn.ReLU(), nn.Linear(43, 172), bmp)
+    compiled = torch.compile(model, fullgraph=True)
+    for m in (1, 17):
+        x = torch.randn(2, m, 172, generator=gen(m))
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- SparseLinear
+
+
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+def test_sparse_linear_module_matches_linear(make_weight, fmt) -> None:
+    dense, _ = make_weight(fmt, 43, 172)
+    linear = nn.Linear(172, 43)
+    with torch.no_grad():
+        linear.weight.copy_(dense)
+    sparse = SparseLinear.from_linear(linear)
+    assert sparse.format == fmt and sparse.packed.format == fmt
+    assert (sparse.in_features, sparse.out_features) == (172, 43)
+    assert f"format={fmt}" in repr(sparse)
+    x = torch.randn(4, 172, generator=gen(8))
+    torch.testing.assert_close(sparse(x), linear(x), atol=1e-5, rtol=1e-5)
+    assert torch.equal(sparse.packed.unpack(), dense)
+
+
+def test_sparse_linear_module_half_and_state_dict(make_weight) -> None:
+    dense, _ = make_weight("sparse24", 43, 172)
+    sparse = SparseLinear.from_dense(dense, torch.randn(43))
+    half = SparseLinear.from_dense(dense, torch.randn(43)).half()
+    assert half.values.dtype == torch.float16 and half.meta.dtype == torch.uint8
+    x = torch.randn(3, 172, generator=gen(9))
+    torch.testing.assert_close(half(x.half()).float(), half.float()(x), atol=5e-2, rtol=1e-2)
+    copy = SparseLinear.from_dense(torch.zeros_like(dense), torch.zeros(43))
+    copy.load_state_dict(sparse.state_dict())
+    torch.testing.assert_close(copy(x), sparse(x))
+    assert set(sparse.state_dict()) == {"values", "meta", "bias"}
+
+
+def test_sparse_linear_module_refusals(make_weight) -> None:
+    with pytest.raises(ValueError, match="not 2:4 sparse"):
+        SparseLinear.from_dense(torch.ones(4, 8), pattern="sparse24")
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        SparseLinear.from_dense(torch.zeros(4, 8), pattern="4:8")
+    with pytest.raises(TypeError, match="expected an nn.Linear"):
+        SparseLinear.from_linear(nn.Conv1d(2, 2, 1))
+    with pytest.raises(ValueError, match=r"bias must be \[8\]"):
+        SparseLinear(make_weight("sparse24", 8, 64)[1], torch.zeros(3))
+
+
+# ----------------------------------------------------------------------------- sparsify_model
+
+
+class Mixed(nn.Module):
+    def __init__(self, s24: torch.Tensor, unstructured: torch.Tensor) -> None:
+        super().__init__()
+        self.a = nn.Linear(172, 43)
+        self.b = nn.Linear(43, 64, bias=False)
+        self.dense = nn.Linear(64, 64)
+        self.shared = self.a  # the same module under two names
+        with torch.no_grad():
+            self.a.weight.copy_(s24)
+            self.b.weight.copy_(unstructured)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.b(torch.relu(self.a(x)))) + self.shared(x).sum(-1, keepdim=True)
+
+
+@pytest.fixture
+def mixed(make_sparse24, make_unstructured) -> Mixed:
+    torch.manual_seed(0)
+    s24 = make_sparse24(43, 172, generator=gen(10))
+    return Mixed(s24, make_unstructured(64, 43, density=0.5, generator=gen(11)))
+
+
+def test_sparsify_auto(mixed: Mixed) -> None:
+    x = torch.randn(5, 172, generator=gen(12))
+    before = mixed(x)
+    report = sparsify_model(mixed)
+    assert isinstance(mixed.a, SparseLinear) and mixed.a.format == "sparse24"
+    assert mixed.shared is mixed.a  # packed once, still shared
+    assert isinstance(mixed.b, SparseLinear) and mixed.b.format == "bitmap"
+    assert type(mixed.dense) is nn.Linear
+    assert sorted((s.name, s.format) for s in report.swapped) == [
+        ("a", "sparse24"),
+        ("b", "bitmap"),
+    ]
+    assert "dense" in report.skipped and "0% zeros" in report.skipped["dense"]
+    assert report.bytes_before == (43 * 172 + 64 * 43) * 4
+    assert report.bytes_after == mixed.a.packed.nbytes + mixed.b.packed.nbytes
+    assert 0 < report.bytes_saved < report.bytes_before
+    assert "2 linear(s) packed" in str(report)
+    torch.testing.assert_close(mixed(x), before, atol=1e-5, rtol=1e-5)
+
+
+def test_sparsify_patterns(mixed: Mixed, make_sparse24, make_unstructured) -> None:
+    report = sparsify_model(mixed, pattern="sparse24")
+    assert [s.name for s in report.swapped] == ["a"]
+    assert report.skipped["b"] == "not 2:4" and type(mixed.b) is nn.Linear
+    other = Mixed(make_sparse24(43, 172, generator=gen(13)), make_unstructured(64, 43))
+    report = sparsify_model(other, pattern="bitmap")
+    assert {s.name: s.format for s in report.swapped} == {"a": "bitmap", "b": "bitmap"}
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        sparsify_model(other, pattern="2:4")
+    with pytest.raises(TypeError, match="must be an nn.Module"):
+        sparsify_model(object())
+    assert isinstance(sparsify_model(nn.ReLU()), SparsifyReport)
+
+
+def _prune_24_by_magnitude(model: nn.Module) -> int:
+    count = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and "layers" in name:
+            w = module.weight.data
+            groups = w.reshape(w.shape[0], -1, 4)
+            drop = groups.abs().argsort(-1)[..., :2]
+            groups.scatter_(-1, drop, 0.0)
+            count += 1
+    return count
+
+
+def test_sparsified_llama_gives_same_logits() -> None:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(
+        hidden_size=64,
+        intermediate_size=172,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        vocab_size=256,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    pruned = _prune_24_by_magnitude(model)
+    tokens = torch.randint(0, 256, (2, 24), generator=gen(14))
+    with torch.no_grad():
+        before = model(tokens).logits
+        report = sparsify_model(model)
+        after = model(tokens).logits
+    assert len(report.swapped) == pruned == 14
+    assert all(s.format == "sparse24" for s in report.swapped)
+    assert "lm_head" in report.skipped  # tied to the dense embedding
+    assert isinstance(model.model.layers[1].mlp.down_proj, SparseLinear)  # K = 172
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+
+
+def test_slimstack_pruned_stories260k_gives_same_logits(stories260k_dir, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from slimstack.prune.driver import prune
+
+    out = tmp_path / "pruned"
+    prune(stories260k_dir, out, method="magnitude", sparsity="2:4", progress=False)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        out, local_files_only=True, torch_dtype=torch.float32
+    ).eval()
+    tokens = torch.randint(0, model.config.vocab_size, (1, 32), generator=gen(15))
+    with torch.no_grad():
+        before = model(tokens).logits
+        report = sparsify_model(model)
+        after = model(tokens).logits
+    layers = model.config.num_hidden_layers
+    assert len(report.swapped) == 7 * layers
+    assert report.bytes_after < 0.6 * report.bytes_before
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+
+
+# ----------------------------------------------------------------------------- triton (forced)
+
+_TRITON_ON_CPU = """
+import torch
+from slimstack.formats import pack_bitmap, pack_sparse24
+from slimstack.ops import choose_backend, sparse_linear
+g = torch.Generator().manual_seed(0)
+w = torch.randn(43, 172, generator=g)
+w24 = w * (torch.rand(43, 43, 4, generator=g).argsort(-1) < 2).reshape(43, 172)
+wbm = w * (torch.rand(43, 172, generator=g) < 0.5)
+for m in (1, 3, 17):
+    x = torch.randn(m, 172, generator=g).half()
+    assert choose_backend("sparse24", x.device, x.dtype, m) == "triton"
+    for dense, packed in ((w24, pack_sparse24(w24.half())), (wbm, pack_bitmap(wbm.half()))):
+        if packed.format == "bitmap" and m > 16:
+            continue
+        y = sparse_linear(x, packed)
+        ref = x.double() @ dense.half().double().t()
+        torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=2e-3)
+print("triton-ok")
+"""
+
+
+@pytest.mark.interpreter
+def test_forced_triton_under_interpreter_on_cpu() -> None:
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("GPU machines run the compiled Triton kernels in the Triton tests")
+    env = dict(os.environ, TRITON_INTERPRET="1", SLIMSTACK_BACKEND="triton")
+    result = subprocess.run(
+        [sys.executable, "-c", _TRITON_ON_CPU],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "triton-ok" in result.stdout
