@@ -20,25 +20,12 @@ from slimstack.checkpoint import Checkpoint, CheckpointError, CheckpointWriter
 from slimstack.engine.loader import load
 
 
-def write_layer_subset(
-    source: Path, out: Path, layers: list[int], metadata: dict | None = None
-) -> Path:
-    """A folder whose layer i is `source`'s layer layers[i] (drops and repeats allowed)."""
-    with Checkpoint.open(source) as ckpt, CheckpointWriter(out) as writer:
-        for name in ckpt.non_layer_names():
-            writer.add(name, ckpt.get_tensor(name))
-        for new, old in enumerate(layers):
-            for name, tensor in ckpt.layer_tensors(old).items():
-                # clone: a repeated layer's tensors are views of one mmap'd region, and
-                # CheckpointWriter no longer copies (safetensors refuses shared storage)
-                writer.add(f"model.layers.{new}.{name}", tensor.clone())
-        config = {**ckpt.config, "num_hidden_layers": len(layers)}
-        writer.finish(config, metadata, tokenizer_from=source)
+def sliced(source: Path, out: Path, **how) -> Path:
+    """A copy made with slimstack's own depth tool (drop=..., keep=... with repeats)."""
+    from slimstack.depth.slicing import slice_model
+
+    slice_model(source, out, progress=False, **how)
     return out
-
-
-def _layer_map(source: Path, layers: list[int]) -> dict:
-    return {"layer_map": [{"model": str(source), "layer": i} for i in layers]}
 
 
 def _greedy_matches_transformers(folder: Path, new_tokens: int = 50):
@@ -50,7 +37,7 @@ def _greedy_matches_transformers(folder: Path, new_tokens: int = 50):
 
 
 def test_depth_sliced_copy_runs_only_its_layers(stories260k_dir: Path, tmp_path: Path) -> None:
-    folder = write_layer_subset(stories260k_dir, tmp_path / "sliced", [0, 1, 3])
+    folder = sliced(stories260k_dir, tmp_path / "sliced", drop="2,4")
     engine, result = _greedy_matches_transformers(folder)
     assert len(engine.layers) == 3
     assert engine.info().num_layers == 3
@@ -61,10 +48,7 @@ def test_depth_sliced_copy_runs_only_its_layers(stories260k_dir: Path, tmp_path:
 def test_upscaled_copy_shares_identical_repeated_layers(
     stories260k_dir: Path, tmp_path: Path
 ) -> None:
-    order = [0, 1, 2, 2, 3, 4]
-    folder = write_layer_subset(
-        stories260k_dir, tmp_path / "up", order, _layer_map(stories260k_dir, order)
-    )
+    folder = sliced(stories260k_dir, tmp_path / "up", keep="0,1,2,2,3,4")
     engine, _ = _greedy_matches_transformers(folder, new_tokens=30)
     assert engine.layers[3] is engine.layers[2]
     info = engine.info()
@@ -75,10 +59,7 @@ def test_upscaled_copy_shares_identical_repeated_layers(
 def test_layer_map_is_not_trusted_when_tensors_differ(
     stories260k_dir: Path, tmp_path: Path
 ) -> None:
-    order = [0, 1, 2, 2, 3, 4]
-    folder = write_layer_subset(
-        stories260k_dir, tmp_path / "up", order, _layer_map(stories260k_dir, order)
-    )
+    folder = sliced(stories260k_dir, tmp_path / "up", keep="0,1,2,2,3,4")
     # a later edit (e.g. fine-tuning) changed one repeated layer: no sharing, correct output
     from safetensors.torch import load_file, save_file
 
