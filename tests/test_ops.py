@@ -477,3 +477,93 @@ def test_forced_triton_under_interpreter_on_cpu() -> None:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "triton-ok" in result.stdout
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+def test_gradient_flows_to_x(make_weight, fmt) -> None:
+    dense, _ = make_weight(fmt, 43, 172, seed=16)
+    linear = nn.Linear(172, 43)
+    with torch.no_grad():
+        linear.weight.copy_(dense)
+    sparse = SparseLinear.from_linear(linear)
+    x = torch.randn(3, 172, generator=gen(17), requires_grad=True)
+    x_dense = x.detach().clone().requires_grad_()
+    grad = torch.randn(3, 43, generator=gen(18))
+    sparse(x).backward(grad)
+    linear(x_dense).backward(grad)
+    torch.testing.assert_close(x.grad, x_dense.grad, atol=1e-5, rtol=1e-5)
+    assert not sparse.values.requires_grad
+
+
+# ----------------------------------------------------------------------------- GPU
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+GPU_TOLERANCES = {torch.float16: (2e-2, 2e-3), torch.bfloat16: (1e-1, 1e-2)}
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton", "torch", "reference"])
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(43, 172), (1, 64), (256, 512)])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 128])
+def test_gpu_backends_match_reference(
+    make_weight, monkeypatch, backend, fmt, dtype, shape, m
+) -> None:
+    cuda = torch.device("cuda")
+    reason = dispatch.why_not(backend, fmt, cuda, dtype, m)
+    if reason is not None:
+        pytest.skip(reason)
+    monkeypatch.setenv(dispatch.FORCE_ENV, backend)
+    n, k = shape
+    dense, packed = make_weight(fmt, n, k, dtype, seed=m)
+    x = torch.randn(m, k, generator=gen(19)).to(dtype)
+    bias = torch.randn(n, generator=gen(20)).to(dtype)
+    y = sparse_linear(x.to(cuda), packed.to(cuda), bias.to(cuda))
+    assert choose_backend(fmt, cuda, dtype, m) == backend
+    atol, rtol = GPU_TOLERANCES[dtype]
+    torch.testing.assert_close(y.double().cpu(), reference(x, dense, bias), atol=atol, rtol=rtol)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_gpu_auto_dispatch_under_cuda_graph(make_weight, fmt, m) -> None:
+    dense, packed = make_weight(fmt, 256, 512, torch.float16, seed=21)
+    layer = SparseLinear(packed.to("cuda"))
+    x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up: compiles, reorders metadata, allocates
+        for _ in range(2):
+            layer(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = layer(x)
+    x.copy_(torch.randn(m, 512, generator=gen(22)).half())
+    y.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    atol, rtol = GPU_TOLERANCES[torch.float16]
+    torch.testing.assert_close(
+        y.double().cpu(), reference(x.cpu(), dense, None), atol=atol, rtol=rtol
+    )
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_gpu_torch_compile(make_weight) -> None:
+    s24 = SparseLinear(make_weight("sparse24", 256, 512, torch.bfloat16, seed=23)[1])
+    bmp = SparseLinear(make_weight("bitmap", 512, 256, torch.bfloat16, seed=24)[1])
+    model = nn.Sequential(s24, nn.ReLU(), bmp).cuda()
+    compiled = torch.compile(model, fullgraph=True)
+    for m in (1, 33):
+        x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-2, rtol=1e-2)

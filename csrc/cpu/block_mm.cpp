@@ -78,8 +78,7 @@ __attribute__((always_inline)) inline void block_impl(const float* x, int64_t ld
 #define SLIMSTACK_BLOCK_ARGS                                                               \
   const float *x, int64_t ldx, const float *w, int64_t rows, int64_t M, int64_t Kp, float *acc
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define SLIMSTACK_X86 1
+#ifdef SLIMSTACK_X86
 __attribute__((target("avx512f,fma"))) void block_avx512(SLIMSTACK_BLOCK_ARGS) {
   block_impl<4, 16>(x, ldx, w, rows, M, Kp, acc);
 }
@@ -130,6 +129,8 @@ std::vector<std::string> supported_isas() {
 }
 
 std::string current_isa() { return active_isa().name; }
+
+bool avx512_active() { return std::strcmp(active_isa().name, "avx512") == 0; }
 
 bool select_isa(const std::string& name) {
   for (const Isa& isa : known_isas()) {

@@ -13,6 +13,10 @@
 #include <cstring>
 #include <vector>
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define SLIMSTACK_X86 1
+#endif
+
 namespace slimstack::cpu {
 
 constexpr int64_t kKTile = 64;     // formats: K is padded to a multiple of this
@@ -35,6 +39,10 @@ inline T from_float(float v) {
 // x has leading dimension ldx, w and k span Kp (a multiple of kKTile), acc is [M, rows].
 void dense_block_mm(const float* x, int64_t ldx, const float* w, int64_t rows, int64_t M,
                     int64_t Kp, float* acc);
+
+// Whether the AVX-512 code paths are active (the best supported ISA unless a test chose
+// another); the row decompressors follow the micro-kernel's choice.
+bool avx512_active();
 
 // Weight rows per task: large blocks amortize the x traffic, but keep every thread busy.
 inline int64_t rows_per_task(int64_t N) {
@@ -60,8 +68,8 @@ std::vector<float> padded_fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp
   return buf;
 }
 
-// out[M, N] = x @ W^T where decompress_row(n, dst) writes row n of W (Kp fp32 values,
-// dst pre-zeroed) and returns false if the packed row is malformed. Returns -1, or the
+// out[M, N] = x @ W^T where decompress_row(n, dst) writes row n of W (all Kp fp32
+// values, zeros included) and returns false if the packed row is malformed. Returns -1, or the
 // smallest malformed row.
 template <typename T, typename DecompressRow>
 int64_t block_sparse_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K,
@@ -88,7 +96,8 @@ int64_t block_sparse_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K,
       const int64_t n0 = b * block;
       const int64_t rows = std::min(block, N - n0);
       const int64_t rows_padded = (rows + kRowQuantum - 1) / kRowQuantum * kRowQuantum;
-      std::memset(w.data(), 0, sizeof(float) * rows_padded * Kp);
+      // rows past N (up to the micro-kernel's row quantum) multiply as zeros
+      std::memset(w.data() + rows * Kp, 0, sizeof(float) * (rows_padded - rows) * Kp);
       for (int64_t r = 0; r < rows; ++r) {
         if (!decompress_row(n0 + r, w.data() + r * Kp)) {
           int64_t seen = first_bad.load();

@@ -163,25 +163,28 @@ def _reference_unsupported(fmt, device, dtype, m, forced) -> str | None:
 
 # to_sparse_semi_structured copies of packed weights, kept while the packed values live
 _SEMI_STRUCTURED: WeakIdKeyDictionary = WeakIdKeyDictionary()
-SEMI_STRUCTURED_ROW_MULTIPLE = 32
+SEMI_STRUCTURED_ROW_MULTIPLE = 32  # CUTLASS's minimum for 16-bit types (cuSPARSELt: 16)
 
 
-def _torch_sparse24(x: Tensor, values: Tensor, meta: Tensor, n: int, k: int) -> Tensor:
+def _semi_structured_weight(values: Tensor, meta: Tensor, n: int, k: int):
     from torch.sparse import to_sparse_semi_structured
 
-    if n % SEMI_STRUCTURED_ROW_MULTIPLE:
-        raise RuntimeError(
-            f"the torch backend needs N to be a multiple of {SEMI_STRUCTURED_ROW_MULTIPLE}, got {n}"
-        )
     weight = _SEMI_STRUCTURED.get(values)
     if weight is None:
         packed = Sparse24Weight(values, meta, (n, k), values.dtype)
-        # the padded K (a multiple of 64) meets the semi-structured column constraints
-        dense = torch.nn.functional.pad(packed.unpack(), (0, packed.kp - k))
+        # zero rows up to a multiple of 32 and zero columns up to Kp (a multiple of 64)
+        # meet the semi-structured shape constraints for any N and K
+        n_padded = -(-n // SEMI_STRUCTURED_ROW_MULTIPLE) * SEMI_STRUCTURED_ROW_MULTIPLE
+        dense = torch.nn.functional.pad(packed.unpack(), (0, packed.kp - k, 0, n_padded - n))
         weight = to_sparse_semi_structured(dense)
         _SEMI_STRUCTURED[values] = weight
-    x_padded = torch.nn.functional.pad(x, (0, weight.shape[1] - k))
-    return torch.nn.functional.linear(x_padded, weight)
+    return weight
+
+
+def _torch_sparse24(x: Tensor, values: Tensor, meta: Tensor, n: int, k: int) -> Tensor:
+    weight = _semi_structured_weight(values, meta, n, k)
+    y = torch.nn.functional.linear(torch.nn.functional.pad(x, (0, weight.shape[1] - k)), weight)
+    return y if y.shape[1] == n else y[:, :n].contiguous()
 
 
 def _dense_matmul(x: Tensor, dense: Tensor) -> Tensor:

@@ -136,7 +136,10 @@ def _matches(rule: dict[str, Any], fmt: str, device: str, dtype: str, m: int) ->
     )
 
 
-def _why_not(name: str, fmt: str, device: torch.device, dtype: torch.dtype, m: int, forced: bool):
+def why_not(
+    name: str, fmt: str, device: torch.device, dtype: torch.dtype, m: int, forced: bool = True
+) -> str | None:
+    """Why backend ``name`` cannot run this call (None: it can)."""
     return UNAVAILABLE[name] or BACKENDS[name].unsupported(fmt, device, dtype, m, forced)
 
 
@@ -151,7 +154,7 @@ def choose_backend(fmt: str, device: torch.device, dtype: torch.dtype, m: int) -
     if decision is not None:
         return decision
     if forced is not None:
-        reason = _why_not(forced, fmt, device, dtype, m, True)
+        reason = why_not(forced, fmt, device, dtype, m, True)
         if reason is not None:
             raise RuntimeError(f"{FORCE_ENV}={forced} cannot run this {fmt} matmul: {reason}")
         decision = forced
@@ -167,6 +170,6 @@ def _first_usable(fmt: str, device: torch.device, dtype: torch.dtype, m: int) ->
     for rule in dispatch_table()["rules"]:
         if _matches(rule, fmt, device.type, dtype_key, m):
             for name in rule["order"]:
-                if _why_not(name, fmt, device, dtype, m, False) is None:
+                if why_not(name, fmt, device, dtype, m, False) is None:
                     return name
     return "reference"

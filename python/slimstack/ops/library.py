@@ -44,6 +44,12 @@ def _empty_like_output(x: Tensor, n: int) -> Tensor:
     return x.new_empty((x.shape[0], n))
 
 
+def _aligned16(x: Tensor) -> Tensor:
+    """x itself, or a copy when it is a view starting off a 16-byte boundary (the CUDA
+    kernels load x in 16-byte vectors)."""
+    return x if x.data_ptr() % 16 == 0 else x.clone()
+
+
 # ----------------------------------------------------------------------------- native
 
 
@@ -79,6 +85,7 @@ def _sparse24_mm_cuda(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -
     ext = _require_native("sparse24_mm")
     if not getattr(ext, "with_cuda", False):
         raise RuntimeError("sparse24_mm: slimstack._C was built without CUDA kernels")
+    x = _aligned16(x)
     if x.shape[0] <= GEMV_MAX_M:
         return ext.sparse24_gemv_cuda(x, values, meta, N, K)
     if ext.sparse24_gemm_sm90_available(x.device.index or 0):
@@ -93,7 +100,7 @@ def _bitmap_mm_cuda(
     ext = _require_native("bitmap_mm")
     if not getattr(ext, "with_cuda", False):
         raise RuntimeError("bitmap_mm: slimstack._C was built without CUDA kernels")
-    return ext.bitmap_gemv_cuda(x, values, bitmask, row_offsets, N, K)
+    return ext.bitmap_gemv_cuda(_aligned16(x), values, bitmask, row_offsets, N, K)
 
 
 # ----------------------------------------------------------------------------- triton
