@@ -305,8 +305,11 @@ def measure_peaks(device: torch.device) -> dict[str, float]:
     return common.measure_peaks(device.type)
 
 
-def results_path(env: dict[str, Any], directory: Path = RESULTS_DIR) -> Path:
-    return directory / f"{time.strftime('%Y-%m-%d')}-{common.gpu_slug(env['gpu'])}-{SUITE}.json"
+def results_path(env: dict[str, Any], directory: Path | None = None) -> Path:
+    """bench/results/<date>-<gpu>-e2e.json, or under $SLIMSTACK_BENCH_RESULTS when set (as
+    for the kernel suite), e.g. a folder that comes back from the GPU machine."""
+    folder = directory or Path(os.environ.get(common.RESULTS_ENV) or RESULTS_DIR)
+    return folder / f"{time.strftime('%Y-%m-%d')}-{common.gpu_slug(env['gpu'])}-{SUITE}.json"
 
 
 ROW_KEY = ("model", "provider", "layers", "sparsity", "batch", "prompt_len", "new_tokens")

@@ -13,7 +13,9 @@ time. The dense full-depth variant also runs transformers' generate on the same 
 
 Environment knobs: SLIMSTACK_E2E_SPEC=tiny (small shapes, a smoke run),
 SLIMSTACK_E2E_CONFIGS="1x128,8x2048" (batch x prompt), SLIMSTACK_E2E_NEW_TOKENS=256,
-SLIMSTACK_E2E_HF=0 (skip transformers), SLIMSTACK_E2E_MODE=graph|compile|eager.
+SLIMSTACK_E2E_HF=0 (skip transformers), SLIMSTACK_E2E_MODE=graph|compile|eager,
+SLIMSTACK_BENCH_RESULTS=<folder> (write the JSON there instead of bench/results/, e.g. $OUT;
+copy it into bench/results/ to commit it).
 """
 
 from __future__ import annotations
