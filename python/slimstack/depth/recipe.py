@@ -254,6 +254,7 @@ def _run_slice(step: Step, current: Path, target: Path, device: Any, progress: b
         from slimstack.depth.slicing import plan_config, write_plan
 
         inline = {k: p.pop(k) for k in list(p) if k in MERGEKIT_KEYS}
+        inline.setdefault("merge_method", "passthrough")  # a recipe's slices only stack
         plan = plan_config(parse_config(inline, current, base_dir))
         write_plan(plan, target, progress=progress)
         return

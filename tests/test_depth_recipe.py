@@ -1,0 +1,193 @@
+"""Recipes: slice -> prune -> eval into one folder that records every step; bad recipes are
+refused before any work, and a step failing mid-way leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from slimstack.checkpoint import Checkpoint, read_metadata
+from slimstack.depth.recipe import apply_recipe, load_recipe
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory, shared_dir: Path) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("texts")
+    wikitext = shared_dir / "data" / "wikitext-2"
+    calib, test = folder / "valid.txt", folder / "test.txt"
+    calib.write_text((wikitext / "valid.txt").read_text()[:20000])
+    test.write_text((wikitext / "test.txt").read_text()[:6000])
+    return calib, test
+
+
+def recipe_file(folder: Path, recipe: dict) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def leftovers(parent: Path, name: str) -> list[str]:
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_slice_prune_eval_recipe(stories260k_dir: Path, tmp_path: Path, texts):
+    calib, test = texts
+    work = tmp_path / "work"
+    work.mkdir()
+    path = recipe_file(
+        work,
+        {
+            "model": str(stories260k_dir),
+            "out": "result",  # relative to the recipe's folder
+            "steps": [
+                {"slice": {"drop": "3"}},
+                {
+                    "prune": {
+                        "method": "wanda",
+                        "sparsity": "2:4",
+                        "calib": str(calib),
+                        "nsamples": 4,
+                        "seqlen": 32,
+                    }
+                },
+                {"eval": {"text": str(test), "seqlen": 64, "max_windows": 4}},
+            ],
+        },
+    )
+    report = apply_recipe(path, progress=False)
+    out = work / "result"
+    assert report.output == out and out.is_dir()
+    assert leftovers(work, "result") == []
+    with Checkpoint.open(out) as ckpt:
+        assert ckpt.num_layers == 4
+        for name in ckpt.tensor_names():
+            if name.endswith("_proj.weight"):
+                groups = ckpt.get_tensor(name).reshape(-1, 4)
+                assert ((groups != 0).sum(-1) <= 2).all(), name
+        with Checkpoint.open(stories260k_dir) as src:  # layer 3 is gone: new 3 is old 4
+            assert torch.equal(
+                ckpt.get_tensor("model.layers.3.input_layernorm.weight"),
+                src.get_tensor("model.layers.4.input_layernorm.weight"),
+            )
+    meta = read_metadata(out)
+    assert [s["op"] for s in meta["steps"]] == ["slice", "prune", "eval"]
+    assert meta["source"]["path"] == str(stories260k_dir.resolve())
+    assert meta["steps"][0]["keep"] == "0:3,4"
+    assert meta["steps"][1]["method"] == "wanda" and meta["steps"][1]["pattern"] == "2:4"
+    evaluation = meta["steps"][2]
+    assert evaluation["model"] == str(out.resolve()) or evaluation["model"] == str(out)
+    assert evaluation["reference"] == str(stories260k_dir)
+    assert evaluation["perplexity"] > evaluation["reference_perplexity"] > 1
+    assert 0 < evaluation["top1_agreement"] < 1 and evaluation["kl"] > 0
+    assert "layer_map" not in meta  # pruned weights are no longer copies of the source's
+    assert ".recipe-" not in json.dumps(meta)  # staging folders are named by their step
+    assert meta["recipe"]["file"] == str(path.resolve())
+    assert "slice" in report.summary() and "perplexity" in report.summary()
+
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+
+
+def test_inline_mergekit_slice_uses_the_current_model(stories260k_dir: Path, tmp_path: Path):
+    recipe = {
+        "model": str(stories260k_dir),
+        "steps": [
+            {"slice": {"slices": [{"sources": [{"layer_range": [0, 2]}]}] * 2}},
+            {"prune": {"method": "magnitude", "sparsity": "0.5"}},
+        ],
+    }
+    report = apply_recipe(recipe, out=tmp_path / "up", progress=False)
+    meta = read_metadata(report.output)
+    assert meta["steps"][0]["num_hidden_layers"] == 4
+    assert [e["layer"] for e in meta["steps"][0]["layer_map"]] == [0, 1, 0, 1]
+    assert Checkpoint.open(report.output).num_layers == 4
+
+
+BAD_RECIPES = {
+    "unknown step": ({"steps": [{"quantize": {"bits": 4}}]}, "unknown step 'quantize'"),
+    "unknown key": (
+        {"steps": [{"prune": {"method": "wanda", "ratio": 0.5}}]},
+        "unknown setting\\(s\\) 'ratio'",
+    ),
+    "bad pattern": (
+        {"steps": [{"prune": {"method": "magnitude", "sparsity": "5:4"}}]},
+        "step 1 \\(prune\\): .*5:4",
+    ),
+    "bad method": ({"steps": [{"prune": {"method": "obs"}}]}, "unknown method 'obs'"),
+    "no calib": ({"steps": [{"prune": {"method": "wanda"}}]}, "wanda needs calib"),
+    "drop past end": (
+        {"steps": [{"slice": {"drop": "3:9"}}]},
+        "step 1 \\(slice\\): .*out of range",
+    ),
+    "second slice": (
+        {"steps": [{"slice": {"drop": "0:3"}}, {"slice": {"drop": "0:2"}}]},
+        "step 2 \\(slice\\): .*removes all 2 layers",
+    ),
+    "two modes": (
+        {"steps": [{"slice": {"drop": "1", "keep": "0:2"}}]},
+        "exactly one of drop, keep",
+    ),
+    "eval text missing": ({"steps": [{"eval": {"text": "x"}}]}, "steps\\[0\\].text: 'x' not found"),
+    "only eval": (
+        {"steps": [{"eval": {"text": __file__}}]},
+        "nothing to write: add a slice or prune step",
+    ),
+    "no steps": ({"steps": []}, "'steps' must be a non-empty list"),
+    "missing text": (
+        {"steps": [{"slice": {"drop": "1"}}, {"eval": {"seqlen": 8}}]},
+        "eval needs text",
+    ),
+    "bad criterion": (
+        {"steps": [{"slice": {"criterion": "cosine", "n": 1}}]},
+        "unknown criterion 'cosine'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RECIPES))
+def test_bad_recipes_are_refused_before_any_work(stories260k_dir: Path, tmp_path: Path, case):
+    raw, message = BAD_RECIPES[case]
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        apply_recipe({"model": str(stories260k_dir), **raw}, out=out, progress=False)
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_recipe_file_errors(tmp_path: Path, stories260k_dir: Path):
+    with pytest.raises(ValueError, match="recipe file not found"):
+        load_recipe(tmp_path / "none.yaml")
+    (tmp_path / "bad.yaml").write_text("steps: [")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+    with pytest.raises(ValueError, match="unknown key\\(s\\) 'outdir'"):
+        load_recipe({"model": str(stories260k_dir), "steps": [], "outdir": "x"})
+    with pytest.raises(ValueError, match="'model' .* is required"):
+        load_recipe({"steps": [{"slice": {"drop": "1"}}]})
+    with pytest.raises(ValueError, match="no output folder"):
+        apply_recipe({"model": str(stories260k_dir), "steps": [{"slice": {"drop": "1"}}]})
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(ValueError, match="already exists"):
+        apply_recipe(
+            {"model": str(stories260k_dir), "steps": [{"slice": {"drop": "1"}}]},
+            out=tmp_path / "taken",
+        )
+
+
+def test_failure_in_a_later_step_leaves_nothing(stories260k_dir: Path, tmp_path: Path):
+    # statically fine (configs are checked when they run), but layer 7 does not exist
+    recipe = {
+        "model": str(stories260k_dir),
+        "steps": [
+            {"slice": {"drop": "0"}},
+            {"slice": {"slices": [{"sources": [{"layer_range": [2, 7]}]}]}},
+        ],
+    }
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="step 2 \\(slice\\): .*layer_range past the end"):
+        apply_recipe(recipe, out=out, progress=False)
+    assert not out.exists() and leftovers(tmp_path, "out") == []
