@@ -45,7 +45,7 @@ from slimstack.formats.common import (
 )
 
 ROW_ALIGN = 8  # elements; each row's values slot is a multiple of this
-_BIT_WEIGHTS = [1 << j for j in range(8)]
+_BIT_WEIGHTS = [1 << j for j in range(8)]  # pack: bit j of a byte is column 8b + j
 
 
 @dataclass
@@ -152,8 +152,8 @@ class BitmapWeight:
 
 def _bits(bitmask: torch.Tensor) -> torch.Tensor:
     """bool [N, Kp]: the unpacked bits, LSB first within each byte."""
-    weights = torch.tensor(_BIT_WEIGHTS, dtype=torch.uint8, device=bitmask.device)
-    return (bitmask.unsqueeze(-1) & weights).ne(0).reshape(bitmask.shape[0], -1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=bitmask.device)
+    return ((bitmask.unsqueeze(-1) >> shifts) & 1).bool().reshape(bitmask.shape[0], -1)
 
 
 def row_counts(bitmask: torch.Tensor) -> torch.Tensor:
@@ -186,11 +186,15 @@ def pack_bitmap(weight: torch.Tensor) -> BitmapWeight:
 
 
 def unpack_bitmap(packed: BitmapWeight) -> torch.Tensor:
-    """Rebuild the dense weight [N, K] (padding columns dropped)."""
+    """Rebuild the dense weight [N, K] (padding columns dropped).
+
+    Fixed shapes and no boolean indexing: no host sync, so it can run inside a CUDA graph.
+    """
     n, k = packed.shape
+    if packed.values.numel() == 0:
+        return packed.values.new_zeros((n, k))
     kept = _bits(packed.bitmask)
     rank = kept.to(torch.int64).cumsum(-1) - 1
-    positions = (packed.row_offsets[:-1, None] + rank)[kept]
-    dense = packed.values.new_zeros((n, packed.kp))
-    dense[kept] = packed.values[positions]
+    slot = (packed.row_offsets[:-1, None] + rank).clamp_(0, packed.values.numel() - 1)
+    dense = torch.where(kept, packed.values[slot], packed.values.new_zeros(()))
     return dense[:, :k].contiguous()
