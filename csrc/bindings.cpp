@@ -9,6 +9,9 @@
 #include <string>
 
 #include "cpu/sparse_mm.h"
+#ifdef SLIMSTACK_WITH_CUDA
+#include "cuda/glue.h"  // register_cuda: the *_cuda entry points (csrc/cuda/glue.cpp)
+#endif
 
 namespace {
 
@@ -137,6 +140,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("name"));
 #ifdef SLIMSTACK_WITH_CUDA
   m.attr("with_cuda") = true;
+  slimstack::register_cuda(m);
 #else
   m.attr("with_cuda") = false;
 #endif
