@@ -286,7 +286,11 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", nargs="?", help="model folder (not needed with --config)")
     how = p.add_mutually_exclusive_group(required=True)
-    how.add_argument("--drop", action="append", help="layers to drop: 20:28, 5, -4: (repeatable)")
+    how.add_argument(
+        "--drop",
+        action="append",
+        help="layers to drop: 20:28, 5, 0:4,8 (repeatable; write --drop=-4: for a leading minus)",
+    )
     how.add_argument("--keep", action="append", help="layers to keep, in order (repeatable)")
     how.add_argument("--config", help="mergekit YAML with slices and merge_method: passthrough")
     how.add_argument("--criterion", help="drop what angular, bi, taylor, ppl or snr picks")
