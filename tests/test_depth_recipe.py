@@ -191,3 +191,32 @@ def test_failure_in_a_later_step_leaves_nothing(stories260k_dir: Path, tmp_path:
     with pytest.raises(ValueError, match="step 2 \\(slice\\): .*layer_range past the end"):
         apply_recipe(recipe, out=out, progress=False)
     assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+# ------------------------------------------------------------------------------ docs/recipes
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "recipes"
+
+
+def test_documented_recipes_use_only_known_settings():
+    from slimstack.depth.recipe import RECIPE_KEYS, STEP_KEYS
+
+    files = sorted(RECIPES.glob("*.yaml"))
+    assert len(files) >= 2
+    for file in files:
+        raw = yaml.safe_load(file.read_text())
+        assert set(raw) <= set(RECIPE_KEYS), file.name
+        for step in raw["steps"]:
+            ((op, params),) = step.items()
+            assert set(params) <= set(STEP_KEYS[op]), (file.name, op)
+
+
+def test_documented_stories260k_recipe_checks_out(stories260k_dir: Path):
+    """Its paths resolve from the recipe's folder and every step passes the checks that run
+    before any work (running it is test_slice_prune_eval_recipe at a smaller scale)."""
+    from slimstack.depth.recipe import check_recipe
+
+    recipe = load_recipe(RECIPES / "stories260K-4-of-5-layers-wanda24.yaml")
+    assert recipe.model.resolve() == stories260k_dir.resolve()
+    assert [s.op for s in recipe.steps] == ["slice", "prune", "eval"]
+    assert recipe.steps[2].params["text"].name == "test.txt"
+    check_recipe(recipe)
