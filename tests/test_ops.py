@@ -243,7 +243,7 @@ def test_available_backends_report() -> None:
 def test_opcheck_native_ops(make_weight, dtype) -> None:
     _, s24 = make_weight("sparse24", 43, 172, dtype)
     _, bmp = make_weight("bitmap", 43, 172, dtype)
-    x = torch.randn(3, 172, generator=gen(5)).to(dtype)
+    x = torch.randn(3, 172, generator=gen(5)).to(dtype).requires_grad_()  # autograd too
     torch.library.opcheck(torch.ops.slimstack.sparse24_mm, (x, s24.values, s24.meta, 43, 172))
     torch.library.opcheck(
         torch.ops.slimstack.bitmap_mm, (x, bmp.values, bmp.bitmask, bmp.row_offsets, 43, 172)
@@ -457,6 +457,12 @@ for m in (1, 3, 17):
         y = sparse_linear(x, packed)
         ref = x.double() @ dense.half().double().t()
         torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=2e-3)
+x = torch.randn(3, 172, generator=g).half()
+s24, bmp = pack_sparse24(w24.half()), pack_bitmap(wbm.half())
+ops = torch.ops.slimstack
+torch.library.opcheck(ops.sparse24_mm_triton, (x, s24.values, s24.meta, 43, 172))
+bmp_args = (x, bmp.values, bmp.bitmask, bmp.row_offsets, 43, 172)
+torch.library.opcheck(ops.bitmap_mm_triton, bmp_args)
 print("triton-ok")
 """
 
