@@ -11,6 +11,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -68,8 +69,8 @@ std::vector<float> padded_fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp
   return buf;
 }
 
-// out[M, N] = x @ W^T where decompress_row(n, dst) writes row n of W (all Kp fp32
-// values, zeros included) and returns false if the packed row is malformed. Returns -1, or the
+// out[M, N] = x @ W^T where decompress_row(n, dst) writes row n of W (all Kp fp32 values,
+// zeros included) and returns false if the packed row is malformed. Returns -1, or the
 // smallest malformed row.
 template <typename T, typename DecompressRow>
 int64_t block_sparse_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K,
@@ -87,7 +88,8 @@ int64_t block_sparse_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K,
   const int64_t block = rows_per_task(N);
   const int64_t num_blocks = (N + block - 1) / block;
   std::atomic<int64_t> first_bad{N};
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (block * Kp * std::max<int64_t>(M, 1)));
+  const int64_t block_work = block * Kp * std::max<int64_t>(M, 1);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / block_work);
 
   at::parallel_for(0, num_blocks, grain, [&](int64_t b0, int64_t b1) {
     std::vector<float> w(static_cast<size_t>(block * Kp));
