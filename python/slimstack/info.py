@@ -53,5 +53,5 @@ def format_info(facts: dict[str, Any]) -> str:
     ]
     for name, value in facts["backends"].items():
         shown = "yes" if value is True else "no" if value in (False, None) else value
-        lines.append(f"  {name:<16} {shown}")
+        lines.append(f"  {name:<22} {shown}")
     return "\n".join(lines)
