@@ -140,6 +140,7 @@ setup(
         # nvidia-cutlass ships the CUTLASS C++ headers the CUDA kernels compile against
         "dev": ["pytest", "pytest-benchmark", "ruff", "nvidia-cutlass==4.2.0.0"],
     },
+    package_data={"slimstack.ops": ["*.json"]},  # a benchmark-refreshed dispatch table
     entry_points={"console_scripts": ["slimstack=slimstack.cli:main"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
