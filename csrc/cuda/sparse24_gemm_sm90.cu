@@ -22,7 +22,6 @@
 
 #include "cutlass/cutlass.h"
 #include "cute/tensor.hpp"
-#include "cutlass/device_kernel.h"
 #include "cutlass/epilogue/collective/collective_builder.hpp"
 #include "cutlass/gemm/collective/collective_builder.hpp"
 #include "cutlass/gemm/device/gemm_universal_adapter.h"
@@ -253,24 +252,36 @@ bool device_is_sm90(int device) {
   return major == 9 && minor == 0;
 }
 
-// True when the loaded image of `kernel` was built from sm_90a code. A build without sm_90a
-// (e.g. TORCH_CUDA_ARCH_LIST=8.0 plus PTX) would otherwise JIT CUTLASS's guarded stub, which
-// prints an error and computes nothing.
-bool has_sm90a_image(const void* kernel) {
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  return attr.ptxVersion >= 90 && attr.binaryVersion >= 90;
+// 1 in the sm_90a image of this file, 0 in any other (sm_80 cubin, JIT from PTX, plain sm_90).
+// A build without sm_90a (e.g. TORCH_CUDA_ARCH_LIST=8.0 or 9.0) would run CUTLASS's guarded stub,
+// which prints an error and computes nothing; reading this flag from the image the runtime
+// actually picked for the device tells the two apart.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define SLIMSTACK_SM90A_IMAGE 1
+#else
+#define SLIMSTACK_SM90A_IMAGE 0
+#endif
+__device__ int g_sm90a_image = SLIMSTACK_SM90A_IMAGE;
+
+// Cached per device: the first call does a small synchronous copy (keep it out of graph
+// capture; the glue's first availability check does it).
+bool loaded_image_is_sm90a(int device) {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {0};  // 0 unknown, 1 yes, 2 no
+  if (device >= 0 && device < kMaxDevices && cache[device] != 0) return cache[device] == 1;
+  int flag = 0;
+  const bool ok = cudaMemcpyFromSymbol(&flag, g_sm90a_image, sizeof(int)) == cudaSuccess;
+  if (!ok) cudaGetLastError();
+  const bool yes = ok && flag == 1;
+  if (device >= 0 && device < kMaxDevices) cache[device] = yes ? 1 : 2;
+  return yes;
 }
 
-template <class Cfg>
-cudaError_t require_sm90a_gemm() {
+cudaError_t require_sm90a() {
   int device = 0;
   SLIMSTACK_CUDA_TRY(cudaGetDevice(&device));
-  const void* kernel = reinterpret_cast<const void*>(&cutlass::device_kernel<typename Cfg::Kernel>);
-  return device_is_sm90(device) && has_sm90a_image(kernel) ? cudaSuccess : cudaErrorNotSupported;
+  return device_is_sm90(device) && loaded_image_is_sm90a(device) ? cudaSuccess
+                                                                  : cudaErrorNotSupported;
 }
 
 // Logical size of the reordered metadata: rows padded to the atom's 64, bytes per row to the
@@ -329,13 +340,12 @@ bool sparse24_gemm_sm90_available(int device) {
     cudaGetLastError();
     return false;
   }
-  // cudaFuncGetAttributes answers for the current device.
+  // The image flag is read from the current device's module.
   if (current != device && cudaSetDevice(device) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  const bool ok = require_sm90a_gemm<HalfCfg>() == cudaSuccess &&
-                  require_sm90a_gemm<Bf16Cfg>() == cudaSuccess;
+  const bool ok = require_sm90a() == cudaSuccess;
   if (current != device) cudaSetDevice(current);
   return ok;
 }
@@ -351,12 +361,11 @@ cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
   SLIMSTACK_REQUIRE(N % 8 == 0 && ldx % 8 == 0 && ldx >= Kp && ldy % 8 == 0 && ldy >= N);
   SLIMSTACK_REQUIRE(detail::is_aligned(x, 16) && detail::is_aligned(values, 16) &&
                     detail::is_aligned(meta_sm90, 16) && detail::is_aligned(y, 16));
+  SLIMSTACK_CUDA_TRY(require_sm90a());
   switch (dtype) {
     case DType::kFloat16:
-      SLIMSTACK_CUDA_TRY(require_sm90a_gemm<HalfCfg>());
       return run_gemm<HalfCfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N, Kp, stream);
     case DType::kBFloat16:
-      SLIMSTACK_CUDA_TRY(require_sm90a_gemm<Bf16Cfg>());
       return run_gemm<Bf16Cfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N, Kp, stream);
   }
   return cudaErrorInvalidValue;
@@ -369,13 +378,12 @@ cudaError_t sparse24_sm90_compress_dense(const void* W, void* values_out, uint8_
   SLIMSTACK_REQUIRE(N >= 1 && N <= INT32_MAX && Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX);
   SLIMSTACK_REQUIRE(detail::is_aligned(W, 16) && detail::is_aligned(values_out, 16) &&
                     detail::is_aligned(meta_sm90_out, 16));
-  // Same image requirement as the GEMM (the compressor is compiled in the same file).
+  // Same requirement as the GEMM: the test hook is only meaningful next to it.
+  SLIMSTACK_CUDA_TRY(require_sm90a());
   switch (dtype) {
     case DType::kFloat16:
-      SLIMSTACK_CUDA_TRY(require_sm90a_gemm<HalfCfg>());
       return run_compressor<HalfCfg>(W, values_out, meta_sm90_out, N, Kp, stream);
     case DType::kBFloat16:
-      SLIMSTACK_CUDA_TRY(require_sm90a_gemm<Bf16Cfg>());
       return run_compressor<Bf16Cfg>(W, values_out, meta_sm90_out, N, Kp, stream);
   }
   return cudaErrorInvalidValue;
