@@ -5,8 +5,9 @@ only when nvcc and a CUDA build of torch are both present. Override with
 ``SLIMSTACK_BUILD_CUDA=0|1``; ``SLIMSTACK_BUILD_EXT=0`` skips the extension altogether
 (the package then runs on its pure-PyTorch fallbacks).
 
-Install with ``pip install --no-build-isolation .``: an isolated build would pull a
-multi-GB CUDA torch into its temporary environment.
+Install with ``pip install torch==2.13.0 ninja`` then ``pip install --no-build-isolation .``:
+an isolated build would pull a multi-GB CUDA torch into its temporary environment; ninja
+compiles the sources in parallel.
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def _extensions() -> tuple[list, dict]:
             extra_compile_args=cxx_flags,
             extra_link_args=["-fopenmp"],
         )
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=False)}
+    # ninja compiles the sources in parallel (all cores); without it they build one by one
+    use_ninja = shutil.which("ninja") is not None
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=use_ninja)}
 
 
 ext_modules, cmdclass = _extensions()
