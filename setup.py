@@ -66,7 +66,11 @@ def _extensions() -> tuple[list, dict]:
     if want_cuda and not (have_nvcc and have_cuda_torch):
         raise RuntimeError(
             "SLIMSTACK_BUILD_CUDA=1 but "
-            + ("nvcc was not found" if not have_nvcc else f"torch {torch.__version__} is a CPU build")
+            + (
+                "nvcc was not found"
+                if not have_nvcc
+                else f"torch {torch.__version__} is a CPU build"
+            )
         )
 
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
@@ -95,8 +99,10 @@ def _extensions() -> tuple[list, dict]:
             extra_link_args=["-fopenmp"],
         )
     else:
-        reason = "forced off" if want_cuda is False else (
-            "nvcc not found" if not have_nvcc else f"torch {torch.__version__} has no CUDA"
+        reason = (
+            "forced off"
+            if want_cuda is False
+            else ("nvcc not found" if not have_nvcc else f"torch {torch.__version__} has no CUDA")
         )
         print(f"slimstack: building CPU kernels only ({reason})", file=sys.stderr)
         ext = cpp_extension.CppExtension(
