@@ -236,7 +236,12 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         choices=["last", "mean"],
         help="angular distance at the last token (PruneMe, default) or over every token",
     )
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16", "float16"],
+        help="compute dtype of the passes (default float32)",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="windows per layer call")
     p.add_argument(
         "--memory-mb",
