@@ -93,6 +93,8 @@ def main() -> None:
         "nsamples": args.nsamples,
         "seqlen": args.seqlen,
         "tokens": dense.tokens,
+        "windows": dense.windows,
+        "window": dense.seqlen,
     }
     out.with_suffix(".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown_table(rows, meta))
@@ -101,7 +103,8 @@ def main() -> None:
 def markdown_table(rows: list[dict], meta: dict) -> str:
     by_key = {(r["method"], r["pattern"]): r for r in rows}
     lines = [
-        f"Perplexity of {meta['model']} on {meta['text']} ({meta['tokens']} tokens), calibrated "
+        f"Perplexity of {meta['model']} on {meta['text']} ({meta['tokens']} predicted tokens in "
+        f"{meta['windows']} windows of {meta['window']}), calibrated "
         f"on {meta['calib']} ({meta['nsamples']} x {meta['seqlen']} tokens). Dense: "
         f"{by_key[('dense', '-')]['perplexity']:.2f}.",
         "",
@@ -119,7 +122,7 @@ def markdown_table(rows: list[dict], meta: dict) -> str:
     for p, names in notes.items():
         lines += [
             "",
-            f"At {p}, {', '.join(names)} stay dense (in_features not divisible by {p.split(':')[1]}).",
+            f"At {p}, {', '.join(names)} kept dense (in_features not divisible by {p.split(':')[1]}).",
         ]
     return "\n".join(lines) + "\n"
 
