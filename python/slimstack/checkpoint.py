@@ -1,7 +1,8 @@
 """Hugging Face checkpoint folders: validated lazy reading, atomic writing, slimstack.json.
 
 Reading never loads the whole model: tensors come one at a time from safetensors files
-(positional reads of the byte range the header gives), so pruning or slicing a 7B checkpoint needs about one decoder layer of memory.
+(positional reads of the byte range the header gives), so pruning or slicing a 7B
+checkpoint needs about one decoder layer of memory.
 Writing goes to a temporary folder beside the target that is renamed into place only when
 everything, metadata included, has been written; any failure (Ctrl-C too) removes it.
 """
