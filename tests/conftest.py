@@ -109,3 +109,25 @@ def tiny_checkpoint(tmp_path: Path) -> Callable[..., Path]:
         return write_tiny_checkpoint(tmp_path / name, model_type, **kwargs)
 
     return make
+
+
+def _cuda_extension_built() -> bool:
+    try:
+        from slimstack import _C
+    except ImportError:
+        return False
+    return bool(getattr(_C, "with_cuda", False))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests skip without a CUDA device, `cuda_ext` tests without the CUDA build of
+    slimstack._C, whatever each test file checks itself."""
+    no_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    no_ext = pytest.mark.skip(reason="needs slimstack._C built with CUDA")
+    has_gpu = torch.cuda.is_available()
+    has_ext = _cuda_extension_built() if has_gpu else False
+    for item in items:
+        if item.get_closest_marker("gpu") and not has_gpu:
+            item.add_marker(no_gpu)
+        elif item.get_closest_marker("cuda_ext") and not has_ext:
+            item.add_marker(no_ext)
