@@ -123,6 +123,7 @@ def prune(
     if not modules:
         raise ValueError("no linear layer matches --include/--exclude; nothing to prune")
     _check_shapes(ckpt, modules, pattern)
+    writer = CheckpointWriter(out, overwrite=overwrite)  # refuses an existing target up front
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -133,7 +134,7 @@ def prune(
     chosen = set(modules)
     reached: dict[str, float] = {}
 
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
+    with writer:
         for name in ckpt.non_layer_names():
             writer.add(name, ckpt.get_tensor(name))
         stream = (
