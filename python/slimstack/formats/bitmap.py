@@ -35,6 +35,7 @@ import torch
 
 from slimstack.formats.common import (
     FORMAT_VERSION,
+    PackedWeight,
     check_dense_weight,
     dtype_name,
     expect,
@@ -49,7 +50,7 @@ _BIT_WEIGHTS = [1 << j for j in range(8)]  # pack: bit j of a byte is column 8b 
 
 
 @dataclass
-class BitmapWeight:
+class BitmapWeight(PackedWeight):
     """An unstructured sparse weight packed as ``bitmask`` + compacted ``values``."""
 
     values: torch.Tensor
@@ -58,6 +59,7 @@ class BitmapWeight:
     shape: tuple[int, int]
     dtype: torch.dtype
     version: int = FORMAT_VERSION
+    TENSORS: ClassVar[tuple[str, ...]] = ("values", "bitmask", "row_offsets")
     format: ClassVar[str] = "bitmap"
 
     def __post_init__(self) -> None:
@@ -88,19 +90,6 @@ class BitmapWeight:
             all(t.is_contiguous() for t in (self.values, self.bitmask, self.row_offsets)),
             "bitmap values, bitmask and row_offsets must be contiguous",
         )
-
-    @property
-    def kp(self) -> int:
-        """K padded to the 64-column tile."""
-        return padded_k(self.shape[1])
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + self.bitmask.nbytes + self.row_offsets.nbytes
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> BitmapWeight:
         return BitmapWeight(

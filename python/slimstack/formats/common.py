@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from safetensors import safe_open
@@ -24,6 +25,28 @@ SUPPORTED_DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
 }
+
+
+class PackedWeight:
+    """What every packed container derives from its tensors: the padded K, the device and
+    the bytes it occupies. Subclasses are dataclasses naming their tensor fields in
+    ``TENSORS``."""
+
+    TENSORS: ClassVar[tuple[str, ...]]
+    shape: tuple[int, int]
+
+    @property
+    def kp(self) -> int:
+        """K padded to the 64-column tile."""
+        return padded_k(self.shape[1])
+
+    @property
+    def device(self) -> torch.device:
+        return getattr(self, self.TENSORS[0]).device
+
+    @property
+    def nbytes(self) -> int:
+        return sum(getattr(self, name).nbytes for name in self.TENSORS)
 
 
 def padded_k(k: int) -> int:

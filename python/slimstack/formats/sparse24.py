@@ -34,6 +34,7 @@ import torch
 
 from slimstack.formats.common import (
     FORMAT_VERSION,
+    PackedWeight,
     check_dense_weight,
     dtype_name,
     expect,
@@ -48,7 +49,7 @@ KEEP = 2
 
 
 @dataclass
-class Sparse24Weight:
+class Sparse24Weight(PackedWeight):
     """A 2:4 weight packed as ``values`` + ``meta`` (see the module docstring)."""
 
     values: torch.Tensor
@@ -56,6 +57,7 @@ class Sparse24Weight:
     shape: tuple[int, int]
     dtype: torch.dtype
     version: int = FORMAT_VERSION
+    TENSORS: ClassVar[tuple[str, ...]] = ("values", "meta")
     format: ClassVar[str] = "sparse24"
 
     def __post_init__(self) -> None:
@@ -86,19 +88,6 @@ class Sparse24Weight:
             self.values.is_contiguous() and self.meta.is_contiguous(),
             "sparse24 values and meta must be contiguous",
         )
-
-    @property
-    def kp(self) -> int:
-        """K padded to the 64-column tile."""
-        return padded_k(self.shape[1])
-
-    @property
-    def device(self) -> torch.device:
-        return self.values.device
-
-    @property
-    def nbytes(self) -> int:
-        return self.values.nbytes + self.meta.nbytes
 
     def to(self, device: str | torch.device, non_blocking: bool = False) -> Sparse24Weight:
         return Sparse24Weight(
