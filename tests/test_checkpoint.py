@@ -176,3 +176,21 @@ def test_metadata_corrupt_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_metadata(tmp_path)
     assert read_metadata(tmp_path / "none") is None
+
+
+def test_shards_without_index_are_read(stories260k_dir: Path, tmp_path: Path) -> None:
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        out = _write_from(ckpt, tmp_path / "sharded", 200_000)
+        (out / "model.safetensors.index.json").unlink()
+        reread = Checkpoint.open(out)
+        assert len(reread.weight_files()) > 1
+        assert sorted(reread.tensor_names()) == sorted(ckpt.tensor_names())
+        for name in ckpt.tensor_names():
+            assert torch.equal(reread.get_tensor(name), ckpt.get_tensor(name)), name
+
+
+def test_tensor_in_two_shards_refused(stories260k_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    save_file({"model.norm.weight": torch.ones(64)}, str(folder / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match="'model.norm.weight' appears in two shards"):
+        Checkpoint.open(folder)
