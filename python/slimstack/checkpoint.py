@@ -18,6 +18,7 @@ import struct
 import time
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -356,6 +357,47 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 # ====================================================================== writing
+def check_target(target: Path, overwrite: bool) -> None:
+    """Refuse an output path before any work: an existing one needs `overwrite`, and must be
+    a folder."""
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"output folder already exists: {target} (use --overwrite)")
+    if target.exists() and not target.is_dir():
+        raise CheckpointError(f"output path exists and is not a folder: {target}")
+
+
+def replace_folder(folder: Path, target: Path) -> None:
+    """Rename a finished `folder` to `target`, replacing what was there; if the rename fails
+    the old target is put back."""
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(target, old)
+    try:
+        os.replace(folder, target)
+    except BaseException:
+        if old is not None:
+            os.replace(old, target)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextmanager
+def staging_folder(target: str | os.PathLike, overwrite: bool, tag: str = "tmp") -> Iterator[Path]:
+    """A temporary folder beside `target`, renamed into place only if the block succeeds."""
+    target = Path(target)
+    check_target(target, overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_folder(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 class CheckpointWriter:
     """Writes a standard HF folder atomically: shards + index, config, tokenizer, slimstack.json.
 
@@ -374,10 +416,7 @@ class CheckpointWriter:
         max_shard_bytes: int = 1024**3,
     ) -> None:
         self.target = Path(target)
-        if self.target.exists() and not overwrite:
-            raise CheckpointError(f"output folder already exists: {self.target} (use --overwrite)")
-        if self.target.exists() and not self.target.is_dir():
-            raise CheckpointError(f"output path exists and is not a folder: {self.target}")
+        check_target(self.target, overwrite)
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -451,23 +490,9 @@ class CheckpointWriter:
         if metadata is not None:
             meta = {"slimstack_version": _version(), "created": _now(), **metadata}
             _write_json(self.tmp / METADATA_FILE, meta)
-        self._commit()
+        replace_folder(self.tmp, self.target)
         self._finished = True
         return self.target
-
-    def _commit(self) -> None:
-        old = None
-        if self.target.exists():
-            old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.target, old)
-        try:
-            os.replace(self.tmp, self.target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, self.target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _write_json(path: Path, obj: Any) -> None:

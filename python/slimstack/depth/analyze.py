@@ -10,11 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-import uuid
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +19,7 @@ from typing import Any
 import torch
 
 from slimstack.calibration import load_calibration
-from slimstack.checkpoint import Checkpoint, CheckpointError, source_record
+from slimstack.checkpoint import Checkpoint, check_target, source_record, staging_folder
 from slimstack.depth.angular import TOKEN_MODES, AngularDistance
 from slimstack.depth.block_influence import BlockInfluence
 from slimstack.depth.passes import forward_pass
@@ -61,29 +58,6 @@ def parse_criteria(criteria: str | Sequence[str] | None) -> list[str]:
     if not chosen:
         raise ValueError(f"no criterion given; choose from: {', '.join(CRITERIA)}")
     return [c for c in CRITERIA if c in chosen]  # a stable order for reports
-
-
-@contextmanager
-def staging_folder(target: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder beside `target`, renamed into place only if the block succeeds."""
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"output folder already exists: {target} (use --overwrite)")
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"output path exists and is not a folder: {target}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        old = None
-        if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_settings(ckpt: Checkpoint, seqlen: int, token: str, dtype: str) -> None:
@@ -178,8 +152,7 @@ def analyze(
     needs_data = any(c != "snr" for c in chosen)
     if needs_data and calib is None:
         raise ValueError("these criteria need calibration text (--calib FILE); only snr does not")
-    if out.exists() and not overwrite:  # refuse before the long work, not after it
-        raise CheckpointError(f"output folder already exists: {out} (use --overwrite)")
+    check_target(out, overwrite)  # refuse before the long work, not after it
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     calibration = load_calibration(model, calib, nsamples, seqlen, seed) if needs_data else None
     results, seconds = score_layers(

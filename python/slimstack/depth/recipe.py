@@ -38,8 +38,9 @@ from tqdm.auto import tqdm
 from slimstack.checkpoint import (
     METADATA_FILE,
     Checkpoint,
-    CheckpointError,
+    check_target,
     read_metadata,
+    replace_folder,
     source_record,
 )
 from slimstack.depth.layer_ranges import drop_to_keep, keep_layers
@@ -342,10 +343,7 @@ def apply_recipe(
     target = Path(out) if out is not None else recipe.out
     if target is None:
         raise RecipeError("no output folder: give --out DIR or 'out:' in the recipe")
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"output folder already exists: {target} (use --overwrite)")
-    if target.exists() and not target.is_dir():
-        raise CheckpointError(f"output path exists and is not a folder: {target}")
+    check_target(target, overwrite)
     check_recipe(recipe)
     device = device or recipe.device
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -364,7 +362,7 @@ def apply_recipe(
         }
         meta = _rename_paths(meta, names)
         (current / METADATA_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        _replace(current, target)
+        replace_folder(current, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return RecipeReport(target, meta["steps"], time.perf_counter() - start)
@@ -394,13 +392,3 @@ def _run_steps(
         names[str(folder)] = f"<{step.label}>"
         current = folder
     return records, current, names
-
-
-def _replace(folder: Path, target: Path) -> None:
-    old = None
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(target, old)
-    os.replace(folder, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
