@@ -72,6 +72,22 @@ def make_unstructured() -> Callable[..., torch.Tensor]:
     return random_unstructured
 
 
+@pytest.fixture
+def make_weight() -> Callable[..., tuple[torch.Tensor, object]]:
+    """make_weight(fmt, n, k, dtype, seed) -> (dense masked weight, its packed form)."""
+    from slimstack.formats import pack_bitmap, pack_sparse24
+
+    def make(fmt: str, n: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+        generator = torch.Generator().manual_seed(seed)
+        if fmt == "sparse24":
+            dense = random_sparse24(n, k, dtype=dtype, generator=generator)
+            return dense, pack_sparse24(dense)
+        dense = random_unstructured(n, k, dtype=dtype, density=0.5, generator=generator)
+        return dense, pack_bitmap(dense)
+
+    return make
+
+
 @pytest.fixture(scope="session")
 def wikitext_dir() -> Path:
     path = SHARED_DIR / "data" / "wikitext-2"

@@ -27,20 +27,6 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.fixture
-def make_weight(make_sparse24, make_unstructured):
-    """make_weight(fmt, n, k, dtype, seed) -> (dense masked weight, packed)."""
-
-    def make(fmt: str, n: int, k: int, dtype: torch.dtype, seed: int):
-        if fmt == "sparse24":
-            dense = make_sparse24(n, k, dtype=dtype, generator=gen(seed))
-            return dense, pack_sparse24(dense)
-        dense = make_unstructured(n, k, dtype=dtype, density=0.5, generator=gen(seed))
-        return dense, pack_bitmap(dense)
-
-    return make
-
-
 def run_kernel(x: torch.Tensor, packed, out: torch.Tensor | None = None) -> torch.Tensor:
     n, k = packed.shape
     if packed.format == "sparse24":

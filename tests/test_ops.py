@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from slimstack.formats import pack_bitmap, pack_sparse24
 from slimstack.ops import (
     SparseLinear,
     SparsifyReport,
@@ -37,18 +36,6 @@ TOLERANCES = {
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-@pytest.fixture
-def make_weight(make_sparse24, make_unstructured):
-    def make(fmt: str, n: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 0):
-        if fmt == "sparse24":
-            dense = make_sparse24(n, k, dtype=dtype, generator=gen(seed))
-            return dense, pack_sparse24(dense)
-        dense = make_unstructured(n, k, dtype=dtype, density=0.5, generator=gen(seed))
-        return dense, pack_bitmap(dense)
-
-    return make
 
 
 @pytest.fixture(autouse=True)
