@@ -167,10 +167,8 @@ class Checkpoint:
     config: dict[str, Any]
     entries: dict[str, TensorEntry]  # tensor name -> file, dtype, shape, byte range
 
-    @property
-    def weight_map(self) -> dict[str, str]:
-        """Tensor name -> safetensors file name (relative to path)."""
-        return {name: e.file for name, e in self.entries.items()}
+    def __contains__(self, name: object) -> bool:
+        return name in self.entries
 
     # ---------------------------------------------------------------- opening
     @classmethod

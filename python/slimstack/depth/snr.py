@@ -149,7 +149,7 @@ def snr_drop_order(results: list[SnrResult]) -> list[int]:
 
 def snr_scores(ckpt: Checkpoint, module: str = DEFAULT_MODULE) -> dict[str, Any]:
     name = f"{module}.weight"
-    if f"{LAYER_PREFIX}0.{name}" not in ckpt.weight_map:
+    if f"{LAYER_PREFIX}0.{name}" not in ckpt:
         raise ValueError(f"{ckpt.path}: layers have no {name!r} to compute the SNR of")
     results = [
         weight_snr(ckpt.get_tensor(f"{LAYER_PREFIX}{i}.{name}")) for i in range(ckpt.num_layers)

@@ -30,7 +30,7 @@ class LMHead:
         self.norm_weight = ckpt.get_tensor("model.norm.weight").to(device=device, dtype=dtype)
         self.eps = float(ckpt.config.get("rms_norm_eps", 1e-6))
         # tied checkpoints (tie_word_embeddings) carry no lm_head.weight: the embedding serves
-        name = "lm_head.weight" if "lm_head.weight" in ckpt.weight_map else None
+        name = "lm_head.weight" if "lm_head.weight" in ckpt else None
         name = name or "model.embed_tokens.weight"
         self.weight = ckpt.get_tensor(name).to(device=device, dtype=dtype)
         self.batch_size = batch_size

@@ -213,7 +213,7 @@ def _same_layer(ckpt: Checkpoint, a: int, b: int) -> bool:
 
 # ----------------------------------------------------------------------------- the rest
 def _tensor(ckpt: Checkpoint, name: str, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    if name not in ckpt.weight_map:
+    if name not in ckpt:
         raise CheckpointError(f"{ckpt.path}: missing {name}")
     return ckpt.get_tensor(name).to(device=device, dtype=dtype)
 
@@ -229,7 +229,7 @@ def _lm_head(
         head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         head.weight = embed.weight  # one tensor in memory, as transformers ties them
         return head
-    if "lm_head.weight" not in ckpt.weight_map:
+    if "lm_head.weight" not in ckpt:
         raise CheckpointError(
             f"{ckpt.path}: no lm_head.weight and the config does not tie word embeddings"
         )
