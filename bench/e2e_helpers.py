@@ -14,6 +14,7 @@ session only spends its time measuring.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -127,28 +128,6 @@ def hf_config(spec: ModelSpec, layers: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-_LINEARS = (
-    ("self_attn.q_proj", "heads"),
-    ("self_attn.k_proj", "kv"),
-    ("self_attn.v_proj", "kv"),
-    ("self_attn.o_proj", "o"),
-    ("mlp.gate_proj", "up"),
-    ("mlp.up_proj", "up"),
-    ("mlp.down_proj", "down"),
-)
-
-
-def _linear_shape(spec: ModelSpec, kind: str) -> tuple[int, int]:
-    h, d = spec.hidden, spec.head_dim
-    return {
-        "heads": (spec.heads * d, h),
-        "kv": (spec.kv_heads * d, h),
-        "o": (h, spec.heads * d),
-        "up": (spec.intermediate, h),
-        "down": (h, spec.intermediate),
-    }[kind]
-
-
 def _random(shape: tuple[int, ...], std: float, gen: torch.Generator, device, dtype):
     return (torch.randn(shape, generator=gen, device=device) * std).to(dtype)
 
@@ -170,6 +149,7 @@ def write_synthetic_checkpoint(
     def generator(index: int) -> torch.Generator:
         return torch.Generator(device=device).manual_seed(seed * 100_003 + index)
 
+    config = hf_config(spec, variant.layers)
     with CheckpointWriter(out, max_shard_bytes=4 * 1024**3) as writer:
         gen = generator(10_000)
         writer.add(
@@ -180,13 +160,14 @@ def write_synthetic_checkpoint(
         for index in range(variant.layers):
             gen = generator(index)
             prefix = f"model.layers.{index}."
-            for norm in ("input_layernorm", "post_attention_layernorm"):
-                writer.add(f"{prefix}{norm}.weight", torch.ones(spec.hidden, dtype=dtype))
-            for name, kind in _LINEARS:
-                weight = _random(_linear_shape(spec, kind), std, gen, device, dtype)
+            for name, shape in synthetic.layer_shapes(config).items():
+                if name.endswith("norm.weight"):
+                    writer.add(prefix + name, torch.ones(shape, dtype=dtype))
+                    continue
+                weight = _random(shape, std, gen, device, dtype)
                 if pattern is not None:
                     weight = magnitude_prune(weight, pattern)
-                writer.add(f"{prefix}{name}.weight", weight)
+                writer.add(prefix + name, weight)
         metadata = {
             "synthetic": {
                 "spec": spec.name,
@@ -195,7 +176,7 @@ def write_synthetic_checkpoint(
                 "note": "random weights of the real shapes, magnitude-pruned; speed only",
             }
         }
-        writer.finish(hf_config(spec, variant.layers), metadata)
+        writer.finish(config, metadata)
     return Path(out)
 
 
@@ -288,9 +269,8 @@ def free_disk_gb(path: Path) -> float:
 
 
 def checkpoint_gb(spec: ModelSpec, layers: int, itemsize: int = 2) -> float:
-    per_layer = sum(
-        _linear_shape(spec, kind)[0] * _linear_shape(spec, kind)[1] for _, kind in _LINEARS
-    )
+    shapes = synthetic.layer_shapes(hf_config(spec, layers)).values()
+    per_layer = sum(math.prod(shape) for shape in shapes if len(shape) == 2)
     return (layers * per_layer + 2 * spec.vocab * spec.hidden) * itemsize / 1e9
 
 
