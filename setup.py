@@ -38,10 +38,31 @@ def _cutlass_include() -> str | None:
     return path if os.path.isdir(path) else None
 
 
+def _find_cuda_home() -> None:
+    """Point CUDA_HOME at a toolkit that has the headers, before torch guesses it.
+
+    torch takes CUDA_HOME as the parent of the nvcc on PATH; where that nvcc is a wrapper
+    script (/usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) the guess,
+    /usr/local, has no cuda_runtime.h and the C++ glue fails to compile.
+    """
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = []
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates.append("/usr/local/cuda")
+    for home in candidates:
+        if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
 def _extensions() -> tuple[list, dict]:
     if _flag("SLIMSTACK_BUILD_EXT") is False:
         print("slimstack: SLIMSTACK_BUILD_EXT=0, skipping the native extension", file=sys.stderr)
         return [], {}
+    _find_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension

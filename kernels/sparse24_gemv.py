@@ -131,7 +131,6 @@ def _sparse24_gemv_kernel(
             x = _gathered_x(x_ptr, words, k0, K, BLOCK_N, BLOCK_K, EVEN_X)
             acc += v.to(tl.float32) * x.to(tl.float32)
             v, words = v_next, words_next
-            v, words = v_next, words_next
         y = tl.sum(acc, axis=1)[None, :]
 
     out_ptrs = out_ptr + pid_k * stride_split + offs_m[:, None] * N + rows[None, :]

@@ -154,3 +154,36 @@ def test_cpu_suite_end_to_end(tmp_path):
     assert {("sparse24_mm", "cpu"), ("bitmap_mm", "cpu")} <= providers
     assert all(r["baseline"] == "torch_dense" for r in doc["rows"])
     assert plot.plot_results(path)
+
+
+summarize = _load("summarize")
+
+
+def test_summary_tables_geomean_over_shapes_and_decode_bandwidth():
+    doc = _document(_rows(dtypes=("bfloat16",)))
+    text = summarize.summarize(doc)
+    lines = text.splitlines()
+    header = next(line for line in lines if line.startswith("| op / provider | M="))
+    assert header.split("|")[2:6] == [" M=1 ", " M=2 ", " M=16 ", " M=2048 "]
+    # every row of provider cuda runs at 0.55x the dense time: 1/0.55 = 1.82x at each M
+    cuda = next(line for line in lines if line.startswith("| sparse24_gemv / cuda | "))
+    assert cuda.count("1.82x") == 4
+    # M = 1 per shape: 3 shapes x 2 providers, share of the 3000 GB/s copy bandwidth
+    decode = [line for line in lines if line.startswith("| sparse24_gemv / ") and "x4096 |" in line]
+    assert len(decode) == 6
+    row = next(r for r in doc["rows"] if r["M"] == 1 and r["provider"] == "triton")
+    expected = f"{100 * row['gbps'] / 3000:.0f}%"
+    assert any(expected in line for line in decode)
+
+
+def test_summary_refuses_other_documents_and_unknown_dtypes(tmp_path, capsys):
+    with pytest.raises(ValueError, match="not a kernel benchmark"):
+        summarize.summarize({"suite": "e2e", "rows": []})
+    with pytest.raises(ValueError, match="no rows of dtype 'float32'"):
+        summarize.summarize(_document(_rows()), "float32")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_document(_rows())))
+    assert summarize.main([str(path), "--dtype", "float16"]) == 0
+    assert "float16: geometric-mean" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        summarize.main([str(tmp_path / "missing.json")])

@@ -1,0 +1,176 @@
+"""Refresh the dispatch table from a kernel benchmark run (bench/, DESIGN.md results JSON).
+
+For every (device, format, dtype) the run measured, each M gets the backends ranked by the
+geometric mean of their speedup over the dense baseline across the weight shapes; neighbouring
+M values with the same ranking merge into one rule covering an M range. What a row measured
+maps to a backend as the backend would run it: ``cuda`` is the extension's GEMV for M <= 16
+and, above, its CUTLASS Hopper GEMM where the run has one (``cuda_sm90``), else the mma.sp
+GEMM; ``triton`` is sparse24_gemv / sparse24_gemm / bitmap_gemv; ``torch`` is PyTorch's
+semi-structured matmul; ``cpu`` the C++ kernels.
+
+    python -m slimstack.ops.tuning bench/results/<run>-kernels.json            # print the rules
+    python -m slimstack.ops.tuning bench/results/<run>-kernels.json --write    # and install them
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from slimstack.ops.backends import GEMV_MAX_M
+from slimstack.ops.dispatch import (
+    DEFAULT_TABLE,
+    TABLE_PATH,
+    TABLE_VERSION,
+    save_dispatch_table,
+    validate_table,
+)
+
+# (op, provider) of a results row -> (format, backend, M range it speaks for)
+_ROW_BACKEND: dict[tuple[str, str], tuple[str, str, str]] = {
+    ("sparse24_gemv", "cuda"): ("sparse24", "cuda", "gemv"),
+    ("sparse24_gemm", "cuda_sm90"): ("sparse24", "cuda", "gemm"),
+    ("sparse24_gemm", "cuda"): ("sparse24", "cuda_sm80", "gemm"),
+    ("sparse24_gemv", "triton"): ("sparse24", "triton", "gemv"),
+    ("sparse24_gemm", "triton"): ("sparse24", "triton", "gemm"),
+    ("sparse24_mm", "torch"): ("sparse24", "torch", "any"),
+    ("sparse24_mm", "cpu"): ("sparse24", "cpu", "any"),
+    ("bitmap_gemv", "cuda"): ("bitmap", "cuda", "gemv"),
+    ("bitmap_gemv", "triton"): ("bitmap", "triton", "gemv"),
+    ("bitmap_mm", "cpu"): ("bitmap", "cpu", "any"),
+}
+
+
+def _device_of(doc: dict[str, Any]) -> str:
+    return "cpu" if str(doc.get("gpu", "cpu")).lower() == "cpu" else "cuda"
+
+
+def _speedups(doc: dict[str, Any]) -> dict[tuple, dict[str, list[float]]]:
+    """(format, dtype, M) -> backend -> speedups over the shapes measured."""
+    found: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in doc["rows"]:
+        mapped = _ROW_BACKEND.get((row["op"], row["provider"]))
+        if mapped is None:
+            continue
+        fmt, backend, scope = mapped
+        m = int(row["M"])
+        if (scope == "gemv" and m > GEMV_MAX_M) or (scope == "gemm" and m <= GEMV_MAX_M):
+            continue
+        found[(fmt, row["dtype"], m)][backend].append(float(row["speedup"]))
+    # The CUDA backend runs the Hopper GEMM where it exists; the sm80 rows speak for it only
+    # on cards without one.
+    for per_backend in found.values():
+        sm80 = per_backend.pop("cuda_sm80", None)
+        if sm80 and "cuda" not in per_backend:
+            per_backend["cuda"] = sm80
+    return found
+
+
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def _default_order(device: str, fmt: str) -> list[str]:
+    for rule in DEFAULT_TABLE["rules"]:
+        if rule.get("device", "*") in ("*", device) and rule.get("format", "*") in ("*", fmt):
+            return list(rule["order"])
+    return ["reference"]
+
+
+def rules_from_results(doc: dict[str, Any], *, source: str = "") -> dict[str, Any]:
+    """A dispatch table ranking the backends the run measured, M range by M range.
+
+    Backends the run did not measure follow in the default order, and the default rules
+    close the table, so every call still finds a backend.
+    """
+    device = _device_of(doc)
+    by_key = _speedups(doc)
+    if not by_key:
+        raise ValueError(
+            "the results have no rows a backend speaks for (ops sparse24_gemv / sparse24_gemm "
+            "/ sparse24_mm / bitmap_gemv / bitmap_mm with providers cuda, cuda_sm90, triton, "
+            "torch, cpu)"
+        )
+    groups: dict[tuple[str, str], list[tuple[int, list[str], dict[str, float]]]] = defaultdict(
+        list
+    )
+    for (fmt, dtype, m), per_backend in sorted(by_key.items()):
+        means = {name: _geomean(values) for name, values in per_backend.items()}
+        ranked = sorted(means, key=lambda name: -means[name])
+        groups[(fmt, dtype)].append((m, ranked, means))
+
+    rules = []
+    tag = f" ({source})" if source else ""
+    for (fmt, dtype), points in sorted(groups.items()):
+        fallback = _default_order(device, fmt)
+        start = 0
+        for i, (m, ranked, means) in enumerate(points):
+            last = i == len(points) - 1
+            if not last and points[i + 1][1] == ranked:
+                continue  # same ranking at the next M: extend the range
+            order = ranked + [name for name in fallback if name not in ranked]
+            if "reference" not in order:
+                order.append("reference")
+            speedups = ", ".join(f"{name} {means[name]:.2f}x" for name in ranked)
+            rules.append(
+                {
+                    "device": device,
+                    "format": fmt,
+                    "dtype": dtype,
+                    "m_min": start,
+                    "m_max": None if last else m,
+                    "order": order,
+                    "note": f"geomean speedup vs dense at M={m}: {speedups}{tag}",
+                }
+            )
+            start = m + 1
+    table = {"version": TABLE_VERSION, "rules": rules + list(DEFAULT_TABLE["rules"])}
+    return validate_table(table)
+
+
+def describe(table: dict[str, Any]) -> str:
+    lines = []
+    for rule in table["rules"]:
+        where = "/".join(rule.get(key, "*") for key in ("device", "format", "dtype"))
+        m_max = rule.get("m_max")
+        span = f"M {rule.get('m_min', 0)}..{'' if m_max is None else m_max}"
+        lines.append(f"{where:28s} {span:12s} {' > '.join(rule['order'])}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results", type=Path, help="kernel benchmark results JSON")
+    parser.add_argument(
+        "--write",
+        nargs="?",
+        const=TABLE_PATH,
+        type=Path,
+        metavar="PATH",
+        help=f"install the table (default {TABLE_PATH})",
+    )
+    args = parser.parse_args(argv)
+    try:
+        doc = json.loads(args.results.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        parser.error(f"cannot read {args.results}: {err}")
+    if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
+        parser.error(f"{args.results} is not a kernel benchmark results file (suite 'kernels')")
+    source = f"{args.results.name}, commit {str(doc.get('commit', '?'))[:12]}"
+    try:
+        table = rules_from_results(doc, source=source)
+    except ValueError as err:
+        parser.error(str(err))
+    print(describe(table))
+    if args.write is not None:
+        save_dispatch_table(table, args.write)
+        print(f"wrote {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
