@@ -95,9 +95,7 @@ def rules_from_results(doc: dict[str, Any], *, source: str = "") -> dict[str, An
             "/ sparse24_mm / bitmap_gemv / bitmap_mm with providers cuda, cuda_sm90, triton, "
             "torch, cpu)"
         )
-    groups: dict[tuple[str, str], list[tuple[int, list[str], dict[str, float]]]] = defaultdict(
-        list
-    )
+    groups: dict[tuple[str, str], list[tuple[int, list[str], dict[str, float]]]] = defaultdict(list)
     for (fmt, dtype, m), per_backend in sorted(by_key.items()):
         means = {name: _geomean(values) for name, values in per_backend.items()}
         ranked = sorted(means, key=lambda name: -means[name])
