@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from triton_support import interpreter_problem
 
 from slimstack.ops import (
     SparseLinear,
@@ -459,6 +460,8 @@ def test_forced_triton_under_interpreter_on_cpu() -> None:
     pytest.importorskip("triton")
     if torch.cuda.is_available():
         pytest.skip("GPU machines run the compiled Triton kernels in the Triton tests")
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
     env = dict(os.environ, TRITON_INTERPRET="1", SLIMSTACK_BACKEND="triton")
     result = subprocess.run(
         [sys.executable, "-c", _TRITON_ON_CPU],

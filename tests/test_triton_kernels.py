@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from triton_support import interpreter_problem
 
 _CUDA = torch.cuda.is_available()
 if not _CUDA and "triton" not in sys.modules:
@@ -50,11 +51,14 @@ else:
     DEVICE, MODE = None, "unavailable"
 
 pytestmark = pytest.mark.interpreter
-runs_here = pytest.mark.skipif(
-    DEVICE is None,
-    reason="triton was imported in compiled mode before this module and there is no GPU; "
-    "test_interpreter_suite_in_fresh_process runs this file in interpreter mode instead",
-)
+if DEVICE is None:
+    _WHY_NOT = (
+        "triton was imported in compiled mode before this module and there is no GPU; "
+        "test_interpreter_suite_in_fresh_process runs this file in interpreter mode instead"
+    )
+else:
+    _WHY_NOT = interpreter_problem() if MODE == "interpreter" else None
+runs_here = pytest.mark.skipif(_WHY_NOT is not None, reason=_WHY_NOT or "")
 
 # bf16 arithmetic is wrong in triton 3.9's interpreter, so it is checked on GPUs only.
 DTYPES = [torch.float16, torch.float32] + ([torch.bfloat16] if MODE == "compiled" else [])
@@ -437,6 +441,8 @@ def test_fused_pieces_reject_bad_input_and_leave_inputs_alone():
 
 @pytest.mark.skipif(DEVICE is not None, reason="the kernels already ran in this process")
 def test_interpreter_suite_in_fresh_process():
+    if interpreter_problem():
+        pytest.skip(interpreter_problem())
     repo = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1")
     proc = subprocess.run(

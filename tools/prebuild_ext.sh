@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Build slimstack._C here (no GPU needed) for the lent GPU machine, so its calls skip a
+# 3-minute compile: each call of the device tool starts a bare machine.
+#
+# The device image runs Python 3.12 with torch 2.11.0+cu130 (the device tool's KINDS.md);
+# a venv with that torch wheel and this machine's nvcc 13.0 builds an extension it imports
+# as is. The result lands in .prebuilt/ (git-ignored) with a stamp of the torch version and
+# the sources; tools/gpu_session.sh uses it only when the stamp matches there, else it builds.
+#
+#   tools/prebuild_ext.sh [VENV]          # default VENV: /tmp/slimstack-device-venv
+#   # then: device run with carry [".prebuilt", ".whl"]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${1:-/tmp/slimstack-device-venv}
+TORCH_PIN=${TORCH_PIN:-2.11.0}
+PY312=${PY312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python")}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY312" -m venv "$VENV"
+  "$VENV/bin/pip" install -q "torch==$TORCH_PIN" nvidia-cutlass==4.2.0.0 pybind11 ninja setuptools
+fi
+# torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there has no headers.
+if [ -z "${CUDA_HOME:-}" ]; then
+  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
+  [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || CUDA_HOME=/usr/local/cuda
+  if [ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]; then
+    echo "no CUDA toolkit headers found; set CUDA_HOME" >&2
+    exit 1
+  fi
+fi
+export CUDA_HOME
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export SLIMSTACK_BUILD_CUDA=1
+
+"$VENV/bin/python" setup.py -q build_ext --inplace
+suffix=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
+mkdir -p .prebuilt
+strip --strip-debug -o ".prebuilt/_C$suffix" "python/slimstack/_C$suffix"
+"$VENV/bin/python" tools/ext_stamp.py > .prebuilt/stamp
+"$VENV/bin/python" - <<'EOF'
+import torch, slimstack._C as ext
+assert ext.with_cuda, "built without the CUDA kernels"
+print("slimstack._C for torch", torch.__version__, "with CUDA kernels")
+EOF
+ls -la .prebuilt
+echo "carry .prebuilt (and .whl) in the device run; tools/gpu_session.sh picks it up"
