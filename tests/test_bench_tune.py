@@ -10,8 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from triton_support import interpreter_problem
 
 pytest.importorskip("triton")
+if not torch.cuda.is_available() and interpreter_problem():
+    pytest.skip(interpreter_problem(), allow_module_level=True)
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "tune_triton.py"
 
 
