@@ -67,8 +67,8 @@ def summarize(doc: dict[str, Any], dtype: str | None = None) -> str:
     out = [
         f"{doc.get('gpu')}, torch {doc.get('torch')}, triton {doc.get('triton')}, "
         f"commit {str(doc.get('commit'))[:12]}; measured HBM copy bandwidth "
-        f"{peak.get('hbm_gbps', float('nan')):.0f} GB/s, dense matmul "
-        f"{peak.get('dense_tflops', float('nan')):.0f} TFLOP/s. Speedups are against "
+        f"{peak.get('hbm_gbps', float('nan')):.4g} GB/s, dense matmul "
+        f"{peak.get('dense_tflops', float('nan')):.3g} TFLOP/s. Speedups are against "
         f"{doc['rows'][0]['baseline'] if doc['rows'] else 'the dense baseline'} in the same run."
     ]
     for name in [dtype] if dtype else sorted(by_dtype):
