@@ -297,6 +297,28 @@ std::tuple<at::Tensor, at::Tensor> sparse24_sm90_compress_dense_cuda(const at::T
   return {values, meta_sm90};
 }
 
+// Test hook: one mma.sp on per-lane fragments (see mma_sp_probe.cu).
+at::Tensor mma_sp_probe_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e,
+                             const std::string& dtype) {
+  const std::string op = "mma_sp_probe_cuda";
+  TORCH_CHECK_VALUE(dtype == "float16" || dtype == "bfloat16", op,
+                    ": dtype must be 'float16' or 'bfloat16', got '", dtype, "'");
+  TORCH_CHECK_VALUE(a.defined() && a.is_cuda(), op, ": a must be a CUDA tensor");
+  check_packed(op, "a", a, at::kInt, {32, 4}, a, 16);
+  check_packed(op, "b", b, at::kInt, {32, 4}, a, 16);
+  check_packed(op, "e", e, at::kInt, {32}, a, 16);
+  at::Tensor c = at::empty({32, 4}, a.options().dtype(at::kFloat));
+  c10::cuda::CUDAGuard guard(a.device());
+  auto words = [](const at::Tensor& t) {
+    return reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>());
+  };
+  check_launch(op, sc::mma_sp_probe(words(a), words(b), words(e), c.data_ptr<float>(),
+                                    dtype == "float16" ? sc::DType::kFloat16
+                                                       : sc::DType::kBFloat16,
+                                    current_stream(a)));
+  return c;
+}
+
 }  // namespace
 
 void register_cuda(pybind11::module_& m) {
@@ -328,6 +350,9 @@ void register_cuda(pybind11::module_& m) {
         "prefill y = x @ W^T on Hopper sparse tensor cores (CUTLASS), W = (values, meta_sm90)",
         py::arg("x"), py::arg("values"), py::arg("meta_sm90"), py::arg("N"), py::arg("K"),
         py::arg("out") = py::none());
+  m.def("mma_sp_probe_cuda", &mma_sp_probe_cuda,
+        "test hook: one mma.sp m16n8k32 on per-lane fragments a, b [32, 4], e [32] (int32)",
+        py::arg("a"), py::arg("b"), py::arg("e"), py::arg("dtype"));
   m.def("sparse24_sm90_compress_dense_cuda", &sparse24_sm90_compress_dense_cuda,
         "test hook: CUTLASS's own compressor on a dense 2:4 W -> (values, meta_sm90)",
         py::arg("w"));
