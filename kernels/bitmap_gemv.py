@@ -244,6 +244,8 @@ def bitmap_gemv(
     M = _validate(x, values, bitmask, row_offsets, N, K, config)
     if M == 0:
         return x.new_empty((0, N))
+    if values.numel() == 0:  # an all-zero weight: nothing to load (and a null pointer)
+        return x.new_zeros((M, N))
     if x.stride(1) != 1:
         x = x.contiguous()
     cfg = config or default_config(M)

@@ -232,6 +232,18 @@ def test_bitmap_gemv_extreme_rows_small(m) -> None:
     assert torch.equal(y[:, 0], torch.zeros(m, dtype=y.dtype, device="cuda"))
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_bitmap_gemv_all_zero_weight_small(m) -> None:
+    # packs to an empty values tensor (a null data pointer): the answer is zeros, no launch
+    packed = pack_bitmap(torch.zeros(43, 172, dtype=torch.bfloat16)).to("cuda")
+    assert packed.values.numel() == 0
+    out = _poisoned(m, 43, torch.bfloat16)
+    x = _x(m, 172, torch.bfloat16, seed=m)
+    y = _C.bitmap_gemv_cuda(x, packed.values, packed.bitmask, packed.row_offsets, 43, 172, out=out)
+    assert y.data_ptr() == out.data_ptr()
+    assert torch.equal(y, torch.zeros_like(y))
+
+
 def test_bitmap_gemv_rejects_bad_input(make_unstructured) -> None:
     n, k = 43, 172
     _, packed = _weight("bitmap", n, k, torch.float16, make_unstructured)

@@ -236,6 +236,16 @@ def test_bitmap_gemv_configs(poisoned, make_unstructured, M, cfg):
     _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
 
 
+@runs_here
+@pytest.mark.parametrize("M", [1, 16])
+def test_bitmap_gemv_all_zero_weight(M):
+    p = pack_bitmap(torch.zeros(43, 172, dtype=torch.float16)).to(DEVICE)
+    assert p.values.numel() == 0
+    x = _activations(M, 172, torch.float16, seed=16)
+    y = bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, 43, 172)
+    assert y.shape == (M, 43) and torch.equal(y, torch.zeros_like(y))
+
+
 # ---------------------------------------------------------------- launcher policy ----
 
 

@@ -189,6 +189,9 @@ at::Tensor bitmap_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
   at::Tensor y = make_output(op, x, M, N, out, 2);
   if (M == 0) return y;
   c10::cuda::CUDAGuard guard(x.device());
+  // An all-zero weight packs to an empty values tensor, whose data pointer is null: the
+  // launcher refuses null pointers, and the product is zero anyway.
+  if (values.numel() == 0) return y.zero_();
   check_launch(op, sc::bitmap_gemv(x.data_ptr(), K, values.data_ptr(),
                                    bitmask.data_ptr<uint8_t>(), row_offsets.data_ptr<int64_t>(),
                                    y.data_ptr(), N, M, N, K, Kp, kernel_dtype(op, x),
