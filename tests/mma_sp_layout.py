@@ -7,8 +7,9 @@ nibble i0 | i1 << 2 per group (the formats.md sparse24 nibble). B is 32 x 8, C i
     a[0] = A(g, 2t..2t+1)   a[1] = A(g+8, 2t..2t+1)   a[2] = A(g, 2t+8..)   a[3] = A(g+8, 2t+8..)
     b[i] = B(2t + 8i .. 2t + 8i + 1, g)
     c[0..1] = C(g, 2t..2t+1)                           c[2..3] = C(g+8, 2t..2t+1)
-    e (selector 0): lane 4g + p (p = 0, 1) holds row g's nibbles of groups 4p..4p+3 in bits
-    0..15 (group 4p + q at bits 4q) and row g + 8's in bits 16..31.
+    e (selector s = 0, 1): lane 4g + 2s + p (p = 0, 1) holds row g's nibbles of groups
+    4p..4p+3 in bits 0..15 (group 4p + q at bits 4q) and row g + 8's in bits 16..31; the
+    other two lanes of the quad supply nothing.
 
 Two 16-bit elements share a 32-bit register, the lower column in the low half.
 """
@@ -52,8 +53,11 @@ def _pair(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo, hi], dim=-1).contiguous().view(torch.int32).squeeze(-1)
 
 
-def fragments(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fragments(
+    a: torch.Tensor, b: torch.Tensor, selector: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-lane registers (a [32, 4], b [32, 4], e [32], int32) for C = A @ B."""
+    assert selector in (0, 1)
     assert a.shape == (16, 32) and b.shape == (32, 8) and a.dtype == b.dtype
     stored, nibbles = compress(a)
     lane = torch.arange(LANES)
@@ -74,9 +78,9 @@ def fragments(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     low = (nibbles[g.unsqueeze(1), 4 * p + q] << shifts).sum(1)
     high = (nibbles[(g + 8).unsqueeze(1), 4 * p + q] << shifts).sum(1)
     e = low | (high << 16)
-    # Lanes t = 2, 3 do not supply metadata with selector 0: give them a different valid
-    # pattern (indices 0, 1 everywhere), so a wrong assumption about the selector shows.
-    e = torch.where(t < 2, e, torch.full_like(e, 0x44444444))
+    # The lanes the selector leaves out get a different valid pattern (indices 0, 1
+    # everywhere), so a wrong assumption about which lanes supply metadata shows.
+    e = torch.where(t // 2 == selector, e, torch.full_like(e, 0x44444444))
     return a_regs, b_regs, e.to(torch.int64).to(torch.int32)
 
 
@@ -92,7 +96,9 @@ def accumulator(c_regs: torch.Tensor) -> torch.Tensor:
     return c
 
 
-def a_from_fragments(a_regs: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def a_from_fragments(
+    a_regs: torch.Tensor, e: torch.Tensor, dtype: torch.dtype, selector: int = 0
+) -> torch.Tensor:
     """Inverse of ``fragments`` for A: what the layout says the lanes hold, as a dense [16, 32]."""
     halves = a_regs.contiguous().view(dtype).reshape(LANES, 4, 2)
     stored = torch.zeros(16, 16, dtype=dtype)
@@ -104,10 +110,11 @@ def a_from_fragments(a_regs: torch.Tensor, e: torch.Tensor, dtype: torch.dtype) 
         stored[g + 8, 2 * t : 2 * t + 2] = halves[lane, 1]
         stored[g, 2 * t + 8 : 2 * t + 10] = halves[lane, 2]
         stored[g + 8, 2 * t + 8 : 2 * t + 10] = halves[lane, 3]
-        if t < 2:
+        if t // 2 == selector:
+            p = t % 2
             for q in range(4):
-                nibbles[g, 4 * t + q] = (words[lane] >> (4 * q)) & 15
-                nibbles[g + 8, 4 * t + q] = (words[lane] >> (16 + 4 * q)) & 15
+                nibbles[g, 4 * p + q] = (words[lane] >> (4 * q)) & 15
+                nibbles[g + 8, 4 * p + q] = (words[lane] >> (16 + 4 * q)) & 15
     dense = torch.zeros(16, 8, 4, dtype=dtype)
     pairs = stored.reshape(16, 8, 2)
     dense.scatter_(-1, (nibbles & 3).unsqueeze(-1), pairs[..., :1])

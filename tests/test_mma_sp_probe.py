@@ -23,14 +23,19 @@ def _operands(dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor
     return a, b
 
 
+@pytest.mark.parametrize("selector", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("seed", range(3))
-def test_layout_model_round_trips(dtype: torch.dtype, seed: int) -> None:
+def test_layout_model_round_trips(dtype: torch.dtype, seed: int, selector: int) -> None:
     a, b = _operands(dtype, seed)
-    a_regs, b_regs, e = fragments(a, b)
+    a_regs, b_regs, e = fragments(a, b, selector)
     assert a_regs.shape == b_regs.shape == (32, 4) and e.shape == (32,)
     assert a_regs.dtype == b_regs.dtype == e.dtype == torch.int32
-    assert torch.equal(a_from_fragments(a_regs, e, dtype), a)
+    assert torch.equal(a_from_fragments(a_regs, e, dtype, selector), a)
+    # only the selected lane pair of each quad carries A's nibbles
+    decoys = e[torch.arange(32) % 4 // 2 != selector]
+    assert bool((decoys == 0x44444444).all())
+    assert not torch.equal(a_from_fragments(a_regs, e, dtype, 1 - selector), a)
     # B: every element sits in exactly one lane's register half
     halves = b_regs.view(dtype).reshape(32, 4, 2)
     seen = torch.zeros(32, 8, dtype=torch.int64)
@@ -70,15 +75,18 @@ def _extension():
 
 @pytest.mark.gpu
 @pytest.mark.cuda_ext
+@pytest.mark.parametrize("selector", [0, 1])
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("seed", range(4))
-def test_mma_sp_on_the_documented_layout_gives_a_times_b(dtype: torch.dtype, seed: int) -> None:
+def test_mma_sp_on_the_documented_layout_gives_a_times_b(
+    dtype: torch.dtype, seed: int, selector: int
+) -> None:
     ext = _extension()
     if ext is None:
         pytest.skip("needs a GPU and slimstack._C with the CUDA kernels")
     a, b = _operands(dtype, seed)
-    a_regs, b_regs, e = (t.cuda() for t in fragments(a, b))
-    c = accumulator(ext.mma_sp_probe_cuda(a_regs, b_regs, e, ids(dtype)).cpu())
+    a_regs, b_regs, e = (t.cuda() for t in fragments(a, b, selector))
+    c = accumulator(ext.mma_sp_probe_cuda(a_regs, b_regs, e, ids(dtype), selector).cpu())
     expected = a.double() @ b.double()
     # exact products of 16-bit inputs summed in fp32: only fp32 rounding of 16 terms
     torch.testing.assert_close(c.double(), expected, atol=1e-4, rtol=1e-5)
@@ -96,3 +104,5 @@ def test_probe_rejects_bad_arguments() -> None:
         ext.mma_sp_probe_cuda(regs, regs, e, "float32")
     with pytest.raises(ValueError, match=r"b must be \[32, 4\]"):
         ext.mma_sp_probe_cuda(regs, regs[:16], e, "float16")
+    with pytest.raises(ValueError, match="selector is 0 or 1"):
+        ext.mma_sp_probe_cuda(regs, regs, e, "float16", 2)

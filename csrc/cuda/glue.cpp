@@ -302,10 +302,12 @@ std::tuple<at::Tensor, at::Tensor> sparse24_sm90_compress_dense_cuda(const at::T
 
 // Test hook: one mma.sp on per-lane fragments (see mma_sp_probe.cu).
 at::Tensor mma_sp_probe_cuda(const at::Tensor& a, const at::Tensor& b, const at::Tensor& e,
-                             const std::string& dtype) {
+                             const std::string& dtype, int64_t selector) {
   const std::string op = "mma_sp_probe_cuda";
   TORCH_CHECK_VALUE(dtype == "float16" || dtype == "bfloat16", op,
                     ": dtype must be 'float16' or 'bfloat16', got '", dtype, "'");
+  TORCH_CHECK_VALUE(selector == 0 || selector == 1, op,
+                    ": the m16n8k32 sparsity selector is 0 or 1, got ", selector);
   TORCH_CHECK_VALUE(a.defined() && a.is_cuda(), op, ": a must be a CUDA tensor");
   check_packed(op, "a", a, at::kInt, {32, 4}, a, 16);
   check_packed(op, "b", b, at::kInt, {32, 4}, a, 16);
@@ -316,6 +318,7 @@ at::Tensor mma_sp_probe_cuda(const at::Tensor& a, const at::Tensor& b, const at:
     return reinterpret_cast<const uint32_t*>(t.data_ptr<int32_t>());
   };
   check_launch(op, sc::mma_sp_probe(words(a), words(b), words(e), c.data_ptr<float>(),
+                                    static_cast<int>(selector),
                                     dtype == "float16" ? sc::DType::kFloat16
                                                        : sc::DType::kBFloat16,
                                     current_stream(a)));
@@ -355,7 +358,7 @@ void register_cuda(pybind11::module_& m) {
         py::arg("out") = py::none());
   m.def("mma_sp_probe_cuda", &mma_sp_probe_cuda,
         "test hook: one mma.sp m16n8k32 on per-lane fragments a, b [32, 4], e [32] (int32)",
-        py::arg("a"), py::arg("b"), py::arg("e"), py::arg("dtype"));
+        py::arg("a"), py::arg("b"), py::arg("e"), py::arg("dtype"), py::arg("selector") = 0);
   m.def("sparse24_sm90_compress_dense_cuda", &sparse24_sm90_compress_dense_cuda,
         "test hook: CUTLASS's own compressor on a dense 2:4 W -> (values, meta_sm90)",
         py::arg("w"));

@@ -102,12 +102,13 @@ cudaError_t sparse24_sm90_compress_dense(const void* W, void* values_out, uint8_
                                          int64_t N, int64_t Kp, DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// mma_sp_probe: test hook. One warp runs one mma.sp m16n8k32 (fp32 accumulate from zero) on
-// per-lane registers: a, b [32 lanes][4] uint32, e [32] uint32 in, c [32][4] float out, all
-// device memory. Checks common.cuh's fragment / metadata layout apart from any kernel.
+// mma_sp_probe: test hook. One warp runs one mma.sp m16n8k32 (fp32 accumulate from zero) with
+// sparsity selector 0 or 1 on per-lane registers: a, b [32 lanes][4] uint32, e [32] uint32 in,
+// c [32][4] float out, all device memory. Checks common.cuh's fragment / metadata layout apart
+// from any kernel (the sm80 GEMM uses both selectors, the GEMV selector 0).
 // ---------------------------------------------------------------------------------------------
 cudaError_t mma_sp_probe(const uint32_t* a, const uint32_t* b, const uint32_t* e, float* c,
-                         DType dtype, cudaStream_t stream);
+                         int selector, DType dtype, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace slimstack

@@ -226,7 +226,8 @@ cudaError_t sparse24_gemm_sm80(const void* x, int64_t ldx, const void* values, c
                                void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t Kp,
                                DType dtype, cudaStream_t stream) {
   SLIMSTACK_REQUIRE(x != nullptr && values != nullptr && meta != nullptr && y != nullptr);
-  SLIMSTACK_REQUIRE(M >= 1 && M <= int64_t{65535} * kBN && N >= 1 && N <= INT32_MAX);
+  // Row indices are int in the kernel: the last block's rows (up to N - 1 + kBM) must fit.
+  SLIMSTACK_REQUIRE(M >= 1 && M <= int64_t{65535} * kBN && N >= 1 && N <= INT32_MAX - kBM);
   SLIMSTACK_REQUIRE(Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX && K >= 1 && K <= Kp &&
                     K > Kp - 64);
   // 16-byte cp.async of x rows: every row start and every 8-column piece must be aligned.
