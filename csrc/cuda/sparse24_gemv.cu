@@ -41,6 +41,8 @@ constexpr int kChunksPerIter = 16;    // chunks per quad iteration (4 u-steps x 
 constexpr int kTokenPadWords = 16;    // 64 B pad per token row keeps the B loads conflict free
 constexpr int kSmemBudget = 48 * 1024;  // default dynamic smem limit: no opt-in, 4+ blocks/SM
 constexpr int kBlocksPerSmTarget = 4;   // enough resident warps to keep ~32 KB/SM in flight
+constexpr int64_t kMaxGridY = 65535;    // K slices are grid.y
+constexpr int64_t kMaxN = INT32_MAX - 2 * kWarps * 16;  // rows of the last block fit an int
 
 struct GemvParams {
   const void* x;
@@ -291,7 +293,8 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
                                Sparse24GemvPlan* plan) {
   SLIMSTACK_REQUIRE(plan != nullptr);
   SLIMSTACK_REQUIRE(M >= 1 && M <= kSparse24GemvMaxM);
-  SLIMSTACK_REQUIRE(N >= 1 && N <= INT32_MAX && Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX);
+  // Row indices are int in the kernel: the last block's rows must fit.
+  SLIMSTACK_REQUIRE(N >= 1 && N <= kMaxN && Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX);
   SLIMSTACK_REQUIRE(split_k_request >= 0);
 
   int sms = 0;
@@ -313,9 +316,13 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   int64_t split = split_k_request > 0
                       ? split_k_request
                       : detail::ceil_div(static_cast<int64_t>(kBlocksPerSmTarget) * sms, row_blocks);
-  split = std::min(std::max(split, min_split), max_split);
+  split = std::min({std::max(split, min_split), max_split, kMaxGridY});
   const int64_t slice = detail::round_up(detail::ceil_div(num_chunks, split), kChunksPerIter);
   split = detail::ceil_div(num_chunks, slice);
+  // Only for K in the tens of millions: grid.y caps the split, and x no longer fits.
+  if (smem_bytes(static_cast<int>(M), static_cast<int>(slice)) > kSmemBudget) {
+    return cudaErrorNotSupported;
+  }
 
   plan->split_k = static_cast<int>(split);
   plan->slice_chunks = static_cast<int>(slice);
@@ -330,7 +337,7 @@ cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const 
                           cudaStream_t stream) {
   SLIMSTACK_REQUIRE(x != nullptr && values != nullptr && meta != nullptr && y != nullptr);
   SLIMSTACK_REQUIRE(M >= 1 && M <= kSparse24GemvMaxM);
-  SLIMSTACK_REQUIRE(N >= 1 && N <= INT32_MAX);
+  SLIMSTACK_REQUIRE(N >= 1 && N <= kMaxN);
   SLIMSTACK_REQUIRE(Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX && K >= 1 && K <= Kp &&
                     K > Kp - 64);
   SLIMSTACK_REQUIRE(ldx >= K && ldy >= N);
@@ -340,6 +347,7 @@ cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const 
   const int64_t num_chunks = Kp / kChunkCols;
   SLIMSTACK_REQUIRE(plan.slice_chunks >= kChunksPerIter && plan.slice_chunks % kChunksPerIter == 0);
   SLIMSTACK_REQUIRE(plan.split_k == detail::ceil_div(num_chunks, plan.slice_chunks));
+  SLIMSTACK_REQUIRE(plan.split_k <= kMaxGridY);
   SLIMSTACK_REQUIRE(smem_bytes(static_cast<int>(M), plan.slice_chunks) <= kSmemBudget);
   SLIMSTACK_REQUIRE(plan.row_tiles_per_warp == 1 || plan.row_tiles_per_warp == 2);
   SLIMSTACK_REQUIRE(plan.split_k == 1 || workspace != nullptr);
