@@ -9,15 +9,16 @@
 #include <string>
 
 #include "cpu/sparse_mm.h"
+#include "torch_checks.h"
 #ifdef SLIMSTACK_WITH_CUDA
 #include "cuda/glue.h"  // register_cuda: the *_cuda entry points (csrc/cuda/glue.cpp)
 #endif
 
 namespace {
 
-constexpr int64_t kKTile = 64;  // formats version 1: K is padded to a multiple of 64
-
-int64_t padded_k(int64_t k) { return (k + kKTile - 1) / kKTile * kKTile; }
+using slimstack::checks::check_packed;
+using slimstack::checks::make_output;
+using slimstack::checks::padded_k;
 
 bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kHalf || t == at::kBFloat16;
@@ -34,38 +35,6 @@ void check_x(const std::string& op, const at::Tensor& x, int64_t N, int64_t K,
   TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K, op, ": x must be [M, K=", K, "], got ",
                     x.sizes());
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
-}
-
-// A packed tensor: exact dtype, exact shape (empty `shape` means 1-D of any length),
-// contiguous, on x's device.
-void check_packed(const std::string& op, const char* name, const at::Tensor& t,
-                  at::ScalarType dtype, std::vector<int64_t> shape, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
-                    " but x is on ", x.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
-                   t.scalar_type());
-  if (shape.empty()) {
-    TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got ", t.sizes());
-  } else {
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), op, ": ", name, " must be ",
-                      at::IntArrayRef(shape), ", got ", t.sizes());
-  }
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
-}
-
-// y [M, N] in x's dtype: the caller's `out` (checked; lets tests poison it) or a new tensor.
-at::Tensor make_output(const std::string& op, const at::Tensor& x, int64_t N,
-                       const std::optional<at::Tensor>& out) {
-  if (!out.has_value() || !out->defined()) return at::empty({x.size(0), N}, x.options());
-  const at::Tensor& y = *out;
-  TORCH_CHECK_VALUE(y.device() == x.device(), op, ": out is on ", y.device(), " but x is on ",
-                    x.device());
-  TORCH_CHECK_TYPE(y.scalar_type() == x.scalar_type(), op, ": out must be ", x.scalar_type(),
-                   " like x, got ", y.scalar_type());
-  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == N, op,
-                    ": out must be [", x.size(0), ", ", N, "], got ", y.sizes());
-  TORCH_CHECK_VALUE(y.is_contiguous(), op, ": out must be contiguous");
-  return y;
 }
 
 template <typename Fn>
@@ -85,7 +54,7 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   const int64_t Kp = padded_k(K);
   check_packed(op, "values", values, x.scalar_type(), {N, Kp / 2}, x);
   check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, x);
-  at::Tensor out = make_output(op, x, N, out_arg);
+  at::Tensor out = make_output(op, x, x.size(0), N, out_arg);
   if (x.size(0) == 0) return out;
   with_kernel_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -103,7 +72,7 @@ at::Tensor bitmap_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at
   check_packed(op, "values", values, x.scalar_type(), {}, x);
   check_packed(op, "bitmask", bitmask, at::kByte, {N, padded_k(K) / 8}, x);
   check_packed(op, "row_offsets", row_offsets, at::kLong, {N + 1}, x);
-  at::Tensor out = make_output(op, x, N, out_arg);
+  at::Tensor out = make_output(op, x, x.size(0), N, out_arg);
   if (x.size(0) == 0) return out;
   int64_t bad_row = -1;
   with_kernel_type(x.scalar_type(), [&](auto tag) {

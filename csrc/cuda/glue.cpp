@@ -20,19 +20,17 @@
 #include <tuple>
 
 #include "cuda/launchers.h"
+#include "torch_checks.h"
 
 namespace slimstack {
 namespace {
 
 namespace sc = slimstack::cuda;
 
-constexpr int64_t kKTile = 64;  // formats version 1 pads K to a multiple of 64
-
-int64_t padded_k(int64_t k) { return (k + kKTile - 1) / kKTile * kKTile; }
-
-bool aligned(const at::Tensor& t, int64_t bytes) {
-  return reinterpret_cast<uintptr_t>(t.data_ptr()) % static_cast<uintptr_t>(bytes) == 0;
-}
+using checks::aligned;
+using checks::check_packed;
+using checks::make_output;
+using checks::padded_k;
 
 sc::DType kernel_dtype(const std::string& op, const at::Tensor& x) {
   switch (x.scalar_type()) {
@@ -58,27 +56,6 @@ void check_x(const std::string& op, const at::Tensor& x, int64_t N, int64_t K) {
   TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous (call .contiguous())");
 }
 
-// A packed tensor: on x's device, exact dtype and shape (empty shape: 1-D of any length),
-// contiguous and aligned to `align` bytes.
-void check_packed(const std::string& op, const char* name, const at::Tensor& t,
-                  at::ScalarType dtype, const std::vector<int64_t>& shape, const at::Tensor& x,
-                  int64_t align) {
-  TORCH_CHECK_VALUE(t.defined() && t.device() == x.device(), op, ": ", name, " must be on ",
-                    x.device(), " like x, got ",
-                    t.defined() ? t.device().str() : std::string("an undefined tensor"));
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ",
-                   t.scalar_type());
-  if (shape.empty()) {
-    TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be 1-D, got ", t.sizes());
-  } else {
-    TORCH_CHECK_VALUE(t.sizes() == at::IntArrayRef(shape), op, ": ", name, " must be ",
-                      at::IntArrayRef(shape), ", got ", t.sizes());
-  }
-  TORCH_CHECK_VALUE(t.is_contiguous(), op, ": ", name, " must be contiguous");
-  TORCH_CHECK_VALUE(aligned(t, align), op, ": ", name, " must be ", align,
-                    "-byte aligned (it is a view at an odd offset; pass a .clone())");
-}
-
 void check_launch(const std::string& op, cudaError_t err) {
   if (err == cudaSuccess) return;
   if (err == cudaErrorNotSupported) {
@@ -90,23 +67,6 @@ void check_launch(const std::string& op, cudaError_t err) {
                 "(a slimstack bug; please report the shapes): ", cudaGetErrorString(err));
   }
   TORCH_CHECK(false, op, ": CUDA error: ", cudaGetErrorString(err));
-}
-
-// y [M, N] in x's dtype on x's device: the caller's `out` (checked; lets tests poison it and
-// CUDA graphs keep a static buffer) or a fresh tensor. `align`: byte alignment the kernel needs.
-at::Tensor make_output(const std::string& op, const at::Tensor& x, int64_t M, int64_t N,
-                       const std::optional<at::Tensor>& out, int64_t align) {
-  if (!out.has_value() || !out->defined()) return at::empty({M, N}, x.options());
-  const at::Tensor& y = *out;
-  TORCH_CHECK_VALUE(y.device() == x.device(), op, ": out must be on ", x.device(), ", got ",
-                    y.device());
-  TORCH_CHECK_TYPE(y.scalar_type() == x.scalar_type(), op, ": out must be ", x.scalar_type(),
-                   " like x, got ", y.scalar_type());
-  TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == M && y.size(1) == N, op, ": out must be [", M,
-                    ", ", N, "], got ", y.sizes());
-  TORCH_CHECK_VALUE(y.is_contiguous() && aligned(y, align), op, ": out must be contiguous and ",
-                    align, "-byte aligned");
-  return y;
 }
 
 cudaStream_t current_stream(const at::Tensor& x) {
