@@ -49,6 +49,18 @@ def check_packed(
         raise ValueError(f"{op}: {name} must be contiguous (packed tensors are)")
 
 
+def check_int32_offsets(op: str, *numels: int) -> None:
+    """The kernels index with int32: every tensor they address stays below 2**31 elements."""
+    if max(numels) >= 2**31:
+        raise ValueError(f"{op}: tensors past 2**31 elements are not supported (int32 offsets)")
+
+
+def check_block_k(op: str, block_k: int) -> None:
+    """A K step covers whole packed K tiles."""
+    if block_k % K_TILE or block_k < K_TILE:
+        raise ValueError(f"{op}: config.block_k must be a multiple of {K_TILE}, got {block_k}")
+
+
 def check_same_device(op: str, x: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.device != x.device:

@@ -24,6 +24,8 @@ from triton.language.extra import libdevice
 from slimstack.kernels._checks import (
     as_int32_words,
     check_activation,
+    check_block_k,
+    check_int32_offsets,
     check_packed,
     check_runnable,
     check_same_device,
@@ -39,7 +41,6 @@ from slimstack.kernels.sparse24_gemv import (
 )
 
 _MAX_SPLIT_K = 4
-_INT32_LIMIT = 2**31
 
 
 @triton.jit
@@ -216,8 +217,7 @@ def _validate(x, values, bitmask, row_offsets, N, K, config) -> int:
     check_packed(op, "values", values, (values.numel(),), x.dtype)  # 1-D
     check_same_device(op, x, values=values, bitmask=bitmask, row_offsets=row_offsets)
     check_runnable(op, _bitmap_gemv_kernel, x.device)
-    if max(x.numel(), values.numel(), M * N) >= _INT32_LIMIT:
-        raise ValueError(f"{op}: tensors past 2**31 elements are not supported")
+    check_int32_offsets(op, x.numel(), values.numel(), M * N)
     if row_offsets.device.type == "cpu":  # free to check here; on CUDA it would cost a sync
         end = int(row_offsets[-1])
         if int(row_offsets[0]) != 0 or end > values.numel():
@@ -225,8 +225,8 @@ def _validate(x, values, bitmask, row_offsets, N, K, config) -> int:
                 f"{op}: row_offsets must start at 0 and end within values "
                 f"(ends at {end}, values holds {values.numel()})"
             )
-    if config is not None and (config.block_k % 64 or config.block_k < 64):
-        raise ValueError(f"{op}: config.block_k must be a multiple of 64, got {config.block_k}")
+    if config is not None:
+        check_block_k(op, config.block_k)
     return M
 
 

@@ -20,6 +20,8 @@ import triton.language as tl
 from slimstack.kernels._checks import (
     as_int32_words,
     check_activation,
+    check_block_k,
+    check_int32_offsets,
     check_packed,
     check_runnable,
     check_same_device,
@@ -28,8 +30,6 @@ from slimstack.kernels._checks import (
 )
 from slimstack.kernels._sparse24_tile import sparse24_dense_tile
 from slimstack.kernels.sparse24_gemv import sm_count
-
-_INT32_LIMIT = 2**31
 
 
 @triton.jit
@@ -126,11 +126,9 @@ def _validate(x, values, meta, N, K, config) -> int:
     check_packed(op, "meta", meta, (N, Kp // 8), torch.uint8)
     check_same_device(op, x, values=values, meta=meta)
     check_runnable(op, _sparse24_gemm_kernel, x.device)
-    if max(x.numel(), values.numel(), M * N) >= _INT32_LIMIT:
-        raise ValueError(f"{op}: tensors past 2**31 elements are not supported (int32 offsets)")
+    check_int32_offsets(op, x.numel(), values.numel(), M * N)
     if config is not None:
-        if config.block_k % 64 or config.block_k < 64:
-            raise ValueError(f"{op}: config.block_k must be a multiple of 64, got {config.block_k}")
+        check_block_k(op, config.block_k)
         if min(config.block_m, config.block_n) < 16:
             raise ValueError(f"{op}: tl.dot needs block_m and block_n >= 16, got {config}")
     return M

@@ -25,6 +25,8 @@ import triton.language as tl
 from slimstack.kernels._checks import (
     as_int32_words,
     check_activation,
+    check_block_k,
+    check_int32_offsets,
     check_packed,
     check_runnable,
     check_same_device,
@@ -35,7 +37,6 @@ from slimstack.kernels._sparse24_tile import load_sparse24_tile, sparse24_dense_
 
 MAX_M = 16
 _DOT_MIN_M = 2  # M > 1 goes to the tensor cores, x^T padded to 16 columns
-_INT32_LIMIT = 2**31
 
 
 @triton.jit
@@ -190,10 +191,9 @@ def _validate(x, values, meta, N, K, config) -> int:
     check_packed(op, "meta", meta, (N, Kp // 8), torch.uint8)
     check_same_device(op, x, values=values, meta=meta)
     check_runnable(op, _sparse24_gemv_kernel, x.device)
-    if max(x.numel(), values.numel(), M * N) >= _INT32_LIMIT:
-        raise ValueError(f"{op}: tensors past 2**31 elements are not supported (int32 offsets)")
-    if config is not None and (config.block_k % 64 or config.block_k < 64):
-        raise ValueError(f"{op}: config.block_k must be a multiple of 64, got {config.block_k}")
+    check_int32_offsets(op, x.numel(), values.numel(), M * N)
+    if config is not None:
+        check_block_k(op, config.block_k)
     return M
 
 

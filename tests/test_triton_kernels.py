@@ -324,6 +324,10 @@ def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
         sparse24_gemm.sparse24_gemm(
             x, values, meta, 43, 172, config=sparse24_gemm.GemmConfig(block_m=8, block_n=64)
         )
+    with pytest.raises(ValueError, match="block_k must be a multiple of 64, got 96"):
+        sparse24_gemm.sparse24_gemm(
+            x, values, meta, 43, 172, config=sparse24_gemm.GemmConfig(64, 64, block_k=96)
+        )
     with pytest.raises(TypeError, match="meta must have dtype torch.uint8"):
         sparse24_gemm.sparse24_gemm(x, values, meta.to(torch.int8), 43, 172)
 
@@ -331,6 +335,11 @@ def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
     xs = x[:2]
     with pytest.raises(TypeError, match="row_offsets must have dtype torch.int64"):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask, p.row_offsets.int(), 43, 172)
+    with pytest.raises(ValueError, match="block_k must be a multiple of 64, got 32"):
+        bitmap_gemv.bitmap_gemv(
+            xs, p.values, p.bitmask, p.row_offsets, 43, 172,
+            config=sparse24_gemv.GemvConfig(16, 32),
+        )  # fmt: skip
     with pytest.raises(ValueError, match=r"bitmask must have shape \[43, 24\]"):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask[:, :-1], p.row_offsets, 43, 172)
     if DEVICE == "cpu":  # the offsets/values cross-check costs a sync on CUDA, so CPU only
