@@ -38,15 +38,16 @@ def _cutlass_include() -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def _find_cuda_home() -> None:
-    """Point CUDA_HOME at a toolkit that has the headers, before torch guesses it.
+def _find_cuda_home() -> bool:
+    """Point CUDA_HOME at a toolkit that has the headers, before torch guesses it; False if
+    none is found (and none was given).
 
     torch takes CUDA_HOME as the parent of the nvcc on PATH; where that nvcc is a wrapper
     script (/usr/local/bin/nvcc exec'ing /usr/local/cuda-13.0/bin/nvcc) the guess,
     /usr/local, has no cuda_runtime.h and the C++ glue fails to compile.
     """
     if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
+        return True
     nvcc = shutil.which("nvcc")
     candidates = []
     if nvcc:
@@ -55,14 +56,15 @@ def _find_cuda_home() -> None:
     for home in candidates:
         if os.path.isfile(os.path.join(home, "include", "cuda_runtime.h")):
             os.environ["CUDA_HOME"] = home
-            return
+            return True
+    return False
 
 
 def _extensions() -> tuple[list, dict]:
     if _flag("SLIMSTACK_BUILD_EXT") is False:
         print("slimstack: SLIMSTACK_BUILD_EXT=0, skipping the native extension", file=sys.stderr)
         return [], {}
-    _find_cuda_home()
+    have_cuda_headers = _find_cuda_home()
     try:
         import torch
         from torch.utils import cpp_extension
@@ -97,6 +99,11 @@ def _extensions() -> tuple[list, dict]:
     cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]
     if build_cuda:
+        if not have_cuda_headers:
+            raise RuntimeError(
+                "building the CUDA kernels needs the CUDA toolkit headers (cuda_runtime.h): "
+                "none beside the nvcc on PATH or in /usr/local/cuda; set CUDA_HOME"
+            )
         cutlass = _cutlass_include()
         if cutlass is None:
             raise RuntimeError(

@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
+from statistics import geometric_mean
 from typing import Any
-
-
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
 def speedup_table(rows: list[dict[str, Any]]) -> str:
@@ -32,7 +28,7 @@ def speedup_table(rows: list[dict[str, Any]]) -> str:
         "|---|" + "---|" * len(ms),
     ]
     for (op, provider), by_m in sorted(cells.items()):
-        values = [f"{_geomean(by_m[m]):.2f}x" if m in by_m else "" for m in ms]
+        values = [f"{geometric_mean(by_m[m]):.2f}x" if m in by_m else "" for m in ms]
         lines.append(f"| {op} / {provider} | " + " | ".join(values) + " |")
     return "\n".join(lines)
 

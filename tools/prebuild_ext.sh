@@ -19,16 +19,7 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY312" -m venv "$VENV"
   "$VENV/bin/pip" install -q "torch==$TORCH_PIN" nvidia-cutlass==4.2.0.0 pybind11 ninja setuptools
 fi
-# torch guesses CUDA_HOME from the nvcc on PATH; a wrapper script there has no headers.
-if [ -z "${CUDA_HOME:-}" ]; then
-  CUDA_HOME=$(dirname "$(dirname "$(readlink -f "$(command -v nvcc)")")")
-  [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || CUDA_HOME=/usr/local/cuda
-  if [ ! -f "$CUDA_HOME/include/cuda_runtime.h" ]; then
-    echo "no CUDA toolkit headers found; set CUDA_HOME" >&2
-    exit 1
-  fi
-fi
-export CUDA_HOME
+# (setup.py finds a CUDA_HOME with the toolkit headers, or says to set one)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
 export SLIMSTACK_BUILD_CUDA=1

@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
+from statistics import geometric_mean
 from typing import Any
 
 from slimstack.ops.backends import GEMV_MAX_M
@@ -70,10 +70,6 @@ def _speedups(doc: dict[str, Any]) -> dict[tuple, dict[str, list[float]]]:
     return found
 
 
-def _geomean(values: list[float]) -> float:
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
 def _default_order(device: str, fmt: str) -> list[str]:
     for rule in DEFAULT_TABLE["rules"]:
         if rule.get("device", "*") in ("*", device) and rule.get("format", "*") in ("*", fmt):
@@ -97,7 +93,7 @@ def rules_from_results(doc: dict[str, Any], *, source: str = "") -> dict[str, An
         )
     groups: dict[tuple[str, str], list[tuple[int, list[str], dict[str, float]]]] = defaultdict(list)
     for (fmt, dtype, m), per_backend in sorted(by_key.items()):
-        means = {name: _geomean(values) for name, values in per_backend.items()}
+        means = {name: geometric_mean(values) for name, values in per_backend.items()}
         ranked = sorted(means, key=lambda name: -means[name])
         groups[(fmt, dtype)].append((m, ranked, means))
 
