@@ -40,16 +40,16 @@ ext_has_cuda() { python3 -c "import torch, slimstack._C as c; assert c.with_cuda
 
 extension() {
   # editable install of the Python package; the native extension prebuilt or compiled here
-  local suffix
+  local suffix stamp
   suffix=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
-  if [ -f ".prebuilt/_C$suffix" ] && [ "$(cat .prebuilt/stamp 2>/dev/null)" = \
-    "$(python3 tools/ext_stamp.py)" ]; then
+  stamp=$(python3 tools/ext_stamp.py)
+  if [ -f ".prebuilt/_C$suffix" ] && [ "$(cat .prebuilt/stamp 2>/dev/null)" = "$stamp" ]; then
     cp ".prebuilt/_C$suffix" "python/slimstack/_C$suffix"
     SLIMSTACK_BUILD_EXT=0 python3 -m pip install -q --no-build-isolation --no-deps -e . \
       >"$OUT/build.log" 2>&1
     if ext_has_cuda; then log "prebuilt slimstack._C loaded"; else rm -f "python/slimstack/_C$suffix"; fi
   else
-    log "no prebuilt extension for this torch / these sources ($(python3 tools/ext_stamp.py))"
+    log "no prebuilt extension for this torch / these sources ($stamp)"
   fi
   if ! ext_has_cuda; then
     log "compiling slimstack._C for sm_90a"
