@@ -128,6 +128,16 @@ def test_demo_prints_table(stories260k_dir: Path, wikitext_dir: Path, capsys) ->
     )
     assert code == 0
     out = capsys.readouterr().out
-    lines = out.strip().splitlines()
+    table, served = out.strip().split("\n\n")
+    lines = table.splitlines()
     assert lines[-4].split()[:2] == ["model", "perplexity"]
     assert lines[-2].startswith("dense") and lines[-1].startswith("wanda 2:4")
+    # Both models were served by the engine: the dense one holds only dense linears, the
+    # pruned one only packed 2:4 ones (under 0.6x the bytes), and each continued the prompt.
+    dense_head, dense_text, pruned_head, pruned_text = served.splitlines()
+    assert dense_head.startswith("[dense]") and "sparse24" not in dense_head
+    assert pruned_head.startswith("[wanda 2:4]") and "dense;" not in pruned_head
+    ratio = float(pruned_head.split("; ")[1].split("x")[0])
+    assert 0.5 < ratio < 0.6
+    for text in (dense_text, pruned_text):
+        assert text.startswith("  Once upon a time") and len(text) > len("  Once upon a time")

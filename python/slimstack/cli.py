@@ -122,7 +122,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="prune the built-in default model with Wanda 2:4 and compare it with the dense one",
         description="Prune ../shared/models/stories260K (or --model) with --method to "
         "--sparsity, calibrated on wikitext-2 valid, evaluate on wikitext-2 test against the "
-        "dense model, and print the table.",
+        "dense model, print the table, then serve both models from slimstack's engine (sparse "
+        "linears packed) and print what each generates.",
     )
     p.add_argument("--model", help="model folder (default: ../shared/models/stories260K)")
     p.add_argument("--calib", help="calibration text (default: ../shared wikitext-2 valid)")
@@ -136,13 +137,18 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity", default="2:4", help="N:M pattern or ratio (default 2:4)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     p.add_argument("--out", help="keep the pruned folder here (default: a temporary folder)")
+    p.add_argument("--prompt", default=None, help='prompt to continue (default "Once upon a time")')
+    p.add_argument(
+        "--max-new-tokens", type=int, default=40, help="tokens each model generates (default 40)"
+    )
     p.set_defaults(handler=cmd_demo)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from slimstack.demo import format_table, run_demo
+    from slimstack.demo import DEFAULT_PROMPT, format_samples, format_table, run_demo
 
-    dense, pruned = run_demo(
+    prompt = DEFAULT_PROMPT if args.prompt is None else args.prompt
+    result = run_demo(
         args.model,
         args.calib,
         args.text,
@@ -150,8 +156,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         max_windows=args.max_windows,
         out=args.out,
+        prompt=prompt,
+        max_new_tokens=args.max_new_tokens,
     )
-    print(format_table(dense, pruned, f"{args.method} {args.sparsity}"))
+    print(format_table(result.dense, result.pruned, f"{args.method} {args.sparsity}"))
+    print()
+    print(format_samples(prompt, result.samples))
     return 0
 
 
