@@ -12,6 +12,7 @@ from engine_support import (  # noqa: F401  (single_thread is an autouse fixture
     single_thread,
 )
 
+from slimstack.engine.generate import ANCHOR_EVERY, _Row, _Stopper
 from slimstack.engine.loader import load
 from slimstack.engine.sampling import SamplingParams, filter_top_k, filter_top_p, sample
 
@@ -140,6 +141,72 @@ def test_token_id_prompts_match_text_prompts(engine) -> None:
     assert engine.generate(ids, max_new_tokens=10).tokens == expected
     assert engine.generate(torch.tensor(ids), max_new_tokens=10).tokens == expected
     assert engine.generate(torch.tensor([ids, ids]), max_new_tokens=10).token_ids == [expected] * 2
+
+
+def test_a_stream_refuses_to_resume_after_another_call_took_its_cache(engine) -> None:
+    stream = engine.generate(PROMPT, max_new_tokens=30, stream=True)
+    first = [next(stream) for _ in range(3)]
+    other = engine.generate("Tom had a", max_new_tokens=5)  # reuses the model's one cache
+    with pytest.raises(RuntimeError, match="taken over by another generate"):
+        list(stream)
+    assert "".join(first) == " " + EXPECTED_CONTINUATION[: len("".join(first)) - 1]
+    assert other.tokens == engine.generate("Tom had a", max_new_tokens=5).tokens
+    stream = engine.generate([PROMPT, "Tom"], max_new_tokens=30, stream=True)
+    next(stream)
+    engine.logits(torch.tensor([[1, 2, 3]]))
+    with pytest.raises(RuntimeError, match="taken over"):
+        list(stream)
+
+
+# ----------------------------------------------------------------------------- text
+class _CountingTokenizer:
+    """Forwards to a tokenizer and records how many ids each decode() call gets."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.lengths = tokenizer, []
+
+    def decode(self, ids, **kwargs):
+        self.lengths.append(len(ids))
+        return self.tokenizer.decode(ids, **kwargs)
+
+    def convert_ids_to_tokens(self, ids):
+        return self.tokenizer.convert_ids_to_tokens(ids)
+
+
+def _stopper(tokenizer, stops=()) -> _Stopper:
+    return _Stopper(tokenizer, eos=(), stops=list(stops), max_new_tokens=10**6, want_text=True)
+
+
+def test_incremental_text_equals_a_full_decode_at_every_step(engine) -> None:
+    """Random ids mixing word pieces, byte tokens <0xNN> (whose runs decode together, and
+    which an invalid run turns into U+FFFD each), the lone "▁" and special tokens."""
+    tokenizer = engine.tokenizer
+    vocab = tokenizer.vocab_size
+    space = tokenizer.convert_tokens_to_ids("▁")
+    pool = torch.tensor([0, 1, 2, space] + list(range(3, 259)) + list(range(259, vocab)) * 2)
+    gen = torch.Generator().manual_seed(7)
+    emoji = [3 + b for b in "a€ b😀 ü".encode()]
+    for trial in range(120):
+        ids = pool[torch.randint(0, len(pool), (40,), generator=gen)].tolist()
+        if trial % 4 == 0:
+            ids = emoji * 2 + ids[:20]
+        stopper, row = _stopper(tokenizer), _Row(prefix=ids[:1])
+        for token in ids[1:]:
+            stopper.add(row, token)
+            assert row.text == stopper.decode(row), (trial, row.tokens)
+
+
+def test_text_decoding_costs_a_few_tokens_per_step(engine, wikitext_dir: Path) -> None:
+    text = (wikitext_dir / "test.txt").read_text()[:4000]
+    ids = engine.tokenizer(text, verbose=False)["input_ids"][:1500]
+    counting = _CountingTokenizer(engine.tokenizer)
+    stopper, row = _stopper(counting, stops=["never said"]), _Row(prefix=ids[:1])
+    for token in ids[1:]:
+        stopper.add(row, token)
+    assert row.text == _stopper(engine.tokenizer).decode(row)
+    lengths = counting.lengths
+    assert len(ids) == 1500 and len(lengths) <= 3 * len(ids)  # a few short decodes per token
+    assert max(lengths) <= 4 * ANCHOR_EVERY and sum(lengths) / len(lengths) <= ANCHOR_EVERY
 
 
 # ----------------------------------------------------------------------------- errors

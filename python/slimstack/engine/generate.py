@@ -11,6 +11,7 @@ until every row is done or `max_new_tokens` is reached.
 from __future__ import annotations
 
 import difflib
+import re
 import time
 from collections import deque
 from collections.abc import Generator, Iterator, Sequence
@@ -34,6 +35,8 @@ GENERATE_KWARGS = (
     "mode",
 )
 CACHE_BUCKET = 128  # cache lengths round up to this, so similar requests reuse one graph
+ANCHOR_EVERY = 8  # at most this many tokens (+ 1 of context) decoded per step for text
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 # ----------------------------------------------------------------------------- results
@@ -118,13 +121,20 @@ class Stream:
 # ----------------------------------------------------------------------------- rows
 @dataclass
 class _Row:
-    """Host-side state of one sequence: its tokens, its text, why it stopped."""
+    """Host-side state of one sequence: its tokens, its text, why it stopped.
+
+    Text is detokenized incrementally: `committed` is the text of tokens[:anchor], and each
+    step decodes only the tail tokens[anchor:] behind one context token (a SentencePiece
+    word's leading space survives), so a step costs O(1) decode work, not O(length).
+    """
 
     prefix: list[int]  # the prompt's last token: decoded with the new ones for spacing
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters already streamed
     reason: str | None = None
+    anchor: int = 0  # tokens[:anchor] are decoded into `committed`
+    committed: str = ""
 
 
 class _Stopper:
@@ -150,13 +160,44 @@ class _Stopper:
             return
         row.tokens.append(token)
         if self.want_text:
-            row.text = self.decode(row)
-            cut = self._stop_at(row.text)
+            new_from = self._extend_text(row)
+            cut = self._stop_at(row.text, new_from)
             if cut is not None:
                 row.text, row.reason = row.text[:cut], "stop"
                 return
         if len(row.tokens) >= self.max_new_tokens:
             row.reason = "length"
+
+    def _extend_text(self, row: _Row) -> int:
+        """Bring row.text up to date with its tokens; returns where new text starts."""
+        known = len(row.text)
+        context = row.tokens[row.anchor - 1 : row.anchor] if row.anchor else row.prefix
+        decode = self.tokenizer.decode
+        lead = decode(context, skip_special_tokens=True)
+        tail = decode(context + row.tokens[row.anchor :], skip_special_tokens=True)
+        if tail.startswith(lead):
+            row.text = row.committed + tail[len(lead) :]
+        else:  # the tail rewrote text before the anchor: decode everything, anchor anew
+            row.text, row.anchor, row.committed = self.decode(row), 0, ""
+            known = 0
+        if self._can_anchor(row):
+            row.anchor, row.committed = len(row.tokens), row.text
+        return min(known, len(row.text))
+
+    def _can_anchor(self, row: _Row) -> bool:
+        """Whether the tail may start after the last token, which then serves as context: a
+        few tokens in, at a whole character, and only behind a token that reads the same
+        alone as in the text. That rules out special tokens (skipped, so the next piece
+        would lose its leading space) and SentencePiece's byte tokens <0xNN> (a run of them
+        decodes together)."""
+        if len(row.tokens) - row.anchor < ANCHOR_EVERY or row.text.endswith("\ufffd"):
+            return False
+        last = row.tokens[-1]
+        piece = self.tokenizer.convert_ids_to_tokens(last)
+        if isinstance(piece, str) and _BYTE_TOKEN.fullmatch(piece):
+            return False
+        alone = self.tokenizer.decode([last], skip_special_tokens=True)
+        return bool(alone) and row.text.endswith(alone)
 
     def decode(self, row: _Row) -> str:
         """The continuation's text as it reads after the prompt (a SentencePiece word's
@@ -167,8 +208,10 @@ class _Stopper:
             return full[len(prefix) :]
         return self.tokenizer.decode(row.tokens, skip_special_tokens=True)
 
-    def _stop_at(self, text: str) -> int | None:
-        hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+    def _stop_at(self, text: str, new_from: int = 0) -> int | None:
+        """First stop string in `text`; only one ending at or after `new_from` can be new."""
+        starts = (max(0, new_from - len(s) + 1) for s in self.stops)
+        hits = [i for i in (text.find(s, at) for s, at in zip(self.stops, starts)) if i >= 0]
         return min(hits) if hits else None
 
     def streamable(self, row: _Row) -> int:
@@ -394,6 +437,7 @@ def _run(
     tokens, pads = _left_pad(prompts, device, pad_id=0)
     width = tokens.shape[1]
     model.setup_cache(batch, _cache_length(model, width + stopper.max_new_tokens))
+    epoch = model.cache_epoch  # a stream must notice another call reusing this cache
     runner = decode_runner(model, mode)  # captured before prefill touches the cache
     generator = make_generator(device, seed)
     rows = [_Row(prefix=p[-1:]) for p in prompts]
@@ -421,6 +465,12 @@ def _run(
         yield from consume()
         if all(row.reason is not None for row in rows):
             break
+        if model.cache_epoch != epoch:
+            raise RuntimeError(
+                "this generation's KV cache was taken over by another generate() or logits() "
+                "call on the same model while it was being streamed; finish (or drop) a "
+                "stream before starting another call on its model"
+            )
         runner.tokens.copy_(next_tokens[:, None])
         logits = runner.step()
         runner.slot.add_(1)

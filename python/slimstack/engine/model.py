@@ -265,6 +265,7 @@ class DecoderModel(nn.Module):
         self.source: str | None = None  # the folder it was loaded from
         self.sources: list[str] = []  # what each layer position was loaded as (for info())
         self._decoders: dict[str, Any] = {}  # decode runners (CUDA graphs) for the cache
+        self.cache_epoch = 0  # bumped whenever a caller (re)claims the cache
 
     # ------------------------------------------------------------------ facts
     @property
@@ -277,7 +278,11 @@ class DecoderModel(nn.Module):
 
     # ------------------------------------------------------------------ cache
     def setup_cache(self, batch: int, length: int) -> KVCache:
-        """A static cache for `batch` rows of up to `length` tokens (reused when it fits)."""
+        """A static cache for `batch` rows of up to `length` tokens (reused when it fits).
+
+        Whoever calls this owns the cache until the next call: `cache_epoch` tells a paused
+        stream that its cache now holds someone else's sequences."""
+        self.cache_epoch += 1
         if length > self.config.context_length:
             raise ValueError(
                 f"a cache of {length} tokens exceeds the model's context of "
@@ -299,6 +304,7 @@ class DecoderModel(nn.Module):
 
     def release_cache(self) -> None:
         """Free the cache and everything captured against it."""
+        self.cache_epoch += 1
         self._decoders.clear()
         self.cache = None
 
