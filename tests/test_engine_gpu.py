@@ -119,3 +119,49 @@ def test_decode_has_no_host_sync(stories_fp32) -> None:
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert int(runner.slot.item()) == 53
+
+
+@pytest.fixture(scope="module")
+def pruned_folders(stories260k_dir: Path, tmp_path_factory) -> dict[str, Path]:
+    from slimstack.prune.driver import prune
+
+    root = tmp_path_factory.mktemp("pruned")
+    folders = {}
+    for fmt, sparsity in (("sparse24", "2:4"), ("bitmap", "0.5")):
+        folders[fmt] = root / fmt
+        prune(stories260k_dir, folders[fmt], method="magnitude", sparsity=sparsity, progress=False)
+    return folders
+
+
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+def test_packed_bf16_graph_decode_matches_eager(pruned_folders: dict[str, Path], fmt: str) -> None:
+    """The sparse kernels inside a captured graph: the same tokens as launched one by one."""
+    model = load(pruned_folders[fmt], device="cuda", dtype=torch.bfloat16)
+    assert model.info().formats == {fmt: 20}
+    prompts = [PROMPT, "Tom had a", "The sun"]
+    graph = model.generate(prompts, max_new_tokens=30, mode="graph")
+    eager = model.generate(prompts, max_new_tokens=30, mode="eager")
+    assert isinstance(model._decoders["graph"], GraphRunner)
+    assert graph.token_ids == eager.token_ids
+
+
+def test_generate_host_syncs_do_not_grow_with_tokens(pruned_folders: dict[str, Path]) -> None:
+    """The whole generate() loop (sampling, token copies, the pinned reader, stop strings):
+    a host sync per token would make the count grow with max_new_tokens."""
+    import warnings
+
+    model = load(pruned_folders["sparse24"], device="cuda", dtype=torch.bfloat16)
+    kwargs = dict(temperature=0.8, top_p=0.9, seed=0, stop=["xyzzy"], mode="graph")
+
+    def syncs(max_new_tokens: int) -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                model.generate([PROMPT, "Hi"], max_new_tokens=max_new_tokens, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return sum("synchroniz" in str(w.message) for w in caught)
+
+    syncs(8)  # captures the graph for this cache size
+    assert syncs(80) == syncs(10)
