@@ -99,11 +99,9 @@ def format_samples(prompt: str, samples: list[ServedSample]) -> str:
     lines = []
     for sample in samples:
         info, timings = sample.info, sample.result.timings
-        formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(info.formats.items()))
-        ratio = info.linear_nbytes / max(info.dense_linear_nbytes, 1)
         lines += [
-            f"[{sample.label}] engine on {info.device}: linears {formats}; "
-            f"{ratio:.3f}x the dense linear bytes; "
+            f"[{sample.label}] engine on {info.device}: linears {info.formats_summary}; "
+            f"{info.linear_ratio:.3f}x the dense linear bytes; "
             f"decode {timings.decode_tokens_per_s:.0f} tokens/s",
             f"  {prompt}{sample.result.text}".replace("\n", " "),
         ]

@@ -64,9 +64,18 @@ class ModelInfo:
         )
         return out
 
+    @property
+    def linear_ratio(self) -> float:
+        """Bytes of the linears as held, over their dense bytes."""
+        return self.linear_nbytes / max(self.dense_linear_nbytes, 1)
+
+    @property
+    def formats_summary(self) -> str:
+        """e.g. "4 dense, 16 sparse24"."""
+        return ", ".join(f"{n} {fmt}" for fmt, n in sorted(self.formats.items()))
+
     def table(self) -> str:
-        ratio = self.linear_nbytes / max(self.dense_linear_nbytes, 1)
-        formats = ", ".join(f"{n} {fmt}" for fmt, n in sorted(self.formats.items()))
+        ratio, formats = self.linear_ratio, self.formats_summary
         lines = [
             f"model      {self.source or '(in memory)'} ({self.model_type}, {self.dtype}, "
             f"{self.device})",
