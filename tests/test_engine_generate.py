@@ -205,7 +205,7 @@ def test_text_decoding_costs_a_few_tokens_per_step(engine, wikitext_dir: Path) -
         stopper.add(row, token)
     assert row.text == _stopper(engine.tokenizer).decode(row)
     lengths = counting.lengths
-    assert len(ids) == 1500 and len(lengths) <= 3 * len(ids)  # a few short decodes per token
+    assert len(ids) == 1500 and len(lengths) <= 1.5 * len(ids)  # a decode per token, +1 per anchor
     assert max(lengths) <= 4 * ANCHOR_EVERY and sum(lengths) / len(lengths) <= ANCHOR_EVERY
 
 

@@ -135,6 +135,7 @@ class _Row:
     reason: str | None = None
     anchor: int = 0  # tokens[:anchor] are decoded into `committed`
     committed: str = ""
+    lead: str | None = None  # the context token's text alone (None: not decoded yet)
 
 
 class _Stopper:
@@ -173,31 +174,33 @@ class _Stopper:
         known = len(row.text)
         context = row.tokens[row.anchor - 1 : row.anchor] if row.anchor else row.prefix
         decode = self.tokenizer.decode
-        lead = decode(context, skip_special_tokens=True)
+        if row.lead is None:
+            row.lead = decode(context, skip_special_tokens=True)
         tail = decode(context + row.tokens[row.anchor :], skip_special_tokens=True)
-        if tail.startswith(lead):
-            row.text = row.committed + tail[len(lead) :]
+        if tail.startswith(row.lead):
+            row.text = row.committed + tail[len(row.lead) :]
         else:  # the tail rewrote text before the anchor: decode everything, anchor anew
             row.text, row.anchor, row.committed = self.decode(row), 0, ""
-            known = 0
-        if self._can_anchor(row):
-            row.anchor, row.committed = len(row.tokens), row.text
+            row.lead, known = None, 0
+        alone = self._anchor_text(row)
+        if alone is not None:  # the last token becomes the context; its text is the lead
+            row.anchor, row.committed, row.lead = len(row.tokens), row.text, alone
         return min(known, len(row.text))
 
-    def _can_anchor(self, row: _Row) -> bool:
-        """Whether the tail may start after the last token, which then serves as context: a
+    def _anchor_text(self, row: _Row) -> str | None:
+        """Whether the tail may restart after the last token, which then serves as context: a
         few tokens in, at a whole character, and only behind a token that reads the same
         alone as in the text. That rules out special tokens (skipped, so the next piece
         would lose its leading space) and SentencePiece's byte tokens <0xNN> (a run of them
-        decodes together)."""
+        decodes together). Returns that token's text alone where it may, else None."""
         if len(row.tokens) - row.anchor < ANCHOR_EVERY or row.text.endswith("\ufffd"):
-            return False
+            return None
         last = row.tokens[-1]
         piece = self.tokenizer.convert_ids_to_tokens(last)
         if isinstance(piece, str) and _BYTE_TOKEN.fullmatch(piece):
-            return False
+            return None
         alone = self.tokenizer.decode([last], skip_special_tokens=True)
-        return bool(alone) and row.text.endswith(alone)
+        return alone if alone and row.text.endswith(alone) else None
 
     def decode(self, row: _Row) -> str:
         """The continuation's text as it reads after the prompt (a SentencePiece word's
