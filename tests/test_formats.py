@@ -273,6 +273,22 @@ def test_load_refuses_corrupt_bitmap_offsets(tmp_path, make_unstructured) -> Non
         BitmapWeight.load(path)
 
 
+@pytest.mark.parametrize("nibble", [0x0, 0x5, 0x6, 0x1, 0xB])  # i0 == i1, or i0 > i1
+def test_load_refuses_corrupt_sparse24_meta(tmp_path, make_sparse24, nibble: int) -> None:
+    packed = pack_sparse24(make_sparse24(4, 64, generator=gen(16)))
+    meta = packed.meta.clone()
+    meta[2, 3] = (meta[2, 3] & 0x0F) | (nibble << 4)  # group 7 of row 2
+    corrupt = Sparse24Weight(packed.values, meta, (4, 64), torch.float32)
+    path = tmp_path / "w.safetensors"
+    corrupt.save(path)
+    with pytest.raises(ValueError, match=f"row 2, group 7 has nibble {nibble:#x}"):
+        Sparse24Weight.load(path)
+    with pytest.raises(ValueError, match="row 2, group 7"):
+        load_packed(path)
+    packed.save(path)
+    assert torch.equal(Sparse24Weight.load(path).meta, packed.meta)
+
+
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, make_sparse24) -> None:
     def broken_save_file(*args, **kwargs):
         raise OSError("disk full")

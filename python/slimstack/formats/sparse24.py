@@ -97,6 +97,22 @@ class Sparse24Weight(PackedWeight):
             self.dtype,
         )
 
+    def validate(self) -> None:
+        """Check the data itself: every nibble names two distinct in-group positions i0 < i1
+        (a corrupt nibble would make the backends disagree). Syncs, so only on load."""
+        nibbles = torch.stack([self.meta & 0xF, self.meta >> 4], dim=-1).reshape(
+            self.meta.shape[0], -1
+        )
+        bad = ((nibbles & 3) >= (nibbles >> 2)).nonzero()
+        if bad.numel():
+            row, group = (int(i) for i in bad[0])
+            nibble = int(nibbles[row, group])
+            raise ValueError(
+                f"sparse24 meta is corrupt: row {row}, group {group} has nibble {nibble:#x} "
+                f"(i0={nibble & 3}, i1={nibble >> 2}); each group needs in-group positions "
+                "i0 < i1 in 0..3"
+            )
+
     def unpack(self) -> torch.Tensor:
         return unpack_sparse24(self)
 
@@ -114,7 +130,9 @@ class Sparse24Weight(PackedWeight):
             raise ValueError(
                 f"{path}: sparse24 needs tensors values, meta; found {sorted(tensors)}"
             )
-        return cls(tensors["values"], tensors["meta"], shape, dtype)
+        packed = cls(tensors["values"], tensors["meta"], shape, dtype)
+        packed.validate()
+        return packed
 
 
 def _groups_nonzero(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
