@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import torch
 
+from slimstack.formats.common import K_TILE, padded_k
+
+__all__ = ["FLOAT_DTYPES", "K_TILE", "padded_k"]  # re-exported for the launchers
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-K_TILE = 64  # formats.md: K is zero-padded up to a multiple of 64
-
-
-def padded_k(K: int) -> int:
-    return (K + K_TILE - 1) // K_TILE * K_TILE
 
 
 def check_size(op: str, name: str, value: int, minimum: int = 1) -> None:

@@ -1,12 +1,12 @@
 """Decode one tile of a packed 2:4 weight into a dense register tile (Triton device function).
 
 Shared by ``sparse24_gemv`` (decode) and ``sparse24_gemm`` (prefill) so both read the one
-packed copy of the weight described in notes/formats.md:
+packed copy of the weight described in slimstack/formats/sparse24.py:
 
 - ``values`` [N, Kp/2]: the two kept entries of every group of four columns, in column order;
 - ``meta`` viewed as int32 words [N, Kp/32]: word w of a row holds groups 8w..8w+7, one nibble
   each (group g at bits 4*(g%8)), nibble = i0 | (i1 << 2) with i0 < i1 the in-group columns.
-  The byte layout of formats.md read as little-endian int32 gives exactly this.
+  That byte layout read as little-endian int32 gives exactly this.
 
 Worked example, one group: W[n, 4g:4g+4] = [0, a, 0, b] -> values (a, b), nibble 1 | 3<<2 = 0xD.
 Decoding scatters a and b back: column 1 gets a (i0 == 1), column 3 gets b (i1 == 3).

@@ -1,6 +1,6 @@
 """bitmap_gemv: y = x @ W^T for decode (M = 1..16) with an unstructured bitmap-packed weight.
 
-Layout (notes/formats.md): ``bitmask`` uint8 [N, Kp/8] (read here as int32 words [N, Kp/32],
+Layout (slimstack/formats/bitmap.py): ``bitmask`` uint8 [N, Kp/8] (read here as int32 words [N, Kp/32],
 bit j of word w = column 32w + j), ``values`` 1-D with row n's kept values in column order
 from ``row_offsets[n]``.
 

@@ -46,7 +46,7 @@ def _gathered_x(
     """x at the column of every kept value of the tile, [BLOCK_N, BLOCK_K/2].
 
     Value j of a row sits in group j // 2 at in-group index (word[j // 16] >> 2 * (j % 16)) & 3:
-    the formats.md nibbles read as 2-bit fields of the little-endian int32 words.
+    the sparse24 meta nibbles read as 2-bit fields of the little-endian int32 words.
     """
     VALUES: tl.constexpr = BLOCK_K // 2
     fields = (words[:, :, None] >> (2 * tl.arange(0, 16))[None, None, :]) & 3

@@ -2,7 +2,7 @@
 
 Lane l has g = l // 4, t = l % 4. A is 16 x 32 logical with 2:4 sparsity along k, stored
 compressed as 16 x 16 (group j of row r keeps two values, at stored columns 2j and 2j + 1) plus a
-nibble i0 | i1 << 2 per group (the formats.md sparse24 nibble). B is 32 x 8, C is 16 x 8.
+nibble i0 | i1 << 2 per group (the sparse24 nibble). B is 32 x 8, C is 16 x 8.
 
     a[0] = A(g, 2t..2t+1)   a[1] = A(g+8, 2t..2t+1)   a[2] = A(g, 2t+8..)   a[3] = A(g+8, 2t+8..)
     b[i] = B(2t + 8i .. 2t + 8i + 1, g)

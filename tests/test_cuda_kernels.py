@@ -346,7 +346,7 @@ def test_sm90_rejects_meta_in_the_wrong_layout(make_sparse24) -> None:
     n, k = 64, 64
     _, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)
     with pytest.raises(ValueError, match="meta_sm90 must be"):
-        # the formats.md meta ([N, Kp/8]) is not the CUTLASS buffer (1-D)
+        # the sparse24 meta ([N, Kp/8]) is not the CUTLASS buffer (1-D)
         _C.sparse24_gemm_sm90_cuda(_x(64, k, torch.float16, 1), packed.values, packed.meta, n, k)
 
 

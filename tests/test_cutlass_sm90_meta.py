@@ -57,7 +57,7 @@ def test_sizes_pad_rows_to_64_and_columns_to_128() -> None:
     assert sm90_meta_shape(1, 64) == (64, 16)
     assert sm90_meta_shape(65, 128) == (128, 16)
     assert sm90_meta_shape(64, 192) == (64, 32)
-    # 7B shapes: no padding, exactly the formats.md meta size
+    # 7B shapes: no padding, exactly the sparse24 meta size
     assert sm90_meta_nbytes(4096, 4096) == 4096 * 4096 // 8
     assert sm90_meta_nbytes(14336, 4096) == 14336 * 4096 // 8
 

@@ -1,5 +1,5 @@
 // bitmap_gemv: y[M, N] = x[M, K] @ W^T for decode (M = 1..16), W unstructured-sparse in the
-// formats.md bitmap layout: bitmask uint8 [N, Kp/8] (bit j of byte b <=> column 8b + j kept),
+// bitmap layout (python/slimstack/formats/bitmap.py): bitmask uint8 [N, Kp/8] (bit j of byte b <=> column 8b + j kept),
 // values 1-D with each row's kept values in column order starting at row_offsets[n] (a multiple
 // of 8 elements, so every row starts 16-byte aligned), row_offsets int64 [N + 1].
 //

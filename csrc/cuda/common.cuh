@@ -148,7 +148,7 @@ __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
 //   c[0..1] = C(g, 2t..2t+1)  c[2..3] = C(g+8, 2t..2t+1)
 //   e: with selector s, lanes 4g + 2s + p (p = 0, 1) supply the metadata: bits 0..15 hold the
 //      nibbles of row g for groups 4p..4p+3 (group j at bits 4j), bits 16..31 those of row g+8.
-//      A nibble is i0 | (i1 << 2), i0 < i1: exactly the formats.md sparse24 nibble.
+//      A nibble is i0 | (i1 << 2), i0 < i1: exactly the sparse24 meta nibble.
 // ::ordered_metadata is what PTX 8.5+ asks for on sm_80+ (our nibbles are always ordered).
 template <typename T, int kSelector>
 __device__ __forceinline__ void mma_sp_16832(float (&c)[4], const uint32_t (&a)[4],

@@ -3,7 +3,7 @@
 // csrc/cuda/*.cu (which know nothing about torch) and turns their cudaError_t into errors.
 //
 // Naming follows csrc/bindings.cpp: <op>_cuda, arguments (x, <packed tensors>, N, K) with the
-// packed layouts of /work/notes/formats.md. Built only against a CUDA torch
+// packed layouts of python/slimstack/formats/. Built only against a CUDA torch
 // (SLIMSTACK_WITH_CUDA); setup.py picks this file up with the csrc/cuda/*.cpp glob.
 #ifdef SLIMSTACK_WITH_CUDA
 
@@ -307,7 +307,7 @@ void register_cuda(pybind11::module_& m) {
   m.def("sparse24_sm90_meta_nbytes", &sparse24_sm90_meta_nbytes,
         "bytes of the CUTLASS sm90 metadata for an [N, K] weight", py::arg("N"), py::arg("K"));
   m.def("sparse24_sm90_reorder_meta_cuda", &sparse24_sm90_reorder_meta_cuda,
-        "formats.md meta [N, Kp/8] -> CUTLASS sm90 metadata (uint8 1-D), once at pack time",
+        "sparse24 meta [N, Kp/8] -> CUTLASS sm90 metadata (uint8 1-D), once at pack time",
         py::arg("meta"), py::arg("N"), py::arg("K"));
   m.def("sparse24_gemm_sm90_available", &sparse24_gemm_sm90_available,
         "whether sparse24_gemm_sm90_cuda can run on this device with this build",

@@ -4,7 +4,7 @@
 // a plain C++ compiler), so it contains nothing but the CUDA runtime API types: raw pointers,
 // sizes, a dtype tag and a cudaStream_t in; a cudaError_t out. No torch, no CUTLASS.
 //
-// Conventions shared by all launchers (see /work/notes/formats.md for the packed layouts):
+// Conventions shared by all launchers (packed layouts: python/slimstack/formats/):
 //   * W is [N, K] (nn.Linear layout), y = x @ W^T, x is [M, K] with row stride ldx (elements),
 //     y is [M, N] with row stride ldy. Kp = ceil(K / 64) * 64 is the packed (padded) K.
 //   * Launchers never allocate; where scratch memory is needed a *_workspace_bytes() or plan
@@ -25,7 +25,7 @@ namespace cuda {
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
 // ---------------------------------------------------------------------------------------------
-// sparse24_gemv: decode GEMV for M = 1..16 on the formats.md sparse24 layout
+// sparse24_gemv: decode GEMV for M = 1..16 on the sparse24 layout
 // (values [N, Kp/2], meta uint8 [N, Kp/8]), through mma.sp (sm_80+).
 // ---------------------------------------------------------------------------------------------
 constexpr int kSparse24GemvMaxM = 16;
@@ -50,7 +50,7 @@ cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const 
                           cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// bitmap_gemv: unstructured GEMV for M = 1..16 on the formats.md bitmap layout
+// bitmap_gemv: unstructured GEMV for M = 1..16 on the bitmap layout
 // (bitmask uint8 [N, Kp/8], values 1-D with int64 row_offsets [N+1], rows 8-element aligned).
 // ---------------------------------------------------------------------------------------------
 constexpr int kBitmapGemvMaxM = 16;
@@ -60,7 +60,7 @@ cudaError_t bitmap_gemv(const void* x, int64_t ldx, const void* values, const ui
                         int64_t K, int64_t Kp, DType dtype, cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
-// sparse24_gemm_sm80: prefill GEMM (any M) with hand-written mma.sp on the formats.md sparse24
+// sparse24_gemm_sm80: prefill GEMM (any M) with hand-written mma.sp on the sparse24
 // layout (no second copy of the weight). Runs on sm_80 and later (also on Hopper).
 // Requires x rows 16-byte aligned: ldx % 8 == 0, K % 8 == 0, x 16-byte aligned.
 // ---------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ cudaError_t sparse24_gemm_sm80(const void* x, int64_t ldx, const void* values, c
 // Bytes of the CUTLASS-layout metadata for an [N, Kp] weight (rows padded to 64, K to 128).
 size_t sparse24_sm90_meta_bytes(int64_t N, int64_t Kp);
 
-// meta: formats.md uint8 [N, Kp/8]; meta_sm90: sparse24_sm90_meta_bytes(N, Kp) bytes. Padding
+// meta: sparse24 uint8 [N, Kp/8]; meta_sm90: sparse24_sm90_meta_bytes(N, Kp) bytes. Padding
 // rows/columns get the valid "indices 0,1" nibble 0x4 (their values are zero).
 cudaError_t sparse24_sm90_reorder_meta(const uint8_t* meta, uint8_t* meta_sm90, int64_t N,
                                        int64_t Kp, cudaStream_t stream);

@@ -1,5 +1,5 @@
 // sparse24_gemm_sm80: prefill GEMM y[M, N] = x[M, K] @ W^T on Ampere sparse tensor cores
-// (mma.sp m16n8k32), reading the formats.md sparse24 layout directly.
+// (mma.sp m16n8k32), reading the sparse24 layout directly.
 //
 // Why no CUTLASS 2.x here: its SparseGemm wants the metadata in a reordered, interleaved
 // layout, i.e. a second copy of every weight's metadata. Our layout already is what mma.sp

@@ -7,13 +7,13 @@
 //
 // One copy of the values. CUTLASS's compressed A for a K-major 16-bit A is row-major
 // [M', K'/2] with the two kept values of each group of 4 in column order, which is byte for
-// byte our formats.md `values` (Kp is a multiple of 64, so no extra K alignment). Only the
+// byte our sparse24 `values` (Kp is a multiple of 64, so no extra K alignment). Only the
 // metadata differs: CUTLASS wants the same nibbles permuted into its "E" layout (64-row x
 // 128-column atoms, interleaved for vectorised shared-memory loads). sparse24_sm90_reorder_meta
 // builds that once at pack time from our meta, using CUTLASS's own layout function, so the
 // permutation cannot drift from the kernel that reads it. Cost: a second metadata copy
 // (1/16 of the dense bytes: 0.5 + 0.0625 + 0.0625 = 0.625x dense in all), held only by layers
-// that run prefill on Hopper; the decode GEMV keeps reading the formats.md meta.
+// that run prefill on Hopper; the decode GEMV keeps reading the sparse24 meta.
 //
 // Everything CUTLASS-sm90 is compiled only where CUTLASS says the sparse sm90 MMA is available
 // (CUDA >= 12.2); the device code itself is only real in the sm_90a cubin (CUTLASS guards it),

@@ -1,4 +1,4 @@
-// sparse24_gemv: y[M, N] = x[M, K] @ W^T for decode (M = 1..16), W in the formats.md sparse24
+// sparse24_gemv: y[M, N] = x[M, K] @ W^T for decode (M = 1..16), W in the sparse24
 // layout (values [N, Kp/2], meta uint8 [N, Kp/8]), read directly: no second copy of the weight.
 //
 // Why tensor cores for a GEMV: each kept weight multiplies M activations. On CUDA cores that is

@@ -1,7 +1,8 @@
 """Packed sparse weight formats: the one place that knows the layouts.
 
-See ``sparse24`` and ``bitmap`` for each layout with a worked example, and
-/work/notes/formats.md (format version 1) for the contract the kernels read.
+See ``sparse24`` and ``bitmap`` for each layout (format version 1) with a worked example:
+their docstrings are the contract every kernel reads, and ``cutlass_sm90`` derives the
+metadata order of CUTLASS's Hopper sparse GEMM from the sparse24 layout.
 """
 
 from slimstack.formats.bitmap import BitmapWeight, pack_bitmap, unpack_bitmap

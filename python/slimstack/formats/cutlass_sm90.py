@@ -86,7 +86,7 @@ def _check_meta(meta: torch.Tensor) -> tuple[int, int]:
 
 
 def reorder_meta_sm90(meta: torch.Tensor) -> torch.Tensor:
-    """formats.md sparse24 ``meta`` uint8 [N, Kp/8] -> CUTLASS sm90 metadata, uint8 1-D.
+    """sparse24 ``meta`` uint8 [N, Kp/8] -> CUTLASS sm90 metadata, uint8 1-D.
 
     Runs on meta's device; the result has ``sm90_meta_nbytes(N, Kp)`` bytes.
     """
