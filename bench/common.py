@@ -137,13 +137,22 @@ def make_weight(N: int, K: int, dtype: torch.dtype, fmt: str, device: str, seed:
     return WeightSet(dense, pack_bitmap(dense))
 
 
-def rotation_count(bytes_per_set: int, device: str) -> int:
-    """Enough input sets that cycling through them streams more than twice the L2 (CUDA)."""
+MAX_ROTATION_SETS = 32
+
+
+def rotation_sets(call_bytes: int, l2_bytes: int) -> int:
+    """Input sets to cycle so that the *smallest* timed call (the packed weight's) streams
+    more than twice the L2 per cycle: sizing on dense bytes would leave a small packed
+    weight L2-resident (4096x4096 bf16: 18 MiB packed) and flatter the sparse kernels."""
+    return max(2, min(MAX_ROTATION_SETS, math.ceil(2 * l2_bytes / max(call_bytes, 1)) + 1))
+
+
+def rotation_count(call_bytes: int, device: str) -> int:
+    """rotation_sets for this device's L2 (CUDA); 2 sets on CPU."""
     if device != "cuda":
         return 2
     props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    l2 = getattr(props, "L2_cache_size", 50 * 2**20)
-    return max(2, min(8, math.ceil(2 * l2 / max(bytes_per_set, 1))))
+    return rotation_sets(call_bytes, getattr(props, "L2_cache_size", 50 * 2**20))
 
 
 # ----------------------------------------------------------------------- providers ----
@@ -453,7 +462,17 @@ def results_path(gpu: str, device: str, date: _dt.date | None = None) -> Path:
         root = BENCH_DIR / "results"
     else:
         root = Path(tempfile.gettempdir()) / "slimstack-bench"
-    return root / f"{date.isoformat()}-{gpu_slug(gpu)}-kernels.json"
+    return unused_path(root / f"{date.isoformat()}-{gpu_slug(gpu)}-kernels.json")
+
+
+def unused_path(path: Path) -> Path:
+    """One file per run: a second run on the same day gets -2, -3, ... instead of
+    overwriting the first."""
+    candidate, n = path, 1
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.stem}-{n}{path.suffix}")
+    return candidate
 
 
 def write_results(doc: dict[str, Any], path: Path) -> Path:

@@ -55,8 +55,7 @@ class BenchSession:
                 self._weights.popitem(last=False)
                 self._inputs.clear()
             first = make_weight(case.N, case.K, case.dtype, key[0], self.device, seed=0)
-            one_set = first.dense.nbytes + first.packed.nbytes
-            n_sets = rotation_count(one_set, self.device)
+            n_sets = rotation_count(first.packed.nbytes, self.device)
             others = [
                 make_weight(case.N, case.K, case.dtype, key[0], self.device, seed=s)
                 for s in range(1, n_sets)

@@ -94,7 +94,7 @@ def tune_case(
 ) -> dict[str, Any]:
     fmt = "bitmap" if kernel.startswith("bitmap") else "sparse24"
     first = make_weight(n, k, dtype, fmt, device, seed=0)
-    sets = rotation_count(first.dense.nbytes + first.packed.nbytes, device)
+    sets = rotation_count(first.packed.nbytes, device)
     weights = [first] + [make_weight(n, k, dtype, fmt, device, seed=s) for s in range(1, sets)]
     g = torch.Generator(device=device).manual_seed(m)
     xs = [torch.randn(m, k, generator=g, device=device).to(dtype) for _ in weights]

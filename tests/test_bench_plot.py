@@ -99,6 +99,32 @@ def test_results_path_per_device(monkeypatch, tmp_path):
     assert common.results_path("cpu", "cpu", day) == tmp_path / "2026-11-23-cpu-kernels.json"
 
 
+def test_a_second_run_on_the_same_day_gets_its_own_file(monkeypatch, tmp_path):
+    day = dt.date(2026, 11, 24)
+    monkeypatch.setenv(common.RESULTS_ENV, str(tmp_path))
+    first = common.results_path("cpu", "cpu", day)
+    first.write_text("{}")
+    second = common.results_path("cpu", "cpu", day)
+    assert second == tmp_path / "2026-11-24-cpu-kernels-2.json"
+    second.write_text("{}")
+    assert common.results_path("cpu", "cpu", day).name == "2026-11-24-cpu-kernels-3.json"
+
+
+@pytest.mark.parametrize("l2_mib", [40, 50, 60])  # A100, H100/H200, more
+def test_rotation_streams_more_than_twice_l2_for_the_packed_weight(l2_mib: int):
+    """The sparse kernels read only the packed weight: cycling the sets must push even that
+    out of L2, or a small shape's sparse timing is an L2 timing against a dense HBM one."""
+    l2 = l2_mib * 2**20
+    for N, K in common.LLM_SHAPES:
+        sparse24 = N * K // 2 * 2 + N * K // 8  # bf16 values + meta
+        bitmap = N * K // 2 * 2 + N * K // 8 + 8 * (N + 1)  # + row offsets
+        for packed in (sparse24, bitmap):
+            sets = common.rotation_sets(packed, l2)
+            assert sets * packed > 2 * l2, (N, K, sets)
+            assert sets * 3 * packed < 2**30, (N, K, sets)  # dense + packed sets stay < 1 GiB
+    assert common.rotation_sets(10**9, l2) == 2
+
+
 def test_plot_draws_one_png_per_dtype(tmp_path):
     path = common.write_results(_document(_rows()), tmp_path / "2026-11-23-h100-kernels.json")
     pngs = plot.plot_results(path)
