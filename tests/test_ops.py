@@ -367,6 +367,26 @@ def test_sparsify_patterns(mixed: Mixed, make_sparse24, make_unstructured) -> No
     assert isinstance(sparsify_model(nn.ReLU()), SparsifyReport)
 
 
+def test_sparsify_leaves_tied_weights_and_growing_packs_dense(make_sparse24) -> None:
+    """A linear tied to an embedding keeps its dense tensor alive, and at tiny K the 64-column
+    padding outweighs the zeros: packing either would add bytes, so both stay dense."""
+    model = nn.Module()
+    model.embed = nn.Embedding(43, 172)
+    model.head = nn.Linear(172, 43, bias=False)
+    model.tiny = nn.Linear(8, 16, bias=False)
+    with torch.no_grad():
+        model.embed.weight.copy_(make_sparse24(43, 172, generator=gen(16)))
+        model.tiny.weight.copy_(make_sparse24(16, 8, generator=gen(17)))
+    model.head.weight = model.embed.weight  # tied, and exactly 2:4
+    report = sparsify_model(model)
+    assert report.swapped == [] and type(model.head) is nn.Linear
+    assert report.skipped["head"] == "weight shared with embed"
+    assert type(model.tiny) is nn.Linear
+    assert report.skipped["tiny"] == "sparse24 would take 2,176 bytes, dense 512"  # 16x(32x4+8)
+    model.head.weight = nn.Parameter(model.embed.weight.detach().clone())  # untied
+    assert [s.name for s in sparsify_model(model).swapped] == ["head"]
+
+
 def _prune_24_by_magnitude(model: nn.Module) -> int:
     count = 0
     for name, module in model.named_modules():

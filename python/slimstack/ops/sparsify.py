@@ -87,6 +87,7 @@ def sparsify_model(model: nn.Module, pattern: Pattern = "auto") -> SparsifyRepor
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
     report = SparsifyReport()
+    owners = _parameter_owners(model)
     replacements: dict[int, nn.Module] = {}
     # list first: the module tree is modified while walking it
     for parent_name, parent in list(model.named_modules(remove_duplicate=False)):
@@ -96,18 +97,38 @@ def sparsify_model(model: nn.Module, pattern: Pattern = "auto") -> SparsifyRepor
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if id(child) not in replacements:
-                replacements[id(child)] = _pack_linear(name, child, pattern, report)
+                tied = [n for m, n in owners[id(child.weight)].items() if m != id(child)]
+                replacements[id(child)] = _pack_linear(name, child, pattern, report, tied)
             setattr(parent, child_name, replacements[id(child)])
     return report
 
 
-def _pack_linear(name: str, linear: nn.Linear, pattern: Pattern, report: SparsifyReport):
+def _parameter_owners(model: nn.Module) -> dict[int, dict[int, str]]:
+    """id(parameter) -> {id(module): its first name} for every module holding it: a tied
+    weight has several modules, a module reachable under two names counts once."""
+    owners: dict[int, dict[int, str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param in module._parameters.values():
+            if param is not None:
+                owners.setdefault(id(param), {}).setdefault(id(module), module_name)
+    return owners
+
+
+def _pack_linear(
+    name: str, linear: nn.Linear, pattern: Pattern, report: SparsifyReport, tied: list[str]
+) -> nn.Module:
+    # Another module (a tied embedding) keeps the dense tensor alive: packing would add bytes.
+    if tied:
+        report.skipped[name] = f"weight shared with {', '.join(sorted(tied))}"
+        return linear
     fmt, reason = _choose_format(linear.weight.detach(), pattern)
     if fmt is None:
         report.skipped[name] = reason
         return linear
     sparse = SparseLinear.from_linear(linear, pattern=fmt)
-    report.swapped.append(
-        SwappedLinear(name, fmt, sparse.shape, linear.weight.nbytes, sparse.packed.nbytes)
-    )
+    dense_bytes, packed_bytes = linear.weight.nbytes, sparse.packed.nbytes
+    if packed_bytes >= dense_bytes:  # tiny K: padding to the 64-column tile outweighs the zeros
+        report.skipped[name] = f"{fmt} would take {packed_bytes:,} bytes, dense {dense_bytes:,}"
+        return linear
+    report.swapped.append(SwappedLinear(name, fmt, sparse.shape, dense_bytes, packed_bytes))
     return sparse
