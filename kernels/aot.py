@@ -49,13 +49,19 @@ class Variant:
     dtype: str = ""  # set by variants()
 
 
+def _precision(dt: str) -> str:
+    return "ieee" if dt == "fp32" else "tf32"  # as the launchers choose
+
+
 def _gemv_variants(dt: str) -> list[Variant]:
     from slimstack.kernels import bitmap_gemv, sparse24_gemv
 
     out = []
     for m in (1, 16):
         block_m = sparse24_gemv.block_m_for(m)
-        common = dict(BLOCK_M=block_m, USE_DOT=block_m >= 16, EVEN_K=True, INPUT_PRECISION="tf32")
+        common = dict(
+            BLOCK_M=block_m, USE_DOT=block_m >= 16, EVEN_K=True, INPUT_PRECISION=_precision(dt)
+        )
         cfg = sparse24_gemv.default_config(m)
         out.append(
             Variant(
@@ -81,8 +87,8 @@ def _gemv_variants(dt: str) -> list[Variant]:
         Variant(
             f"sparse24_gemv[M=1,split-K,{dt}]", "sparse24_gemv", "_sparse24_gemv_kernel", "gemv",
             {"x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "meta_ptr": "*i32", "out_ptr": "*fp32"},
-            dict(BLOCK_M=1, USE_DOT=False, EVEN_K=True, EVEN_X=True, INPUT_PRECISION="tf32",
-                 BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
+            dict(BLOCK_M=1, USE_DOT=False, EVEN_K=True, EVEN_X=True,
+                 INPUT_PRECISION=_precision(dt), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
             cfg.num_warps, cfg.num_stages, frozenset({"M"}),
         )
     )  # fmt: skip
@@ -102,7 +108,7 @@ def _gemm_variants(dt: str) -> list[Variant]:
                 {"x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "meta_ptr": "*i32",
                  "out_ptr": f"*{dt}"},
                 dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                     GROUP_N=cfg.group_n, EVEN_K=True, INPUT_PRECISION="tf32"),
+                     GROUP_N=cfg.group_n, EVEN_K=True, INPUT_PRECISION=_precision(dt)),
                 cfg.num_warps, cfg.num_stages, frozenset({"M"}),
             )
         )  # fmt: skip
@@ -133,10 +139,39 @@ def _fused_variants(dt: str) -> list[Variant]:
     ]  # fmt: skip
 
 
+ODD_K = 172  # not a multiple of any K tile: the masked paths
+
+
+def _odd_k_variants(made: list[Variant]) -> list[Variant]:
+    """The specialisations an odd K runs: every sparse matmul again with EVEN_K / EVEN_X as
+    its launcher sets them for K = 172 (Kp = 192), and N, K and the row strides of x and the
+    output (43, 172) not 16-aligned."""
+    from slimstack.kernels.sparse24_gemm import MAX_UNALIGNED_BLOCK_M
+
+    kp = (ODD_K + 63) // 64 * 64
+    out = []
+    for v in made:
+        if v.module not in ("sparse24_gemv", "sparse24_gemm", "bitmap_gemv"):
+            continue
+        if v.module == "sparse24_gemm" and v.constexprs["BLOCK_M"] > MAX_UNALIGNED_BLOCK_M:
+            continue  # default_config keeps unaligned shapes on 64-row tiles
+        block_k = v.constexprs["BLOCK_K"]
+        evens = {"EVEN_K": kp % block_k == 0}
+        if "EVEN_X" in v.constexprs:
+            evens["EVEN_X"] = ODD_K % block_k == 0
+        unaligned = v.unaligned | {"N", "K", "stride_xm", "stride_om"}
+        out.append(
+            replace(v, name=f"{v.name[:-1]},odd-K]", constexprs={**v.constexprs, **evens},
+                    unaligned=unaligned)
+        )  # fmt: skip
+    return out
+
+
 def variants(dtypes: tuple[str, ...] = DTYPES) -> list[Variant]:
     out: list[Variant] = []
     for dt in dtypes:
-        made = _gemv_variants(dt) + _gemm_variants(dt) + _fused_variants(dt)
+        made = _gemv_variants(dt) + _gemm_variants(dt)
+        made += _odd_k_variants(made) + _fused_variants(dt)
         out += [replace(v, dtype=dt) for v in made]
     return out
 
@@ -236,7 +271,9 @@ def summarize(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, default=90, help="compute capability, e.g. 90")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated: fp16,bf16")
+    parser.add_argument(
+        "--dtypes", default=",".join(DTYPES), help="comma-separated: fp16,bf16,fp32"
+    )
     parser.add_argument("--json", type=Path, help="write the per-variant reports here")
     parser.add_argument("--sass-dir", type=Path, help="also dump SASS and TTGIR per variant")
     parser.add_argument("--only", default="", help="substring filter on variant names")

@@ -100,16 +100,25 @@ class GemmConfig:
     num_stages: int = 3
 
 
-def default_config(M: int, N: int | None = None, sm_count: int = 132) -> GemmConfig:
+ALIGN_ELEMENTS = 8  # 16 bytes of a 16-bit type: what vectorised x loads and stores need
+MAX_UNALIGNED_BLOCK_M = 64
+
+
+def default_config(
+    M: int, N: int | None = None, sm_count: int = 132, aligned: bool = True
+) -> GemmConfig:
     """Tiles by problem size (from SASS: per K step, decode issue cycles vs wgmma cycles).
 
     Small M: narrow x tiles, fewer padded rows. Large M: 256 x-rows per tile halve the decode
     work per FLOP (the 128x128 tile issues ~716 cycles per K step for ~490 of wgmma; 256x128
-    issues ~764 for ~980), used once there are enough tiles to fill every SM.
+    issues ~764 for ~980), used once there are enough tiles to fill every SM. When K or N is
+    not a multiple of 8 (``aligned`` False), x moves in scalar loads whose addresses cost
+    registers: the 128- and 256-row tiles then spill (32 and 800 bytes of stack on sm_90),
+    so those shapes stay on 64-row tiles.
     """
     if M <= 32:
         return GemmConfig(block_m=32, block_n=64, num_warps=4, num_stages=4)
-    if M <= 64:
+    if M <= 64 or not aligned:
         return GemmConfig(block_m=64, block_n=64, num_warps=4, num_stages=4)
     if N is not None and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= sm_count:
         return GemmConfig(block_m=256, block_n=128, num_warps=8, num_stages=3)
@@ -149,7 +158,8 @@ def sparse24_gemm(
         return x.new_empty((0, N))
     if x.stride(1) != 1:
         x = x.contiguous()
-    cfg = config or default_config(M, N, sm_count(x.device))
+    aligned = K % ALIGN_ELEMENTS == 0 and N % ALIGN_ELEMENTS == 0
+    cfg = config or default_config(M, N, sm_count(x.device), aligned)
     Kp = padded_k(K)
     words = as_int32_words("sparse24_gemm", "meta", meta)
     out = torch.empty((M, N), dtype=x.dtype, device=x.device)

@@ -23,7 +23,8 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-DTYPES = ("fp16", "bf16")
+DTYPES = ("fp16", "bf16", "fp32")
+HALF = ("fp16", "bf16")  # the serving dtypes: tiles are sized for them
 MODULES = ("sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "rmsnorm", "rope", "swiglu")
 REPO = Path(__file__).resolve().parents[1]
 
@@ -64,7 +65,11 @@ def test_every_kernel_compiles_for_sm90_in_both_dtypes(reports):
 
 
 def test_no_register_spills(reports):
-    for r in reports:
+    """16-bit kernels, odd-K (masked) specialisations included. fp32 on a GPU is a
+    correctness path whose 2x wider registers may spill in the big tiles: not checked."""
+    half = [r for r in reports if r["dtype"] in HALF]
+    assert any("odd-K" in r["name"] for r in half)
+    for r in half:
         assert r["stack"] == 0 and r["local"] == 0, (
             f"{r['name']} spills: {r['stack']} B stack, {r['local']} B local"
         )
@@ -72,8 +77,10 @@ def test_no_register_spills(reports):
 
 
 def test_matmuls_use_tensor_cores(reports):
-    dot_kernels = [r for r in reports if r["kind"] == "gemm" or "M=16" in r["name"]]
-    assert len(dot_kernels) >= 2 * len(DTYPES)
+    dot_kernels = [
+        r for r in reports if r["dtype"] in HALF and (r["kind"] == "gemm" or "M=16" in r["name"])
+    ]
+    assert len(dot_kernels) >= 2 * len(HALF)
     for r in dot_kernels:
         assert _has_prefix(r["opcodes"], "HGMMA", "HMMA"), f"{r['name']}: no tensor-core MMA"
 

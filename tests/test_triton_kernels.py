@@ -189,6 +189,9 @@ def test_sparse24_gemm_large_m_tile(poisoned, make_sparse24):
     packed = pack_sparse24(w).to(DEVICE)
     x = _activations(M, K, dtype, seed=19)
     assert sparse24_gemm.default_config(8192, 4096).block_m == 256
+    # unaligned K or N (scalar x loads): the big tiles would spill, so 64 rows at most
+    unaligned = sparse24_gemm.default_config(8192, 4096, aligned=False)
+    assert unaligned.block_m == sparse24_gemm.MAX_UNALIGNED_BLOCK_M == 64
     config = sparse24_gemm.default_config(8192, 4096)
     y = sparse24_gemm.sparse24_gemm(x, packed.values, packed.meta, N, K, config=config)
     _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
