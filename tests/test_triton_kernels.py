@@ -211,6 +211,27 @@ def test_strided_activations(poisoned, make_sparse24):
         _assert_matches(fn(x, packed.values, packed.meta, N, K), ref, dtype)
 
 
+@runs_here
+@pytest.mark.parametrize("kernel,M", [("gemv", 1), ("gemv", 3), ("gemm", 17), ("bitmap", 3)])
+def test_reads_of_x_stop_at_k(poisoned, make_sparse24, kernel, M):
+    """x's last row ends where NaN memory begins: a load at a column >= K (the padding up to
+    Kp, or a whole BLOCK_K past it) that is not masked off puts NaN into y."""
+    N, K, dtype = 43, 172, torch.float16
+    w = make_sparse24(N, K, dtype, generator=_gen(40))
+    storage = torch.full((M * K + 1024,), float("nan"), dtype=dtype)
+    storage[: M * K] = torch.randn(M * K, generator=_gen(41)).to(dtype)
+    storage = storage.to(DEVICE)
+    x = storage[: M * K].view(M, K)
+    if kernel == "bitmap":
+        p = pack_bitmap(w).to(DEVICE)
+        y = bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, N, K)
+    else:
+        p = pack_sparse24(w).to(DEVICE)
+        fn = sparse24_gemv.sparse24_gemv if kernel == "gemv" else sparse24_gemm.sparse24_gemm
+        y = fn(x, p.values, p.meta, N, K)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
 # ------------------------------------------------------------------------------ bitmap ----
 
 
