@@ -548,9 +548,38 @@ def test_gpu_backends_match_reference(
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize(
+    "op", ["sparse24_mm", "bitmap_mm", "sparse24_mm_triton", "bitmap_mm_triton"]
+)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_gpu_opcheck(make_weight, op, dtype, m) -> None:
+    """The custom ops on CUDA tensors: schema, fake impl, autograd and dispatch agree."""
+    fmt = "bitmap" if op.startswith("bitmap") else "sparse24"
+    backend = "triton" if op.endswith("triton") else "cuda"
+    reason = dispatch.why_not(backend, fmt, torch.device("cuda"), dtype, m)
+    if reason is not None:
+        pytest.skip(reason)
+    _, packed = make_weight(fmt, 43, 172, dtype, seed=25)
+    packed = packed.to("cuda")
+    x = torch.randn(m, 172, generator=gen(26)).to(dtype).cuda().requires_grad_()
+    tensors = (packed.values, packed.meta) if fmt == "sparse24" else (
+        packed.values, packed.bitmask, packed.row_offsets
+    )  # fmt: skip
+    torch.library.opcheck(getattr(torch.ops.slimstack, op), (x, *tensors, 43, 172))
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "cuda", "triton"])
 @pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
 @pytest.mark.parametrize("m", [1, 16, 64])
-def test_gpu_auto_dispatch_under_cuda_graph(make_weight, fmt, m) -> None:
+def test_gpu_dispatch_under_cuda_graph(make_weight, monkeypatch, backend, fmt, m) -> None:
+    if backend != "auto":
+        reason = dispatch.why_not(backend, fmt, torch.device("cuda"), torch.float16, m)
+        if reason is not None:
+            pytest.skip(reason)
+        monkeypatch.setenv(dispatch.FORCE_ENV, backend)
     dense, packed = make_weight(fmt, 256, 512, torch.float16, seed=21)
     layer = SparseLinear(packed.to("cuda"))
     x = torch.randn(m, 512, device="cuda", dtype=torch.float16)
