@@ -132,6 +132,11 @@ def _fused_variants(dt: str) -> list[Variant]:
             unaligned=frozenset({"S", "H"}),
         ),
         Variant(
+            f"splitk_sum[{dt}]", "splitk_sum", "_splitk_sum_kernel", "elementwise",
+            {"partial_ptr": "*fp32", "out_ptr": f"*{dt}"}, {"BLOCK": 1024}, 4,
+            unaligned=frozenset({"split"}),
+        ),
+        Variant(
             f"swiglu[{dt}]", "swiglu", "_swiglu_kernel", "elementwise",
             {"gate_ptr": f"*{dt}", "up_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
             {"BLOCK": 1024}, 4,

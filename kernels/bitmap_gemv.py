@@ -39,6 +39,7 @@ from slimstack.kernels.sparse24_gemv import (
     choose_split_k,
     sm_count,
 )
+from slimstack.kernels.splitk_sum import splitk_sum
 
 _MAX_SPLIT_K = 4
 
@@ -273,7 +274,7 @@ def bitmap_gemv(
     )  # fmt: skip
     if split == 1:
         return out
-    return out.sum(dim=0).to(x.dtype)
+    return splitk_sum(out, x.dtype)
 
 
 def bitmap_gemv_reference(x: torch.Tensor, dense_weight: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ types. Two inner products, chosen by M (a constexpr):
   free on tensor cores, while FMA work would grow with every row of x; Triton's pipeliner
   stages these loads through shared memory (cp.async).
 Small N leaves SMs idle, so there the K range is split across programs (fp32 partials,
-summed by the launcher). Accumulation is fp32; the output has x's dtype.
+summed in slice order by one more launch, kernels/splitk_sum.py). Accumulation is fp32; the
+output has x's dtype.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from slimstack.kernels._checks import (
     padded_k,
 )
 from slimstack.kernels._sparse24_tile import load_sparse24_tile, sparse24_dense_tile
+from slimstack.kernels.splitk_sum import splitk_sum
 
 MAX_M = 16
 _DOT_MIN_M = 2  # M > 1 goes to the tensor cores, x^T padded to 16 columns
@@ -235,7 +237,7 @@ def sparse24_gemv(
     )  # fmt: skip
     if split == 1:
         return out
-    return out.sum(dim=0).to(x.dtype)
+    return splitk_sum(out, x.dtype)
 
 
 def sparse24_gemv_reference(x: torch.Tensor, dense_weight: torch.Tensor) -> torch.Tensor:

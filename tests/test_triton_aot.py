@@ -25,7 +25,9 @@ pytestmark = pytest.mark.slow
 
 DTYPES = ("fp16", "bf16", "fp32")
 HALF = ("fp16", "bf16")  # the serving dtypes: tiles are sized for them
-MODULES = ("sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "rmsnorm", "rope", "swiglu")
+MODULES = (
+    "sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "splitk_sum", "rmsnorm", "rope", "swiglu",
+)  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
 
 

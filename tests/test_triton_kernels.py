@@ -39,6 +39,7 @@ from slimstack.kernels import (  # noqa: E402
     rope,
     sparse24_gemm,
     sparse24_gemv,
+    splitk_sum,
     swiglu,
 )
 
@@ -271,6 +272,31 @@ def test_bitmap_gemv_all_zero_weight(M):
 
 
 # ---------------------------------------------------------------- launcher policy ----
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("split,M,N", [(1, 1, 43), (3, 3, 43), (16, 16, 1100)])
+def test_splitk_sum_adds_in_slice_order(poisoned, dtype, split, M, N):
+    partial = (torch.randn(split, M, N, generator=_gen(31)) * 3).to(DEVICE)
+    y = splitk_sum.splitk_sum(partial, dtype)
+    _assert_matches(y, partial.double().sum(0), dtype)
+    in_order = partial[0].clone()
+    for s in range(1, split):
+        in_order += partial[s]
+    assert torch.equal(y, in_order.to(dtype)), "splits must be added in slice order"
+
+
+def test_splitk_sum_rejects_bad_input():
+    partial = torch.zeros(2, 3, 4)
+    with pytest.raises(TypeError, match="float32"):
+        splitk_sum.splitk_sum(partial.half(), torch.float16)
+    with pytest.raises(ValueError, match=r"\[split, M, N\]"):
+        splitk_sum.splitk_sum(partial[0], torch.float16)
+    with pytest.raises(ValueError, match="not contiguous"):
+        splitk_sum.splitk_sum(partial.transpose(1, 2), torch.float16)
+    with pytest.raises(TypeError, match="dtype"):
+        splitk_sum.splitk_sum(partial, torch.int8)
 
 
 def test_split_k_only_for_small_n():
