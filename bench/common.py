@@ -53,7 +53,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    provider: str  # triton | triton_dot | cuda | cuda_sm90 | torch | cpu | auto
+    provider: str  # triton(_dot) | cuda(_reduce_kernel) | cuda_sm90 | torch | cpu | auto
     N: int
     K: int
     M: int
@@ -74,6 +74,9 @@ def cases(device_type: str) -> list[Case]:
         plan = [
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("sparse24_gemv", ("triton_dot",), lambda m: m == 1),
+            # the CUDA GEMV with its split-K partials summed by a second kernel, next to the
+            # default (a cluster reduction on Hopper) at the two ends of the decode range
+            ("sparse24_gemv", ("cuda_reduce_kernel",), lambda m: m in (1, GEMV_MAX_M)),
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("sparse24_gemm", ("triton", "cuda", "cuda_sm90"), lambda m: m > GEMV_MAX_M),
             ("sparse24_mm", ("torch", "auto"), lambda m: True),
@@ -210,6 +213,9 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
             return fn(x, ws.packed.values, ws.extras["sm90_meta"], N, K)
 
         return sm90
+    if case.provider == "cuda_reduce_kernel":
+        fn = _ext_function(("sparse24_gemv_cuda",))
+        return lambda x, ws: fn(x, *_packed_args(ws), N, K, 0, None, "kernel")
     if case.provider in ("cuda", "cpu"):
         names = {
             "sparse24_gemm": ("sparse24_gemm_sm80_cuda",),

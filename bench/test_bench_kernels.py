@@ -5,7 +5,8 @@
 
 On CUDA: the LLM shapes of the issue, M = 1..8192, bf16 and fp16; providers triton (and the
 M = 1 tensor-core variant triton_dot), cuda (the extension, when built; cuda_sm90 for the
-CUTLASS Hopper GEMM), torch
+CUTLASS Hopper GEMM; cuda_reduce_kernel, the GEMV with split-K summed by a second kernel
+instead of a cluster reduction), torch
 (to_sparse_semi_structured) and auto (slimstack.ops.sparse_linear); baseline cuBLAS dense.
 The device time of each row comes from CUDA-graph replays timed with events (bench/common.py);
 pytest-benchmark's own table shows synchronised host wall time of single calls.

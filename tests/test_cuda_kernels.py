@@ -43,7 +43,7 @@ DTYPES = [torch.float16, torch.bfloat16]
 # (N, K): odd N and K not a multiple of 8 or 64, a single K tile, a single row, a K that is
 # not a multiple of 64 with N % 8 == 0 (sm90 path with padding), and the 7B MLP/attention shapes.
 SHAPES = [(43, 172), (64, 64), (1, 64), (128, 200), (4096, 4096), (14336, 4096)]
-SMALL = {(43, 172), (64, 64), (1, 64), (128, 200)}
+SMALL = {(43, 172), (64, 64), (1, 64), (128, 200), (72, 1000)}  # (72, 1000): up to 4 K slices
 # Inputs are exact in the dtype and the kernels accumulate in fp32, so the error is the final
 # rounding (half an ulp, relative) plus fp32 accumulation noise (absolute, ~sqrt(K)).
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -107,33 +107,70 @@ def test_sparse24_gemv_matches_reference(dtype, shape, m, make_sparse24) -> None
     assert torch.equal(_C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k), y)
 
 
-@pytest.mark.parametrize("split_k", [1, 2, 3, 16])
-@pytest.mark.parametrize("shape", [(43, 172), (4096, 4096)], ids=_shape_id)
+def _cluster_reduce_runs_here() -> bool:
+    plan = _C.sparse24_gemv_plan_cuda(1, 4096, 4096, torch.cuda.current_device(), 2)
+    return plan["reduce"] == "cluster"
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("shape", [(43, 172), (72, 1000), (4096, 4096)], ids=_shape_id)
 def test_sparse24_gemv_forced_split_k(shape, split_k, make_sparse24) -> None:
+    """Every split, with both reductions of the partials: right, deterministic, and the same
+    bits either way (both add the slices in order)."""
     n, k = shape
     dtype = torch.bfloat16
     dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
-    for m in (1, 9):
+    cluster = _cluster_reduce_runs_here()
+    for m in (1, 9, 16):
         x = _x(m, k, dtype, seed=100 + m)
-        y = _C.sparse24_gemv_cuda(
-            x, packed.values, packed.meta, n, k, split_k, _poisoned(m, n, dtype)
-        )
-        _check(y, x, dense)
-        again = _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, split_k)
-        assert torch.equal(y, again), "split-K reduction must be deterministic"
+        results = {}
+        for reduce in ("auto", "kernel", "cluster"):
+            plan = _C.sparse24_gemv_plan_cuda(m, n, k, torch.cuda.current_device(), split_k)
+            if reduce == "cluster" and plan["split_k"] > 1 and (not cluster or plan["split_k"] > 8):
+                with pytest.raises(RuntimeError, match="reduce='cluster' needs"):
+                    _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, split_k,
+                                          reduce=reduce)  # fmt: skip
+                continue
+            y = _C.sparse24_gemv_cuda(
+                x, packed.values, packed.meta, n, k, split_k, _poisoned(m, n, dtype), reduce
+            )
+            _check(y, x, dense)
+            again = _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, split_k,
+                                          reduce=reduce)  # fmt: skip
+            assert torch.equal(y, again), f"split-K reduction ({reduce}) must be deterministic"
+            results[reduce] = y
+        for reduce, y in results.items():
+            assert torch.equal(y, results["kernel"]), f"reduce={reduce} differs from 'kernel'"
 
 
 @pytest.mark.parametrize("m", [1, 8, 16])
 @pytest.mark.parametrize(("n", "k"), [(4096, 4096), (14336, 4096), (4096, 14336), (43, 172)])
 def test_sparse24_gemv_plan_is_consistent(n, k, m) -> None:
-    plan = _C.sparse24_gemv_plan_cuda(m, n, k, torch.cuda.current_device(), 0)
+    device = torch.cuda.current_device()
+    plan = _C.sparse24_gemv_plan_cuda(m, n, k, device, 0)
     kp = padded_k(k)
     chunks = kp // 16
     assert plan["slice_chunks"] % 16 == 0
     assert plan["split_k"] == -(-chunks // plan["slice_chunks"])
     assert m * (plan["slice_chunks"] * 32 + 64) <= 48 * 1024, "x slice must fit shared memory"
-    expected_ws = plan["split_k"] * m * n * 4 if plan["split_k"] > 1 else 0
+    if plan["split_k"] == 1:
+        assert plan["reduce"] == "none"
+    elif plan["split_k"] <= 8 and _cluster_reduce_runs_here():
+        assert plan["reduce"] == "cluster", "Hopper sums up to 8 slices in a cluster"
+    else:
+        assert plan["reduce"] == "kernel"
+    expected_ws = plan["split_k"] * m * n * 4 if plan["reduce"] == "kernel" else 0
     assert plan["workspace_bytes"] == expected_ws
+    forced = _C.sparse24_gemv_plan_cuda(m, n, k, device, 0, "kernel")
+    assert forced["split_k"] == plan["split_k"]
+    assert forced["reduce"] == ("none" if plan["split_k"] == 1 else "kernel")
+    if torch.cuda.get_device_capability()[0] == 9 and plan["split_k"] <= 8:
+        assert _cluster_reduce_runs_here(), "sm_90 with an sm_90a build must use clusters"
+
+
+def test_sparse24_gemv_rejects_unknown_reduce(make_sparse24) -> None:
+    with pytest.raises(ValueError, match="'auto', 'kernel' or 'cluster'"):
+        _C.sparse24_gemv_plan_cuda(1, 64, 64, torch.cuda.current_device(), 0, "atomic")
 
 
 def test_sparse24_gemv_unaligned_x_uses_the_safe_path(make_sparse24) -> None:
@@ -177,17 +214,24 @@ def test_sparse24_gemv_empty_batch(make_sparse24) -> None:
     assert y.shape == (0, 64)
 
 
-def test_sparse24_gemv_replays_in_a_cuda_graph(make_sparse24) -> None:
-    n, k, m = 4096, 4096, 1
+@pytest.mark.parametrize("reduce", ["auto", "kernel"])  # auto: a cluster launch on Hopper
+def test_sparse24_gemv_replays_in_a_cuda_graph(make_sparse24, reduce) -> None:
+    n, k, m = 4096, 4096, 1  # split K (the plan's), so the reduction is in the graph too
     dtype = torch.bfloat16
     dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    assert _C.sparse24_gemv_plan_cuda(m, n, k, torch.cuda.current_device())["split_k"] > 1
     static_x = _x(m, k, dtype, seed=11)
     static_y = _poisoned(m, n, dtype)
-    _C.sparse24_gemv_cuda(static_x, packed.values, packed.meta, n, k, out=static_y)  # warm-up
+
+    def call() -> None:
+        _C.sparse24_gemv_cuda(static_x, packed.values, packed.meta, n, k, out=static_y,
+                              reduce=reduce)  # fmt: skip
+
+    call()  # warm-up
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        _C.sparse24_gemv_cuda(static_x, packed.values, packed.meta, n, k, out=static_y)
+        call()
     fresh = _x(m, k, dtype, seed=12)
     static_x.copy_(fresh)
     static_y.fill_(float("nan"))

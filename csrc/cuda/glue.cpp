@@ -9,6 +9,7 @@
 
 #include "cuda/glue.h"
 
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -84,9 +85,39 @@ at::Tensor x_for_gemm(const at::Tensor& x, int64_t K, int64_t want_cols) {
 
 // ---------------------------------------------------------------------------------------------
 
+sc::SplitKReduce parse_reduce(const std::string& op, const std::string& reduce) {
+  if (reduce == "auto") return sc::SplitKReduce::kAuto;
+  if (reduce == "kernel") return sc::SplitKReduce::kKernel;
+  if (reduce == "cluster") return sc::SplitKReduce::kCluster;
+  TORCH_CHECK_VALUE(false, op, ": reduce must be 'auto', 'kernel' or 'cluster', got '", reduce,
+                    "'");
+}
+
+const char* reduce_name(sc::SplitKReduce reduce) {
+  switch (reduce) {
+    case sc::SplitKReduce::kKernel: return "kernel";
+    case sc::SplitKReduce::kCluster: return "cluster";
+    default: return "none";
+  }
+}
+
+// A plan for this problem on `device`; a forced cluster reduction that cannot run there says why.
+sc::Sparse24GemvPlan gemv_plan(const std::string& op, int64_t M, int64_t N, int64_t Kp,
+                               int device, int64_t split_k, const std::string& reduce) {
+  const sc::SplitKReduce request = parse_reduce(op, reduce);
+  sc::Sparse24GemvPlan plan;
+  const cudaError_t err = sc::sparse24_gemv_plan(M, N, Kp, device, static_cast<int>(split_k),
+                                                 request, &plan);
+  TORCH_CHECK(err != cudaErrorNotSupported || request != sc::SplitKReduce::kCluster, op,
+              ": reduce='cluster' needs an sm_90 GPU, this extension's sm_90 image and a split of "
+              "at most ", sc::kMaxClusterSplit, " K slices (use reduce='auto' or 'kernel')");
+  check_launch(op, err);
+  return plan;
+}
+
 at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& meta, int64_t N, int64_t K, int64_t split_k,
-                              const std::optional<at::Tensor>& out) {
+                              const std::optional<at::Tensor>& out, const std::string& reduce) {
   const std::string op = "sparse24_gemv_cuda";
   check_x(op, x, N, K);
   const int64_t M = x.size(0);
@@ -101,9 +132,7 @@ at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
   if (M == 0) return y;
 
   c10::cuda::CUDAGuard guard(x.device());
-  sc::Sparse24GemvPlan plan;
-  check_launch(op, sc::sparse24_gemv_plan(M, N, Kp, x.device().index(),
-                                          static_cast<int>(split_k), &plan));
+  const sc::Sparse24GemvPlan plan = gemv_plan(op, M, N, Kp, x.device().index(), split_k, reduce);
   at::Tensor workspace;
   if (plan.workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes / sizeof(float))},
@@ -117,19 +146,23 @@ at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
 }
 
 pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t device,
-                                       int64_t split_k) {
+                                       int64_t split_k, const std::string& reduce) {
   const std::string op = "sparse24_gemv_plan_cuda";
   TORCH_CHECK_VALUE(M >= 1 && M <= sc::kSparse24GemvMaxM && N > 0 && K > 0, op,
                     ": need 1 <= M <= ", sc::kSparse24GemvMaxM, ", N > 0, K > 0; got M=", M,
                     ", N=", N, ", K=", K);
   TORCH_CHECK_VALUE(split_k >= 0, op, ": split_k must be >= 0, got ", split_k);
-  sc::Sparse24GemvPlan plan;
-  check_launch(op, sc::sparse24_gemv_plan(M, N, padded_k(K), static_cast<int>(device),
-                                          static_cast<int>(split_k), &plan));
+  TORCH_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(), op, ": device ", device,
+                    " is not one of the ", static_cast<int>(c10::cuda::device_count()),
+                    " CUDA devices");
+  c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+  const sc::Sparse24GemvPlan plan =
+      gemv_plan(op, M, N, padded_k(K), static_cast<int>(device), split_k, reduce);
   pybind11::dict d;
   d["split_k"] = plan.split_k;
   d["slice_chunks"] = plan.slice_chunks;
   d["row_tiles_per_warp"] = plan.row_tiles_per_warp;
+  d["reduce"] = reduce_name(plan.reduce);
   d["workspace_bytes"] = plan.workspace_bytes;
   return d;
 }
@@ -292,10 +325,11 @@ void register_cuda(pybind11::module_& m) {
   m.def("sparse24_gemv_cuda", &sparse24_gemv_cuda,
         "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed sparse24, mma.sp", py::arg("x"),
         py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"), py::arg("split_k") = 0,
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("reduce") = "auto");
   m.def("sparse24_gemv_plan_cuda", &sparse24_gemv_plan_cuda,
         "the split-K / tile plan sparse24_gemv_cuda would use (dict)", py::arg("M"),
-        py::arg("N"), py::arg("K"), py::arg("device") = 0, py::arg("split_k") = 0);
+        py::arg("N"), py::arg("K"), py::arg("device") = 0, py::arg("split_k") = 0,
+        py::arg("reduce") = "auto");
   m.def("bitmap_gemv_cuda", &bitmap_gemv_cuda,
         "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed bitmap", py::arg("x"),
         py::arg("values"), py::arg("bitmask"), py::arg("row_offsets"), py::arg("N"),

@@ -30,17 +30,31 @@ enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 // ---------------------------------------------------------------------------------------------
 constexpr int kSparse24GemvMaxM = 16;
 
+// How the fp32 partials of a K split are added up (always in slice order, so both give the
+// same bits):
+//   kKernel:  written to a workspace and summed by a second kernel (any GPU, any split);
+//   kCluster: the slices of a row block form a thread-block cluster and sum through
+//             distributed shared memory in the GEMV kernel itself: no workspace, no second
+//             launch (sm_90 with this file's sm_90 image, split <= kMaxClusterSplit).
+// A plan request may say kAuto (kCluster where it can run, else kKernel); a plan holds kNone
+// when K is not split.
+enum class SplitKReduce : int { kAuto = 0, kNone = 1, kKernel = 2, kCluster = 3 };
+constexpr int kMaxClusterSplit = 8;  // the portable cluster size
+
 struct Sparse24GemvPlan {
-  int split_k = 1;             // number of K slices (grid.y); > 1 needs the fp32 workspace
+  int split_k = 1;             // number of K slices (grid.y)
   int slice_chunks = 0;        // 16-column chunks per K slice (a multiple of 16)
   int row_tiles_per_warp = 1;  // 16-row tiles per warp (1 or 2)
-  size_t workspace_bytes = 0;  // split_k * M * N * sizeof(float) when split_k > 1, else 0
+  SplitKReduce reduce = SplitKReduce::kNone;  // kNone iff split_k == 1
+  size_t workspace_bytes = 0;  // split_k * M * N * sizeof(float) for kKernel, else 0
 };
 
 // Chooses the split-K factor and tile config. split_k_request > 0 forces a split (clamped to
-// what the problem allows); 0 picks one from the SM count of `device`.
+// what the problem allows); 0 picks one from the SM count of `device`. reduce_request kKernel
+// or kCluster forces that reduction when K is split; kCluster where it cannot run (not sm_90,
+// no sm_90 image, split > kMaxClusterSplit) is cudaErrorNotSupported.
 cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int split_k_request,
-                               Sparse24GemvPlan* plan);
+                               SplitKReduce reduce_request, Sparse24GemvPlan* plan);
 
 // x: [M, K] (ldx >= K), values/meta: packed, y: [M, N] (ldy >= N), workspace: plan.workspace_bytes
 // of device memory (may be null when the plan needs none).
