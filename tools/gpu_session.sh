@@ -1,8 +1,15 @@
 #!/usr/bin/env bash
-# The GPU work, one phase per call of the lent machine. Every call starts a bare machine and
-# may run 10 minutes, so each phase bounds its steps with timeouts and leaves its logs and
-# results in $OUT (the device tool brings back 8 files at most, 2 folders deep).
+# The GPU work, one phase per call of the lent machine. A task that draws a GPU has 15 device
+# minutes in all (the machine's start, every call and every idle wait counted), a call at most
+# 10, and $OUT comes back only as 8 files at most, 2 folders deep. So each phase bounds its
+# steps with timeouts, puts the most needed evidence first, and packs $OUT at the end.
 #
+#   tools/gpu_session.sh lease                 # call 1 of a 15-minute lease (~9.5 min): headline
+#                                              # kernel cases, core e2e variants, GPU tests,
+#                                              # compute-sanitizer
+#   tools/gpu_session.sh lease-rest            # call 2, at once while the machine is warm
+#                                              # (~4 min): the other decode M values, the e2e
+#                                              # variants lease left out
 #   tools/gpu_session.sh check                 # tests (GPU + compiled Triton), compute-sanitizer,
 #                                              # then the headline kernel cases while time remains
 #   tools/gpu_session.sh bench-kernels [EXPR]  # kernel suite (pytest -k EXPR, e.g. bfloat16)
@@ -11,8 +18,11 @@
 #   tools/gpu_session.sh tune [ARGS]           # Triton tile sweep (bench/tune_triton.py ARGS)
 #
 # Before the call, on the CPU machine: tools/prebuild_ext.sh (a slimstack._C for the image's
-# Python 3.12 / torch 2.11 in .prebuilt/), and the nvidia-cutlass wheel in .whl/ for the
-# fallback build (device tool README); carry [".prebuilt", ".whl"].
+# Python 3.12 / torch 2.11 in .prebuilt/: saves a ~3-minute compile per call), and the
+# nvidia-cutlass wheel in .whl/ for the fallback build (device tool README); carry
+# [".prebuilt", ".whl"]. After it: tools/gpu_results.sh FILES_AT files what came back.
+# GPU_SESSION_BUDGET (seconds, default 570) is what the call may use; give the device call a
+# timeout_s a little above it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$(mktemp -d)}"
@@ -21,6 +31,8 @@ START=$SECONDS
 BUDGET=${GPU_SESSION_BUDGET:-570}  # seconds this call may use, under the 600-second limit
 
 left() { echo $((BUDGET - (SECONDS - START))); }
+# cap SECONDS [RESERVE]: SECONDS, or less so that RESERVE seconds of the budget stay for later
+cap() { local want=$1 reserve=${2:-0} have; have=$(( $(left) - reserve )); echo $(( want < have ? want : have )); }
 log() { echo "[gpu_session $((SECONDS - START))s] $*" | tee -a "$OUT/session.log"; }
 # run_for SECONDS CMD...: SIGINT at the limit, so pytest still writes what it has measured
 run_for() {
@@ -40,6 +52,11 @@ ext_has_cuda() { python3 -c "import torch, slimstack._C as c; assert c.with_cuda
 
 extension() {
   # editable install of the Python package; the native extension prebuilt or compiled here
+  # (GPU_SESSION_EXT=installed: use what is installed, e.g. for a dry run on a CPU machine)
+  if [ "${GPU_SESSION_EXT:-}" = installed ]; then
+    python3 -m slimstack.cli info 2>&1 | tee -a "$OUT/session.log"
+    return
+  fi
   local suffix stamp
   suffix=$(python3 -c "import sysconfig; print(sysconfig.get_config_var('EXT_SUFFIX'))")
   stamp=$(python3 tools/ext_stamp.py)
@@ -74,37 +91,100 @@ kernel_bench() {  # kernel_bench SECONDS [-k EXPR]
   done
 }
 
+gpu_tests() {  # gpu_tests SECONDS: what only a GPU can check (CI runs the rest on CPU)
+  log "GPU tests: markers gpu / cuda_ext, and the Triton kernels compiled"
+  # shellcheck disable=SC2046
+  run_for "$1" python3 -m pytest -q -m "(gpu or cuda_ext or interpreter) and not slow" \
+    -p no:cacheprovider --maxfail=40 -rfE $(xdist 8) 2>&1 | tee "$OUT/gpu-tests.log" | tail -n 40
+  log "GPU tests exit: ${PIPESTATUS[0]}"
+}
+
+sanitizer() {  # sanitizer SECONDS
+  log "compute-sanitizer memcheck on the small CUDA kernel tests"
+  run_for "$1" compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
+    -p no:cacheprovider tests/test_cuda_kernels.py -k small 2>&1 | tail -n 30 \
+    | tee "$OUT/sanitizer.log"
+  log "sanitizer exit: ${PIPESTATUS[0]}"
+}
+
+e2e_bench() {  # e2e_bench SECONDS [-k EXPR]; knobs: SLIMSTACK_E2E_* (bench/test_bench_e2e.py)
+  local limit=$1
+  shift
+  # The checkpoints (15 GB at 32 layers) go to memory when /dev/shm has room: no disk writes.
+  if [ -z "${SLIMSTACK_E2E_DIR:-}" ] && [ -d /dev/shm ] \
+    && [ "$(df -Pk /dev/shm | awk 'NR==2 {print $4}')" -gt $((40 * 1024 * 1024)) ]; then
+    export SLIMSTACK_E2E_DIR=/dev/shm
+  fi
+  SLIMSTACK_BENCH_RESULTS="$OUT" run_for "$limit" python3 -m pytest -q -s \
+    bench/test_bench_e2e.py -p no:cacheprovider "$@" 2>&1 | tee -a "$OUT/e2e.log" | tail -n 40
+  for json in "$OUT"/*-e2e.json; do [ -f "$json" ] && python3 bench/plot_e2e.py "$json"; done
+}
+
+# The device tool brings back 8 files of $OUT at most: keep the results JSON, the summary and
+# the session log as they are, and pack everything else (logs, plots, dispatch table) into one
+# archive that tools/gpu_results.sh unpacks.
+pack_out() {
+  local keep=() rest=() f
+  for f in "$OUT"/*; do
+    [ -f "$f" ] || continue
+    case "$(basename "$f")" in
+      session.log|summary.md|*-kernels.json|*-kernels-[0-9]*.json|*-e2e.json) keep+=("$f") ;;
+      *) rest+=("$(basename "$f")") ;;
+    esac
+  done
+  if [ "${#rest[@]}" -gt 0 ]; then
+    tar -czf "$OUT/rest.tar.gz" -C "$OUT" "${rest[@]}" && (cd "$OUT" && rm -f "${rest[@]}")
+  fi
+  log "packed: ${#keep[@]} files kept, ${#rest[@]} in rest.tar.gz"
+}
+
+# The headline cases of the issues: bf16, every 7B / 13B shape, decode M = 1 and 16 and the
+# prefill M = 2048, every provider (about 150 cases).
+HEADLINE="bfloat16 and (M1- or M16- or M2048-)"
+# The e2e variants and configs the targets need: batch-1 decode, 2048-token prefill.
+E2E_CORE="dense-32L or 2:4-32L or 2:4-24L"
+
 case "${1:-}" in
+  lease)
+    extension
+    log "headline kernel cases: $HEADLINE"
+    kernel_bench "$(cap 200 300)" -k "$HEADLINE"
+    log "core e2e variants ($E2E_CORE), batch 1, prompts 128 and 2048, 128 new tokens"
+    SLIMSTACK_E2E_CONFIGS=1x128,1x2048 SLIMSTACK_E2E_NEW_TOKENS=128 \
+      e2e_bench "$(cap 240 100)" -k "$E2E_CORE"
+    gpu_tests "$(cap 400 70)"
+    sanitizer "$(cap 120 5)"
+    ;;
+  lease-rest)
+    extension
+    log "the other decode M values (bf16), the e2e variants lease left out, batch 8"
+    kernel_bench "$(cap 150 150)" -k "bfloat16 and (M2- or M4- or M8- or M64- or M8192-)"
+    SLIMSTACK_E2E_CONFIGS=1x128,8x128 SLIMSTACK_E2E_NEW_TOKENS=128 SLIMSTACK_E2E_HF=0 \
+      e2e_bench "$(cap 240 15)" -k "32L and not dense and not 2:4 or dense-24L"
+    ;;
   check)
     extension
-    log "tests: everything but the slow ones, GPU-marked and compiled Triton included"
-    # shellcheck disable=SC2046
-    run_for $(( $(left) - 240 )) python3 -m pytest -q -m "not slow" -p no:cacheprovider \
-      --maxfail=40 -rfE $(xdist 8) 2>&1 | tee "$OUT/tests.log" | tail -n 40
-    log "compute-sanitizer memcheck on the small CUDA kernel tests"
-    run_for 120 compute-sanitizer --tool memcheck --error-exitcode 9 python3 -m pytest -q -x \
-      -p no:cacheprovider tests/test_cuda_kernels.py -k small 2>&1 | tail -n 30 \
-      | tee "$OUT/sanitizer.log"
-    log "sanitizer exit: ${PIPESTATUS[0]}"
+    gpu_tests "$(cap 400 240)"
+    sanitizer 120
     log "headline kernel cases (bf16, Mistral-7B shapes, M = 1, 16, 2048)"
-    kernel_bench $(( $(left) - 5 )) -k "bfloat16 and (4096x4096 or 14336x4096 or 4096x14336) and (M1- or M16- or M2048-)"
+    kernel_bench $(( $(left) - 15 )) -k "bfloat16 and (4096x4096 or 14336x4096 or 4096x14336) and (M1- or M16- or M2048-)"
     ;;
   bench-kernels)
     extension
-    kernel_bench $(( $(left) - 20 )) ${2:+-k "$2"}
+    kernel_bench $(( $(left) - 30 )) ${2:+-k "$2"}
     ;;
   bench-e2e)
     extension
-    SLIMSTACK_BENCH_RESULTS="$OUT" run_for $(( $(left) - 30 )) python3 -m pytest -q -s \
-      bench/test_bench_e2e.py -p no:cacheprovider ${2:+-k "$2"} 2>&1 | tee "$OUT/e2e.log" | tail -n 40
-    for json in "$OUT"/*-e2e.json; do [ -f "$json" ] && python3 bench/plot_e2e.py "$json"; done
+    e2e_bench $(( $(left) - 40 )) ${2:+-k "$2"}
     ;;
   tune)
     extension
     shift
-    run_for $(( $(left) - 10 )) python3 bench/tune_triton.py --out "$OUT/tune.json" "$@" 2>&1 \
+    run_for $(( $(left) - 15 )) python3 bench/tune_triton.py --out "$OUT/tune.json" "$@" 2>&1 \
       | tee "$OUT/tune.log" | tail -n 30
     ;;
-  *) sed -n '2,16p' "$0"; exit 2 ;;
+  pack) ;;  # only pack what an earlier step left in $OUT
+  *) sed -n '2,28p' "$0"; exit 2 ;;
 esac
+pack_out
 log "done"

@@ -1,0 +1,113 @@
+"""File what a tools/gpu_session.sh call brought back from the GPU machine.
+
+    python tools/gpu_results.py FILES_AT [--results bench/results] [--logs DIR]
+
+- kernel results JSON: copied into the results folder under a name no earlier run holds
+  (a second call on the same day gets -2, ...), then plotted there (bench/plot.py);
+- e2e results JSON: its rows merged into that day's e2e file, as the suite itself merges
+  (bench/e2e_helpers.write_results), then plotted (bench/plot_e2e.py);
+- rest.tar.gz (logs, the call's own plots, its dispatch table) and the logs: unpacked into
+  the logs folder, to read rather than commit;
+- prints what it filed, the session log and the summary.
+
+Every file it writes is complete or absent: results are validated before they are copied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+import common  # noqa: E402  (bench/ is a folder of scripts)
+import e2e_helpers  # noqa: E402
+
+
+def _unpack(archive: Path, logs: Path) -> None:
+    with tarfile.open(archive) as tar:
+        for member in tar.getmembers():
+            # flat files only: nothing may land outside the logs folder
+            if not member.isfile() or Path(member.name).name != member.name:
+                raise ValueError(f"{archive}: unexpected entry {member.name!r}")
+        tar.extractall(logs, filter="data")
+
+
+def file_kernels(src: Path, results: Path) -> Path:
+    import plot  # noqa: PLC0415  (matplotlib: only when there is something to draw)
+
+    doc = json.loads(src.read_text())
+    problems = common.validate_results(doc)
+    if problems:
+        raise ValueError(f"{src} is not a valid results file: {'; '.join(problems)}")
+    dest = common.unused_path(results / _dated_name(src))
+    common.write_results(doc, dest)
+    plot.plot_results(dest)
+    return dest
+
+
+def file_e2e(src: Path, results: Path) -> Path:
+    import plot_e2e  # noqa: PLC0415
+
+    doc = json.loads(src.read_text())
+    if doc.get("suite") != e2e_helpers.SUITE or not isinstance(doc.get("rows"), list):
+        raise ValueError(f"{src} is not an e2e results file")
+    env = {k: v for k, v in doc.items() if k not in ("peak", "rows")}
+    dest = e2e_helpers.write_results(results / src.name, env, doc.get("peak", {}), doc["rows"])
+    plot_e2e.plot(dest)
+    return dest
+
+
+def _dated_name(src: Path) -> str:
+    """The call's own name without a -N suffix it may have picked on the machine."""
+    stem = src.stem
+    head, _, tail = stem.rpartition("-")
+    if tail.isdigit() and head.endswith("-kernels"):
+        stem = head
+    return f"{stem}{src.suffix}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files_at", type=Path, help="the folder the device call's files lie in")
+    parser.add_argument("--results", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--logs", type=Path, help="where logs go (default: a new temp folder)")
+    args = parser.parse_args(argv)
+    if not args.files_at.is_dir():
+        parser.error(f"{args.files_at} is not a folder")
+    logs = args.logs or Path(tempfile.mkdtemp(prefix="slimstack-gpu-logs-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    args.results.mkdir(parents=True, exist_ok=True)
+
+    filed = []
+    for src in sorted(args.files_at.iterdir()):
+        if src.name == "rest.tar.gz":
+            _unpack(src, logs)
+        elif src.name.endswith("-e2e.json"):
+            filed.append(file_e2e(src, args.results))
+        elif src.suffix == ".json" and "-kernels" in src.name:
+            filed.append(file_kernels(src, args.results))
+        elif src.is_file():
+            shutil.copy2(src, logs / src.name)
+    for path in filed:
+        print(f"filed {path}")
+        if path.name.endswith("-e2e.json"):
+            import plot_e2e  # noqa: PLC0415
+
+            for line in plot_e2e.check_targets(json.loads(path.read_text())["rows"]):
+                print(f"  {line}")
+    print(f"logs in {logs}")
+    for name in ("session.log", "summary.md"):
+        if (logs / name).is_file():
+            print(f"\n--- {name}\n{(logs / name).read_text()}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
