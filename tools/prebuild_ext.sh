@@ -29,7 +29,7 @@ suffix=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_config_var
 mkdir -p .prebuilt
 strip --strip-debug -o ".prebuilt/_C$suffix" "python/slimstack/_C$suffix"
 "$VENV/bin/python" tools/ext_stamp.py > .prebuilt/stamp
-"$VENV/bin/python" - <<'EOF'
+PYTHONPATH=python "$VENV/bin/python" - <<'EOF'  # the package is not installed in VENV
 import torch, slimstack._C as ext
 assert ext.with_cuda, "built without the CUDA kernels"
 print("slimstack._C for torch", torch.__version__, "with CUDA kernels")
