@@ -223,6 +223,23 @@ def test_available_backends_report() -> None:
     assert (report["gpu"] is False) == (not torch.cuda.is_available())
 
 
+@pytest.mark.parametrize("hopper", [True, False])
+def test_cuda_kernel_choice_by_shape(hopper) -> None:
+    """Decode takes the GEMV; prefill the Hopper GEMM only where its TMA store can write y
+    (N % 8 == 0), else the mma.sp GEMM that takes any N (N = 43 must not reach sm90)."""
+    from types import SimpleNamespace
+
+    from slimstack.ops.library import cuda_sparse24_kernel
+
+    asked = []
+    ext = SimpleNamespace(sparse24_gemm_sm90_available=lambda d: asked.append(d) or hopper)
+    assert cuda_sparse24_kernel(ext, 16, 43, 0) == "gemv"
+    assert cuda_sparse24_kernel(ext, 17, 43, 0) == "sm80"
+    assert cuda_sparse24_kernel(ext, 17, 4096, 1) == ("sm90" if hopper else "sm80")
+    assert cuda_sparse24_kernel(ext, 2048, 1, 0) == "sm80"
+    assert asked == [1], "availability is asked only for shapes the Hopper GEMM can take"
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 

@@ -80,15 +80,26 @@ def _sm90_meta(ext: ModuleType, meta: Tensor, n: int, k: int) -> Tensor:
     return reordered
 
 
+def cuda_sparse24_kernel(ext: ModuleType, M: int, N: int, device_index: int) -> str:
+    """Which CUDA kernel runs a sparse24 product: "gemv" for decode, the Hopper GEMM
+    "sm90" where it can run (its TMA store of y^T needs N % 8 == 0), else "sm80"."""
+    if M <= GEMV_MAX_M:
+        return "gemv"
+    if N % 8 == 0 and ext.sparse24_gemm_sm90_available(device_index):
+        return "sm90"
+    return "sm80"
+
+
 @sparse24_mm.register_kernel("cuda")
 def _sparse24_mm_cuda(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
     ext = _require_native("sparse24_mm")
     if not getattr(ext, "with_cuda", False):
         raise RuntimeError("sparse24_mm: slimstack._C was built without CUDA kernels")
     x = _aligned16(x)
-    if x.shape[0] <= GEMV_MAX_M:
+    kernel = cuda_sparse24_kernel(ext, x.shape[0], N, x.device.index or 0)
+    if kernel == "gemv":
         return ext.sparse24_gemv_cuda(x, values, meta, N, K)
-    if ext.sparse24_gemm_sm90_available(x.device.index or 0):
+    if kernel == "sm90":
         return ext.sparse24_gemm_sm90_cuda(x, values, _sm90_meta(ext, meta, N, K), N, K)
     return ext.sparse24_gemm_sm80_cuda(x, values, meta, N, K)
 
