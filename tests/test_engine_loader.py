@@ -143,6 +143,35 @@ def test_load_errors_are_clear(stories260k_dir: Path, tmp_path: Path) -> None:
         load(other, device="cpu")
 
 
+@pytest.mark.parametrize(
+    ("key", "value", "tensor"),
+    [
+        ("head_dim", 16, "q_proj.weight"),  # q/k/v rows follow heads x head_dim
+        ("vocab_size", 1000, "model.embed_tokens.weight"),
+        ("intermediate_size", 100, "gate_proj.weight"),
+        ("num_key_value_heads", 8, "k_proj.weight"),
+    ],
+)
+def test_config_that_does_not_fit_the_weights_is_refused(
+    stories260k_dir: Path, tmp_path: Path, key: str, value: int, tensor: str
+) -> None:
+    folder = tmp_path / key
+    shutil.copytree(stories260k_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config[key] = value
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=rf"{tensor} has shape .* config.json implies"):
+        load(folder, device="cpu")
+
+
+def test_load_accepts_dtype_names(stories260k_dir: Path) -> None:
+    assert load(stories260k_dir, device="cpu", dtype="float16").dtype == torch.float16
+    with pytest.raises(TypeError, match="got torch.int8"):
+        load(stories260k_dir, device="cpu", dtype="int8")
+    with pytest.raises(TypeError, match="got 'half-ish'"):
+        load(stories260k_dir, device="cpu", dtype="half-ish")
+
+
 @pytest.fixture(scope="module")
 def wanda24(stories260k_dir: Path, shared_dir: Path, tmp_path_factory) -> Path:
     from slimstack.prune.driver import prune

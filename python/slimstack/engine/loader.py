@@ -36,26 +36,32 @@ SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense: ops is not even importe
 def load(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     pack: bool = True,
     kernels: str = "auto",
     fuse: bool = True,
 ) -> DecoderModel:
     """Load an HF llama/mistral/qwen2 folder into slimstack's engine.
 
-    device: "cuda" or "cpu" (default: cuda when available). dtype: the compute dtype
-    (default: bfloat16 on CUDA, float32 on CPU). pack: pack sparse linears (False keeps
-    every linear dense, e.g. for a dense baseline of the same weights). kernels: "auto",
-    "torch" or "triton" for RMSNorm / RoPE / SwiGLU. fuse: one q/k/v and one gate/up
-    projection per layer where the parts are alike (see `build_layer`).
+    device: "cuda" or "cpu" (default: cuda when available). dtype: the compute dtype, a
+    torch.dtype or its name (default: bfloat16 on CUDA, float32 on CPU). pack: pack sparse
+    linears (False keeps every linear dense, e.g. for a dense baseline of the same weights).
+    kernels: "auto", "torch" or "triton" for RMSNorm / RoPE / SwiGLU. fuse: one q/k/v and
+    one gate/up projection per layer where the parts are alike (see `build_layer`).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, str):  # "bfloat16" or "torch.bfloat16", as a CLI or config says it
+        dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
     if dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        raise TypeError(
+            f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or their names), "
+            f"got {dtype!r}"
+        )
     with Checkpoint.open(path) as ckpt:
         config = engine_config(ckpt.config)
+        check_shapes(ckpt, config)
         sharing = shared_layers(ckpt, read_metadata(ckpt.path))
         layers: list[DecoderLayer] = []
         sources: list[str] = []
@@ -81,6 +87,50 @@ def load(
     model.tokenizer = _tokenizer(Path(path))
     model.eos_token_ids = _eos_token_ids(Path(path), config)
     return model.eval()
+
+
+# ----------------------------------------------------------------------------- shapes
+def expected_shapes(
+    config: EngineConfig,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(top-level name -> shape, name within a decoder layer -> shape) of every tensor the
+    decoder stack reads, from the config alone (biases included where a family has them)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_rows = config.num_heads * config.head_dim
+    kv_rows = config.num_kv_heads * config.head_dim
+    top = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "lm_head.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows, "o_proj": hidden,
+            "gate_proj": inter, "up_proj": inter, "down_proj": hidden}  # fmt: skip
+    cols = {"o_proj": q_rows, "down_proj": inter}
+    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
+    for module, names in (("self_attn", _ATTENTION), ("mlp", _MLP)):
+        for name in names:
+            layer[f"{module}.{name}.weight"] = (rows[name], cols.get(name, hidden))
+            layer[f"{module}.{name}.bias"] = (rows[name],)
+    return top, layer
+
+
+def check_shapes(ckpt: Checkpoint, config: EngineConfig) -> None:
+    """Refuse a folder whose tensors do not have the shapes its config.json implies (an
+    edited config, or weights from another model), before anything is loaded: otherwise
+    the first sign would be an index or reshape error deep inside generate()."""
+    top, layer = expected_shapes(config)
+    wanted = dict(top)
+    for index in range(config.num_layers):
+        wanted.update({f"model.layers.{index}.{name}": shape for name, shape in layer.items()})
+    for name, shape in wanted.items():
+        if name in ckpt and ckpt.tensor_shape(name) != shape:
+            raise CheckpointError(
+                f"{ckpt.path}: {name} has shape {list(ckpt.tensor_shape(name))}, but config.json "
+                f"implies {list(shape)} (hidden_size={config.hidden_size}, "
+                f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}, "
+                f"heads={config.num_heads}, kv_heads={config.num_kv_heads}, "
+                f"head_dim={config.head_dim})"
+            )
 
 
 # ----------------------------------------------------------------------------- layers
