@@ -60,10 +60,19 @@ def test_sampling_follows_the_distribution() -> None:
     assert bool((top1 == 1).all())
 
 
+@pytest.mark.parametrize("temperature", [1e-45, 1e-30, 1e-8])
+def test_a_tiny_temperature_samples_the_most_likely_token(temperature) -> None:
+    logits = torch.randn(64, 512, generator=torch.Generator().manual_seed(3)) * 8
+    gen = torch.Generator().manual_seed(0)
+    drawn = sample(logits, SamplingParams(temperature=temperature), gen)
+    assert torch.equal(drawn, logits.argmax(dim=-1))
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
         (dict(temperature=-1.0), "temperature must be >= 0"),
+        (dict(temperature=float("inf")), "temperature must be >= 0 and finite"),
         (dict(top_k=0), "top_k must be a positive integer"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(seed="x"), "seed must be an int"),

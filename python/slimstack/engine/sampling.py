@@ -21,8 +21,10 @@ class SamplingParams:
     def __post_init__(self) -> None:
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
             raise TypeError(f"temperature must be a number, got {self.temperature!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(
+                f"temperature must be >= 0 and finite (0 = greedy), got {self.temperature}"
+            )
         if self.top_k is not None and (
             isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1
         ):
@@ -63,7 +65,9 @@ def sample(
     """Token ids [B] (long) from fp32 logits [B, V]."""
     if params.greedy:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shifted so the best logit is 0 first: a tiny temperature then sends the others to
+    # -inf instead of every logit to +-inf (whose softmax is NaN, silently token 0).
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k is not None:
         logits = filter_top_k(logits, params.top_k)
     if params.top_p is not None and params.top_p < 1:
