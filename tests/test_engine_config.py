@@ -130,6 +130,24 @@ def test_rotary_tables_match_transformers(name: str) -> None:
         assert not torch.allclose(plain(positions, torch.float32)[0], cos, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("params", "context"),
+    [
+        ({"rope_type": "default"}, 64),
+        ({"rope_type": "linear", "factor": 4.0}, 64),  # max_position_embeddings is scaled
+        ({"rope_type": "dynamic", "factor": 2.0}, 128),
+        ({"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8}, 64),
+        # Qwen2.5's documented YaRN: trained 64, factor 4, max_position_embeddings left at 64
+        ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 256),
+        ({"rope_type": "yarn", "factor": 4.0}, 256),  # original defaults to max_position
+        ({"rope_type": "yarn", "original_max_position_embeddings": 16}, 64),  # factor 64/16
+    ],
+)
+def test_context_length_by_rope_scaling(params: dict, context: int) -> None:
+    cfg = engine_config({**BASE, "rope_parameters": {"rope_theta": 1000.0, **params}})
+    assert cfg.context_length == context
+
+
 def _brute_force_mask(pad: list[int], query: int, keys: int, window: int | None) -> torch.Tensor:
     out = torch.zeros(len(pad), keys, dtype=torch.bool)
     for b, p in enumerate(pad):

@@ -73,11 +73,16 @@ class EngineConfig:
         """Longest sequence (prompt + generated) the engine accepts.
 
         Dynamic NTK scaling exists to run past `max_position_embeddings` (HF recomputes the
-        frequencies beyond it), up to `factor` times; every other family's
-        `max_position_embeddings` already is the usable context.
+        frequencies beyond it), up to `factor` times. YaRN stretches the trained
+        `original_max_position_embeddings` by `factor`, and some configs (Qwen2.5's
+        documented 4x YaRN) keep `max_position_embeddings` at the trained length. Every other
+        family's `max_position_embeddings` already is the usable context.
         """
         if self.rope.type == "dynamic":
             return int(self.max_position_embeddings * self.rope.factor)
+        original = self.rope.original_max_position_embeddings
+        if self.rope.type == "yarn" and original:
+            return max(self.max_position_embeddings, int(original * self.rope.factor))
         return self.max_position_embeddings
 
     @classmethod
