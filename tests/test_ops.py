@@ -404,6 +404,32 @@ def test_sparsify_leaves_tied_weights_and_growing_packs_dense(make_sparse24) -> 
     assert [s.name for s in sparsify_model(model).swapped] == ["head"]
 
 
+def test_sparsify_bitmap_threshold_is_exact_at_45_percent() -> None:
+    """>= 45% zeros means exactly 45% too (a float32 mean puts 1800/4000 just under 0.45)."""
+    weight = torch.randn(20, 200, generator=gen(18)).abs() + 0.1
+    weight.view(-1)[torch.randperm(4000, generator=gen(19))[:1800]] = 0.0
+    model = nn.Sequential(nn.Linear(200, 20, bias=False), nn.Linear(200, 20, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(weight)
+        model[1].weight.copy_(weight)
+        model[1].weight[0, weight[0] == 0] = 1.0  # a few zeros fewer: 44.x%
+    report = sparsify_model(model)
+    assert [(s.name, s.format) for s in report.swapped] == [("0", "bitmap")]
+    assert "< 45%" in report.skipped["1"]
+
+
+def test_sparsify_leaves_linear_subclasses_whose_owner_reads_weight(make_sparse24) -> None:
+    """nn.MultiheadAttention reads out_proj.weight itself: swapping that module breaks it."""
+    attention = nn.MultiheadAttention(64, 4, batch_first=True)
+    with torch.no_grad():
+        attention.out_proj.weight.copy_(make_sparse24(64, 64, generator=gen(20)))
+    x = torch.randn(2, 5, 64, generator=gen(21))
+    before = attention(x, x, x)[0]
+    report = sparsify_model(attention)
+    assert report.swapped == [] and "subclass of nn.Linear" in report.skipped["out_proj"]
+    torch.testing.assert_close(attention(x, x, x)[0], before)
+
+
 def _prune_24_by_magnitude(model: nn.Module) -> int:
     count = 0
     for name, module in model.named_modules():

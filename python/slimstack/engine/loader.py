@@ -25,7 +25,7 @@ from slimstack.checkpoint import Checkpoint, CheckpointError, read_metadata
 from slimstack.engine.config import EngineConfig, engine_config
 from slimstack.engine.fused import select_kernels
 from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
-from slimstack.formats import is_sparse24
+from slimstack.formats import is_sparse24, zero_fraction
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
@@ -191,7 +191,7 @@ def build_layer(
 
 def _sparsity_kind(weight: torch.Tensor) -> str:
     """The format ops would pack this weight in: "sparse24", "bitmap" or "dense"."""
-    zeros = _zero_fraction(weight)
+    zeros = zero_fraction(weight)
     if zeros < SPARSE_MIN_ZEROS:
         return "dense"
     if is_sparse24(weight):
@@ -214,15 +214,11 @@ def pack_layer(layer: DecoderLayer) -> None:
     """Swap the layer's sparse linears for packed SparseLinear modules (ops decides which
     format each weight takes and leaves dense ones alone)."""
     weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
-    if not any(_zero_fraction(w) >= SPARSE_MIN_ZEROS for w in weights):
+    if not any(zero_fraction(w) >= SPARSE_MIN_ZEROS for w in weights):
         return  # a dense layer: nothing to pack, no need for the sparse ops at all
     from slimstack.ops.sparsify import sparsify_model
 
     sparsify_model(layer, pattern="auto")
-
-
-def _zero_fraction(weight: torch.Tensor) -> float:
-    return float((weight == 0).float().mean())
 
 
 def shared_layers(ckpt: Checkpoint, metadata: dict[str, Any] | None) -> dict[int, int]:

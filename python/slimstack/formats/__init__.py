@@ -6,7 +6,13 @@ metadata order of CUTLASS's Hopper sparse GEMM from the sparse24 layout.
 """
 
 from slimstack.formats.bitmap import BitmapWeight, pack_bitmap, unpack_bitmap
-from slimstack.formats.common import FORMAT_VERSION, K_TILE, load_packed, padded_k
+from slimstack.formats.common import (
+    FORMAT_VERSION,
+    K_TILE,
+    load_packed,
+    padded_k,
+    zero_fraction,
+)
 from slimstack.formats.sparse24 import (
     Sparse24Weight,
     is_sparse24,
@@ -29,4 +35,5 @@ __all__ = [
     "padded_k",
     "unpack_bitmap",
     "unpack_sparse24",
+    "zero_fraction",
 ]

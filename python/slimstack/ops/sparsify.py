@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from slimstack.formats import is_sparse24
+from slimstack.formats import is_sparse24, zero_fraction
 from slimstack.formats.common import SUPPORTED_DTYPES
 from slimstack.ops.sparse_linear import PATTERNS, Pattern, SparseLinear
 
@@ -66,7 +66,7 @@ def _choose_format(weight: torch.Tensor, pattern: Pattern) -> tuple[str | None, 
         return None, f"dtype {weight.dtype} has no sparse kernels"
     if pattern in ("auto", "sparse24") and is_sparse24(weight):
         return "sparse24", "2:4"
-    zeros = float((weight == 0).float().mean())
+    zeros = zero_fraction(weight)
     if pattern in ("auto", "bitmap") and zeros >= BITMAP_MIN_ZEROS:
         return "bitmap", f"{zeros:.0%} zeros"
     few_zeros = f"only {zeros:.0%} zeros (< {BITMAP_MIN_ZEROS:.0%})"
@@ -96,6 +96,14 @@ def sparsify_model(model: nn.Module, pattern: Pattern = "auto") -> SparsifyRepor
             if not isinstance(child, nn.Linear):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
+            if type(child) is not nn.Linear:
+                # e.g. nn.MultiheadAttention's out_proj: its owner reads .weight directly,
+                # which a SparseLinear does not have
+                report.skipped[name] = (
+                    f"{type(child).__name__} is a subclass of nn.Linear (its owner may read "
+                    ".weight); only plain nn.Linear modules are swapped"
+                )
+                continue
             if id(child) not in replacements:
                 tied = [n for m, n in owners[id(child.weight)].items() if m != id(child)]
                 replacements[id(child)] = _pack_linear(name, child, pattern, report, tied)
