@@ -55,6 +55,19 @@ def test_sparse24_round_trip_is_bitwise(
     assert_bitwise_equal(packed.unpack(), weight)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sparse24_round_trip_keeps_every_16_bit_pattern(dtype: torch.dtype) -> None:
+    """NaN payloads and infinities included (PyTorch's CPU gather would rewrite NaNs);
+    -0.0 (0x8000) counts as a zero, which comes back as +0.0 (documented)."""
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    patterns = patterns[patterns != -(2**15)]  # 0x8000
+    patterns = torch.cat([patterns, patterns[:1]])  # an even count: two per group of four
+    dense = torch.zeros(patterns.numel() // 2, 4, dtype=torch.int16)
+    dense[:, 1], dense[:, 3] = patterns[0::2], patterns[1::2]
+    weight = dense.reshape(64, -1).view(dtype)
+    assert_bitwise_equal(pack_sparse24(weight).unpack(), weight)
+
+
 @pytest.mark.parametrize("shape", [(43, 172), (5, 64), (2, 7)])
 def test_sparse24_matches_documented_column_formula(shape: tuple[int, int], make_sparse24) -> None:
     weight = make_sparse24(*shape, generator=gen(1))
@@ -287,6 +300,37 @@ def test_load_refuses_corrupt_sparse24_meta(tmp_path, make_sparse24, nibble: int
         load_packed(path)
     packed.save(path)
     assert torch.equal(Sparse24Weight.load(path).meta, packed.meta)
+
+
+def test_load_refuses_values_stored_for_padding(tmp_path, make_sparse24) -> None:
+    """K = 10: group 2 covers columns 8..11, so its kept positions may name 10 or 11 only
+    with a zero value, and groups 3.. are all padding. A NaN there would reach the kernels'
+    results (NaN x 0) but not unpack's: refused on load."""
+    packed = pack_sparse24(make_sparse24(3, 10, generator=gen(22)))
+    values = packed.values.clone()
+    values[1, 20] = float("nan")  # group 10: padding
+    corrupt = Sparse24Weight(values, packed.meta, (3, 10), torch.float32)
+    path = tmp_path / "w.safetensors"
+    corrupt.save(path)
+    with pytest.raises(ValueError, match="row 1, slot 20 holds nan for a padding column"):
+        Sparse24Weight.load(path)
+
+
+def test_load_refuses_bitmap_bits_past_k(tmp_path, make_unstructured) -> None:
+    for k, byte, bit in ((10, 1, 3), (64, 7, 7), (10, 5, 0)):
+        packed = pack_bitmap(make_unstructured(3, k, generator=gen(23)))
+        if k == 64:  # no padding bits at all: the pack itself must load
+            packed.save(tmp_path / "ok.safetensors")
+            assert torch.equal(BitmapWeight.load(tmp_path / "ok.safetensors").bitmask,
+                               packed.bitmask)  # fmt: skip
+            continue
+        mask = packed.bitmask.clone()
+        mask[2, byte] |= 1 << bit  # column 8 * byte + bit >= K
+        corrupt = BitmapWeight(packed.values, mask, packed.row_offsets, (3, k), torch.float32)
+        path = tmp_path / f"w{k}-{byte}.safetensors"
+        corrupt.save(path)
+        with pytest.raises(ValueError, match=f"row 2 keeps a padding column past K={k}"):
+            BitmapWeight.load(path)
 
 
 def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, make_sparse24) -> None:

@@ -117,6 +117,18 @@ class BitmapWeight(PackedWeight):
             f"bitmap row {int(short[0]) if short.numel() else -1} has more set bits than "
             "its values slot",
         )
+        n, k = self.shape
+        if k % 8:  # the mask's last byte of a row covers padding columns k..: none is kept
+            tail = (self.bitmask[:, k // 8] >> (k % 8)) != 0
+            past = tail | (self.bitmask[:, k // 8 + 1 :] != 0).any(dim=1)
+        else:
+            past = (self.bitmask[:, k // 8 :] != 0).any(dim=1)
+        bad = past.nonzero()
+        expect(
+            bad.numel() == 0,
+            f"bitmap row {int(bad[0]) if bad.numel() else -1} keeps a padding column past "
+            f"K={k}; the mask bits past K must be 0",
+        )
 
     def unpack(self) -> torch.Tensor:
         return unpack_bitmap(self)

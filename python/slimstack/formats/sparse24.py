@@ -46,6 +46,7 @@ from slimstack.formats.common import (
 
 GROUP = 4
 KEEP = 2
+_INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 
 
 @dataclass
@@ -98,8 +99,10 @@ class Sparse24Weight(PackedWeight):
         )
 
     def validate(self) -> None:
-        """Check the data itself: every nibble names two distinct in-group positions i0 < i1
-        (a corrupt nibble would make the backends disagree). Syncs, so only on load."""
+        """Check the data itself: every nibble names two distinct in-group positions i0 < i1,
+        and every value stored for a padding column (past K) is zero. Either corruption would
+        make the backends disagree (the kernels multiply padding by x's zero padding, NaN
+        included; unpack drops it). Syncs, so only on load."""
         nibbles = torch.stack([self.meta & 0xF, self.meta >> 4], dim=-1).reshape(
             self.meta.shape[0], -1
         )
@@ -111,6 +114,14 @@ class Sparse24Weight(PackedWeight):
                 f"sparse24 meta is corrupt: row {row}, group {group} has nibble {nibble:#x} "
                 f"(i0={nibble & 3}, i1={nibble >> 2}); each group needs in-group positions "
                 "i0 < i1 in 0..3"
+            )
+        padding = (kept_columns(self) >= self.shape[1]) & (self.values != 0)
+        if bool(padding.any()):
+            row, slot = (int(i) for i in padding.nonzero()[0])
+            raise ValueError(
+                f"sparse24 values are corrupt: row {row}, slot {slot} holds "
+                f"{float(self.values[row, slot])} for a padding column past K={self.shape[1]}; "
+                "padding must be zero"
             )
 
     def unpack(self) -> torch.Tensor:
@@ -169,7 +180,9 @@ def pack_sparse24(weight: torch.Tensor) -> Sparse24Weight:
     in_group = torch.arange(GROUP, device=weight.device)
     key = (~nonzero).to(torch.int64) * GROUP + in_group
     kept = key.argsort(dim=-1, stable=True)[..., :KEEP].sort(dim=-1).values
-    values = grouped.gather(-1, kept).reshape(n, -1).contiguous()
+    # gather / scatter on the bits: PyTorch's CPU kernels rewrite 16-bit NaN payloads
+    bits = _INT_VIEW[weight.dtype]
+    values = grouped.view(bits).gather(-1, kept).reshape(n, -1).view(weight.dtype).contiguous()
     nibbles = (kept[..., 0] | (kept[..., 1] << 2)).reshape(n, -1, 2)
     meta = (nibbles[..., 0] | (nibbles[..., 1] << 4)).to(torch.uint8).contiguous()
     return Sparse24Weight(values, meta, (n, k), weight.dtype)
@@ -187,6 +200,7 @@ def kept_columns(packed: Sparse24Weight) -> torch.Tensor:
 def unpack_sparse24(packed: Sparse24Weight) -> torch.Tensor:
     """Rebuild the dense weight [N, K] (padding columns dropped)."""
     n, k = packed.shape
-    dense = packed.values.new_zeros((n, packed.kp))
-    dense.scatter_(1, kept_columns(packed), packed.values)
-    return dense[:, :k].contiguous()
+    bits = _INT_VIEW[packed.dtype]
+    dense = torch.zeros((n, packed.kp), dtype=bits, device=packed.values.device)
+    dense.scatter_(1, kept_columns(packed), packed.values.view(bits))
+    return dense[:, :k].view(packed.dtype).contiguous()
