@@ -122,6 +122,27 @@ __device__ void stage_x(const GemvParams& p, uint32_t* xs, int chunk_begin, int 
   }
 }
 
+// Calls f(local_row, token, value) for every accumulator of this thread. The mma.sp C
+// fragment: c[0..1] = (row g, tokens 2t, 2t+1), c[2..3] = (row g + 8, the same tokens); rows
+// counted from the block's first row.
+template <int kNT, int kRT, typename F>
+__device__ __forceinline__ void for_each_accumulator(const float (&acc)[kRT][kNT][4], F&& f) {
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+  const int g = lane >> 2;
+  const int t = lane & 3;
+#pragma unroll
+  for (int r = 0; r < kRT; ++r) {
+#pragma unroll
+    for (int j = 0; j < kNT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        f((warp * kRT + r) * 16 + g + 8 * (i >> 1), 8 * j + 2 * t + (i & 1), acc[r][j][i]);
+      }
+    }
+  }
+}
+
 // Hopper split-K epilogue: grid.y == cluster size, so the K slices of this row block are the
 // blocks of one cluster. Each parks its fp32 partials [M][rows] in its own shared memory (the x
 // slice is no longer needed), then every block sums a 1/split share of the block's outputs over
@@ -135,23 +156,10 @@ __device__ __forceinline__ void cluster_reduce_store(const GemvParams& p,
   constexpr int kRows = kWarps * kRT * 16;  // rows of this block
   const cg::cluster_group cluster = cg::this_cluster();
   float* parked = reinterpret_cast<float*>(xs);  // [M][kRows]; fits: see launch_typed
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  const int g = lane >> 2;
-  const int t = lane & 3;
   __syncthreads();  // every warp has read its last x
-#pragma unroll
-  for (int r = 0; r < kRT; ++r) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int local_row = (warp * kRT + r) * 16 + g + 8 * (i >> 1);
-        const int token = 8 * j + 2 * t + (i & 1);
-        if (token < p.M) parked[token * kRows + local_row] = acc[r][j][i];
-      }
-    }
-  }
+  for_each_accumulator<kNT, kRT>(acc, [&](int local_row, int token, float value) {
+    if (token < p.M) parked[token * kRows + local_row] = value;
+  });
   cluster.sync();  // release / acquire: every slice's partials are visible cluster-wide
 
   const int split = static_cast<int>(cluster.num_blocks());
@@ -282,26 +290,19 @@ __global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParam
     cluster_reduce_store<T, kNT, kRT>(p, acc, xs);
     return;
   }
-  // ---- epilogue: c[0..1] = (row g, tokens 2t, 2t+1), c[2..3] = (row g+8, same tokens) ----
+  // ---- epilogue: the output, or this slice's fp32 partials for splitk_reduce_kernel ----
   const bool final_output = gridDim.y == 1;
-#pragma unroll
-  for (int r = 0; r < kRT; ++r) {
-#pragma unroll
-    for (int j = 0; j < kNT; ++j) {
-#pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int row = (first_tile + r) * 16 + g + 8 * (i >> 1);
-        const int token = 8 * j + 2 * t + (i & 1);
-        if (row >= p.N || token >= p.M) continue;
-        if (final_output) {
-          static_cast<T*>(p.y)[static_cast<int64_t>(token) * p.ldy + row] =
-              ElemTraits<T>::from_float(acc[r][j][i]);
-        } else {
-          p.partial[(static_cast<int64_t>(split) * p.M + token) * p.N + row] = acc[r][j][i];
-        }
-      }
+  const int first_row = blockIdx.x * kWarps * kRT * 16;
+  for_each_accumulator<kNT, kRT>(acc, [&](int local_row, int token, float value) {
+    const int row = first_row + local_row;
+    if (row >= p.N || token >= p.M) return;
+    if (final_output) {
+      static_cast<T*>(p.y)[static_cast<int64_t>(token) * p.ldy + row] =
+          ElemTraits<T>::from_float(value);
+    } else {
+      p.partial[(static_cast<int64_t>(split) * p.M + token) * p.N + row] = value;
     }
-  }
+  });
 #endif
 }
 
