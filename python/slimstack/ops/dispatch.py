@@ -8,7 +8,9 @@ first; the first one that is available and takes the call runs it, and ``referen
 ``save_dispatch_table``; ``SLIMSTACK_DISPATCH_TABLE=path`` points at another file.
 
 ``SLIMSTACK_BACKEND=cpu|triton|cuda|torch|reference`` skips the table: that backend runs
-or the call fails, saying why (a forced backend never falls back silently).
+or the call fails, saying why (a forced backend never falls back silently). It is read when
+a call is traced, so under torch.compile it must be set before compiling: the graph keeps
+the backend it was traced with and does not guard on the variable.
 """
 
 from __future__ import annotations
