@@ -5,7 +5,7 @@
 # steps with timeouts, puts the most needed evidence first, and packs $OUT at the end.
 #
 #   tools/gpu_session.sh lease                 # call 1 of a 15-minute lease (~9.5 min): headline
-#                                              # kernel cases, core e2e variants, GPU tests,
+#                                              # kernel cases, GPU tests, core e2e variants,
 #                                              # compute-sanitizer
 #   tools/gpu_session.sh lease-rest            # call 2, at once while the machine is warm
 #                                              # (~4 min): the other decode M values, the e2e
@@ -145,15 +145,15 @@ HEADLINE="bfloat16 and (M1- or M16- or M2048-)"
 E2E_CORE="dense-32L or 2:4-32L or 2:4-24L"
 
 case "${1:-}" in
-  lease)
+  lease)  # each step capped so that the later ones keep at least their share
     extension
     log "headline kernel cases: $HEADLINE"
-    kernel_bench "$(cap 200 300)" -k "$HEADLINE"
+    kernel_bench "$(cap 200 330)" -k "$HEADLINE"
+    gpu_tests "$(cap 150 250)"
     log "core e2e variants ($E2E_CORE), batch 1, prompts 128 and 2048, 128 new tokens"
     SLIMSTACK_E2E_CONFIGS=1x128,1x2048 SLIMSTACK_E2E_NEW_TOKENS=128 \
-      e2e_bench "$(cap 240 100)" -k "$E2E_CORE"
-    gpu_tests "$(cap 400 70)"
-    sanitizer "$(cap 120 5)"
+      e2e_bench "$(cap 240 60)" -k "$E2E_CORE"
+    sanitizer "$(cap 60 5)"
     ;;
   lease-rest)
     extension
