@@ -430,9 +430,20 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   max_slice = std::max<int64_t>(kChunksPerIter, max_slice / kChunksPerIter * kChunksPerIter);
   const int64_t min_split = detail::ceil_div(num_chunks, max_slice);
 
+  int current = -1;
+  SLIMSTACK_CUDA_TRY(cudaGetDevice(&current));
+  const bool clusters = current == device && cluster_reduce_available();
+
   int64_t split = split_k_request > 0
                       ? split_k_request
                       : detail::ceil_div(static_cast<int64_t>(kBlocksPerSmTarget) * sms, row_blocks);
+  // Few rows (1024x4096 wants 16 slices): on Hopper stay within one cluster when x allows it.
+  // The second launch a larger split needs costs more than its weight traffic at that size;
+  // reduce='kernel' keeps the larger split (the benchmark's comparison).
+  if (split_k_request == 0 && reduce_request != SplitKReduce::kKernel && clusters &&
+      min_split <= kMaxClusterSplit) {
+    split = std::min<int64_t>(split, kMaxClusterSplit);
+  }
   split = std::min({std::max(split, min_split), max_split, kMaxGridY});
   const int64_t slice = detail::round_up(detail::ceil_div(num_chunks, split), kChunksPerIter);
   split = detail::ceil_div(num_chunks, slice);
@@ -443,10 +454,7 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
 
   SplitKReduce reduce = SplitKReduce::kNone;
   if (split > 1) {
-    int current = -1;
-    SLIMSTACK_CUDA_TRY(cudaGetDevice(&current));
-    const bool cluster_ok =
-        split <= kMaxClusterSplit && current == device && cluster_reduce_available();
+    const bool cluster_ok = split <= kMaxClusterSplit && clusters;
     if (reduce_request == SplitKReduce::kCluster && !cluster_ok) return cudaErrorNotSupported;
     reduce = reduce_request != SplitKReduce::kKernel && cluster_ok ? SplitKReduce::kCluster
                                                                    : SplitKReduce::kKernel;
