@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 
 from slimstack.checkpoint import CheckpointWriter
+from slimstack.engine.config import engine_config
+from slimstack.engine.loader import expected_shapes
 
 SHAPES = {
     # hidden, intermediate, heads, kv heads, vocab, context
@@ -71,20 +73,9 @@ def synthetic_config(shape: str, layers: int, dtype: torch.dtype) -> dict:
 
 
 def layer_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    h, i = config["hidden_size"], config["intermediate_size"]
-    q = config["num_attention_heads"] * config["head_dim"]
-    kv = config["num_key_value_heads"] * config["head_dim"]
-    return {
-        "input_layernorm.weight": (h,),
-        "post_attention_layernorm.weight": (h,),
-        "self_attn.q_proj.weight": (q, h),
-        "self_attn.k_proj.weight": (kv, h),
-        "self_attn.v_proj.weight": (kv, h),
-        "self_attn.o_proj.weight": (h, q),
-        "mlp.gate_proj.weight": (i, h),
-        "mlp.up_proj.weight": (i, h),
-        "mlp.down_proj.weight": (h, i),
-    }
+    """Weights of one decoder layer (no biases), as the engine's loader expects them."""
+    _, layer = expected_shapes(engine_config(config))
+    return {name: shape for name, shape in layer.items() if not name.endswith(".bias")}
 
 
 def write_synthetic(

@@ -88,9 +88,9 @@ at::Tensor x_for_gemm(const at::Tensor& x, int64_t K, int64_t want_cols) {
 sc::SplitKReduce parse_reduce(const std::string& op, const std::string& reduce) {
   if (reduce == "auto") return sc::SplitKReduce::kAuto;
   if (reduce == "kernel") return sc::SplitKReduce::kKernel;
-  if (reduce == "cluster") return sc::SplitKReduce::kCluster;
-  TORCH_CHECK_VALUE(false, op, ": reduce must be 'auto', 'kernel' or 'cluster', got '", reduce,
-                    "'");
+  TORCH_CHECK_VALUE(reduce == "cluster", op,
+                    ": reduce must be 'auto', 'kernel' or 'cluster', got '", reduce, "'");
+  return sc::SplitKReduce::kCluster;
 }
 
 const char* reduce_name(sc::SplitKReduce reduce) {
