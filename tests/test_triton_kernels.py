@@ -281,6 +281,7 @@ def test_splitk_sum_adds_in_slice_order(poisoned, dtype, split, M, N):
     partial = (torch.randn(split, M, N, generator=_gen(31)) * 3).to(DEVICE)
     y = splitk_sum.splitk_sum(partial, dtype)
     _assert_matches(y, partial.double().sum(0), dtype)
+    _assert_matches(y, splitk_sum.splitk_sum_reference(partial, dtype).double(), dtype)
     in_order = partial[0].clone()
     for s in range(1, split):
         in_order += partial[s]
