@@ -48,10 +48,20 @@ inline bool is_aligned(const void* p, size_t bytes) {
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
+constexpr int kMaxDevices = 64;  // devices with cached facts; others are probed every call
+
+// A yes/no fact about `device`, probed once and remembered in the caller's static `cache`
+// (0 unknown, 1 yes, 2 no). A probe may be synchronous: keep the first call out of capture.
+template <typename Probe>
+bool cached_device_flag(int device, signed char (&cache)[kMaxDevices], Probe&& probe) {
+  if (device < 0 || device >= kMaxDevices) return probe();
+  if (cache[device] == 0) cache[device] = probe() ? 1 : 2;
+  return cache[device] == 1;
+}
+
 // Number of SMs of `device`, cached per device (cudaDeviceGetAttribute is cheap, but not free
 // on the decode path).
 inline cudaError_t sm_count(int device, int* out) {
-  constexpr int kMaxDevices = 64;
   static int cache[kMaxDevices] = {0};
   if (device >= 0 && device < kMaxDevices && cache[device] > 0) {
     *out = cache[device];

@@ -266,15 +266,13 @@ __device__ int g_sm90a_image = SLIMSTACK_SM90A_IMAGE;
 // Cached per device: the first call does a small synchronous copy (keep it out of graph
 // capture; the glue's first availability check does it).
 bool loaded_image_is_sm90a(int device) {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {0};  // 0 unknown, 1 yes, 2 no
-  if (device >= 0 && device < kMaxDevices && cache[device] != 0) return cache[device] == 1;
-  int flag = 0;
-  const bool ok = cudaMemcpyFromSymbol(&flag, g_sm90a_image, sizeof(int)) == cudaSuccess;
-  if (!ok) cudaGetLastError();
-  const bool yes = ok && flag == 1;
-  if (device >= 0 && device < kMaxDevices) cache[device] = yes ? 1 : 2;
-  return yes;
+  static signed char cache[detail::kMaxDevices] = {0};
+  return detail::cached_device_flag(device, cache, [] {
+    int flag = 0;
+    const bool ok = cudaMemcpyFromSymbol(&flag, g_sm90a_image, sizeof(int)) == cudaSuccess;
+    if (!ok) cudaGetLastError();
+    return ok && flag == 1;
+  });
 }
 
 cudaError_t require_sm90a() {

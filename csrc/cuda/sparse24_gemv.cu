@@ -331,23 +331,22 @@ int smem_bytes(int M, int slice_chunks) {
 // image the runtime loaded for this kernel was compiled for sm_90 (an sm_80 cubin or a JIT of
 // compute_80 PTX holds only the __trap() stub). Cached per device.
 bool cluster_reduce_available() {
-  constexpr int kMaxDevices = 64;
-  static int cache[kMaxDevices] = {0};  // 0 unknown, 1 yes, 2 no
+  static signed char cache[detail::kMaxDevices] = {0};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
     cudaGetLastError();
     return false;
   }
-  if (device >= 0 && device < kMaxDevices && cache[device] != 0) return cache[device] == 1;
-  int major = 0;
-  cudaFuncAttributes attr{};
-  const bool ok =
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
-      cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true>) == cudaSuccess;
-  if (!ok) cudaGetLastError();  // leave no error behind for the next launch check
-  const bool yes = ok && major >= 9 && attr.ptxVersion >= 90;
-  if (device >= 0 && device < kMaxDevices) cache[device] = yes ? 1 : 2;
-  return yes;
+  return detail::cached_device_flag(device, cache, [device] {
+    int major = 0;
+    cudaFuncAttributes attr{};
+    const bool ok =
+        cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+            cudaSuccess &&
+        cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true>) == cudaSuccess;
+    if (!ok) cudaGetLastError();  // leave no error behind for the next launch check
+    return ok && major >= 9 && attr.ptxVersion >= 90;
+  });
 }
 
 template <typename T, int kNT, int kRT>
