@@ -60,6 +60,30 @@ def check_block_k(op: str, block_k: int) -> None:
         raise ValueError(f"{op}: config.block_k must be a multiple of {K_TILE}, got {block_k}")
 
 
+def _is_power_of_two(value: object) -> bool:
+    return (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and value > 0
+        and not (value & (value - 1))
+    )
+
+
+def check_config(op: str, config: object) -> None:
+    """A launch config Triton can compile: block sizes are powers of two (tl.arange needs
+    them), block_k covers whole packed K tiles, num_warps is 1..32 (a power of two),
+    num_stages and group_n are >= 1, split_k is None (planned) or >= 1."""
+    check_block_k(op, config.block_k)
+    for field, value in vars(config).items():
+        if field.startswith("block_") or field == "num_warps":
+            if not _is_power_of_two(value):
+                raise ValueError(f"{op}: config.{field} must be a power of two, got {value!r}")
+        elif field in ("num_stages", "group_n") or (field == "split_k" and value is not None):
+            check_size(op, f"config.{field}", value)
+    if config.num_warps > 32:
+        raise ValueError(f"{op}: config.num_warps must be at most 32, got {config.num_warps}")
+
+
 def check_same_device(op: str, x: torch.Tensor, **others: torch.Tensor) -> None:
     for name, t in others.items():
         if t.device != x.device:

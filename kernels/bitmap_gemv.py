@@ -24,7 +24,7 @@ from triton.language.extra import libdevice
 from slimstack.kernels._checks import (
     as_int32_words,
     check_activation,
-    check_block_k,
+    check_config,
     check_int32_offsets,
     check_packed,
     check_runnable,
@@ -227,7 +227,7 @@ def _validate(x, values, bitmask, row_offsets, N, K, config) -> int:
                 f"(ends at {end}, values holds {values.numel()})"
             )
     if config is not None:
-        check_block_k(op, config.block_k)
+        check_config(op, config)
     return M
 
 

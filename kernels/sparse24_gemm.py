@@ -20,7 +20,7 @@ import triton.language as tl
 from slimstack.kernels._checks import (
     as_int32_words,
     check_activation,
-    check_block_k,
+    check_config,
     check_int32_offsets,
     check_packed,
     check_runnable,
@@ -137,7 +137,7 @@ def _validate(x, values, meta, N, K, config) -> int:
     check_runnable(op, _sparse24_gemm_kernel, x.device)
     check_int32_offsets(op, x.numel(), values.numel(), M * N)
     if config is not None:
-        check_block_k(op, config.block_k)
+        check_config(op, config)
         if min(config.block_m, config.block_n) < 16:
             raise ValueError(f"{op}: tl.dot needs block_m and block_n >= 16, got {config}")
     return M

@@ -26,7 +26,7 @@ import triton.language as tl
 from slimstack.kernels._checks import (
     as_int32_words,
     check_activation,
-    check_block_k,
+    check_config,
     check_int32_offsets,
     check_packed,
     check_runnable,
@@ -195,7 +195,7 @@ def _validate(x, values, meta, N, K, config) -> int:
     check_runnable(op, _sparse24_gemv_kernel, x.device)
     check_int32_offsets(op, x.numel(), values.numel(), M * N)
     if config is not None:
-        check_block_k(op, config.block_k)
+        check_config(op, config)
     return M
 
 

@@ -41,9 +41,11 @@ pytestmark = [
 
 DTYPES = [torch.float16, torch.bfloat16]
 # (N, K): odd N and K not a multiple of 8 or 64, a single K tile, a single row, a K that is
-# not a multiple of 64 with N % 8 == 0 (sm90 path with padding), and the 7B MLP/attention shapes.
-SHAPES = [(43, 172), (64, 64), (1, 64), (128, 200), (4096, 4096), (14336, 4096)]
-SMALL = {(43, 172), (64, 64), (1, 64), (128, 200), (72, 1000)}  # (72, 1000): up to 4 K slices
+# not a multiple of 64 with N % 8 == 0 (sm90 path with padding), a padded K that is not a
+# multiple of the sm90 tile's 128 (64, 172 -> Kp 192: TMA zero-fill and padded metadata), and
+# the 7B MLP/attention shapes.
+SHAPES = [(43, 172), (64, 64), (1, 64), (128, 200), (64, 172), (4096, 4096), (14336, 4096)]
+SMALL = {(43, 172), (64, 64), (1, 64), (128, 200), (64, 172), (72, 1000)}  # (72, 1000): 4 slices
 # Inputs are exact in the dtype and the kernels accumulate in fp32, so the error is the final
 # rounding (half an ulp, relative) plus fp32 accumulation noise (absolute, ~sqrt(K)).
 RTOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -212,6 +214,10 @@ def test_sparse24_gemv_rejects_bad_input(make_sparse24) -> None:
         _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, out=_poisoned(2, n + 1, x.dtype))
     with pytest.raises(ValueError, match="x must be a CUDA tensor"):
         _C.sparse24_gemv_cuda(x.cpu(), packed.values, packed.meta, n, k)
+    with pytest.raises(ValueError, match=r"split_k must be in 0\.\.65535"):
+        _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, 2**31)
+    with pytest.raises(ValueError, match="32-bit ints"):
+        _C.sparse24_gemv_plan_cuda(1, 2**31, 64, 0, 0, "auto")
 
 
 def test_sparse24_gemv_empty_batch(make_sparse24) -> None:
@@ -323,6 +329,19 @@ def test_sparse24_gemm_sm80_matches_reference(dtype, shape, m, make_sparse24) ->
     y = _C.sparse24_gemm_sm80_cuda(x, packed.values, packed.meta, n, k, out=out)
     assert y.data_ptr() == out.data_ptr()
     _check(y, x, dense)
+
+
+@pytest.mark.slow
+def test_sparse24_gemm_sm80_runs_past_the_grid_limit(make_sparse24) -> None:
+    """More rows than one launch's grid.y covers (65535 tiles of 128): the glue launches per
+    row slice. Rows on both sides of the seam and the last rows are checked (x: ~1 GB)."""
+    n, k, dtype = 64, 64, torch.bfloat16
+    limit = 65535 * 128
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    x = _x(limit + 300, k, dtype, seed=7)
+    y = _C.sparse24_gemm_sm80_cuda(x, packed.values, packed.meta, n, k)
+    for rows in (slice(0, 256), slice(limit - 256, limit + 256), slice(-64, None)):
+        _check(y[rows], x[rows], dense)
 
 
 # ------------------------------------------------------------------------------------------

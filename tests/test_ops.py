@@ -88,9 +88,16 @@ def test_cpu_is_chosen_and_agrees_with_reference_backend(make_weight, monkeypatc
     torch.testing.assert_close(y_cpu.double(), reference(x, dense, None), atol=1e-4, rtol=1e-5)
 
 
-def test_empty_batch(make_weight) -> None:
-    _, packed = make_weight("sparse24", 8, 64)
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+def test_empty_batch(make_weight, fmt) -> None:
+    """M = 0 gives [..., 0, N] and, like nn.Linear, stays differentiable in x."""
+    _, packed = make_weight(fmt, 8, 64)
     assert sparse_linear(torch.empty(2, 0, 64), packed).shape == (2, 0, 8)
+    x = torch.empty(0, 64, requires_grad=True)
+    y = SparseLinear(packed, bias=torch.randn(8))(x)
+    assert y.shape == (0, 8) and y.requires_grad
+    y.sum().backward()
+    assert x.grad is not None and x.grad.shape == (0, 64)
 
 
 def test_sparse_linear_refuses_bad_inputs(make_weight) -> None:
@@ -238,6 +245,96 @@ def test_cuda_kernel_choice_by_shape(hopper) -> None:
     assert cuda_sparse24_kernel(ext, 17, 4096, 1) == ("sm90" if hopper else "sm80")
     assert cuda_sparse24_kernel(ext, 2048, 1, 0) == "sm80"
     assert asked == [1], "availability is asked only for shapes the Hopper GEMM can take"
+
+
+def test_derived_cache_rebuilds_after_in_place_writes() -> None:
+    """A copy derived from a weight is reused while the weight's bytes stand, and rebuilt once
+    copy_ (what load_state_dict does) or a swap of another source changes them."""
+    from slimstack.ops.derived import DerivedCache
+
+    cache: DerivedCache[int] = DerivedCache()
+    values, meta = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.uint8)
+    builds = []
+
+    def build() -> int:
+        builds.append(1)
+        return len(builds)
+
+    assert cache.get(values, (values, meta), build) == 1
+    assert cache.get(values, (values, meta), build) == 1, "unchanged sources: no rebuild"
+    meta.copy_(torch.ones_like(meta))
+    assert cache.lookup(values, (values, meta)) is None
+    assert cache.get(values, (values, meta), build) == 2
+    assert cache.get(values, (values, torch.zeros_like(meta)), build) == 3, "a swapped source"
+    del values
+    assert len(cache) == 0, "entries go with their key tensor"
+
+
+def test_semi_structured_copy_follows_load_state_dict(monkeypatch, make_weight) -> None:
+    """The torch backend's semi-structured copy of a weight must follow load_state_dict, which
+    writes into the same tensors (a cache keyed by identity alone kept the old weight)."""
+    monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", lambda dense: dense)
+    dense_a, packed_a = make_weight("sparse24", 64, 128, torch.float32)
+    dense_b, packed_b = make_weight("sparse24", 64, 128, torch.float32, seed=1)
+    a, b = SparseLinear(packed_a), SparseLinear(packed_b)
+    x = torch.randn(5, 128, generator=gen(3))
+    before = ops_backends._torch_sparse24(x, b.values, b.meta, 64, 128)
+    torch.testing.assert_close(before, x @ dense_b.t())
+    b.load_state_dict(a.state_dict())
+    after = ops_backends._torch_sparse24(x, b.values, b.meta, 64, 128)
+    torch.testing.assert_close(after, x @ dense_a.t())
+
+
+def test_bitmap_state_dict_loads_across_kept_counts(make_unstructured) -> None:
+    """A bitmap weight's values length is its kept count: a state_dict from another bitmap
+    weight of the same shape loads (values resized), and one whose offsets disagree with its
+    mask is refused before anything is copied."""
+    w_a = make_unstructured(43, 172, torch.float32, density=0.4, generator=gen(30))
+    w_b = make_unstructured(43, 172, torch.float32, density=0.6, generator=gen(31))
+    a, b = (
+        SparseLinear.from_dense(w_a, pattern="bitmap"),
+        SparseLinear.from_dense(w_b, pattern="bitmap"),
+    )
+    assert a.values.numel() != b.values.numel()
+    x = torch.randn(3, 172, generator=gen(32))
+    b.load_state_dict(a.state_dict())
+    torch.testing.assert_close(b(x), x @ w_a.t())
+
+    corrupt = a.state_dict()
+    corrupt["row_offsets"] = corrupt["row_offsets"].clone()
+    corrupt["row_offsets"][1:] += 8  # the last offset now points past values
+    c = SparseLinear.from_dense(w_b, pattern="bitmap")
+    before = {name: t.clone() for name, t in c.state_dict().items()}
+    with pytest.raises(RuntimeError, match="not a valid \\[43, 172\\] weight"):
+        c.load_state_dict(corrupt)
+    for name, t in c.state_dict().items():
+        assert torch.equal(t, before[name]), f"{name} changed by a refused load"
+
+
+def test_sm90_meta_follows_copy_and_refuses_capture(monkeypatch) -> None:
+    """The Hopper GEMM's reordered metadata is rebuilt after meta.copy_; its first build (a
+    kernel plus a probe) is refused inside graph capture instead of being recorded."""
+    from types import SimpleNamespace
+
+    from slimstack.ops import library
+
+    calls = []
+    ext = SimpleNamespace(
+        sparse24_sm90_reorder_meta_cuda=lambda meta, n, k: calls.append(1) or meta.clone()
+    )
+    meta = torch.arange(16, dtype=torch.uint8).reshape(2, 8)
+    assert torch.equal(library._sm90_meta(ext, meta, 2, 64), meta)
+    library._sm90_meta(ext, meta, 2, 64)
+    assert len(calls) == 1
+    meta.copy_(meta.flip(1))
+    assert torch.equal(library._sm90_meta(ext, meta, 2, 64), meta) and len(calls) == 2
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    library._sm90_meta(ext, meta, 2, 64)  # cached: fine inside capture
+    fresh = torch.zeros(2, 8, dtype=torch.uint8)
+    with pytest.raises(RuntimeError, match="eager call"):
+        library._sm90_meta(ext, fresh, 2, 64)
+    assert len(calls) == 2
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -428,6 +525,38 @@ def test_sparsify_leaves_linear_subclasses_whose_owner_reads_weight(make_sparse2
     report = sparsify_model(attention)
     assert report.swapped == [] and "subclass of nn.Linear" in report.skipped["out_proj"]
     torch.testing.assert_close(attention(x, x, x)[0], before)
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm", "forward_hook", "pre_hook"])
+def test_sparsify_leaves_linears_with_computed_weights_or_hooks(make_sparse24, wrap) -> None:
+    """weight_norm / spectral_norm make .weight a hook's output (not a parameter), and a swap
+    would drop any hook: such linears stay dense with the reason, the model unchanged."""
+    linear = nn.Linear(128, 64)
+    with torch.no_grad():
+        linear.weight.copy_(make_sparse24(64, 128, generator=gen(22)))
+    if wrap == "weight_norm":
+        linear = torch.nn.utils.weight_norm(linear)
+    elif wrap == "spectral_norm":
+        linear = torch.nn.utils.spectral_norm(linear)
+    elif wrap == "forward_hook":
+        linear.register_forward_hook(lambda module, args, out: out * 2)
+    else:
+        linear.register_forward_pre_hook(lambda module, args: (args[0] + 1,))
+    model = nn.Sequential(linear).eval()
+    x = torch.randn(3, 128, generator=gen(23))
+    before = model(x)
+    report = sparsify_model(model)
+    assert report.swapped == [] and list(report.skipped) == ["0"]
+    assert ("computed" if "norm" in wrap else "hooks") in report.skipped["0"]
+    assert model[0] is linear
+    torch.testing.assert_close(model(x), before)
+
+
+def test_sparsify_refuses_a_bare_linear(make_sparse24) -> None:
+    """The root module cannot be swapped in place: say so instead of reporting 0 swapped."""
+    linear = nn.Linear(128, 64)
+    with pytest.raises(TypeError, match="SparseLinear.from_linear"):
+        sparsify_model(linear)
 
 
 def _prune_24_by_magnitude(model: nn.Module) -> int:

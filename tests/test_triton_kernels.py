@@ -233,6 +233,39 @@ def test_reads_of_x_stop_at_k(poisoned, make_sparse24, kernel, M):
     _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
 
 
+@runs_here
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize(
+    "kernel,M", [("gemv", 1), ("gemv", 3), ("gemm", 17), ("bitmap", 1), ("bitmap", 3)]
+)
+def test_non_finite_x_reaches_the_rows_that_keep_its_column(make_sparse24, kernel, M, bad):
+    """The contract (slimstack.ops.sparse_linear): a NaN/inf in x reaches every output whose
+    weight row keeps that column, whichever kernel runs; rows that pruned it may or may not
+    see it (the gather and mma.sp paths never read it, decoded tiles multiply it by 0)."""
+    N, K, dtype, column = 43, 172, torch.float16, 61
+    w = make_sparse24(N, K, dtype, generator=_gen(42))
+    x = _activations(M, K, dtype, seed=43)
+    x[:, column] = bad
+    if kernel == "bitmap":
+        p = pack_bitmap(w).to(DEVICE)
+        y = bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, N, K)
+    else:
+        p = pack_sparse24(w).to(DEVICE)
+        fn = sparse24_gemv.sparse24_gemv if kernel == "gemv" else sparse24_gemm.sparse24_gemm
+        y = fn(x, p.values, p.meta, N, K)
+    keeps = (w[:, column] != 0).to(DEVICE)
+    assert 0 < int(keeps.sum()) < N
+    assert not torch.isfinite(y[:, keeps]).any()
+    pruned = ~keeps  # where finite, still the product of the other columns
+    others = x.double().clone()
+    others[:, column] = 0
+    ref = others @ w.double().t().to(DEVICE)
+    finite = torch.isfinite(y[:, pruned])
+    torch.testing.assert_close(
+        y[:, pruned][finite].double().cpu(), ref[:, pruned][finite].cpu(), **TOL[dtype]
+    )
+
+
 # ------------------------------------------------------------------------------ bitmap ----
 
 
@@ -355,6 +388,23 @@ BAD_GEMV_CALLS = {
     "block_k-96": (
         dict(config=sparse24_gemv.GemvConfig(16, 96)), ValueError, "multiple of 64"
     ),
+    # tl.arange takes powers of two only: refused before Triton's own, less clear error
+    "block_k-192": (
+        dict(config=sparse24_gemv.GemvConfig(16, 192)), ValueError,
+        "block_k must be a power of two, got 192",
+    ),
+    "block_n-5": (
+        dict(config=sparse24_gemv.GemvConfig(5, 64)), ValueError,
+        "block_n must be a power of two, got 5",
+    ),
+    "split_k-negative": (
+        dict(config=sparse24_gemv.GemvConfig(16, 64, split_k=-1)), ValueError,
+        r"config.split_k must be >= 1, got -1",
+    ),
+    "num_warps-3": (
+        dict(config=sparse24_gemv.GemvConfig(16, 64, num_warps=3)), ValueError,
+        "num_warps must be a power of two",
+    ),
 }  # fmt: skip
 
 
@@ -378,6 +428,14 @@ def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
     with pytest.raises(ValueError, match="block_k must be a multiple of 64, got 96"):
         sparse24_gemm.sparse24_gemm(
             x, values, meta, 43, 172, config=sparse24_gemm.GemmConfig(64, 64, block_k=96)
+        )
+    with pytest.raises(ValueError, match="block_m must be a power of two, got 48"):
+        sparse24_gemm.sparse24_gemm(
+            x, values, meta, 43, 172, config=sparse24_gemm.GemmConfig(48, 64)
+        )
+    with pytest.raises(ValueError, match="group_n must be >= 1, got 0"):
+        sparse24_gemm.sparse24_gemm(
+            x, values, meta, 43, 172, config=sparse24_gemm.GemmConfig(64, 64, group_n=0)
         )
     with pytest.raises(TypeError, match="meta must have dtype torch.uint8"):
         sparse24_gemm.sparse24_gemm(x, values, meta.to(torch.int8), 43, 172)

@@ -20,7 +20,7 @@
 # Before the call, on the CPU machine: tools/prebuild_ext.sh (a slimstack._C for the image's
 # Python 3.12 / torch 2.11 in .prebuilt/: saves a ~3-minute compile per call), and the
 # nvidia-cutlass wheel in .whl/ for the fallback build (device tool README); carry
-# [".prebuilt", ".whl"]. After it: tools/gpu_results.sh FILES_AT files what came back.
+# [".prebuilt", ".whl"]. After it: python tools/gpu_results.py FILES_AT files what came back.
 # GPU_SESSION_BUDGET (seconds, default 570) is what the call may use; give the device call a
 # timeout_s a little above it.
 set -uo pipefail
@@ -122,7 +122,7 @@ e2e_bench() {  # e2e_bench SECONDS [-k EXPR]; knobs: SLIMSTACK_E2E_* (bench/test
 
 # The device tool brings back 8 files of $OUT at most: keep the results JSON, the summary and
 # the session log as they are, and pack everything else (logs, plots, dispatch table) into one
-# archive that tools/gpu_results.sh unpacks.
+# archive that tools/gpu_results.py unpacks.
 pack_out() {
   local keep=() rest=() f
   for f in "$OUT"/*; do

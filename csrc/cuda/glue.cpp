@@ -15,6 +15,7 @@
 #include <cuda_runtime_api.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -46,9 +47,24 @@ sc::DType kernel_dtype(const std::string& op, const at::Tensor& x) {
   return sc::DType::kFloat16;  // unreachable
 }
 
+// N and K positive and within what the kernels index with int.
+void check_sizes(const std::string& op, int64_t N, int64_t K) {
+  TORCH_CHECK_VALUE(N > 0 && K > 0, op, ": N and K must be positive, got N=", N, ", K=", K);
+  TORCH_CHECK_VALUE(N <= sc::kMaxRowsN && K <= sc::kMaxColsK, op, ": N must be at most ",
+                    sc::kMaxRowsN, " and K at most ", sc::kMaxColsK,
+                    " (the kernels index rows and columns with 32-bit ints), got N=", N, ", K=", K);
+}
+
+// The Hopper GEMM's metadata reorder indexes bytes of [N, Kp / 8] tiles with int.
+void check_sm90_sizes(const std::string& op, int64_t N, int64_t K) {
+  constexpr int64_t kMax = INT32_MAX / 2;
+  TORCH_CHECK_VALUE(N <= kMax && padded_k(K) <= kMax, op, ": the Hopper GEMM takes N and padded K ",
+                    "up to ", kMax, ", got N=", N, ", K=", K, "; use sparse24_gemm_sm80_cuda");
+}
+
 // x: [M, K], CUDA, fp16/bf16, contiguous; N and K positive.
 void check_x(const std::string& op, const at::Tensor& x, int64_t N, int64_t K) {
-  TORCH_CHECK_VALUE(N > 0 && K > 0, op, ": N and K must be positive, got N=", N, ", K=", K);
+  check_sizes(op, N, K);
   TORCH_CHECK_VALUE(x.defined() && x.is_cuda(), op, ": x must be a CUDA tensor, got ",
                     x.defined() ? x.device().str() : std::string("an undefined tensor"));
   kernel_dtype(op, x);
@@ -111,6 +127,9 @@ sc::Sparse24GemvPlan gemv_plan(const std::string& op, int64_t M, int64_t N, int6
   TORCH_CHECK(err != cudaErrorNotSupported || request != sc::SplitKReduce::kCluster, op,
               ": reduce='cluster' needs an sm_90 GPU, this extension's sm_90 image and a split of "
               "at most ", sc::kMaxClusterSplit, " K slices (use reduce='auto' or 'kernel')");
+  TORCH_CHECK_VALUE(err != cudaErrorNotSupported, op, ": K=", Kp, " (padded) is too long for the ",
+                    "decode GEMV at M=", M, ": even ", sc::kSparse24GemvMaxSplit,
+                    " K slices leave x larger than shared memory; use the GEMM");
   check_launch(op, err);
   return plan;
 }
@@ -124,7 +143,9 @@ at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
   TORCH_CHECK_VALUE(M <= sc::kSparse24GemvMaxM, op, ": decode GEMV takes M <= ",
                     sc::kSparse24GemvMaxM, " rows of x, got M=", M,
                     " (use sparse24_gemm_sm80_cuda / sparse24_gemm_sm90_cuda for prefill)");
-  TORCH_CHECK_VALUE(split_k >= 0, op, ": split_k must be >= 0 (0 = automatic), got ", split_k);
+  TORCH_CHECK_VALUE(split_k >= 0 && split_k <= sc::kSparse24GemvMaxSplit, op,
+                    ": split_k must be in 0..", sc::kSparse24GemvMaxSplit,
+                    " (0 = automatic; K slices are grid.y), got ", split_k);
   const int64_t Kp = padded_k(K);
   check_packed(op, "values", values, x.scalar_type(), {N, Kp / 2}, x, 16);
   check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, x, 8);
@@ -151,7 +172,10 @@ pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t 
   TORCH_CHECK_VALUE(M >= 1 && M <= sc::kSparse24GemvMaxM && N > 0 && K > 0, op,
                     ": need 1 <= M <= ", sc::kSparse24GemvMaxM, ", N > 0, K > 0; got M=", M,
                     ", N=", N, ", K=", K);
-  TORCH_CHECK_VALUE(split_k >= 0, op, ": split_k must be >= 0, got ", split_k);
+  check_sizes(op, N, K);
+  TORCH_CHECK_VALUE(split_k >= 0 && split_k <= sc::kSparse24GemvMaxSplit, op,
+                    ": split_k must be in 0..", sc::kSparse24GemvMaxSplit, " (0 = automatic), got ",
+                    split_k);
   TORCH_CHECK_VALUE(device >= 0 && device < c10::cuda::device_count(), op, ": device ", device,
                     " is not one of the ", static_cast<int>(c10::cuda::device_count()),
                     " CUDA devices");
@@ -207,9 +231,14 @@ at::Tensor sparse24_gemm_sm80_cuda(const at::Tensor& x, const at::Tensor& values
   // 16-byte cp.async of x rows needs K % 8 == 0; otherwise run on a zero-padded copy.
   const at::Tensor xg = x_for_gemm(x, K, K % 8 == 0 ? K : Kp);
   const int64_t Kx = xg.size(1);
-  check_launch(op, sc::sparse24_gemm_sm80(xg.data_ptr(), Kx, values.data_ptr(),
-                                          meta.data_ptr<uint8_t>(), y.data_ptr(), N, M, N, Kx, Kp,
-                                          kernel_dtype(op, x), current_stream(x)));
+  // One launch covers kSparse24GemmSm80MaxM rows (grid.y); longer inputs take several, each
+  // on a row slice of x and y (row offsets keep the 16-byte alignment: Kx % 8 == 0).
+  for (int64_t m0 = 0; m0 < M; m0 += sc::kSparse24GemmSm80MaxM) {
+    const int64_t rows = std::min(M - m0, sc::kSparse24GemmSm80MaxM);
+    check_launch(op, sc::sparse24_gemm_sm80(xg[m0].data_ptr(), Kx, values.data_ptr(),
+                                            meta.data_ptr<uint8_t>(), y[m0].data_ptr(), N, rows,
+                                            N, Kx, Kp, kernel_dtype(op, x), current_stream(x)));
+  }
   return y;
 }
 
@@ -221,7 +250,8 @@ int64_t sparse24_sm90_meta_nbytes(int64_t N, int64_t K) {
 
 at::Tensor sparse24_sm90_reorder_meta_cuda(const at::Tensor& meta, int64_t N, int64_t K) {
   const std::string op = "sparse24_sm90_reorder_meta_cuda";
-  TORCH_CHECK_VALUE(N > 0 && K > 0, op, ": N and K must be positive, got N=", N, ", K=", K);
+  check_sizes(op, N, K);
+  check_sm90_sizes(op, N, K);
   TORCH_CHECK_VALUE(meta.defined() && meta.is_cuda(), op, ": meta must be a CUDA tensor");
   const int64_t Kp = padded_k(K);
   check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, meta, 1);
@@ -248,6 +278,8 @@ at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values
   const int64_t Kp = padded_k(K);
   TORCH_CHECK_VALUE(N % 8 == 0, op, ": N must be a multiple of 8 (TMA stores y^T columns), got N=",
                     N, "; use sparse24_gemm_sm80_cuda for this layer");
+  check_sm90_sizes(op, N, K);
+  TORCH_CHECK_VALUE(M <= INT32_MAX, op, ": at most ", INT32_MAX, " rows of x per call, got ", M);
   check_packed(op, "values", values, x.scalar_type(), {N, Kp / 2}, x, 16);
   const int64_t nbytes = static_cast<int64_t>(sc::sparse24_sm90_meta_bytes(N, Kp));
   check_packed(op, "meta_sm90", meta_sm90, at::kByte, {nbytes}, x, 16);

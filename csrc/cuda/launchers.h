@@ -24,6 +24,10 @@ namespace cuda {
 // Element type of x, the packed values and y. Accumulation is always fp32.
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
+// Sizes every launcher takes: rows and (padded) columns are indexed with int in the kernels.
+constexpr int64_t kMaxRowsN = int64_t{INT32_MAX} - 256;    // N, with the last block's padding
+constexpr int64_t kMaxColsK = int64_t{INT32_MAX} - 63;     // K, so that Kp fits an int
+
 // ---------------------------------------------------------------------------------------------
 // sparse24_gemv: decode GEMV for M = 1..16 on the sparse24 layout
 // (values [N, Kp/2], meta uint8 [N, Kp/8]), through mma.sp (sm_80+).
@@ -40,6 +44,7 @@ constexpr int kSparse24GemvMaxM = 16;
 // when K is not split.
 enum class SplitKReduce : int { kAuto = 0, kNone = 1, kKernel = 2, kCluster = 3 };
 constexpr int kMaxClusterSplit = 8;  // the portable cluster size
+constexpr int kSparse24GemvMaxSplit = 65535;  // K slices are grid.y
 
 struct Sparse24GemvPlan {
   int split_k = 1;             // number of K slices (grid.y)
@@ -77,7 +82,9 @@ cudaError_t bitmap_gemv(const void* x, int64_t ldx, const void* values, const ui
 // sparse24_gemm_sm80: prefill GEMM (any M) with hand-written mma.sp on the sparse24
 // layout (no second copy of the weight). Runs on sm_80 and later (also on Hopper).
 // Requires x rows 16-byte aligned: ldx % 8 == 0, K % 8 == 0, x 16-byte aligned.
+// One launch takes at most kSparse24GemmSm80MaxM rows of x (grid.y of 128-row tiles).
 // ---------------------------------------------------------------------------------------------
+constexpr int64_t kSparse24GemmSm80MaxM = int64_t{65535} * 128;
 cudaError_t sparse24_gemm_sm80(const void* x, int64_t ldx, const void* values, const uint8_t* meta,
                                void* y, int64_t ldy, int64_t M, int64_t N, int64_t K, int64_t Kp,
                                DType dtype, cudaStream_t stream);

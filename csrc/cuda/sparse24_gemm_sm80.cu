@@ -21,6 +21,7 @@ namespace {
 
 constexpr int kBM = 128;            // weight rows per block
 constexpr int kBN = 128;            // tokens per block
+static_assert(kSparse24GemmSm80MaxM == int64_t{65535} * kBN, "launchers.h: grid.y x kBN");
 constexpr int kBK = 64;             // logical K per stage
 constexpr int kWarpsM = 2;
 constexpr int kWarpsN = 4;

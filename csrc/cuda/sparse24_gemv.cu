@@ -48,8 +48,9 @@ constexpr int kChunksPerIter = 16;    // chunks per quad iteration (4 u-steps x 
 constexpr int kTokenPadWords = 16;    // 64 B pad per token row keeps the B loads conflict free
 constexpr int kSmemBudget = 48 * 1024;  // default dynamic smem limit: no opt-in, 4+ blocks/SM
 constexpr int kBlocksPerSmTarget = 4;   // enough resident warps to keep ~32 KB/SM in flight
-constexpr int64_t kMaxGridY = 65535;    // K slices are grid.y
+constexpr int64_t kMaxGridY = kSparse24GemvMaxSplit;  // K slices are grid.y
 constexpr int64_t kMaxN = INT32_MAX - 2 * kWarps * 16;  // rows of the last block fit an int
+static_assert(kMaxRowsN <= kMaxN, "the glue's N limit must be one this kernel takes");
 
 struct GemvParams {
   const void* x;
@@ -179,7 +180,10 @@ __device__ __forceinline__ void cluster_reduce_store(const GemvParams& p,
     }
   }
   // No block may exit while another still reads its shared memory. Nothing is published
-  // here, so a relaxed arrive (no release fence) is enough.
+  // here, so a relaxed arrive (no release fence) is enough: every remote load above has
+  // returned before it, since its value feeds the sum stored to y (a load whose value is
+  // unused is dead code and never issued). A full cluster.sync() would add a second
+  // MEMBAR.ALL.GPU, waiting on the y stores, to every call.
   asm volatile("barrier.cluster.arrive.relaxed.aligned;\n" ::: "memory");
   asm volatile("barrier.cluster.wait.aligned;\n" ::: "memory");
 #else

@@ -23,9 +23,9 @@ from functools import cache
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
 
 from slimstack.formats import BitmapWeight, Sparse24Weight
+from slimstack.ops.derived import DerivedCache
 from slimstack.ops.library import GEMV_MAX_M, native_extension  # registers the custom ops
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -161,24 +161,24 @@ def _reference_unsupported(fmt, device, dtype, m, forced) -> str | None:
 
 # ----------------------------------------------------------------------------- calls
 
-# to_sparse_semi_structured copies of packed weights, kept while the packed values live
-_SEMI_STRUCTURED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# to_sparse_semi_structured copies of packed weights, kept while the packed tensors live and
+# keep their bytes
+_SEMI_STRUCTURED: DerivedCache = DerivedCache()
 SEMI_STRUCTURED_ROW_MULTIPLE = 32  # CUTLASS's minimum for 16-bit types (cuSPARSELt: 16)
 
 
 def _semi_structured_weight(values: Tensor, meta: Tensor, n: int, k: int):
     from torch.sparse import to_sparse_semi_structured
 
-    weight = _SEMI_STRUCTURED.get(values)
-    if weight is None:
+    def build():
         packed = Sparse24Weight(values, meta, (n, k), values.dtype)
         # zero rows up to a multiple of 32 and zero columns up to Kp (a multiple of 64)
         # meet the semi-structured shape constraints for any N and K
         n_padded = -(-n // SEMI_STRUCTURED_ROW_MULTIPLE) * SEMI_STRUCTURED_ROW_MULTIPLE
         dense = torch.nn.functional.pad(packed.unpack(), (0, packed.kp - k, 0, n_padded - n))
-        weight = to_sparse_semi_structured(dense)
-        _SEMI_STRUCTURED[values] = weight
-    return weight
+        return to_sparse_semi_structured(dense)
+
+    return _SEMI_STRUCTURED.get(values, (values, meta), build)
 
 
 def _torch_sparse24(x: Tensor, values: Tensor, meta: Tensor, n: int, k: int) -> Tensor:

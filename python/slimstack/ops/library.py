@@ -18,7 +18,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
-from torch.utils.weak import WeakIdKeyDictionary
+
+from slimstack.ops.derived import DerivedCache
 
 # decode kernels (GEMV) take at most this many rows; larger M goes to the GEMMs
 GEMV_MAX_M = 16
@@ -68,15 +69,31 @@ def bitmap_mm(
 
 
 # The Hopper GEMM reads the metadata in CUTLASS's order: reorder once per weight and keep it
-# as long as the weight's meta tensor lives.
-_SM90_META: WeakIdKeyDictionary = WeakIdKeyDictionary()
+# while the weight's meta tensor lives and keeps its bytes.
+_SM90_META: DerivedCache[Tensor] = DerivedCache()
+# Devices whose kernel choice has run outside graph capture: the first choice probes the
+# loaded sm_90a image with a synchronous copy, which would invalidate a capture.
+_PROBED_DEVICES: set[int] = set()
+
+
+def _refuse_first_use_in_capture(what: str) -> None:
+    # nothing captures before CUDA is initialized (and CPU builds of torch cannot ask)
+    if torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"sparse24_mm: the first prefill (M > {GEMV_MAX_M}) of {what} ran inside CUDA-graph "
+            "capture; it has one-time setup (a device probe, the metadata reordered for the "
+            "Hopper GEMM) that cannot be captured. Run one eager call with the same weight "
+            "before capturing."
+        )
 
 
 def _sm90_meta(ext: ModuleType, meta: Tensor, n: int, k: int) -> Tensor:
-    reordered = _SM90_META.get(meta)
+    reordered = _SM90_META.lookup(meta, (meta,))
     if reordered is None:
-        reordered = ext.sparse24_sm90_reorder_meta_cuda(meta, n, k)
-        _SM90_META[meta] = reordered
+        _refuse_first_use_in_capture("this weight")
+        reordered = _SM90_META.get(
+            meta, (meta,), lambda: ext.sparse24_sm90_reorder_meta_cuda(meta, n, k)
+        )
     return reordered
 
 
@@ -96,7 +113,11 @@ def _sparse24_mm_cuda(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -
     if not getattr(ext, "with_cuda", False):
         raise RuntimeError("sparse24_mm: slimstack._C was built without CUDA kernels")
     x = _aligned16(x)
-    kernel = cuda_sparse24_kernel(ext, x.shape[0], N, x.device.index or 0)
+    device = x.device.index or 0
+    if x.shape[0] > GEMV_MAX_M and device not in _PROBED_DEVICES:
+        _refuse_first_use_in_capture(f"cuda:{device}")
+        _PROBED_DEVICES.add(device)
+    kernel = cuda_sparse24_kernel(ext, x.shape[0], N, device)
     if kernel == "gemv":
         return ext.sparse24_gemv_cuda(x, values, meta, N, K)
     if kernel == "sm90":

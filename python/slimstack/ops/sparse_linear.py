@@ -37,6 +37,12 @@ def _as_rows(x: Tensor, values: Tensor, bias: Tensor | None, n: int, k: int) -> 
     return x.reshape(-1, k).contiguous()
 
 
+def _no_rows(rows: Tensor, n: int) -> Tensor:
+    """The [0, N] output of an empty batch, still a function of x for autograd (no kernel
+    runs: some have no M = 0 launch)."""
+    return rows[:, :1].expand(0, n).contiguous()
+
+
 def _finish(y: Tensor, x: Tensor, bias: Tensor | None, n: int) -> Tensor:
     if bias is not None:
         y = y + bias
@@ -50,7 +56,7 @@ def sparse24_linear(
     n, k = shape
     rows = _as_rows(x, values, bias, n, k)
     if rows.shape[0] == 0:
-        return _finish(rows.new_empty((0, n)), x, bias, n)
+        return _finish(_no_rows(rows, n), x, bias, n)
     backend = choose_backend("sparse24", rows.device, rows.dtype, rows.shape[0])
     return _finish(BACKENDS[backend].sparse24(rows, values, meta, n, k), x, bias, n)
 
@@ -67,7 +73,7 @@ def bitmap_linear(
     n, k = shape
     rows = _as_rows(x, values, bias, n, k)
     if rows.shape[0] == 0:
-        return _finish(rows.new_empty((0, n)), x, bias, n)
+        return _finish(_no_rows(rows, n), x, bias, n)
     backend = choose_backend("bitmap", rows.device, rows.dtype, rows.shape[0])
     y = BACKENDS[backend].bitmap(rows, values, bitmask, row_offsets, n, k)
     return _finish(y, x, bias, n)
@@ -78,6 +84,11 @@ def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -
 
     The backend comes from ``slimstack.ops.dispatch`` (device, dtype, format, M); set
     SLIMSTACK_BACKEND to force one.
+
+    Non-finite x: a NaN or inf in column k reaches every output whose weight row keeps column
+    k, on every backend. Outputs whose row pruned k are backend-defined: kernels that skip
+    pruned positions (the M = 1 gather GEMV, mma.sp) never read it, kernels that decode a
+    dense tile multiply it by 0 and give NaN, as the dense matmul of the masked weight does.
     """
     if isinstance(packed, Sparse24Weight):
         return sparse24_linear(x, packed.values, packed.meta, packed.shape, bias)
@@ -150,6 +161,39 @@ class SparseLinear(nn.Module):
         return BitmapWeight(
             self.values, self.bitmask, self.row_offsets, self.shape, self.values.dtype
         )
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ) -> None:
+        """As nn.Module's, plus for bitmap: the incoming packed tensors are checked together
+        before any is copied (row offsets that disagree with the mask would send the kernels
+        past ``values``), and ``values`` takes the incoming length (the kept count belongs to
+        the weight, not to this module)."""
+        if self.format == "bitmap":
+            incoming = {name: state_dict.get(prefix + name) for name in BitmapWeight.TENSORS}
+            if all(isinstance(t, Tensor) for t in incoming.values()):
+                problem = self._bitmap_problem(incoming)
+                if problem:
+                    errors.append(f"{prefix or 'SparseLinear'}: {problem}")
+                    return
+                if incoming["values"].shape != self.values.shape:
+                    self.values = self.values.new_empty(incoming["values"].shape)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
+    def _bitmap_problem(self, incoming: dict[str, Tensor]) -> str | None:
+        try:
+            BitmapWeight(
+                incoming["values"].detach().to("cpu", self.values.dtype).contiguous(),
+                incoming["bitmask"].detach().cpu().contiguous(),
+                incoming["row_offsets"].detach().cpu().contiguous(),
+                self.shape,
+                self.values.dtype,
+            ).validate()
+        except ValueError as error:
+            return f"the incoming bitmap weight is not a valid {list(self.shape)} weight: {error}"
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         if self.format == "sparse24":

@@ -86,6 +86,11 @@ def sparsify_model(model: nn.Module, pattern: Pattern = "auto") -> SparsifyRepor
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if pattern not in PATTERNS:
         raise ValueError(f"pattern must be one of {PATTERNS}, got {pattern!r}")
+    if isinstance(model, nn.Linear):
+        raise TypeError(
+            "sparsify_model swaps the nn.Linear children of a model in place and cannot "
+            "replace the model itself; for a single linear use SparseLinear.from_linear(linear)"
+        )
     report = SparsifyReport()
     owners = _parameter_owners(model)
     replacements: dict[int, nn.Module] = {}
@@ -104,11 +109,34 @@ def sparsify_model(model: nn.Module, pattern: Pattern = "auto") -> SparsifyRepor
                     ".weight); only plain nn.Linear modules are swapped"
                 )
                 continue
+            why_not = _unswappable(child)
+            if why_not:
+                report.skipped[name] = why_not
+                continue
             if id(child) not in replacements:
                 tied = [n for m, n in owners[id(child.weight)].items() if m != id(child)]
                 replacements[id(child)] = _pack_linear(name, child, pattern, report, tied)
             setattr(parent, child_name, replacements[id(child)])
     return report
+
+
+def _unswappable(linear: nn.Linear) -> str | None:
+    """Why a plain nn.Linear must stay as it is, or None."""
+    if not isinstance(linear._parameters.get("weight"), nn.Parameter):
+        # weight_norm / spectral_norm: .weight is recomputed from other parameters by a hook
+        return "its weight is computed from other parameters (weight_norm, spectral_norm?)"
+    hooks = [
+        kind
+        for kind, table in (
+            ("forward", linear._forward_hooks),
+            ("forward pre", linear._forward_pre_hooks),
+            ("backward", linear._backward_hooks),
+        )
+        if table
+    ]
+    if hooks:
+        return f"it has {' and '.join(hooks)} hooks, which a swap would drop"
+    return None
 
 
 def _parameter_owners(model: nn.Module) -> dict[int, dict[int, str]]:
