@@ -156,6 +156,48 @@ def test_missing_layer_tensor_refused(stories260k_dir: Path, tmp_path: Path) -> 
         Checkpoint.open(folder)
 
 
+@pytest.mark.parametrize("tied", [True, False])
+def test_missing_final_norm_or_untied_lm_head_refused(
+    stories260k_dir: Path, tmp_path: Path, tied: bool
+) -> None:
+    """Without model.norm.weight, or lm_head.weight when the embeddings are not tied,
+    transformers would load the folder with those initialised at random."""
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    config = json.loads((folder / "config.json").read_text())
+    config["tie_word_embeddings"] = tied
+    (folder / "config.json").write_text(json.dumps(config))
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        tensors = {n: ckpt.get_tensor(n) for n in ckpt.tensor_names()}
+    tensors.pop("lm_head.weight", None)
+    save_file(tensors, str(folder / "model.safetensors"))
+    if tied:
+        Checkpoint.open(folder).close()  # tied: no lm_head needed
+    else:
+        with pytest.raises(CheckpointError, match="missing lm_head.weight.*tie_word_embeddings"):
+            Checkpoint.open(folder)
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="missing .*model.norm.weight"):
+        Checkpoint.open(folder)
+
+
+def test_overwriting_a_linked_output_keeps_what_the_link_pointed_to(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    """--out may be a symlink to a folder: the link is replaced by the new folder, the old
+    folder it pointed to stays, and no stray link is left beside it."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "keep.txt").write_text("kept")
+    link = tmp_path / "out"
+    link.symlink_to(real, target_is_directory=True)
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        _write_from(ckpt, link, 2**31, overwrite=True)
+    assert not link.is_symlink() and (link / "model.safetensors").is_file()
+    assert (real / "keep.txt").read_text() == "kept"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "real"]
+
+
 def test_index_naming_missing_shard_refused(stories260k_dir: Path, tmp_path: Path) -> None:
     with Checkpoint.open(stories260k_dir) as ckpt:
         out = _write_from(ckpt, tmp_path / "sharded", 200_000)

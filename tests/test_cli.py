@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from slimstack.cli import build_parser, main
 
@@ -141,3 +144,107 @@ def test_demo_prints_table(stories260k_dir: Path, wikitext_dir: Path, capsys) ->
     assert 0.5 < ratio < 0.6
     for text in (dense_text, pruned_text):
         assert text.startswith("  Once upon a time") and len(text) > len("  Once upon a time")
+
+
+# ----------------------------------------------------------------------------- guards
+def _model_copy(stories260k_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "models" / "mine"
+    shutil.copytree(stories260k_dir, copy)
+    for file in copy.iterdir():
+        file.chmod(0o644)  # the shared folder is read-only; a copy a user owns is not
+    return copy
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("where", ["itself", "its parent"])
+@pytest.mark.parametrize("command", ["prune", "analyze", "slice", "apply", "demo"])
+def test_no_command_writes_over_its_own_input(
+    stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, capsys, command, where
+) -> None:
+    """--out naming the input model (or a folder holding it) with --overwrite would delete
+    the model once the output is renamed into place: refused up front, the model intact."""
+    model = _model_copy(stories260k_dir, tmp_path)
+    out = model if where == "itself" else model.parent
+    before = _snapshot(model)
+    argv = {
+        "prune": ["prune", str(model), "--method", "magnitude", "--out", str(out)],
+        "analyze": ["analyze", str(model), "--criteria", "snr", "--out", str(out)],
+        "slice": ["slice", str(model), "--drop", "1", "--out", str(out)],
+        "demo": ["demo", "--model", str(model), "--calib", str(wikitext_dir / "valid.txt"),
+                 "--text", str(wikitext_dir / "test.txt"), "--out", str(out)],
+    }.get(command)  # fmt: skip
+    if command == "apply":
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(f"model: {model}\nout: {out}\nsteps:\n  - slice: {{drop: '1'}}\n")
+        argv = ["apply", str(recipe)]
+    code = main([*argv, "--overwrite"])
+    err = capsys.readouterr().err
+    assert code == 2 and "would replace the input" in err and "Traceback" not in err
+    assert _snapshot(model) == before
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--max-windows", "0"], "max_windows must be a positive integer, got 0"),
+        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+        (["--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    ],
+)
+def test_eval_refuses_bad_numbers_and_devices(
+    stories260k_dir: Path, wikitext_dir: Path, capsys, argv, message
+) -> None:
+    code = main(["eval", str(stories260k_dir), "--text", str(wikitext_dir / "test.txt"), *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_a_missing_gpu_is_a_clear_error(stories260k_dir: Path, tmp_path: Path, capsys) -> None:
+    code = main(["prune", str(stories260k_dir), "--method", "magnitude", "--device", "cuda",
+                 "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "use device='cpu'" in err and not (tmp_path / "out").exists()
+
+
+def test_eval_refuses_a_reference_with_another_vocabulary(
+    stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, capsys
+) -> None:
+    from conftest import write_tiny_checkpoint
+
+    other = write_tiny_checkpoint(tmp_path / "other", vocab_size=256)
+    code = main(["eval", str(stories260k_dir), "--text", str(wikitext_dir / "test.txt"),
+                 "--reference", str(other), "--max-windows", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "vocabulary of 256 tokens but" in err
+
+
+def test_prune_refuses_seqlen_zero(
+    stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, capsys
+):
+    code = main(["prune", str(stories260k_dir), "--method", "wanda", "--calib",
+                 str(wikitext_dir / "valid.txt"), "--seqlen", "0", "--out", str(tmp_path / "o")])  # fmt: skip
+    assert code == 2 and not (tmp_path / "o").exists()
+
+
+def test_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys) -> None:
+    """A SIGTERM (timeout, a scheduler) raises KeyboardInterrupt in the command, so cleanup
+    runs; the previous handler is back afterwards."""
+    import signal
+    import time
+
+    from slimstack import cli
+
+    def terminated(args) -> int:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
+        return 0
+
+    monkeypatch.setattr(cli, "cmd_info", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["info"]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == before

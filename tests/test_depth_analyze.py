@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -90,6 +92,25 @@ def test_public_names():
     from slimstack.depth.slicing import slice_model
 
     assert slimstack.analyze is direct and slimstack.slice is slice_model
+
+
+@pytest.mark.parametrize("first", ["submodules", "functions"])
+def test_public_functions_survive_their_namesake_submodules(first):
+    """slimstack.prune / .evaluate / .info share their names with submodules; importing a
+    submodule (before or after the function is used) must not leave a non-callable module
+    under the public name. Run in a fresh interpreter: the import order is the point."""
+    submodules = "import slimstack.prune.patterns, slimstack.evaluate, slimstack.info; "
+    calls = (
+        "import inspect; "
+        "assert 'method' in inspect.signature(slimstack.prune).parameters; "
+        "assert 'reference' in inspect.signature(slimstack.evaluate).parameters; "
+        "assert isinstance(slimstack.info(), dict); "
+        "import slimstack.prune.patterns as p; assert p.parse_pattern; "
+    )
+    code = "import slimstack; " + (
+        submodules + calls if first == "submodules" else calls + submodules + calls
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_snr_only_needs_no_calibration_and_mean_token_mode(

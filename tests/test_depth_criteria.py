@@ -259,6 +259,7 @@ def test_spectrum_without_a_noise_part_is_infinite_and_dropped_first(tmp_path: P
         "head_dim": 8,
         "intermediate_size": 64,
         "vocab_size": 16,
+        "tie_word_embeddings": True,  # no lm_head.weight below
     }
     gen = torch.Generator().manual_seed(9)
     with CheckpointWriter(tmp_path / "m") as writer:

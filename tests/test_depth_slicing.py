@@ -464,6 +464,8 @@ def test_other_refusals_leave_nothing(stories260k_dir: Path, tmp_path: Path):
 
 
 def test_output_cannot_be_a_source(stories260k_dir: Path, other_model: Path, tmp_path: Path):
-    with pytest.raises(ValueError, match="is one of the source models"):
+    with pytest.raises(ValueError, match="would replace the input"):
         slice_model(other_model, other_model, drop="1", overwrite=True, progress=False)
+    with pytest.raises(ValueError, match="which lies inside it"):  # a folder holding it
+        slice_model(other_model, other_model.parent, drop="1", overwrite=True, progress=False)
     assert Checkpoint.open(other_model).num_layers == 5

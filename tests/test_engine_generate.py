@@ -76,7 +76,9 @@ def test_a_tiny_temperature_samples_the_most_likely_token(temperature) -> None:
         (dict(top_k=0), "top_k must be a positive integer"),
         (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
         (dict(seed="x"), "seed must be an int"),
-        (dict(stop=[""]), "stop must be a non-empty string"),
+        (dict(stop=[""]), "stop strings must be non-empty"),
+        (dict(stop=[3]), "stop must be a non-empty string"),
+        (dict(seed=2**64), "seed must fit 64 bits"),
     ],
 )
 def test_bad_sampling_arguments(engine, kwargs: dict, message: str) -> None:
@@ -205,6 +207,73 @@ def test_incremental_text_equals_a_full_decode_at_every_step(engine) -> None:
             assert row.text == stopper.decode(row), (trial, row.tokens)
 
 
+def _byte_ids(text: str) -> list[int]:
+    """SentencePiece byte-fallback ids <0xNN> of text's UTF-8 (stories260K: id = byte + 3)."""
+    return [3 + b for b in text.encode()]
+
+
+def _continuation(tokenizer, prompt: list[int], tokens: list[int]) -> str:
+    return tokenizer.decode(prompt + tokens)[len(tokenizer.decode(prompt)) :]
+
+
+@pytest.mark.parametrize("stop", ["—", "日", "ü!", "😀"])
+def test_a_stop_string_ending_in_a_multibyte_character_is_found(engine, stop) -> None:
+    """The last byte token of a character turns trailing U+FFFD into it: the search for a
+    stop must start where the text changed, not where the old text ended."""
+    tokenizer = engine.tokenizer
+    prompt = [1, 280]
+    tokens = _byte_ids("x" + stop) + [410, 297, 412]
+    stopper = _stopper(tokenizer, stops=[stop])
+    row = _Row(prefix=stopper.context(prompt))
+    for token in tokens:
+        stopper.add(row, token)
+    expected = _continuation(tokenizer, prompt, tokens)
+    assert row.reason == "stop" and row.text == expected[: expected.index(stop)]
+
+
+def test_a_continuation_after_a_prompt_ending_in_byte_tokens_decodes_as_a_whole(engine) -> None:
+    """SentencePiece decodes a run of byte tokens together: a continuation behind a prompt
+    that ends in one needs the whole run as context, or its own bytes decode as U+FFFD."""
+    tokenizer = engine.tokenizer
+    prompt = [1, 280] + _byte_ids("🙂")
+    tokens = _byte_ids("é") + [410, 297]
+    stopper = _stopper(tokenizer)
+    row = _Row(prefix=stopper.context(prompt))
+    for token in tokens:
+        stopper.add(row, token)
+    assert row.text == _continuation(tokenizer, prompt, tokens) == "é  n"
+    assert stopper.decode(row) == row.text
+
+
+def test_streamed_text_is_never_taken_back(engine) -> None:
+    """What streamable() releases must stay a prefix of the text: a valid character followed
+    by a stray byte token re-decodes the whole run as U+FFFD, so text from a trailing run of
+    byte tokens waits for the run to end. Random runs of valid and invalid UTF-8 bytes."""
+    tokenizer = engine.tokenizer
+    gen = torch.Generator().manual_seed(11)
+    pieces = [_byte_ids(c) for c in "é😀日—a"] + [[3 + 0x80], [3 + 0xE2], [280], [410], [297]]
+    for trial in range(150):
+        picks = torch.randint(0, len(pieces), (12,), generator=gen).tolist()
+        tokens = [t for i in picks for t in pieces[i]]
+        stopper = _stopper(tokenizer)
+        row, released = _Row(prefix=stopper.context([1, 280])), ""
+        for token in tokens:
+            stopper.add(row, token)
+            released += row.text[len(released) : stopper.streamable(row)]
+            assert row.text.startswith(released), (trial, tokens)
+        row.reason = "length"
+        released += row.text[len(released) : stopper.streamable(row)]
+        assert released == row.text == _continuation(tokenizer, [1, 280], tokens), trial
+
+
+def test_a_spent_stream_keeps_its_result(engine) -> None:
+    stream = engine.generate(PROMPT, max_new_tokens=6, stream=True)
+    text = "".join(stream)
+    result = stream.result
+    assert result is not None and result.text == text
+    assert list(stream) == [] and stream.result is result
+
+
 def test_text_decoding_costs_a_few_tokens_per_step(engine, wikitext_dir: Path) -> None:
     text = (wikitext_dir / "test.txt").read_text()[:4000]
     ids = engine.tokenizer(text, verbose=False)["input_ids"][:1500]
@@ -222,6 +291,8 @@ def test_text_decoding_costs_a_few_tokens_per_step(engine, wikitext_dir: Path) -
 def test_prompt_longer_than_context_is_refused(engine) -> None:
     context = engine.config.context_length
     with pytest.raises(ValueError, match=f"longer than the model's context \\({context}"):
+        engine.generate([1] * (context + 1), max_new_tokens=1)
+    with pytest.raises(ValueError, match="leaves no room for new tokens"):
         engine.generate([1] * context, max_new_tokens=1)
     with pytest.raises(ValueError, match=f"use max_new_tokens <= {context - 500}"):
         engine.generate([1] * 500, max_new_tokens=100)

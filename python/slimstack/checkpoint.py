@@ -17,7 +17,7 @@ import shutil
 import struct
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,8 +287,19 @@ class Checkpoint:
                     f"{self.path}: layer {index} is missing tensors: "
                     + ", ".join(f"{LAYER_PREFIX}{index}.{t}" for t in missing)
                 )
-        if "model.embed_tokens.weight" not in self.entries:
-            raise CheckpointError(f"{self.path}: missing model.embed_tokens.weight")
+        needed = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.config.get("tie_word_embeddings", False):
+            needed.append("lm_head.weight")  # untied: transformers would initialise it at random
+        missing = [name for name in needed if name not in self.entries]
+        if missing:
+            raise CheckpointError(
+                f"{self.path}: missing {', '.join(missing)}"
+                + (
+                    " (config.json says tie_word_embeddings=false)"
+                    if "lm_head.weight" in missing
+                    else ""
+                )
+            )
 
 
 def read_config(folder: Path) -> dict[str, Any]:
@@ -355,9 +366,23 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 
 # ====================================================================== writing
-def check_target(target: Path, overwrite: bool) -> None:
+def check_target(
+    target: Path, overwrite: bool, inputs: Sequence[str | os.PathLike | None] = ()
+) -> None:
     """Refuse an output path before any work: an existing one needs `overwrite`, and must be
-    a folder."""
+    a folder; it may not be one of the `inputs` (model folders, text files) or a folder
+    holding one, which replacing it would delete."""
+    resolved = Path(target).resolve()
+    for source in inputs:
+        if source is None:
+            continue
+        path = Path(source).resolve()
+        if path == resolved or resolved in path.parents:
+            raise CheckpointError(
+                f"output folder {target} would replace the input {source}"
+                + ("" if path == resolved else " (which lies inside it)")
+                + "; choose another output folder"
+            )
     if target.exists() and not overwrite:
         raise CheckpointError(f"output folder already exists: {target} (use --overwrite)")
     if target.exists() and not target.is_dir():
@@ -378,14 +403,22 @@ def replace_folder(folder: Path, target: Path) -> None:
             os.replace(old, target)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.is_symlink():  # the target was a link to a folder: drop the link, not its files
+            old.unlink()
+        else:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextmanager
-def staging_folder(target: str | os.PathLike, overwrite: bool, tag: str = "tmp") -> Iterator[Path]:
+def staging_folder(
+    target: str | os.PathLike,
+    overwrite: bool,
+    tag: str = "tmp",
+    inputs: Sequence[str | os.PathLike | None] = (),
+) -> Iterator[Path]:
     """A temporary folder beside `target`, renamed into place only if the block succeeds."""
     target = Path(target)
-    check_target(target, overwrite)
+    check_target(target, overwrite, inputs)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.{tag}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
@@ -412,9 +445,10 @@ class CheckpointWriter:
         target: str | os.PathLike,
         overwrite: bool = False,
         max_shard_bytes: int = 1024**3,
+        inputs: Sequence[str | os.PathLike | None] = (),
     ) -> None:
         self.target = Path(target)
-        check_target(self.target, overwrite)
+        check_target(self.target, overwrite, inputs)
         self.overwrite = overwrite
         self.max_shard_bytes = max_shard_bytes
         self.tmp = self.target.parent / f".{self.target.name}.tmp-{uuid.uuid4().hex[:8]}"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 
@@ -137,6 +139,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sparsity", default="2:4", help="N:M pattern or ratio (default 2:4)")
     p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
     p.add_argument("--out", help="keep the pruned folder here (default: a temporary folder)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--prompt", default=None, help='prompt to continue (default "Once upon a time")')
     p.add_argument(
         "--max-new-tokens", type=int, default=40, help="tokens each model generates (default 40)"
@@ -156,6 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         sparsity=args.sparsity,
         max_windows=args.max_windows,
         out=args.out,
+        overwrite=args.overwrite,
         prompt=prompt,
         max_new_tokens=args.max_new_tokens,
     )
@@ -393,8 +397,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _interrupt_on_sigterm() -> Callable[[], None]:
+    """SIGTERM (timeout, docker stop, a batch scheduler) unwinds like Ctrl-C, so the atomic
+    writers' cleanup runs and no temporary folder is left beside the output. Returns the
+    function that puts the previous handler back."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread (main() called from a worker): leave it
+        return lambda: None
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    restore = _interrupt_on_sigterm()
+    try:
+        return _run(args)
+    finally:
+        restore()
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
     except (ValueError, FileNotFoundError) as exc:
@@ -404,6 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"slimstack {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `slimstack generate ... | head`: the reader left, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ def run_demo(
     seqlen: int = 256,
     max_windows: int | None = None,
     out: str | os.PathLike | None = None,
+    overwrite: bool = False,
     prompt: str = DEFAULT_PROMPT,
     max_new_tokens: int = 40,
 ) -> DemoResult:
@@ -75,7 +76,7 @@ def run_demo(
             calib=calib,
             nsamples=nsamples,
             seqlen=seqlen,
-            overwrite=out is not None,
+            overwrite=overwrite,
         )
         print(report.summary())
         dense = evaluate(model, text, max_windows=max_windows)

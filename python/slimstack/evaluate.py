@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from slimstack._callable_module import make_callable
 from slimstack.calibration import tokenize_file
 from slimstack.checkpoint import Checkpoint
+from slimstack.devices import resolve_device
 
 
 @dataclass
@@ -90,11 +92,21 @@ def evaluate(
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    for name, value in (("batch_size", batch_size), ("max_windows", max_windows)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    device = resolve_device(device)
     lm = load_hf_model(model, device, dtype)
     ref = load_hf_model(reference, device, dtype) if reference is not None else None
+    if ref is not None and ref.config.vocab_size != lm.config.vocab_size:
+        raise ValueError(
+            f"reference {reference} has a vocabulary of {ref.config.vocab_size} tokens but "
+            f"{model} has {lm.config.vocab_size}: KL and agreement need the same tokenizer"
+        )
     context = int(lm.config.max_position_embeddings)
-    seqlen = seqlen or context
+    seqlen = context if seqlen is None else seqlen
     if seqlen < 2 or seqlen > context:
         raise ValueError(f"seqlen must be in [2, {context}] (the model's context), got {seqlen}")
     windows = text_windows(model, text, seqlen)
@@ -129,3 +141,7 @@ def evaluate(
         result.kl = kl / tokens
         result.top1_agreement = agree / tokens
     return result
+
+
+# slimstack.evaluate(...) calls evaluate() (see slimstack._callable_module)
+make_callable(__name__, __name__, "evaluate")

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 import slimstack
+from slimstack._callable_module import make_callable
 
 
 def _backends() -> dict[str, Any]:
@@ -55,3 +56,7 @@ def format_info(facts: dict[str, Any]) -> str:
         shown = "yes" if value is True else "no" if value in (False, None) else value
         lines.append(f"  {name:<22} {shown}")
     return "\n".join(lines)
+
+
+# slimstack.info(...) calls info() (see slimstack._callable_module)
+make_callable(__name__, __name__, "info")

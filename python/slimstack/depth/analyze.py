@@ -28,6 +28,7 @@ from slimstack.depth.selection import CRITERIA, agreement, canonical_criterion
 from slimstack.depth.snr import DEFAULT_MODULE, snr_scores
 from slimstack.depth.streaming import DEFAULT_BUDGET_MB
 from slimstack.depth.taylor import taylor_scores
+from slimstack.devices import resolve_device
 
 SCORES_FILE = "scores.json"
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -149,11 +150,13 @@ def analyze(
     out = Path(out)
     ckpt = Checkpoint.open(model)
     _check_settings(ckpt, seqlen, token, dtype)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     needs_data = any(c != "snr" for c in chosen)
     if needs_data and calib is None:
         raise ValueError("these criteria need calibration text (--calib FILE); only snr does not")
-    check_target(out, overwrite)  # refuse before the long work, not after it
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    check_target(out, overwrite, (model, calib))  # refuse before the long work, not after it
+    device = resolve_device(device)
     calibration = load_calibration(model, calib, nsamples, seqlen, seed) if needs_data else None
     results, seconds = score_layers(
         ckpt,
@@ -185,7 +188,7 @@ def analyze(
     ckpt.close()
     from slimstack.depth.report import write_report  # matplotlib only when writing
 
-    with staging_folder(out, overwrite) as tmp:
+    with staging_folder(out, overwrite, inputs=(model, calib)) as tmp:
         (tmp / SCORES_FILE).write_text(json.dumps(scores, indent=2, allow_nan=False) + "\n")
         plots = write_report(scores, tmp)
     return AnalysisResult(out, scores, [out / p.relative_to(tmp) for p in plots])

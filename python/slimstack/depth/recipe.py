@@ -289,7 +289,7 @@ def _run_prune(step: Step, current: Path, target: Path, device: Any, progress: b
         sparsity=p.get("sparsity", "2:4"),
         calib=p.get("calib"),
         nsamples=p.get("nsamples", 128),
-        seqlen=p.get("seqlen", 2048),
+        seqlen=p.get("seqlen"),  # None: prune's default, min(2048, the model's context)
         seed=p.get("seed", 0),
         include=p.get("include"),
         exclude=p.get("exclude"),
@@ -343,7 +343,8 @@ def apply_recipe(
     target = Path(out) if out is not None else recipe.out
     if target is None:
         raise RecipeError("no output folder: give --out DIR or 'out:' in the recipe")
-    check_target(target, overwrite)
+    inputs = [recipe.model] + [step.params.get(key) for step in recipe.steps for key in PATH_KEYS]
+    check_target(target, overwrite, inputs)
     check_recipe(recipe)
     device = device or recipe.device
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -27,11 +27,13 @@ from slimstack.checkpoint import (
     Checkpoint,
     CheckpointError,
     CheckpointWriter,
+    check_target,
     read_metadata,
     source_record,
 )
 from slimstack.depth.layer_ranges import drop_to_keep, format_layers, keep_layers
 from slimstack.depth.mergekit_config import DTYPE_ALIASES, MergeConfig, load_config
+from slimstack.devices import resolve_device
 
 # config lists that are not per-layer even when their length happens to equal the depth
 NOT_PER_LAYER = frozenset(
@@ -206,7 +208,7 @@ def _score_now(
             "--calib FILE to score the layers now"
         )
     calibration = load_calibration(path, calib, nsamples, seqlen, seed) if name != "snr" else None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     with Checkpoint.open(path) as ckpt:
         results, _ = score_layers(
             ckpt,
@@ -356,15 +358,14 @@ def write_plan(
     start = time.perf_counter()
     out = Path(out)
     ckpts = _open_sources(plan)
-    if out.resolve() in ckpts:
-        raise SliceError(f"output folder {out} is one of the source models; choose another")
+    check_target(out, overwrite, list(ckpts))  # not a source model, nor a folder holding one
     if plan.dtype is not None and plan.dtype not in DTYPE_ALIASES.values():
         raise SliceError(f"dtype {plan.dtype!r} is not one of float32, float16, bfloat16")
     base = ckpts[plan.base.resolve()]
     config = sliced_config(plan, ckpts)
     layer_map = _layer_map(plan)
     try:
-        with CheckpointWriter(out, overwrite=overwrite) as writer:
+        with CheckpointWriter(out, overwrite=overwrite, inputs=list(ckpts)) as writer:
             for name in base.non_layer_names():
                 writer.add(name, _convert(base.get_tensor(name), plan.dtype))
             bar = tqdm(plan.layers, desc="slice", unit="layer", disable=not progress)

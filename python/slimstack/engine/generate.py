@@ -36,6 +36,7 @@ GENERATE_KWARGS = (
 )
 CACHE_BUCKET = 128  # cache lengths round up to this, so similar requests reuse one graph
 ANCHOR_EVERY = 8  # at most this many tokens (+ 1 of context) decoded per step for text
+MAX_BYTE_CONTEXT = 16  # prompt tokens kept as context when the prompt ends in byte tokens
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
@@ -113,7 +114,8 @@ class Stream:
         try:
             index, piece = next(self._events)
         except StopIteration as done:
-            self.result = done.value
+            if self.result is None:  # a later next() on the spent generator carries None
+                self.result = done.value
             raise
         return piece if self._single else (index, piece)
 
@@ -128,7 +130,7 @@ class _Row:
     word's leading space survives), so a step costs O(1) decode work, not O(length).
     """
 
-    prefix: list[int]  # the prompt's last token: decoded with the new ones for spacing
+    prefix: list[int]  # the prompt's tail (see _Stopper.context): decoded with the new ones
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     emitted: int = 0  # characters already streamed
@@ -136,6 +138,16 @@ class _Row:
     anchor: int = 0  # tokens[:anchor] are decoded into `committed`
     committed: str = ""
     lead: str | None = None  # the context token's text alone (None: not decoded yet)
+    byte_run_from: int | None = None  # text length where a trailing run of byte tokens began
+
+
+def _common_prefix(a: str, b: str, start: int = 0) -> int:
+    """Length of the common prefix of a and b, given that they agree before `start`."""
+    end = min(len(a), len(b))
+    i = min(start, end)
+    while i < end and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class _Stopper:
@@ -161,6 +173,10 @@ class _Stopper:
             return
         row.tokens.append(token)
         if self.want_text:
+            if not self._is_byte_token(token):
+                row.byte_run_from = None
+            elif row.byte_run_from is None:
+                row.byte_run_from = len(row.text)
             new_from = self._extend_text(row)
             cut = self._stop_at(row.text, new_from)
             if cut is not None:
@@ -170,8 +186,10 @@ class _Stopper:
             row.reason = "length"
 
     def _extend_text(self, row: _Row) -> int:
-        """Bring row.text up to date with its tokens; returns where new text starts."""
-        known = len(row.text)
+        """Bring row.text up to date with its tokens; returns where new text starts: where
+        the old and new text first differ. Not the old length: a token that completes a
+        character turns trailing U+FFFD placeholders into it, changing text before there."""
+        old_text, stable = row.text, len(row.committed)  # text before `committed` is final
         context = row.tokens[row.anchor - 1 : row.anchor] if row.anchor else row.prefix
         decode = self.tokenizer.decode
         if row.lead is None:
@@ -181,11 +199,30 @@ class _Stopper:
             row.text = row.committed + tail[len(row.lead) :]
         else:  # the tail rewrote text before the anchor: decode everything, anchor anew
             row.text, row.anchor, row.committed = self.decode(row), 0, ""
-            row.lead, known = None, 0
+            row.lead, stable = None, 0
         alone = self._anchor_text(row)
         if alone is not None:  # the last token becomes the context; its text is the lead
             row.anchor, row.committed, row.lead = len(row.tokens), row.text, alone
-        return min(known, len(row.text))
+        return _common_prefix(old_text, row.text, start=stable)
+
+    def _is_byte_token(self, token: int) -> bool:
+        piece = self.tokenizer.convert_ids_to_tokens(token)
+        return isinstance(piece, str) and _BYTE_TOKEN.fullmatch(piece) is not None
+
+    def context(self, prompt: list[int]) -> list[int]:
+        """The prompt tokens the continuation is decoded behind: the last one, or from the
+        last non-byte token when the prompt ends in SentencePiece byte tokens (a run of them
+        decodes together, so a continuation that finishes or follows it needs all of it)."""
+        if self.tokenizer is None or not self.want_text:
+            return prompt[-1:]
+        start = len(prompt) - 1
+        while (
+            start > 0
+            and len(prompt) - start < MAX_BYTE_CONTEXT
+            and self._is_byte_token(prompt[start])
+        ):
+            start -= 1
+        return prompt[start:]
 
     def _anchor_text(self, row: _Row) -> str | None:
         """Whether the tail may restart after the last token, which then serves as context: a
@@ -196,8 +233,7 @@ class _Stopper:
         if len(row.tokens) - row.anchor < ANCHOR_EVERY or row.text.endswith("\ufffd"):
             return None
         last = row.tokens[-1]
-        piece = self.tokenizer.convert_ids_to_tokens(last)
-        if isinstance(piece, str) and _BYTE_TOKEN.fullmatch(piece):
+        if self._is_byte_token(last):
             return None
         alone = self.tokenizer.decode([last], skip_special_tokens=True)
         return alone if alone and row.text.endswith(alone) else None
@@ -223,6 +259,8 @@ class _Stopper:
         if row.reason is not None:
             return len(row.text)
         end = len(row.text)
+        if row.byte_run_from is not None:  # the run may still re-decode as a whole
+            end = min(end, row.byte_run_from)
         while end > 0 and row.text[end - 1] == "\ufffd":
             end -= 1
         safe = end
@@ -340,10 +378,15 @@ def _check_lengths(model: DecoderModel, prompts: list[list[int]], max_new_tokens
         raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
     context = model.config.context_length
     longest = max(len(p) for p in prompts)
-    if longest >= context:
+    if longest > context:
         raise ValueError(
             f"prompt of {longest} tokens is longer than the model's context ({context} tokens, "
             "including the generated ones)"
+        )
+    if longest == context:
+        raise ValueError(
+            f"prompt of {longest} tokens fills the model's context ({context} tokens) and "
+            "leaves no room for new tokens"
         )
     if longest + max_new_tokens > context:
         raise ValueError(
@@ -356,8 +399,12 @@ def _check_stop(stop: Any) -> list[str]:
     if stop is None:
         return []
     stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) and s for s in stops):
+    if not isinstance(stops, (list, tuple)) or not all(isinstance(s, str) for s in stops):
         raise TypeError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    if not all(stops):
+        raise ValueError(
+            f"stop strings must be non-empty (an empty one matches at once), got {stop!r}"
+        )
     return list(stops)
 
 
@@ -407,6 +454,8 @@ def generate(
     params = SamplingParams(temperature, top_k, top_p)
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {seed!r}")
+    if seed is not None and not -(2**63) <= seed < 2**64:
+        raise ValueError(f"seed must fit 64 bits (-2**63 .. 2**64 - 1), got {seed}")
     stops = _check_stop(stop)
     encoded, single = encode_prompts(model, prompts)
     _check_lengths(model, encoded, max_new_tokens)
@@ -443,7 +492,7 @@ def _run(
     epoch = model.cache_epoch  # a stream must notice another call reusing this cache
     runner = decode_runner(model, mode)  # captured before prefill touches the cache
     generator = make_generator(device, seed)
-    rows = [_Row(prefix=p[-1:]) for p in prompts]
+    rows = [_Row(prefix=stopper.context(p)) for p in prompts]
     reader = _TokenReader(device, batch, lag=2)
 
     def consume(drain: bool = False) -> Iterator[tuple[int, str]]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from slimstack.checkpoint import Checkpoint, CheckpointError, read_metadata
+from slimstack.devices import resolve_device
 from slimstack.engine.config import EngineConfig, engine_config
 from slimstack.engine.fused import select_kernels
 from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
@@ -49,7 +50,7 @@ def load(
     kernels: "auto", "torch" or "triton" for RMSNorm / RoPE / SwiGLU. fuse: one q/k/v and
     one gate/up projection per layer where the parts are alike (see `build_layer`).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if isinstance(dtype, str):  # "bfloat16" or "torch.bfloat16", as a CLI or config says it

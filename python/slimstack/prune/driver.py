@@ -22,6 +22,7 @@ from slimstack.checkpoint import (
     read_metadata,
     source_record,
 )
+from slimstack.devices import resolve_device
 from slimstack.hf_layers import linear_names
 from slimstack.prune.methods import METHODS, InputStats, prune_weight
 from slimstack.prune.patterns import Pattern, parse_pattern
@@ -107,11 +108,10 @@ def prune(
         raise ValueError(f"{method} needs calibration text (--calib FILE)")
     ckpt = Checkpoint.open(model)
     context = int(ckpt.config.get("max_position_embeddings") or 2048)
-    seqlen = seqlen or min(2048, context)
+    if seqlen is None:
+        seqlen = min(2048, context)
     if method != "magnitude" and seqlen > context:
-        raise ValueError(
-            f"seqlen {seqlen} exceeds the model's context ({context} tokens); lower --seqlen"
-        )
+        raise ValueError(f"seqlen {seqlen} exceeds the model's context ({context} tokens)")
     all_modules = [
         name[: -len(".weight")]
         for name in ckpt.tensor_names()
@@ -123,8 +123,9 @@ def prune(
     if not modules:
         raise ValueError("no linear layer matches --include/--exclude; nothing to prune")
     _check_shapes(ckpt, modules, pattern)
-    writer = CheckpointWriter(out, overwrite=overwrite)  # refuses an existing target up front
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # refuses an existing target, or one that would replace the inputs, up front
+    writer = CheckpointWriter(out, overwrite=overwrite, inputs=(model, calib))
+    device = resolve_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
