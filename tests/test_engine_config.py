@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -62,6 +64,11 @@ def test_family_specific_fields() -> None:
     )
     llama = engine_config({**BASE, "attention_bias": True, "mlp_bias": True, "sliding_window": 4})
     assert llama.qkv_bias and llama.o_bias and llama.mlp_bias and llama.sliding_windows[0] is None
+    # transformers' Mistral has no biases whatever attention_bias / mlp_bias say
+    biased_mistral = engine_config(
+        {**BASE, "model_type": "mistral", "attention_bias": True, "mlp_bias": True}
+    )
+    assert not (biased_mistral.qkv_bias or biased_mistral.o_bias or biased_mistral.mlp_bias)
     typed = engine_config(
         {
             **BASE,
@@ -170,3 +177,28 @@ def test_masks_match_a_brute_force(window: int | None) -> None:
         mask = decode_mask(torch.tensor(pad), torch.tensor([slot]), slot_ids, window)
         assert mask.shape == (3, 1, 1, length)
         assert torch.equal(mask[:, 0, 0], _brute_force_mask(pad, slot, length, window))
+
+
+def test_original_context_in_two_places_is_read_as_transformers_reads_it() -> None:
+    """A config with original_max_position_embeddings both at the top level and inside
+    rope_parameters (Phi-3 style): transformers (5.x) uses the rope_parameters one, so the
+    tables must too."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    raw = {
+        **BASE,
+        "original_max_position_embeddings": 32,
+        "rope_parameters": {
+            "rope_theta": 1000.0,
+            "rope_type": "yarn",
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    }
+    reference = LlamaRotaryEmbedding(LlamaConfig(**json.loads(json.dumps(raw))))
+    ours = RotaryEmbedding(engine_config(json.loads(json.dumps(raw))))
+    positions = torch.arange(100)[None]
+    ref_cos, ref_sin = reference(torch.zeros(1), positions)
+    cos, sin = ours(positions, torch.float32)
+    assert torch.allclose(cos, ref_cos, atol=1e-5) and torch.allclose(sin, ref_sin, atol=1e-5)

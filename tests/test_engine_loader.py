@@ -56,6 +56,20 @@ def test_upscaled_copy_shares_identical_repeated_layers(
     assert len(info.linears) == 5 * 4  # a shared layer's weights are counted once
 
 
+def test_an_upscaled_copy_pruned_by_magnitude_still_shares(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    """Magnitude pruning keeps identical repeated layers identical: the output keeps the
+    source's layer map, and the engine still runs the repeat on one packed module."""
+    from slimstack.prune.driver import prune
+
+    folder = sliced(stories260k_dir, tmp_path / "up", keep="0,1,2,2,3,4")
+    pruned = tmp_path / "up-24"
+    prune(folder, pruned, method="magnitude", sparsity="2:4", progress=False)
+    engine = load(pruned, device="cpu")
+    assert engine.layers[3] is engine.layers[2] and engine.info().shared == {3: 2}
+
+
 def test_layer_map_is_not_trusted_when_tensors_differ(
     stories260k_dir: Path, tmp_path: Path
 ) -> None:
@@ -141,6 +155,15 @@ def test_load_errors_are_clear(stories260k_dir: Path, tmp_path: Path) -> None:
     (other / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="longrope.*supported: default, linear"):
         load(other, device="cpu")
+    with pytest.raises(ValueError, match="device must be 'cpu', 'cuda' or 'cuda:N'"):
+        load(stories260k_dir, device="tpu")
+    # a corrupt tokenizer names the folder and its files
+    broken = tmp_path / "broken-tokenizer"
+    shutil.copytree(stories260k_dir, broken)
+    (broken / "tokenizer.json").chmod(0o644)
+    (broken / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="tokenizer files .* do not load"):
+        load(broken, device="cpu")
 
 
 @pytest.mark.parametrize(

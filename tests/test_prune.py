@@ -222,7 +222,7 @@ def test_prune_stories(
                     (after != 0).reshape(after.shape[0], -1, pattern.m).sum(-1) <= pattern.n
                 ).all()
             else:
-                assert ((after == 0).sum(1) == int(after.shape[1] * pattern.ratio)).all()
+                assert ((after == 0).sum(1) == pattern.pruned_count(after.shape[1])).all()
             if method != "sparsegpt":  # kept weights unchanged
                 kept = after != 0
                 assert torch.equal(after[kept], before[kept])
@@ -250,6 +250,19 @@ def test_wanda_and_sparsegpt_beat_magnitude_perplexity(
 # ------------------------------------------------------------------ bad input: message + nothing written
 def _assert_nothing_written(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_ratio_that_prunes_nothing_is_refused(stories260k_dir: Path, tmp_path: Path) -> None:
+    """0.5% of 64 inputs is 0.32: every row would stay dense under a "pruned" label."""
+    with pytest.raises(PatternError, match=r"prunes none of the \d+ inputs per row"):
+        prune(stories260k_dir, tmp_path / "out", method="magnitude", sparsity="0.5%")
+    _assert_nothing_written(tmp_path)
+
+
+def test_pruned_counts_are_whole_despite_float_products() -> None:
+    """0.29 x 100 is 28.999... in floating point: the count is still 29."""
+    assert Unstructured(0.29).pruned_count(100) == 29
+    assert Unstructured(0.5).pruned_count(172) == 86 and Unstructured(0.5).pruned_count(3) == 1
 
 
 def test_k_not_divisible_names_module_and_shape(stories260k_dir: Path, tmp_path: Path) -> None:

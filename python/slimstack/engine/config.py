@@ -124,8 +124,9 @@ def engine_config(config: dict[str, Any]) -> EngineConfig:
         max_position_embeddings=_positive_int(config, "max_position_embeddings"),
         rope=rope_config(config),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        # qwen2 always has q/k/v biases and no o_proj bias; llama's attention_bias covers all four
-        qkv_bias=qwen2 or attention_bias,
+        # qwen2 always has q/k/v biases and no o_proj bias; llama's attention_bias covers all
+        # four; mistral has none (its transformers class ignores attention_bias)
+        qkv_bias=qwen2 or (attention_bias and model_type == "llama"),
         o_bias=attention_bias and model_type == "llama",
         mlp_bias=bool(config.get("mlp_bias", False)) and model_type == "llama",
         sliding_windows=sliding_windows(config, num_layers),
@@ -146,6 +147,7 @@ def rope_config(config: dict[str, Any]) -> RopeConfig:
             f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
         )
     theta = params.get("rope_theta") or config.get("rope_theta") or _DEFAULT_THETA
+    # rope_parameters' own value wins over a top-level one, as transformers reads it
     original = params.get("original_max_position_embeddings") or config.get(
         "original_max_position_embeddings"
     )

@@ -230,7 +230,7 @@ def shared_layers(ckpt: Checkpoint, metadata: dict[str, Any] | None) -> dict[int
     folder, so a map that no longer matches the weights (fine-tuned after up-scaling) is
     harmless.
     """
-    layer_map = (metadata or {}).get("layer_map")
+    layer_map = _layer_map(metadata or {})
     if not isinstance(layer_map, list) or len(layer_map) != ckpt.num_layers:
         return {}
     first_seen: dict[tuple[str, int], int] = {}
@@ -244,6 +244,20 @@ def shared_layers(ckpt: Checkpoint, metadata: dict[str, Any] | None) -> dict[int
         else:
             first_seen.setdefault(key, index)
     return sharing
+
+
+def _layer_map(metadata: dict[str, Any]) -> Any:
+    """The folder's own layer_map (a sliced or up-scaled copy), else the last one a step
+    recorded: pruning after slicing keeps the positions but drops the top-level map, since
+    its layers are no longer copies; identical ones (magnitude pruning of repeats) still
+    share, as the tensor comparison decides."""
+    if "layer_map" in metadata:
+        return metadata["layer_map"]
+    steps = metadata.get("steps")
+    for step in reversed(steps if isinstance(steps, list) else []):
+        if isinstance(step, dict) and "layer_map" in step:
+            return step["layer_map"]
+    return None
 
 
 def _same_layer(ckpt: Checkpoint, a: int, b: int) -> bool:
@@ -303,4 +317,10 @@ def _tokenizer(folder: Path) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+        raise CheckpointError(
+            f"{folder}: its tokenizer files (tokenizer.json / tokenizer.model / "
+            f"tokenizer_config.json) do not load: {exc}"
+        ) from None

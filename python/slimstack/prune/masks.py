@@ -21,7 +21,7 @@ def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
 def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune the lowest `ratio` of each row (Wanda's per-output comparison group)."""
     rows, cols = scores.shape
-    prune = int(cols * ratio)
+    prune = Unstructured(ratio).pruned_count(cols)
     keep = torch.ones_like(scores, dtype=torch.bool)
     if prune:
         order = torch.sort(scores, dim=1, stable=True).indices
@@ -31,7 +31,7 @@ def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 
 def layer_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     """Prune the lowest `ratio` of the whole matrix (magnitude pruning's layer-wise group)."""
-    prune = int(scores.numel() * ratio)
+    prune = Unstructured(ratio).pruned_count(scores.numel())
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if prune:
         order = torch.sort(scores.flatten(), stable=True).indices

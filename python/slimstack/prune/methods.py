@@ -98,8 +98,8 @@ def sparsegpt_prune(
         diag = torch.diag(hinv_block)
         errors = torch.zeros_like(block)
         if isinstance(pattern, Unstructured):
-            # row totals come out at exactly int(cols * ratio), as row_mask gives
-            count = int(b1 * pattern.ratio) - int(b0 * pattern.ratio)
+            # row totals come out at exactly pruned_count(cols), as row_mask gives
+            count = pattern.pruned_count(b1) - pattern.pruned_count(b0)
             pruned = _exact_row_prune(block.square() / diag.square(), count)
         else:
             pruned = torch.zeros_like(block, dtype=torch.bool)

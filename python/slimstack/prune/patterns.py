@@ -53,8 +53,17 @@ class Unstructured:
     def __str__(self) -> str:
         return f"{self.ratio:g}"
 
+    def pruned_count(self, total: int) -> int:
+        """How many of `total` weights the ratio prunes: floor(total x ratio), with a float
+        product just below a whole number (0.29 x 100 = 28.999...) counted as that number."""
+        return int(total * self.ratio + 1e-9)
+
     def check_shape(self, name: str, shape: tuple[int, ...]) -> None:
-        return None
+        if self.pruned_count(shape[-1]) == 0:
+            raise PatternError(
+                f"sparsity {self} prunes none of the {shape[-1]} inputs per row of {name}; "
+                f"use a ratio of at least 1/{shape[-1]} ({1 / shape[-1]:.3g})"
+            )
 
 
 Pattern = NMPattern | Unstructured
