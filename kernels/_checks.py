@@ -54,6 +54,15 @@ def check_int32_offsets(op: str, *numels: int) -> None:
         raise ValueError(f"{op}: tensors past 2**31 elements are not supported (int32 offsets)")
 
 
+def addressed_elements(x: torch.Tensor) -> int:
+    """Elements a kernel may address from x's pointer: its numel when contiguous, more for
+    a narrow view of a wide buffer (row stride past K). A view whose columns are strided is
+    made contiguous by the launchers, so only its numel counts."""
+    if x.numel() == 0 or x.dim() != 2 or x.stride(1) != 1:
+        return x.numel()
+    return (x.shape[0] - 1) * x.stride(0) + x.shape[1]
+
+
 def check_block_k(op: str, block_k: int) -> None:
     """A K step covers whole packed K tiles."""
     if block_k % K_TILE or block_k < K_TILE:

@@ -22,6 +22,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from slimstack.kernels._checks import (
+    addressed_elements,
     as_int32_words,
     check_activation,
     check_config,
@@ -218,7 +219,7 @@ def _validate(x, values, bitmask, row_offsets, N, K, config) -> int:
     check_packed(op, "values", values, (values.numel(),), x.dtype)  # 1-D
     check_same_device(op, x, values=values, bitmask=bitmask, row_offsets=row_offsets)
     check_runnable(op, _bitmap_gemv_kernel, x.device)
-    check_int32_offsets(op, x.numel(), values.numel(), M * N)
+    check_int32_offsets(op, addressed_elements(x), values.numel(), M * N)
     if row_offsets.device.type == "cpu":  # free to check here; on CUDA it would cost a sync
         end = int(row_offsets[-1])
         if int(row_offsets[0]) != 0 or end > values.numel():

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from slimstack.kernels._checks import (
+    addressed_elements,
     as_int32_words,
     check_activation,
     check_config,
@@ -135,7 +136,7 @@ def _validate(x, values, meta, N, K, config) -> int:
     check_packed(op, "meta", meta, (N, Kp // 8), torch.uint8)
     check_same_device(op, x, values=values, meta=meta)
     check_runnable(op, _sparse24_gemm_kernel, x.device)
-    check_int32_offsets(op, x.numel(), values.numel(), M * N)
+    check_int32_offsets(op, addressed_elements(x), values.numel(), M * N)
     if config is not None:
         check_config(op, config)
         if min(config.block_m, config.block_n) < 16:

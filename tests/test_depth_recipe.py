@@ -164,6 +164,9 @@ def test_recipe_file_errors(tmp_path: Path, stories260k_dir: Path):
     (tmp_path / "bad.yaml").write_text("steps: [")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_recipe(tmp_path / "bad.yaml")
+    (tmp_path / "twice.yaml").write_text(f"model: {stories260k_dir}\nsteps: []\nmodel: other\n")
+    with pytest.raises(ValueError, match="not valid YAML.*duplicate key 'model'"):
+        load_recipe(tmp_path / "twice.yaml")
     with pytest.raises(ValueError, match="unknown key\\(s\\) 'outdir'"):
         load_recipe({"model": str(stories260k_dir), "steps": [], "outdir": "x"})
     with pytest.raises(ValueError, match="'model' .* is required"):

@@ -452,6 +452,11 @@ def test_other_refusals_leave_nothing(stories260k_dir: Path, tmp_path: Path):
     (tmp_path / "broken.yaml").write_text("slices: [unclosed")
     with pytest.raises(ValueError, match="not valid YAML"):
         slice_model(out=out, config=tmp_path / "broken.yaml")
+    (tmp_path / "twice.yaml").write_text(
+        "slices:\n  - sources:\n      - layer_range: [0, 2]\n        layer_range: [0, 5]\n"
+    )
+    with pytest.raises(ValueError, match="duplicate key 'layer_range'"):
+        slice_model(out=out, config=tmp_path / "twice.yaml")
     with pytest.raises(ValueError, match="dtype 'int4' is not one of"):
         slice_model(stories260k_dir, out, drop="1", dtype="int4")
     with pytest.raises(ValueError, match="model folder not found"):

@@ -146,6 +146,14 @@ def test_result_fields_and_timings(engine) -> None:
         _ = batch.text
 
 
+def test_numpy_token_ids_are_token_ids(engine) -> None:
+    import numpy as np
+
+    ids = [1, 403, 280]
+    as_numpy = engine.generate([np.int64(t) for t in ids], max_new_tokens=5)
+    assert as_numpy.token_ids == engine.generate(ids, max_new_tokens=5).token_ids
+
+
 def test_token_id_prompts_match_text_prompts(engine) -> None:
     ids = engine.tokenizer(PROMPT)["input_ids"]
     expected = engine.generate(PROMPT, max_new_tokens=10).tokens

@@ -588,3 +588,15 @@ def test_interpreter_suite_in_fresh_process():
     skipped = re.search(r"(\d+) skipped", summary)
     assert passed and int(passed.group(1)) >= 50, tail
     assert skipped is None or int(skipped.group(1)) == 1, f"only this test may skip: {summary}"
+
+
+def test_a_narrow_view_of_a_wide_buffer_counts_its_row_stride():
+    """The int32 offset check must see what x's row stride addresses, not only its numel."""
+    from slimstack.kernels._checks import addressed_elements, check_int32_offsets
+
+    wide = torch.empty(2, 64, device="meta").as_strided((2, 64), (2**31, 1))
+    assert addressed_elements(wide) == 2**31 + 64
+    with pytest.raises(ValueError, match="int32 offsets"):
+        check_int32_offsets("op", addressed_elements(wide))
+    assert addressed_elements(torch.empty(3, 64, device="meta")) == 3 * 64
+    assert addressed_elements(torch.empty(64, 3, device="meta").t()) == 3 * 64

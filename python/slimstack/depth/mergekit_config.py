@@ -176,6 +176,27 @@ def parse_config(
     return MergeConfig(parsed, base, dtype, tokenizer, dict(raw))
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (plain YAML keeps the last,
+    so a slice or step written twice would silently lose one)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, refusing duplicate keys (a yaml.YAMLError)."""
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_config(
     config: str | os.PathLike | Mapping, default_model: Path | None = None
 ) -> MergeConfig:
@@ -187,7 +208,7 @@ def load_config(
     if not path.is_file():
         raise MergeConfigError(f"slice config not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
         raise MergeConfigError(f"{path}: not valid YAML ({exc})") from None
     return parse_config(raw, default_model, path.resolve().parent)

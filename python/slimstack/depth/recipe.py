@@ -45,6 +45,7 @@ from slimstack.checkpoint import (
 )
 from slimstack.depth.layer_ranges import drop_to_keep, keep_layers
 from slimstack.depth.mergekit_config import TOP_LEVEL_KEYS as MERGEKIT_KEYS
+from slimstack.depth.mergekit_config import load_yaml
 from slimstack.depth.selection import canonical_criterion
 
 RECIPE_KEYS = ("model", "out", "device", "steps")
@@ -186,7 +187,7 @@ def load_recipe(recipe: str | os.PathLike | Mapping) -> Recipe:
         raise RecipeError(f"recipe file not found: {path}")
     text = path.read_text()
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from None
     return parse_recipe(raw, path, text)

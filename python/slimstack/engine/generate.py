@@ -11,6 +11,7 @@ until every row is done or `max_new_tokens` is reached.
 from __future__ import annotations
 
 import difflib
+import numbers
 import re
 import time
 from collections import deque
@@ -321,8 +322,9 @@ def _check_kwargs(unknown: dict[str, Any]) -> None:
 
 
 def _is_token_list(value: Any) -> bool:
+    # numbers.Integral: numpy's integer scalars (a tokenizer's np.int64 ids) count too
     return isinstance(value, (list, tuple)) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value
+        isinstance(t, numbers.Integral) and not isinstance(t, bool) for t in value
     )
 
 
@@ -357,7 +359,7 @@ def encode_prompts(model: DecoderModel, prompts: Any) -> tuple[list[list[int]], 
                 )
             ids = list(model.tokenizer(item)["input_ids"])
         elif _is_token_list(item):
-            ids = list(item)
+            ids = [int(t) for t in item]
         else:
             raise TypeError(f"{where} must be a string or a list of token ids, got {item!r}")
         if not ids:
