@@ -134,6 +134,17 @@ def test_truncated_safetensors_refused(stories260k_dir: Path, tmp_path: Path, cu
         Checkpoint.open(folder)
 
 
+def test_fp8_tensors_are_unsupported_not_corrupt(stories260k_dir: Path, tmp_path: Path) -> None:
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        tensors = {n: ckpt.get_tensor(n) for n in ckpt.tensor_names()}
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].to(torch.float8_e4m3fn)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{name}' is stored as F8_E4M3.*dequantize"):
+        Checkpoint.open(folder)
+
+
 def test_garbage_header_refused(stories260k_dir: Path, tmp_path: Path) -> None:
     folder = _copy(stories260k_dir, tmp_path / "m")
     weights = folder / "model.safetensors"

@@ -122,6 +122,13 @@ def _read_safetensors_header(path: Path) -> dict[str, TensorEntry]:
     base = 8 + header_len
     entries = {}
     for name, entry in header.items():
+        stored = entry.get("dtype") if isinstance(entry, dict) else None
+        if isinstance(stored, str) and stored not in _SAFETENSORS_DTYPES:
+            # a valid file in a format we do not read (FP8, quantized): say so, not "corrupt"
+            raise CheckpointError(
+                f"{path}: tensor {name!r} is stored as {stored}, which slimstack does not "
+                f"read; supported: {', '.join(_SAFETENSORS_DTYPES)} (dequantize first)"
+            )
         try:
             begin, end = (int(v) for v in entry["data_offsets"])
             dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
