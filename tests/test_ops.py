@@ -268,6 +268,9 @@ def test_derived_cache_rebuilds_after_in_place_writes() -> None:
     assert cache.get(values, (values, torch.zeros_like(meta)), build) == 3, "a swapped source"
     del values
     assert len(cache) == 0, "entries go with their key tensor"
+    with torch.inference_mode():  # no version counter there: cached, never an error
+        frozen = torch.randn(4, 8)
+    assert cache.get(frozen, (frozen,), build) == cache.get(frozen, (frozen,), build) == 4
 
 
 def test_semi_structured_copy_follows_load_state_dict(monkeypatch, make_weight) -> None:

@@ -17,9 +17,15 @@ from torch.utils.weak import WeakIdKeyDictionary
 Derived = TypeVar("Derived")
 
 
+def _version(t: Tensor) -> int:
+    # Inference-mode tensors keep no version counter; they can only be written inside
+    # inference mode, where an in-place write to a weight is not something this tracks.
+    return -1 if t.is_inference() else t._version
+
+
 def _stamp(sources: tuple[Tensor, ...]) -> tuple[tuple[int, int, int], ...]:
     # id and data_ptr catch a source swapped for another tensor; _version, in-place writes
-    return tuple((id(t), t.data_ptr(), t._version) for t in sources)
+    return tuple((id(t), t.data_ptr(), _version(t)) for t in sources)
 
 
 class DerivedCache(Generic[Derived]):
