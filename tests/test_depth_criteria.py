@@ -166,9 +166,16 @@ def test_streamed_taylor_matches_full_model_autograd(stories260k_dir: Path):
             index = int(name.split(".")[2])
             product = (param * param.grad).detach().double()
             expected[index] += float(product.abs().sum())
-            signed[index] += float(product.sum())
+            signed[index] -= float(product.sum())
     assert result["scores"] == pytest.approx(expected, rel=1e-4)
     assert result["first_order_delta"] == pytest.approx(signed, rel=1e-3, abs=1e-5)
+    # the sign: shrinking layer 2 towards zero by eps changes the loss by eps x the estimate
+    eps, loss = 1e-3, float(model(ids, labels=ids, use_cache=False).loss)
+    with torch.no_grad():
+        for param in model.model.layers[2].parameters():
+            param.mul_(1 - eps)
+        shrunk = float(model(ids, labels=ids, use_cache=False).loss)
+    assert (shrunk - loss) / eps == pytest.approx(result["first_order_delta"][2], rel=0.05)
     assert result["plus_kept"] == [0, 4]
     assert result["drop_order"] == sorted([1, 2, 3], key=lambda i: expected[i])
     assert result["memory_bytes_estimate"] > 0
@@ -240,6 +247,23 @@ def test_low_rank_signal_is_found_above_noise():
     assert result.signal_count == 3
     assert result.sigma == pytest.approx(0.02, rel=0.1)
     assert 0 < result.snr < math.inf
+
+
+@pytest.mark.parametrize("rank", [4, 8, 16])
+def test_signal_filling_much_of_the_spectrum_does_not_inflate_sigma(rank):
+    """Signal in more than the top 10% of a 32 x 64 spectrum (here up to half of it) landed
+    in the bulk fit, inflated sigma past ||W||_F / sqrt(nm) and hid all of the signal."""
+    gen = torch.Generator().manual_seed(rank)
+    n, m = 32, 64
+    noise = torch.randn(n, m, generator=gen, dtype=torch.float64)
+    u, _ = torch.linalg.qr(torch.randn(n, rank, generator=gen, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(m, rank, generator=gen, dtype=torch.float64))
+    edge = math.sqrt(n) + math.sqrt(m)
+    result = weight_snr(noise + 3 * edge * u @ v.t())
+    assert result.signal_count == rank
+    assert result.sigma == pytest.approx(1.0, rel=0.15)
+    total = float((noise + 3 * edge * u @ v.t()).square().mean().sqrt())
+    assert result.sigma <= total
 
 
 def test_spectrum_without_a_noise_part_is_infinite_and_dropped_first(tmp_path: Path):

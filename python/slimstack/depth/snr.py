@@ -13,7 +13,9 @@ estimate, but against the right reference: the sorted singular values of the low
 the spectrum are fitted by least squares to the Marchenko-Pastur quantiles for this aspect
 ratio (at plotting positions (k - 1/2) / n), slope sigma sqrt(m) with a free intercept, so
 the estimate measures the spread of the bulk, not its location, and the top 10% (where
-signal sits) does not pull it. laserRMT divides the IQR by 1.349, the IQR of a standard
+signal sits) does not pull it; where signal fills more than that, the fit is repeated on the
+values under the threshold (the spectrum of the noise left by the signal directions) until
+the signal count settles. laserRMT divides the IQR by 1.349, the IQR of a standard
 normal, which is not the spectrum of a noise matrix: with it a pure Gaussian matrix comes
 out as "all signal". Here pure noise gives sigma back and no singular value above the edge.
 The edge gets the Tracy-Widom allowance for finite matrices (99th percentile of the largest
@@ -65,15 +67,49 @@ def mp_singular_quantiles(beta: float, probs: tuple[float, ...], grid: int = 200
     return tuple(float(math.sqrt(np.interp(p, cdf, x))) for p in probs)
 
 
-def estimate_sigma(singular: torch.Tensor, n: int, m: int, fit_upto: float = 0.9) -> float:
-    """Noise standard deviation of the entries from a Q-Q fit of the spectrum's bulk."""
-    ascending = np.sort(singular.cpu().numpy())
+def _bulk_fit(ascending: np.ndarray, n: int, m: int, fit_upto: float) -> float:
+    """sigma from a least-squares fit of the lower `fit_upto` of an n x m noise spectrum
+    (ascending, n values) to the Marchenko-Pastur quantiles: slope sigma sqrt(m)."""
     probs = (np.arange(1, n + 1) - 0.5) / n
     bulk = probs <= fit_upto
+    if bulk.sum() < 2:
+        return 0.0
     quantiles = np.asarray(mp_singular_quantiles(n / m, tuple(probs[bulk].tolist())))
     design = np.stack([np.ones_like(quantiles), quantiles], axis=1)
-    (_, slope), *_ = np.linalg.lstsq(design, ascending[bulk], rcond=None)
+    (_, slope), *_ = np.linalg.lstsq(design, ascending[:n][bulk], rcond=None)
     return max(float(slope), 0.0) / math.sqrt(m)
+
+
+def signal_threshold(sigma: float, n: int, m: int) -> float:
+    """The Marchenko-Pastur edge sigma (sqrt n + sqrt m) plus the Tracy-Widom allowance."""
+    mp_edge = sigma * (math.sqrt(n) + math.sqrt(m))
+    return mp_edge + sigma * (1 / math.sqrt(n) + 1 / math.sqrt(m)) ** (1 / 3) * TRACY_WIDOM_99 / 2
+
+
+def estimate_sigma(
+    singular: torch.Tensor, n: int, m: int, fit_upto: float = 0.9, max_rounds: int = 50
+) -> float:
+    """Noise standard deviation of the entries from a Q-Q fit of the spectrum's bulk.
+
+    A fit of the whole bulk would take in signal wherever it fills more of the spectrum than
+    the part left out, and inflate sigma until the real signal fell under the threshold. So
+    a first fit takes the lower half of the n values, and the fit (of the lower `fit_upto`)
+    is repeated on the values under the threshold alone, read as the spectrum of the (n - r) x (m - r) noise left by r signal
+    directions, until r stops changing. sigma never exceeds ||W||_F / sqrt(nm), the value
+    that would put all of the matrix's energy into noise.
+    """
+    ascending = np.sort(singular.cpu().numpy())
+    ceiling = math.sqrt(float(np.square(ascending).sum()) / (n * m))
+    # the lower half first: noise as long as signal takes less than half of the spectrum
+    sigma = min(_bulk_fit(ascending, n, m, min(fit_upto, 0.5)), ceiling)
+    signal = -1
+    for _ in range(max_rounds):
+        now = int((ascending > signal_threshold(sigma, n, m)).sum())
+        if now == signal or now >= n - 1:
+            break
+        signal = now
+        sigma = min(_bulk_fit(ascending, n - signal, m - signal, fit_upto), ceiling)
+    return sigma
 
 
 @dataclass
@@ -111,8 +147,7 @@ def weight_snr(weight: torch.Tensor) -> SnrResult:
     n, m = sorted(w.shape)
     sigma = estimate_sigma(singular, n, m)
     mp_edge = sigma * (math.sqrt(n) + math.sqrt(m))
-    allowance = sigma * (1 / math.sqrt(n) + 1 / math.sqrt(m)) ** (1 / 3) * TRACY_WIDOM_99 / 2
-    threshold = mp_edge + allowance
+    threshold = signal_threshold(sigma, n, m)
     is_signal = singular > threshold
     signal = float(singular[is_signal].sum())
     noise = float(singular[~is_signal].sum())

@@ -5,8 +5,9 @@ on the calibration windows and the gradient summed over them before the product 
 Shortened LLaMA code does); norms included, embeddings excluded. Lowest score goes first.
 "+" is their heuristic of never removing the first and last few layers (they keep 4 and 2
 of 32); here the counts scale with depth: ceil(L/8) first and ceil(L/16) last by default.
-Each layer also reports sum(w * dL/dw), the first-order estimate of the loss change when the
-whole layer is zeroed (signed).
+Each layer also reports -sum(w * dL/dw), the first-order estimate of the loss change
+L(layer zeroed) - L (positive: removing it costs loss), from L(w + d) ~ L(w) + d . dL/dw
+at d = -w.
 
 The backward pass is streamed like the forward one: a forward pass stores the hidden state
 at every layer boundary, then layers are loaded again from last to first, re-run with
@@ -108,7 +109,7 @@ def taylor_scores(
         grad = torch.cat(grad_in)
         products = [p.detach().float() * p.grad.float() for p in params.values()]
         scores[index] = float(sum(prod.abs().double().sum() for prod in products))
-        signed[index] = float(sum(prod.double().sum() for prod in products))
+        signed[index] = -float(sum(prod.double().sum() for prod in products))
         boundaries[index + 1] = None  # no longer needed: free as we go
         del layer, params, products
         bar.update()
