@@ -212,6 +212,17 @@ def test_strided_activations(poisoned, make_sparse24):
         _assert_matches(fn(x, packed.values, packed.meta, N, K), ref, dtype)
 
 
+def _run_kernel(kernel: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """y = x @ w^T through the named Triton kernel ("gemv", "gemm" or "bitmap")."""
+    N, K = w.shape
+    if kernel == "bitmap":
+        p = pack_bitmap(w).to(DEVICE)
+        return bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, N, K)
+    p = pack_sparse24(w).to(DEVICE)
+    fn = sparse24_gemv.sparse24_gemv if kernel == "gemv" else sparse24_gemm.sparse24_gemm
+    return fn(x, p.values, p.meta, N, K)
+
+
 @runs_here
 @pytest.mark.parametrize("kernel,M", [("gemv", 1), ("gemv", 3), ("gemm", 17), ("bitmap", 3)])
 def test_reads_of_x_stop_at_k(poisoned, make_sparse24, kernel, M):
@@ -223,13 +234,7 @@ def test_reads_of_x_stop_at_k(poisoned, make_sparse24, kernel, M):
     storage[: M * K] = torch.randn(M * K, generator=_gen(41)).to(dtype)
     storage = storage.to(DEVICE)
     x = storage[: M * K].view(M, K)
-    if kernel == "bitmap":
-        p = pack_bitmap(w).to(DEVICE)
-        y = bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, N, K)
-    else:
-        p = pack_sparse24(w).to(DEVICE)
-        fn = sparse24_gemv.sparse24_gemv if kernel == "gemv" else sparse24_gemm.sparse24_gemm
-        y = fn(x, p.values, p.meta, N, K)
+    y = _run_kernel(kernel, x, w)
     _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
 
 
@@ -246,13 +251,7 @@ def test_non_finite_x_reaches_the_rows_that_keep_its_column(make_sparse24, kerne
     w = make_sparse24(N, K, dtype, generator=_gen(42))
     x = _activations(M, K, dtype, seed=43)
     x[:, column] = bad
-    if kernel == "bitmap":
-        p = pack_bitmap(w).to(DEVICE)
-        y = bitmap_gemv.bitmap_gemv(x, p.values, p.bitmask, p.row_offsets, N, K)
-    else:
-        p = pack_sparse24(w).to(DEVICE)
-        fn = sparse24_gemv.sparse24_gemv if kernel == "gemv" else sparse24_gemm.sparse24_gemm
-        y = fn(x, p.values, p.meta, N, K)
+    y = _run_kernel(kernel, x, w)
     keeps = (w[:, column] != 0).to(DEVICE)
     assert 0 < int(keeps.sum()) < N
     assert not torch.isfinite(y[:, keeps]).any()
