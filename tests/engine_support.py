@@ -92,8 +92,12 @@ def hf_model(path: Path):
 def hf_greedy(model, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
     """transformers' greedy generate on left-padded prompts; each row cut at its first EOS."""
     width = max(len(p) for p in prompts)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    # on the model's device: some transformers releases (5.17, the GPU image's) do not move
+    # generate()'s inputs to a CUDA model themselves
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=model.device)
+    mask = torch.tensor(
+        [[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=model.device
+    )
     out = model.generate(
         input_ids=ids,
         attention_mask=mask,

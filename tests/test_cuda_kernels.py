@@ -63,6 +63,15 @@ def _dtype_id(dtype: torch.dtype) -> str:
 _WEIGHTS: dict[tuple, tuple[torch.Tensor, object]] = {}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_weights():
+    """The cached GPU weights (about 1 GB with the 14336x4096 ones) go with this module, not
+    with the worker process that runs the next test file."""
+    yield
+    _WEIGHTS.clear()
+    torch.cuda.empty_cache()
+
+
 def _weight(kind: str, n: int, k: int, dtype: torch.dtype, make) -> tuple[torch.Tensor, object]:
     """Dense masked weight on the GPU and its packed form (cached: packing 14336x4096 is slow)."""
     key = (kind, n, k, dtype)

@@ -355,3 +355,14 @@ def test_cli_generate_reports_bad_input(stories260k_dir: Path, capsys) -> None:
     code = main(["generate", str(stories260k_dir), "", "--device", "cpu"])
     assert code == 2
     assert "empty" in capsys.readouterr().err
+
+
+def test_loading_weights_drops_the_captured_decoders(stories260k_dir: Path) -> None:
+    """A captured decode graph replays the tensor addresses it saw; a load_state_dict may
+    move them (derived copies rebuilt, bitmap values resized), so runners are made again."""
+    model = load(stories260k_dir, device="cpu")
+    before = model.generate(PROMPT, max_new_tokens=8)
+    assert model._decoders, "generate keeps its decode runner for the cache"
+    model.load_state_dict(model.state_dict())
+    assert not model._decoders
+    assert model.generate(PROMPT, max_new_tokens=8).token_ids == before.token_ids

@@ -273,6 +273,24 @@ def test_derived_cache_rebuilds_after_in_place_writes() -> None:
     assert cache.get(frozen, (frozen,), build) == cache.get(frozen, (frozen,), build) == 4
 
 
+def test_derived_cache_refreshes_a_tensor_copy_at_its_address() -> None:
+    """A rebuilt copy of the same layout is written into the old one: a CUDA graph captured
+    with the old address then reads the new bytes. A copy of another layout is replaced."""
+    from slimstack.ops.derived import DerivedCache
+
+    cache: DerivedCache[torch.Tensor] = DerivedCache()
+    meta = torch.randint(0, 255, (4, 2), dtype=torch.uint8, generator=gen(0))
+    first = cache.get(meta, (meta,), lambda: meta.to(torch.int32) + 1)
+    address = first.data_ptr()
+    meta.copy_(torch.randint(0, 255, (4, 2), dtype=torch.uint8, generator=gen(1)))
+    second = cache.get(meta, (meta,), lambda: meta.to(torch.int32) + 1)
+    assert second.data_ptr() == address
+    assert torch.equal(second, meta.to(torch.int32) + 1)
+    meta.add_(1)
+    wider = cache.get(meta, (meta,), lambda: meta.to(torch.int64).repeat(1, 2))
+    assert wider.shape == (4, 4) and torch.equal(wider[:, :2], meta.to(torch.int64))
+
+
 def test_semi_structured_copy_follows_load_state_dict(monkeypatch, make_weight) -> None:
     """The torch backend's semi-structured copy of a weight must follow load_state_dict, which
     writes into the same tensors (a cache keyed by identity alone kept the old weight)."""
@@ -338,6 +356,130 @@ def test_sm90_meta_follows_copy_and_refuses_capture(monkeypatch) -> None:
     with pytest.raises(RuntimeError, match="eager call"):
         library._sm90_meta(ext, fresh, 2, 64)
     assert len(calls) == 2
+
+
+def _cuda_bindings() -> dict[str, list[tuple[str, bool]]]:
+    """The CUDA entry points as csrc/cuda/glue.cpp binds them: name -> [(argument, has a
+    default)], in order."""
+    import re
+
+    glue = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "glue.cpp").read_text()
+    block = glue[glue.index("void register_cuda(") :]
+    bindings = {}
+    for match in re.finditer(r'm\.def\(\s*"(\w+)"(.*?)\);', block, re.S):
+        args = re.findall(r'py::arg\("(\w+)"\)(\s*=)?', match.group(2))
+        bindings[match.group(1)] = [(name, bool(default)) for name, default in args]
+    return bindings
+
+
+def _fake_cuda_extension(calls: list[str]):
+    """slimstack._C's CUDA entry points with the bindings' signatures, computed on CPU
+    tensors with the CPU kernels, checking the packed tensors as the glue does (so an argument
+    in the wrong place fails here instead of on the GPU)."""
+    import inspect
+    from types import SimpleNamespace
+
+    from slimstack.formats import padded_k
+    from slimstack.formats.cutlass_sm90 import restore_meta_sm90, sm90_meta_nbytes
+    from slimstack.ops.library import native_extension
+
+    cpu = native_extension()
+
+    def check_x(x, values, n, k, max_m=None):
+        assert x.dim() == 2 and x.shape[1] == k and x.is_contiguous() and x.dtype == values.dtype
+        assert x.dtype in (torch.float16, torch.bfloat16), "the CUDA kernels take fp16/bf16"
+        assert max_m is None or x.shape[0] <= max_m
+        assert values.shape[0] == n or values.dim() == 1
+
+    def sparse24_gemv_cuda(x, values, meta, N, K, split_k=0, out=None, reduce="auto"):
+        calls.append("gemv")
+        check_x(x, values, N, K, max_m=16)
+        return cpu.sparse24_mm_cpu(x, values, meta, N, K)
+
+    def sparse24_gemm_sm80_cuda(x, values, meta, N, K, out=None):
+        calls.append("sm80")
+        check_x(x, values, N, K)
+        return cpu.sparse24_mm_cpu(x, values, meta, N, K)
+
+    def sparse24_sm90_reorder_meta_cuda(meta, N, K):
+        calls.append("reorder")
+        assert meta.dtype == torch.uint8 and meta.shape == (N, padded_k(K) // 8)
+        from slimstack.formats.cutlass_sm90 import reorder_meta_sm90
+
+        return reorder_meta_sm90(meta)
+
+    def sparse24_gemm_sm90_available(device=0):
+        assert isinstance(device, int)
+        return True
+
+    def sparse24_gemm_sm90_cuda(x, values, meta_sm90, N, K, out=None):
+        calls.append("sm90")
+        check_x(x, values, N, K)
+        assert N % 8 == 0, "the glue refuses N % 8 != 0"
+        kp = padded_k(K)
+        assert meta_sm90.dtype == torch.uint8 and meta_sm90.shape == (sm90_meta_nbytes(N, kp),)
+        return cpu.sparse24_mm_cpu(x, values, restore_meta_sm90(meta_sm90, N, kp), N, K)
+
+    def bitmap_gemv_cuda(x, values, bitmask, row_offsets, N, K, out=None):
+        calls.append("bitmap_gemv")
+        check_x(x, values, N, K, max_m=16)
+        assert bitmask.dtype == torch.uint8 and row_offsets.dtype == torch.int64
+        return cpu.bitmap_mm_cpu(x, values, bitmask, row_offsets, N, K)
+
+    fns = {
+        f.__name__: f
+        for f in (
+            sparse24_gemv_cuda,
+            sparse24_gemm_sm80_cuda,
+            sparse24_sm90_reorder_meta_cuda,
+            sparse24_gemm_sm90_available,
+            sparse24_gemm_sm90_cuda,
+            bitmap_gemv_cuda,
+        )
+    }
+    bindings = _cuda_bindings()
+    for name, fn in fns.items():
+        params = inspect.signature(fn).parameters.values()
+        mine = [(p.name, p.default is not inspect.Parameter.empty) for p in params]
+        assert mine == bindings[name], (
+            f"{name}: the fake has {mine}, glue.cpp binds {bindings[name]}"
+        )
+    return SimpleNamespace(with_cuda=True, **fns)
+
+
+@needs_ext
+def test_cuda_kernels_are_called_as_the_bindings_declare(make_weight, monkeypatch) -> None:
+    """The CUDA branch of the custom ops, run on CPU against a stand-in for slimstack._C
+    whose entry points have glue.cpp's signatures: decode takes the GEMV, prefill the Hopper
+    GEMM on metadata reordered once per weight (N % 8 == 0) or else the sm80 GEMM, and every
+    argument lands where the bindings expect it."""
+    from slimstack.ops import library
+
+    calls: list[str] = []
+    fake = _fake_cuda_extension(calls)
+    monkeypatch.setattr(library, "native_extension", lambda: fake)
+    for dtype in (torch.float16, torch.bfloat16):
+        for n, k in ((43, 172), (64, 200)):
+            calls.clear()
+            dense24, s24 = make_weight("sparse24", n, k, dtype, seed=n)
+            dense_bm, bmp = make_weight("bitmap", n, k, dtype, seed=n + 1)
+            for m in (1, 16, 17, 40):
+                x = torch.randn(m, k, generator=gen(m)).to(dtype)
+                y = library._sparse24_mm_cuda(x, s24.values, s24.meta, n, k)
+                expected = "gemv" if m <= 16 else ("sm90" if n % 8 == 0 else "sm80")
+                assert calls[-1] == expected and y.shape == (m, n) and y.dtype == dtype
+                atol, rtol = TOLERANCES[dtype]
+                torch.testing.assert_close(
+                    y.double(), reference(x, dense24, None), atol=atol, rtol=rtol
+                )
+                if m <= 16:
+                    y = library._bitmap_mm_cuda(x, bmp.values, bmp.bitmask, bmp.row_offsets, n, k)
+                    assert calls[-1] == "bitmap_gemv" and y.shape == (m, n)
+                    torch.testing.assert_close(
+                        y.double(), reference(x, dense_bm, None), atol=atol, rtol=rtol
+                    )
+            # two prefills of the weight, one reordering of its metadata
+            assert calls.count("reorder") == (1 if n % 8 == 0 else 0)
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -787,3 +929,21 @@ def test_gpu_torch_compile(make_weight) -> None:
     for m in (1, 33):
         x = torch.randn(m, 512, device="cuda", dtype=torch.bfloat16)
         torch.testing.assert_close(compiled(x), model(x), atol=1e-2, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------- test setup
+
+
+def test_shared_folder_is_found_beside_or_inside_the_checkout(tmp_path, monkeypatch) -> None:
+    """The lent GPU machine gets the checkout alone: ../shared stays behind, so a shared/
+    copied into the checkout must be found (else every stories260K GPU test skips there)."""
+    from conftest import SHARED_ENV, find_shared_dir
+
+    monkeypatch.delenv(SHARED_ENV, raising=False)
+    repo = tmp_path / "checkout"
+    (repo / "shared").mkdir(parents=True)
+    assert find_shared_dir(repo) == repo / "shared"
+    (tmp_path / "shared").mkdir()
+    assert find_shared_dir(repo) == tmp_path / "shared", "../shared first, as before"
+    monkeypatch.setenv(SHARED_ENV, str(tmp_path / "elsewhere"))
+    assert find_shared_dir(repo) == tmp_path / "elsewhere"

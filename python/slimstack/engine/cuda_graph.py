@@ -51,18 +51,21 @@ class GraphRunner(EagerRunner):
         if model.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA model; use mode='eager' on CPU")
         self.slot.fill_(model._require_cache().length - 1)
-        side = torch.cuda.Stream(device=model.device)
-        side.wait_stream(torch.cuda.current_stream(model.device))
-        with torch.cuda.stream(side), torch.no_grad():
-            for _ in range(_WARMUP_STEPS):
-                model.decode(self.tokens, self.slot)
-        torch.cuda.current_stream(model.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
-            self.logits = model.decode(self.tokens, self.slot)
+        # capture and replay on the model's device, whichever device is current (cuda:1)
+        with torch.cuda.device(model.device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side), torch.no_grad():
+                for _ in range(_WARMUP_STEPS):
+                    model.decode(self.tokens, self.slot)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph), torch.no_grad():
+                self.logits = model.decode(self.tokens, self.slot)
 
     def step(self) -> torch.Tensor:
-        self.graph.replay()
+        with torch.cuda.device(self.model.device):
+            self.graph.replay()
         return self.logits
 
 

@@ -47,6 +47,12 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _drop_decoders(model: DecoderModel, incompatible_keys: Any) -> None:
+    # A captured graph replays the addresses it saw: derived weight copies are rebuilt and a
+    # bitmap layer's values may be resized by a load, so decoders are captured again.
+    model._decoders.clear()
+
+
 @dataclass(frozen=True)
 class Kernels:
     """The elementwise pieces of a decoder layer; one implementation per backend."""
@@ -266,6 +272,7 @@ class DecoderModel(nn.Module):
         self.sources: list[str] = []  # what each layer position was loaded as (for info())
         self._decoders: dict[str, Any] = {}  # decode runners (CUDA graphs) for the cache
         self.cache_epoch = 0  # bumped whenever a caller (re)claims the cache
+        self.register_load_state_dict_post_hook(_drop_decoders)
 
     # ------------------------------------------------------------------ facts
     @property
