@@ -281,9 +281,15 @@ def median_ms(
         return _eager_median_ms(call, n_sets, min_ms), "cuda_events"
 
 
+MAX_CALLS = 1000  # calls per timed batch (graph capture costs host time per call)
+
+
 def _calls_for(estimate_ms: float, min_ms: float, n_sets: int) -> int:
+    """Calls per timed batch: about ``min_ms`` of work, a whole number of rotation cycles
+    (each set read equally often, also at the cap), at least one cycle."""
     calls = max(n_sets, math.ceil(min_ms / max(estimate_ms, 1e-4)))
-    return min(1000, math.ceil(calls / n_sets) * n_sets)
+    cycles = min(math.ceil(calls / n_sets), max(1, MAX_CALLS // n_sets))
+    return cycles * n_sets
 
 
 def _cpu_median_ms(call, n_sets: int, min_ms: float) -> float:
@@ -360,7 +366,14 @@ def measure_peaks(device: str) -> dict[str, float]:
 # ----------------------------------------------------------------- results file ----
 
 
+COMMIT_ENV = "SLIMSTACK_COMMIT"  # the commit, where the checkout has no .git (a GPU machine)
+
+
 def git_commit() -> str:
+    """HEAD's sha (+ "-dirty" with uncommitted changes to tracked files); $SLIMSTACK_COMMIT
+    when set: the GPU machine gets a copy of the working tree without .git."""
+    if os.environ.get(COMMIT_ENV):
+        return os.environ[COMMIT_ENV]
     try:
         sha = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=BENCH_DIR, capture_output=True, text=True, check=True

@@ -1,11 +1,18 @@
 """pytest plumbing for the kernel benchmarks: one session that caches weights, inputs and
-dense baselines, collects rows, and writes the results JSON when the session ends."""
+dense baselines, collects rows, and keeps the results JSON up to date.
+
+The peaks are measured before the first kernel runs (a kernel that faults leaves the CUDA
+context unusable, and a peak measured after it would fail and take the file with it), and
+the file is rewritten after every case, so a run stopped hard (SIGKILL after a timeout, the
+lent machine's limit) keeps every row it measured. Cases that skip or fail are listed under
+``not_measured`` with their reason: the JSON comes back from a GPU call unpacked, the logs
+only inside an archive."""
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import torch
@@ -36,10 +43,13 @@ class BenchSession:
     def __init__(self, device: str) -> None:
         self.device = device
         self.rows: list[dict[str, Any]] = []
+        self.not_measured: list[dict[str, str]] = []
         self._weights: OrderedDict[tuple, list[WeightSet]] = OrderedDict()
         self._inputs: dict[tuple, list[torch.Tensor]] = {}
         self._baselines: dict[tuple, float] = {}
         self._peak: dict[str, float] | None = None
+        self._env: dict[str, Any] | None = None
+        self.path: Path | None = None  # chosen at the first write, kept for the session
         self.written: Path | None = None
 
     @property
@@ -80,18 +90,29 @@ class BenchSession:
             self._baselines[key] = ms
         return self._baselines[key]
 
+    def record_not_measured(self, case: Any, outcome: str, reason: str) -> None:
+        line = (reason.strip().splitlines() or [""])[0]
+        self.not_measured.append({"case": str(case), "outcome": outcome, "reason": line[:300]})
+
+    def _skip(self, case: Case, reason: str) -> NoReturn:
+        self.record_not_measured(case, "skipped", reason)
+        pytest.skip(reason)
+
     def measure(self, case: Case):
         """Times the case's provider against the dense baseline; returns (row, one_call)."""
         try:
             call = provider_call(case)
         except Unavailable as why:
-            pytest.skip(str(why))
+            self._skip(case, str(why))
+        self.peak  # noqa: B018  (measured once, before any kernel of the run)
         ws = self.weights(case)
         xs = self.inputs(case, len(ws))
         try:
             y = call(xs[0], ws[0])
         except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
-            pytest.skip(f"{case.provider} refused {case}: {err}")
+            if _device_fault(err):
+                raise  # a kernel that faulted is a failure, not a refusal
+            self._skip(case, f"{case.provider} refused {case}: {err}")
         _check_close(case, y, dense_call(xs[0], ws[0]))
         ms, method = median_ms(lambda i: call(xs[i], ws[i]), len(ws), self.device)
         baseline = self.baseline_ms(case, xs, ws)
@@ -99,14 +120,30 @@ class BenchSession:
         row = make_row(case, ms, baseline, BASELINE, moved)
         row["timing"] = method
         self.rows.append(row)
+        self.save()
         return row, lambda: call(xs[0], ws[0])
 
-    def finish(self) -> None:
+    def save(self) -> Path | None:
+        """(Re)write the results file with every row so far; the first write picks its name."""
         if not self.rows:
-            return
-        env = environment(self.device)
-        doc = results_document(env, self.peak, self.rows)
-        self.written = write_results(doc, results_path(env["gpu"], self.device))
+            return None
+        if self._env is None:
+            self._env = environment(self.device)
+        if self.path is None:
+            self.path = results_path(self._env["gpu"], self.device)
+        doc = results_document(self._env, self.peak, self.rows)
+        doc["not_measured"] = self.not_measured
+        self.written = write_results(doc, self.path)
+        return self.written
+
+    def finish(self) -> None:
+        self.save()
+
+
+def _device_fault(err: BaseException) -> bool:
+    """A CUDA error (illegal address, launch failure): the context is unusable after it."""
+    fault = getattr(torch, "AcceleratorError", None)
+    return (fault is not None and isinstance(err, fault)) or "CUDA error" in str(err)
 
 
 def _check_close(case: Case, y: torch.Tensor, ref: torch.Tensor) -> None:
@@ -122,6 +159,15 @@ _SESSION = BenchSession(DEVICE)
 @pytest.fixture(scope="session")
 def bench_session() -> BenchSession:
     return _SESSION
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A case that failed (wrong result, an error while timing) is named in the file too."""
+    if report.failed and "test_kernel_vs_dense[" in report.nodeid:
+        crash = getattr(report.longrepr, "reprcrash", None)
+        reason = getattr(crash, "message", None) or str(report.longrepr)
+        case = report.nodeid.split("[", 1)[1].rstrip("]")
+        _SESSION.record_not_measured(case, f"failed ({report.when})", reason)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

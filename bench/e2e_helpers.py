@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,17 +223,31 @@ def run_slimstack(
     }
 
 
-def run_transformers(
-    path: Path, batch: int, prompt_len: int, new_tokens: int, device: torch.device, repeats: int = 1
-) -> dict[str, Any]:
-    """transformers' own generate (default cache and attention) on the same dense folder.
-    Prefill is timed as one forward of the prompts; decode as the rest of generate."""
+def load_transformers(path: Path, device: torch.device):
+    """transformers' model of a dense checkpoint folder, on `device`, ready to generate."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=torch.bfloat16, local_files_only=True
     ).to(device)
-    model.eval()
+    return model.eval()
+
+
+def run_transformers(
+    model, batch: int, prompt_len: int, new_tokens: int, device: torch.device, repeats: int = 1
+) -> dict[str, Any]:
+    """transformers' own generate (default cache and attention) on the same dense folder.
+    Prefill is timed as one forward of the prompts; decode as the rest of generate.
+    `model` is a loaded model (load_transformers: load it once for every setting) or a
+    checkpoint folder (loaded and released here)."""
+    if isinstance(model, (str, os.PathLike)):
+        loaded = load_transformers(Path(model), device)
+        try:
+            return run_transformers(loaded, batch, prompt_len, new_tokens, device, repeats)
+        finally:
+            del loaded
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     ids = torch.tensor(random_prompts(batch, prompt_len, model.config.vocab_size), device=device)
     kwargs = dict(
         max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0
@@ -250,9 +265,6 @@ def run_transformers(
             model.generate(ids, **kwargs)
             synchronize(device)
             total_s = min(total_s, time.perf_counter() - start)
-    del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     decode_s = max(total_s - prefill_s, 1e-9)
     steps = new_tokens - 1
     return {
@@ -262,6 +274,29 @@ def run_transformers(
         "prefill_ms": prefill_s * 1e3,
         "decode_steps": steps,
     }
+
+
+def run_configs(
+    run: Callable[[int, int], dict[str, Any]],
+    configs: list[tuple[int, int]],
+    device: torch.device,
+    after: Callable[[], None] | None = None,
+) -> list[tuple[int, int, dict[str, Any], float | None]]:
+    """(batch, prompt_len, measured, peak GPU GB) for each setting, `run(batch, prompt_len)`
+    measuring it. The peak is reset before every setting, so each row holds the memory of
+    its own run (the resident weights plus that run's cache and activations), not the
+    largest of the settings before it or the loader's transients. `after` runs after each
+    setting (e.g. release the KV cache)."""
+    results = []
+    for batch, prompt_len in configs:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        measured = run(batch, prompt_len)
+        memory = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None
+        results.append((batch, prompt_len, measured, memory))
+        if after is not None:
+            after()
+    return results
 
 
 def free_disk_gb(path: Path) -> float:

@@ -13,11 +13,12 @@ import json
 import tempfile
 from pathlib import Path
 
+from synthetic import SHARED  # bench/ is on sys.path when this runs as a script
+
 from slimstack.checkpoint import Checkpoint
 from slimstack.evaluate import evaluate
 from slimstack.prune.driver import prune
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 METHODS = ("magnitude", "wanda", "sparsegpt")
 PATTERNS = ("0.5", "2:4", "4:8")
 

@@ -2,7 +2,8 @@
 
 Two tables per dtype: the geometric-mean speedup over the dense baseline across weight
 shapes, one row per (op, provider) and one column per M; and, at M = 1, each shape's time,
-achieved bandwidth and its share of the HBM copy bandwidth measured in the same run.
+achieved bandwidth and its share of the HBM copy bandwidth measured in the same run. Then
+the cases the run skipped or failed, with their reasons.
 
     python bench/summarize.py bench/results/<run>-kernels.json [--dtype bfloat16]
 """
@@ -76,6 +77,10 @@ def summarize(doc: dict[str, Any], dtype: str | None = None) -> str:
             f"\n**{name}, M = 1, per shape**\n",
             decode_table(rows, float(peak.get("hbm_gbps", 0.0))),
         ]
+    missing = doc.get("not_measured") or []
+    if missing:
+        out.append(f"\n**{len(missing)} cases not measured**\n")
+        out += [f"- {item['case']}: {item['outcome']}, {item['reason']}" for item in missing]
     return "\n".join(out) + "\n"
 
 

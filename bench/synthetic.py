@@ -9,6 +9,7 @@ real model so calibration runs; its ids fit any larger vocabulary.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 import torch
@@ -51,7 +52,11 @@ SHAPES = {
         rope_theta=10000.0,
     ),
 }
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# the shared models/data: beside the checkout, or where $SLIMSTACK_SHARED says (a GPU
+# machine, which gets a copy inside the checkout: tools/gpu_session.sh sets it)
+SHARED = Path(
+    os.environ.get("SLIMSTACK_SHARED") or Path(__file__).resolve().parents[1].parent / "shared"
+)
 
 
 def synthetic_config(shape: str, layers: int, dtype: torch.dtype) -> dict:

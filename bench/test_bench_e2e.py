@@ -34,9 +34,11 @@ from e2e_helpers import (
     decode_weight_bytes,
     environment,
     free_disk_gb,
+    load_transformers,
     make_row,
     measure_peaks,
     results_path,
+    run_configs,
     run_slimstack,
     run_transformers,
     variants,
@@ -76,64 +78,77 @@ def workdir():
 @pytest.fixture(scope="session")
 def run_env(device: torch.device) -> dict:
     env = environment(device)
-    return {"env": env, "peak": measure_peaks(device)}
+    # one file for the session, also when it runs past midnight
+    return {"env": env, "peak": measure_peaks(device), "path": results_path(env)}
 
 
 @pytest.mark.parametrize("variant", variants(SPEC), ids=lambda v: v.name)
 def test_e2e_decode(variant, workdir: Path, run_env: dict, device: torch.device) -> None:
-    from slimstack.engine.loader import load
-
     needed = checkpoint_gb(SPEC, variant.layers) * 1.1
     if free_disk_gb(workdir) < needed:
         pytest.fail(f"{workdir} has {free_disk_gb(workdir):.1f} GB free, {needed:.1f} GB needed")
     folder = write_synthetic_checkpoint(workdir / variant.name, SPEC, variant, device, DTYPE)
     peak = run_env["peak"]["hbm_gbps"]
-    rows = []
+    rows: list[dict] = []  # filled as settings finish: an interrupted run keeps them
     try:
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        model = load(folder, device=device, dtype=DTYPE)
-        weight_bytes = decode_weight_bytes(model)
-        print(f"\n{variant.name}: {weight_bytes / 1e9:.2f} GB read per decode step")
-        print(model.info().table().split("\n\n")[0])
-        for batch, prompt_len in CONFIGS:
-            measured = run_slimstack(model, batch, prompt_len, NEW_TOKENS, mode=MODE)
-            assert measured["decode_steps"] == NEW_TOKENS - 1
-            memory = torch.cuda.max_memory_allocated(device) / 1e9
-            row = make_row(
-                SPEC, variant, "slimstack", batch, prompt_len, NEW_TOKENS, measured,
-                weight_bytes, peak, memory, DTYPE, MODE,
-            )  # fmt: skip
-            rows.append(row)
-            print(_describe(row))
-            model.release_cache()
-        del model
+        _measure_slimstack(folder, variant, device, peak, rows)
         torch.cuda.empty_cache()
         if RUN_HF and variant.sparsity == "dense" and variant.layers == SPEC.layers:
-            for batch, prompt_len in CONFIGS:
-                torch.cuda.reset_peak_memory_stats(device)
-                measured = run_transformers(folder, batch, prompt_len, NEW_TOKENS, device)
-                memory = torch.cuda.max_memory_allocated(device) / 1e9
-                row = make_row(
-                    SPEC, variant, "transformers", batch, prompt_len, NEW_TOKENS, measured,
-                    None, peak, memory, DTYPE, "generate",
-                )  # fmt: skip
-                rows.append(row)
-                print(_describe(row))
+            _measure_transformers(folder, variant, device, peak, rows)
+            torch.cuda.empty_cache()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
         if rows:
-            path = write_results(
-                results_path(run_env["env"]), run_env["env"], run_env["peak"], rows
-            )
+            path = write_results(run_env["path"], run_env["env"], run_env["peak"], rows)
             print(f"rows merged into {path}")
     assert all(row["tokens_per_s"] > 0 for row in rows)
 
 
+def _measure_slimstack(folder: Path, variant, device, peak: float, rows: list[dict]) -> None:
+    from slimstack.engine.loader import load
+
+    model = load(folder, device=device, dtype=DTYPE)
+    weight_bytes = decode_weight_bytes(model)
+    print(f"\n{variant.name}: {weight_bytes / 1e9:.2f} GB read per decode step")
+    print(model.info().table().split("\n\n")[0])
+
+    def run(batch: int, prompt_len: int) -> dict:
+        measured = run_slimstack(model, batch, prompt_len, NEW_TOKENS, mode=MODE)
+        assert measured["decode_steps"] == NEW_TOKENS - 1
+        return measured
+
+    for batch, prompt_len, measured, memory in run_configs(
+        run, CONFIGS, device, after=model.release_cache
+    ):
+        row = make_row(
+            SPEC, variant, "slimstack", batch, prompt_len, NEW_TOKENS, measured,
+            weight_bytes, peak, memory, DTYPE, MODE,
+        )  # fmt: skip
+        rows.append(row)
+        print(_describe(row))
+
+
+def _measure_transformers(folder: Path, variant, device, peak: float, rows: list[dict]) -> None:
+    model = load_transformers(folder, device)  # once for every setting
+
+    def run(batch: int, prompt_len: int) -> dict:
+        return run_transformers(model, batch, prompt_len, NEW_TOKENS, device)
+
+    for batch, prompt_len, measured, memory in run_configs(run, CONFIGS, device):
+        row = make_row(
+            SPEC, variant, "transformers", batch, prompt_len, NEW_TOKENS, measured,
+            None, peak, memory, DTYPE, "generate",
+        )  # fmt: skip
+        rows.append(row)
+        print(_describe(row))
+
+
 def _describe(row: dict) -> str:
     share = f", {row['hbm_share']:.0%} of HBM" if row.get("hbm_share") else ""
+    memory = "" if row.get("gpu_mem_gb") is None else f", peak mem {row['gpu_mem_gb']:.1f} GB"
     return (
         f"  {row['provider']:>12} b={row['batch']} prompt={row['prompt_len']}: "
         f"{row['tokens_per_s']:.1f} tok/s ({row['decode_ms_per_step']:.2f} ms/step{share}), "
-        f"prefill {row['prefill_ms']:.1f} ms, peak mem {row['gpu_mem_gb']:.1f} GB"
+        f"prefill {row['prefill_ms']:.1f} ms{memory}"
     )

@@ -85,6 +85,11 @@ def kernel_call(kernel: str, n: int, k: int, config: Any):
     )
 
 
+def _describe(failure: BaseException) -> str:
+    first = (str(failure).splitlines() or [""])[0]
+    return f"{type(failure).__name__}: {first[:200]}"
+
+
 def _relative_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-12))
 
@@ -109,7 +114,7 @@ def tune_case(
         try:
             err = _relative_error(call(xs[0], first), reference)
         except Exception as failure:  # noqa: BLE001 - out of resources, refused tile, ...
-            entry["error"] = f"{type(failure).__name__}: {str(failure).splitlines()[0][:200]}"
+            entry["error"] = _describe(failure)
             results.append(entry)
             continue
         entry["compile_s"] = round(time.perf_counter() - started, 2)
@@ -117,10 +122,14 @@ def tune_case(
         if err > tolerance:
             entry["error"] = f"relative error {err:.2e} > {tolerance}"
         else:
-            ms, method = median_ms(
-                lambda i, call=call: call(xs[i], weights[i]), len(weights), device
-            )
-            entry.update(median_ms=ms, speedup=dense_ms / ms, timing=method)
+            try:
+                ms, method = median_ms(
+                    lambda i, call=call: call(xs[i], weights[i]), len(weights), device
+                )
+            except Exception as failure:  # noqa: BLE001 - e.g. out of memory while timing
+                entry["error"] = f"timing: {_describe(failure)}"
+            else:
+                entry.update(median_ms=ms, speedup=dense_ms / ms, timing=method)
         results.append(entry)
     timed = [r for r in results if "median_ms" in r]
     best = min(timed, key=lambda r: r["median_ms"]) if timed else None
@@ -159,28 +168,44 @@ def main(argv: list[str] | None = None) -> int:
         shapes, default_m = args.shapes or GPU_SHAPES, GPU_M
     dtype = getattr(torch, args.dtype or ("bfloat16" if device == "cuda" else "float16"))
     report = {"suite": "triton-tuning", **environment(device), "cases": []}
-    for kernel in args.kernels:
-        for m in args.m or default_m.get(kernel, [1]):
-            if kernel != "sparse24_gemm" and m > 16:
-                parser.error(f"{kernel} takes M <= 16, got {m}")
-            for n, k in shapes:
-                case = tune_case(kernel, n, k, m, dtype, device, args.limit)
-                report["cases"].append(case)
-                best = case["best"]
-                label = Case(kernel, "triton", n, k, m, dtype)
-                if best is None:
-                    print(f"{label}: no candidate ran")
-                    continue
-                print(
-                    f"{label}: best {best['config']} {best['median_ms'] * 1e3:.1f} us, "
-                    f"{best['speedup']:.2f}x dense ({case['dense_ms'] * 1e3:.1f} us)"
-                )
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        tmp.replace(args.out)
+    try:
+        for kernel in args.kernels:
+            for m in args.m or default_m.get(kernel, [1]):
+                if kernel != "sparse24_gemm" and m > 16:
+                    parser.error(f"{kernel} takes M <= 16, got {m}")
+                for n, k in shapes:
+                    case = tune_case(kernel, n, k, m, dtype, device, args.limit)
+                    report["cases"].append(case)
+                    _write(report, args.out)  # after every case: a stopped sweep keeps them
+                    _print_case(case, dtype)
+    except KeyboardInterrupt:  # gpu_session.sh stops a step with SIGINT at its time limit
+        report["interrupted"] = True
+        _write(report, args.out)
+        print(f"interrupted after {len(report['cases'])} cases", file=sys.stderr)
+        return 130
+    _write(report, args.out)
     return 0
+
+
+def _print_case(case: dict[str, Any], dtype: torch.dtype) -> None:
+    best = case["best"]
+    label = Case(case["kernel"], "triton", case["N"], case["K"], case["M"], dtype)
+    if best is None:
+        print(f"{label}: no candidate ran")
+        return
+    print(
+        f"{label}: best {best['config']} {best['median_ms'] * 1e3:.1f} us, "
+        f"{best['speedup']:.2f}x dense ({case['dense_ms'] * 1e3:.1f} us)"
+    )
+
+
+def _write(report: dict[str, Any], out: Path | None) -> None:
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(out)
 
 
 if __name__ == "__main__":

@@ -91,3 +91,71 @@ def test_run_and_results_file(checkpoints, tmp_path: Path) -> None:
     assert png.is_file() and png.stat().st_size > 1000
     lines = plot_e2e.check_targets(data["rows"])
     assert all(line.startswith(("met ", "MISS")) for line in lines)
+
+
+def _load_e2e_suite():
+    """bench/test_bench_e2e.py as a module (its test needs CUDA; its helpers do not)."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "test_bench_e2e.py"
+    spec = importlib.util.spec_from_file_location("slimstack_bench_e2e_suite", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_each_setting_reports_its_own_peak_memory(monkeypatch) -> None:
+    """The peak is reset per setting: a row must not carry the loader's transients or the
+    largest earlier setting (1x2048's cache in the 8x128 row)."""
+    gb = 10**9
+    memory = {"current": 15 * gb, "peak": 40 * gb}  # the loader peaked at 40 GB
+
+    def reset(device=None) -> None:
+        memory["peak"] = memory["current"]
+
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", reset)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: memory["peak"])
+    transient = {(1, 2048): 4 * gb, (8, 128): 1 * gb, (1, 128): gb // 2}
+
+    def run(batch: int, prompt_len: int) -> dict:
+        memory["peak"] = max(memory["peak"], memory["current"] + transient[batch, prompt_len])
+        return {"tokens_per_s": 1.0}
+
+    released = []
+    results = e2e.run_configs(
+        run, list(transient), torch.device("cuda"), after=lambda: released.append(1)
+    )
+    assert [(b, p, mem) for b, p, _, mem in results] == [(1, 2048, 19.0), (8, 128, 16.0),
+                                                         (1, 128, 15.5)]  # fmt: skip
+    assert len(released) == 3
+    cpu = e2e.run_configs(run, [(1, 128)], torch.device("cpu"))
+    assert cpu[0][3] is None  # no CUDA allocator to ask
+
+
+def test_suite_measures_every_setting_and_loads_transformers_once(checkpoints, monkeypatch) -> None:
+    """The GPU suite's own glue on CPU: rows per setting, and transformers' 15 GB checkpoint
+    read once per variant, not once per setting (each load costs GPU-lease seconds)."""
+    import transformers
+
+    suite = _load_e2e_suite()
+    configs = [(1, 8), (2, 8)]
+    for name, value in {"SPEC": e2e.TINY, "CONFIGS": configs, "NEW_TOKENS": 5,
+                        "MODE": "auto", "DTYPE": torch.float32}.items():  # fmt: skip
+        monkeypatch.setattr(suite, name, value)
+    loads = []
+    original = transformers.AutoModelForCausalLM.from_pretrained
+
+    def counting(*args, **kwargs):
+        loads.append(args[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", counting)
+    device, rows = torch.device("cpu"), []
+    variant = e2e.variants(e2e.TINY)[0]
+    suite._measure_slimstack(checkpoints[variant.name], variant, device, 100.0, rows)
+    suite._measure_transformers(checkpoints[variant.name], variant, device, 100.0, rows)
+    assert len(loads) == 1
+    assert [(r["provider"], r["batch"], r["prompt_len"]) for r in rows] == [
+        ("slimstack", 1, 8), ("slimstack", 2, 8), ("transformers", 1, 8), ("transformers", 2, 8)
+    ]  # fmt: skip
+    assert all(r["decode_steps"] == 4 and r["tokens_per_s"] > 0 for r in rows)

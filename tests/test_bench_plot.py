@@ -213,3 +213,17 @@ def test_summary_refuses_other_documents_and_unknown_dtypes(tmp_path, capsys):
     assert "float16: geometric-mean" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         summarize.main([str(tmp_path / "missing.json")])
+
+
+def test_summary_lists_the_cases_the_run_did_not_measure():
+    doc = _document(_rows(("bfloat16",)))
+    assert "not measured" not in summarize.summarize(doc)
+    doc["not_measured"] = [
+        {"case": "sparse24_gemm-cuda_sm90-5120x5120-M2048-bfloat16", "outcome": "skipped",
+         "reason": "slimstack._C has none of ('sparse24_gemm_sm90_cuda',)"},
+        {"case": "bitmap_gemv-cuda-1024x4096-M1-bfloat16", "outcome": "failed (call)",
+         "reason": "AssertionError: relative error 3.1e-01"},
+    ]  # fmt: skip
+    text = summarize.summarize(doc)
+    assert "**2 cases not measured**" in text
+    assert "- bitmap_gemv-cuda-1024x4096-M1-bfloat16: failed (call), AssertionError" in text

@@ -50,3 +50,59 @@ def test_bad_arguments_are_refused(tmp_path):
     assert proc.returncode == 2 and "a shape is NxK" in proc.stderr
     proc = _run("--kernels", "bitmap_gemv", "--m", "32", "--shapes", "8x64")
     assert proc.returncode == 2 and "takes M <= 16" in proc.stderr
+
+
+def _run_patched(patch: str, *args: str) -> subprocess.CompletedProcess:
+    """tune_triton.main(args) with `patch` (Python, `t` is the module) applied first."""
+    driver = "\n".join([
+        "import sys",
+        f"sys.path.insert(0, {str(SCRIPT.parent)!r})",
+        "import tune_triton as t",
+        patch,
+        "sys.exit(t.main(sys.argv[1:]))",
+    ])  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-c", driver, *args], capture_output=True, text=True,
+                          env=env, timeout=600)  # fmt: skip
+
+
+def test_a_sweep_stopped_at_its_time_limit_keeps_the_cases_it_finished(tmp_path):
+    """gpu_session.sh stops the sweep with SIGINT at the step's limit: what it measured
+    must still be in the JSON that comes back."""
+    patch = "\n".join([
+        "calls = []",
+        "def fake(kernel, n, k, m, dtype, device, limit):",
+        "    calls.append(n)",
+        "    if len(calls) == 2:",
+        "        raise KeyboardInterrupt",
+        "    return {'kernel': kernel, 'N': n, 'K': k, 'M': m, 'dtype': 'float16',",
+        "            'dense_ms': 1.0, 'best': None, 'candidates': []}",
+        "t.tune_case = fake",
+    ])  # fmt: skip
+    out = tmp_path / "tune.json"
+    proc = _run_patched(patch, "--kernels", "sparse24_gemv", "--shapes", "8x64", "16x64",
+                        "24x64", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 130, proc.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert [c["N"] for c in report["cases"]] == [8] and report["interrupted"] is True
+
+
+def test_a_candidate_that_fails_while_timed_is_recorded_and_the_sweep_goes_on(tmp_path):
+    patch = "\n".join([
+        "real, calls = t.median_ms, []",
+        "def flaky(call, n_sets, device, **kwargs):",
+        "    calls.append(1)",
+        "    if len(calls) == 2:  # the first candidate (call 1 is the dense baseline)",
+        "        raise RuntimeError('CUDA out of memory. Tried to allocate 2.00 GiB')",
+        "    return real(call, n_sets, device, **kwargs)",
+        "t.median_ms = flaky",
+    ])  # fmt: skip
+    out = tmp_path / "tune.json"
+    proc = _run_patched(patch, "--kernels", "sparse24_gemv", "--limit", "2", "--shapes",
+                        "43x172", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    first, second = case["candidates"]
+    assert first["error"] == "timing: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert "median_ms" not in first and second["median_ms"] > 0
+    assert case["best"]["config"] == second["config"]

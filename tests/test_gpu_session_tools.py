@@ -117,3 +117,141 @@ def test_invalid_results_are_refused_and_nothing_is_filed(tmp_path: Path) -> Non
     with pytest.raises(ValueError, match="speedup"):
         gpu_results.main([str(out), "--results", str(results), "--logs", str(tmp_path / "l")])
     assert not list(results.glob("*.json"))
+
+
+def test_results_without_a_commit_get_this_checkouts(tmp_path: Path) -> None:
+    """The GPU machine's copy of the tree has no .git: its results say "unknown"."""
+    sha = common.git_commit()
+    if sha == "unknown":
+        pytest.skip("this checkout has no git history either")
+    out, results = tmp_path / "out", tmp_path / "results"
+    _call_output(out, 1.6, e2e.Variant(32, "dense"))
+    for name in (f"{DAY}-kernels.json", f"{DAY}-e2e.json"):
+        doc = json.loads((out / name).read_text())
+        doc["commit"] = "unknown"
+        (out / name).write_text(json.dumps(doc))
+    assert gpu_results.main([str(out), "--results", str(results), "--logs", str(tmp_path)]) == 0
+    for name in (f"{DAY}-kernels.json", f"{DAY}-e2e.json"):
+        filed = json.loads((results / name).read_text())
+        assert filed["commit"] == sha and "commit_filled_from" in filed
+    named = json.loads((out / f"{DAY}-kernels.json").read_text())  # a named commit stays
+    named["commit"] = "abc"
+    (out / f"{DAY}-kernels.json").write_text(json.dumps(named))
+    gpu_results.main([str(out), "--results", str(results), "--logs", str(tmp_path)])
+    again = json.loads((results / f"{DAY}-kernels-2.json").read_text())
+    assert again["commit"] == "abc" and "commit_filled_from" not in again
+
+
+# ------------------------------------------- what a phase runs, read through stubs ----
+
+STUBS = {
+    # every python3 call is logged (shell-quoted) with the e2e settings it got, and succeeds
+    "python3": """#!/usr/bin/env bash
+{ printf 'CALL'; printf ' %q' "$@"; printf ' CONFIGS=%q\\n' "${SLIMSTACK_E2E_CONFIGS-}"; } >>"$STUB_LOG"
+echo "stub python3 $*"
+""",
+    # timeout -s INT -k 20 LIMIT CMD...: log the limit, run CMD
+    "timeout": """#!/usr/bin/env bash
+while [ "${1#-}" != "$1" ]; do shift 2; done
+echo "LIMIT $1" >>"$STUB_LOG"
+shift
+exec "$@"
+""",
+    "compute-sanitizer": """#!/usr/bin/env bash
+echo "CALL compute-sanitizer" >>"$STUB_LOG"
+""",
+}
+
+
+def _run_phase(tmp_path: Path, phase: str, **env: str) -> tuple[list[int], list[list[str]], Path]:
+    """Run a gpu_session.sh phase with instant stubs: (step time limits, python3 calls, OUT)."""
+    import shlex
+
+    bin_dir, out, log = tmp_path / f"bin-{phase}", tmp_path / f"out-{phase}", tmp_path / "log"
+    bin_dir.mkdir()
+    out.mkdir()
+    log.write_text("")
+    for name, text in STUBS.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    run_env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "OUT": str(out),
+               "STUB_LOG": str(log), "GPU_SESSION_EXT": "installed", **env}  # fmt: skip
+    if "GPU_SESSION_BUDGET" not in env:
+        run_env.pop("GPU_SESSION_BUDGET", None)
+    proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_session.sh"), phase], env=run_env,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = log.read_text().splitlines()
+    limits = [int(line.split()[1]) for line in lines if line.startswith("LIMIT ")]
+    calls = [shlex.split(line)[1:] for line in lines if line.startswith("CALL ")]
+    return limits, calls, out
+
+
+LEASE_S = 15 * 60  # device time of a whole lease: both calls, the start, idle and transfers
+START_S = 60  # a fresh machine's start ("a minute or more")
+
+
+def _budget(out: Path) -> int:
+    line = next(x for x in (out / "session.log").read_text().splitlines() if ": budget " in x)
+    return int(line.split(": budget ")[1].split()[0])
+
+
+def test_the_two_calls_of_a_lease_fit_its_15_minutes(tmp_path: Path) -> None:
+    """lease-rest's default budget must fit what a lease leaves after the machine's start
+    and a full lease call, or the device tool kills it before it packs $OUT; no step of a
+    phase may be given more than the phase's budget."""
+    lease, _, lease_out = _run_phase(tmp_path, "lease")
+    rest, _, rest_out = _run_phase(tmp_path, "lease-rest")
+    lease_budget, rest_budget = _budget(lease_out), _budget(rest_out)
+    assert lease_budget <= 600 - 20  # one call's limit, less a margin for packing
+    assert START_S + lease_budget + rest_budget <= LEASE_S, (lease_budget, rest_budget)
+    assert max(lease) <= lease_budget and max(rest) <= rest_budget
+    (tmp_path / "small").mkdir()  # an explicit budget (from status's budget_left_s) wins
+    small, _, small_out = _run_phase(tmp_path / "small", "lease-rest", GPU_SESSION_BUDGET="120")
+    assert _budget(small_out) == 120 and max(small) <= 120
+
+
+def test_the_kernel_log_comes_back_in_the_archive(tmp_path: Path) -> None:
+    _, calls, out = _run_phase(tmp_path, "lease-rest")
+    assert any("bench/test_bench_kernels.py" in call for call in calls)
+    with tarfile.open(out / "rest.tar.gz") as tar:
+        log = tar.extractfile("kernels.log").read().decode()
+    assert "stub python3 -m pytest -q bench/test_bench_kernels.py" in log
+
+
+def _e2e_runs(calls: list[list[str]]) -> set[tuple[str, str]]:
+    """(variant, batch x prompt) pairs the e2e calls select, by pytest's own -k matching."""
+    from _pytest.mark.expression import Expression
+
+    names = [v.name for v in e2e.variants(e2e.MISTRAL_7B)]
+    runs = set()
+    for call in calls:
+        if "bench/test_bench_e2e.py" not in call:
+            continue
+        configs = call[-1].removeprefix("CONFIGS=").split(",")
+        expr = Expression.compile(call[call.index("-k") + 1]) if "-k" in call else None
+        for name in names:
+            item = f"test_e2e_decode[{name}]".lower()
+            if expr is None or expr.evaluate(lambda word, item=item: word.lower() in item):
+                runs |= {(name, config) for config in configs}
+    return runs
+
+
+def test_every_e2e_row_of_a_lease_has_its_dense_baseline(tmp_path: Path) -> None:
+    """Speedups come from the merged e2e file: a sparse or sliced row measured at a batch
+    and prompt where dense-32L never ran has none (lease-rest's batch-8 rows)."""
+    _, lease, _ = _run_phase(tmp_path, "lease")
+    _, rest, _ = _run_phase(tmp_path, "lease-rest")
+    runs = _e2e_runs(lease + rest)
+    assert {name for name, _ in runs} == {v.name for v in e2e.variants(e2e.MISTRAL_7B)}
+    missing = sorted((n, c) for n, c in runs if n != "dense-32L" and ("dense-32L", c) not in runs)
+    assert not missing, f"no dense-32L baseline for {missing}"
+    assert {config.split("x")[0] for _, config in runs} == {"1", "8"}  # batch 1 and 8
+
+
+@pytest.mark.parametrize("phase", ["lease", "lease-rest", "check", "bench-kernels", "bench-e2e",
+                                   "tune"])  # fmt: skip
+def test_no_step_is_given_more_than_the_phase_budget(tmp_path: Path, phase: str) -> None:
+    limits, calls, out = _run_phase(tmp_path, phase, GPU_SESSION_BUDGET="100")
+    assert _budget(out) == 100 and limits, calls
+    assert max(limits) <= 100, limits

@@ -148,3 +148,56 @@ def test_cli_rejects_bad_files(tmp_path: Path, content: str, message: str, capsy
     assert message in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([str(tmp_path / "missing.json")])
+
+
+def test_a_backend_that_skipped_the_hard_shapes_is_not_flattered():
+    """Ranks compare backends on the shapes all of them were measured on. Here torch ran
+    only the easy 4096x4096 (1.5x) and refused the 14336x4096 that every backend finds
+    hard; cuda beats it where both ran (2.0x), so cuda leads, although the geomean over
+    each backend's own rows would put torch first (1.5x against sqrt(2.0 * 1.0) = 1.41x)."""
+    rows = [_row("sparse24_gemv", "cuda", 1, 2.0, (4096, 4096)),
+            _row("sparse24_gemv", "cuda", 1, 1.0, (14336, 4096)),
+            _row("sparse24_mm", "torch", 1, 1.5, (4096, 4096))]  # fmt: skip
+    table = rules_from_results(_doc(rows))
+    assert _order_for(table, "cuda", "sparse24", "bfloat16", 1)[:2] == ["cuda", "torch"]
+    note = next(r["note"] for r in table["rules"] if r.get("dtype") == "bfloat16")
+    assert "cuda 2.00x" in note and "torch 1.50x" in note
+    # with no shape in common, each backend's own shapes are all there is
+    rows = [_row("sparse24_gemv", "cuda", 1, 1.2, (4096, 4096)),
+            _row("sparse24_mm", "torch", 1, 1.5, (14336, 4096))]  # fmt: skip
+    table = rules_from_results(_doc(rows))
+    assert _order_for(table, "cuda", "sparse24", "bfloat16", 1)[:2] == ["torch", "cuda"]
+
+
+def test_a_lease_split_over_two_calls_makes_one_table(tmp_path, capsys):
+    """lease measures M = 1 and 16, lease-rest M = 2, 4, 8: one table from both files.
+    A case both files measured is taken from the later one."""
+    first = _doc(
+        [
+            _row("sparse24_gemv", "cuda", 1, 1.6),
+            _row("sparse24_gemv", "triton", 1, 1.4),
+            _row("sparse24_gemv", "cuda", 16, 1.1),
+            _row("sparse24_gemv", "triton", 16, 1.3),
+        ]
+    )
+    second = _doc([_row("sparse24_gemv", "cuda", 4, 1.2), _row("sparse24_gemv", "triton", 4, 1.5),
+                   _row("sparse24_gemv", "cuda", 16, 1.4)])  # fmt: skip
+    paths = []
+    for i, doc in enumerate((first, second)):
+        paths.append(tmp_path / f"2026-12-03-nvidia-h200-kernels{'-2' * i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    target = tmp_path / "table.json"
+    try:
+        assert main([*map(str, paths), "--write", str(target)]) == 0
+        table = dispatch.load_dispatch_table(target)
+    finally:
+        dispatch.set_dispatch_table(None)
+    order = lambda m: _order_for(table, "cuda", "sparse24", "bfloat16", m)  # noqa: E731
+    assert order(1)[0] == "cuda" and order(4)[0] == "triton"  # M = 4 from the second call
+    assert order(16)[0] == "cuda"  # measured in both: the later 1.4x beats triton's 1.3x
+    assert "kernels.json, 2026-12-03-nvidia-h200-kernels-2.json" in table["rules"][0]["note"]
+    other = _doc([_row("sparse24_gemv", "cuda", 1, 1.6)], gpu="NVIDIA A100")
+    (tmp_path / "a100.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit):
+        main([str(paths[0]), str(tmp_path / "a100.json")])
+    assert "different GPUs" in capsys.readouterr().err

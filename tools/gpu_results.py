@@ -11,6 +11,9 @@
 - prints what it filed, the session log and the summary.
 
 Every file it writes is complete or absent: results are validated before they are copied.
+The GPU machine gets a copy of the working tree without .git, so a run there says commit
+"unknown" unless $SLIMSTACK_COMMIT named it: such results get this checkout's commit (HEAD,
+"-dirty" with uncommitted changes: the tree the call was sent), as "commit_filled_from".
 """
 
 from __future__ import annotations
@@ -39,10 +42,20 @@ def _unpack(archive: Path, logs: Path) -> None:
         tar.extractall(logs, filter="data")
 
 
+def _with_commit(doc: dict) -> dict:
+    """The commit of this checkout where the machine could not tell its own."""
+    if doc.get("commit") in (None, "", "unknown"):
+        sha = common.git_commit()
+        if sha != "unknown":
+            doc["commit"] = sha
+            doc["commit_filled_from"] = "the checkout that filed the results (gpu_results.py)"
+    return doc
+
+
 def file_kernels(src: Path, results: Path) -> Path:
     import plot  # noqa: PLC0415  (matplotlib: only when there is something to draw)
 
-    doc = json.loads(src.read_text())
+    doc = _with_commit(json.loads(src.read_text()))
     problems = common.validate_results(doc)
     if problems:
         raise ValueError(f"{src} is not a valid results file: {'; '.join(problems)}")
@@ -55,7 +68,7 @@ def file_kernels(src: Path, results: Path) -> Path:
 def file_e2e(src: Path, results: Path) -> Path:
     import plot_e2e  # noqa: PLC0415
 
-    doc = json.loads(src.read_text())
+    doc = _with_commit(json.loads(src.read_text()))
     if doc.get("suite") != e2e_helpers.SUITE or not isinstance(doc.get("rows"), list):
         raise ValueError(f"{src} is not an e2e results file")
     env = {k: v for k, v in doc.items() if k not in ("peak", "rows")}

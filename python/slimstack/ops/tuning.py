@@ -1,7 +1,8 @@
 """Refresh the dispatch table from a kernel benchmark run (bench/, DESIGN.md results JSON).
 
 For every (device, format, dtype) the run measured, each M gets the backends ranked by the
-geometric mean of their speedup over the dense baseline across the weight shapes; neighbouring
+geometric mean of their speedup over the dense baseline across the weight shapes (those every
+ranked backend was measured on, so one that skipped a shape is not flattered); neighbouring
 M values with the same ranking merge into one rule covering an M range. What a row measured
 maps to a backend as the backend would run it: ``cuda`` is the extension's GEMV for M <= 16
 and, above, its CUTLASS Hopper GEMM where the run has one (``cuda_sm90``), else the mma.sp
@@ -10,6 +11,11 @@ semi-structured matmul; ``cpu`` the C++ kernels.
 
     python -m slimstack.ops.tuning bench/results/<run>-kernels.json            # print the rules
     python -m slimstack.ops.tuning bench/results/<run>-kernels.json --write    # and install them
+    python -m slimstack.ops.tuning <day>-kernels.json <day>-kernels-2.json     # a lease's two calls
+
+Several files (runs on one GPU, e.g. the lease and lease-rest calls, which split the M values
+between them) are ranked as one: their rows together, a case measured twice taken from the
+later file. Each row's speedup is a ratio within its own run, so runs combine.
 """
 
 from __future__ import annotations
@@ -49,9 +55,11 @@ def _device_of(doc: dict[str, Any]) -> str:
     return "cpu" if str(doc.get("gpu", "cpu")).lower() == "cpu" else "cuda"
 
 
-def _speedups(doc: dict[str, Any]) -> dict[tuple, dict[str, list[float]]]:
-    """(format, dtype, M) -> backend -> speedups over the shapes measured."""
-    found: dict[tuple, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+def _speedups(doc: dict[str, Any]) -> dict[tuple, dict[str, dict[tuple[int, int], float]]]:
+    """(format, dtype, M) -> backend -> {(N, K): speedup} over the shapes measured."""
+    found: dict[tuple, dict[str, dict[tuple[int, int], float]]] = defaultdict(
+        lambda: defaultdict(dict)
+    )
     for row in doc["rows"]:
         mapped = _ROW_BACKEND.get((row["op"], row["provider"]))
         if mapped is None:
@@ -60,7 +68,9 @@ def _speedups(doc: dict[str, Any]) -> dict[tuple, dict[str, list[float]]]:
         m = int(row["M"])
         if (scope == "gemv" and m > GEMV_MAX_M) or (scope == "gemm" and m <= GEMV_MAX_M):
             continue
-        found[(fmt, row["dtype"], m)][backend].append(float(row["speedup"]))
+        found[(fmt, row["dtype"], m)][backend][(int(row["N"]), int(row["K"]))] = float(
+            row["speedup"]
+        )
     # The CUDA backend runs the Hopper GEMM where it exists; the sm80 rows speak for it only
     # on cards without one.
     for per_backend in found.values():
@@ -68,6 +78,17 @@ def _speedups(doc: dict[str, Any]) -> dict[tuple, dict[str, list[float]]]:
         if sm80 and "cuda" not in per_backend:
             per_backend["cuda"] = sm80
     return found
+
+
+def _means(per_backend: dict[str, dict[tuple[int, int], float]]) -> dict[str, float]:
+    """Geometric-mean speedup of each backend over the shapes every backend was measured on:
+    a backend that skipped the hard shapes (refused, failed) must not look better for it.
+    Without a shape in common, each over its own."""
+    common = set.intersection(*(set(shapes) for shapes in per_backend.values()))
+    return {
+        name: geometric_mean([v for shape, v in shapes.items() if not common or shape in common])
+        for name, shapes in per_backend.items()
+    }
 
 
 def _default_order(device: str, fmt: str) -> list[str]:
@@ -93,7 +114,7 @@ def rules_from_results(doc: dict[str, Any], *, source: str = "") -> dict[str, An
         )
     groups: dict[tuple[str, str], list[tuple[int, list[str], dict[str, float]]]] = defaultdict(list)
     for (fmt, dtype, m), per_backend in sorted(by_key.items()):
-        means = {name: geometric_mean(values) for name, values in per_backend.items()}
+        means = _means(per_backend)
         ranked = sorted(means, key=lambda name: -means[name])
         groups[(fmt, dtype)].append((m, ranked, means))
 
@@ -136,9 +157,26 @@ def describe(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def merge_results(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One document of several runs' rows (the same GPU); a later run's row replaces an
+    earlier one of the same case."""
+    gpus = {str(doc.get("gpu")) for doc in docs}
+    if len(gpus) != 1:
+        raise ValueError(f"the results come from different GPUs: {sorted(gpus)}")
+    rows: dict[tuple, dict[str, Any]] = {}
+    for doc in docs:
+        for row in doc["rows"]:
+            key = tuple(row.get(k) for k in ("op", "provider", "N", "K", "M", "dtype"))
+            rows.pop(key, None)
+            rows[key] = row
+    return {**docs[-1], "rows": list(rows.values())}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="kernel benchmark results JSON")
+    parser.add_argument(
+        "results", type=Path, nargs="+", help="kernel benchmark results JSON (one or more runs)"
+    )
     parser.add_argument(
         "--write",
         nargs="?",
@@ -148,15 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         help=f"install the table (default {TABLE_PATH})",
     )
     args = parser.parse_args(argv)
+    docs = []
+    for path in args.results:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"cannot read {path}: {err}")
+        if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
+            parser.error(f"{path} is not a kernel benchmark results file (suite 'kernels')")
+        docs.append(doc)
+    commits = sorted({str(doc.get("commit", "?"))[:12] for doc in docs})
+    source = f"{', '.join(path.name for path in args.results)}, commit {', '.join(commits)}"
     try:
-        doc = json.loads(args.results.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        parser.error(f"cannot read {args.results}: {err}")
-    if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
-        parser.error(f"{args.results} is not a kernel benchmark results file (suite 'kernels')")
-    source = f"{args.results.name}, commit {str(doc.get('commit', '?'))[:12]}"
-    try:
-        table = rules_from_results(doc, source=source)
+        table = rules_from_results(merge_results(docs), source=source)
     except ValueError as err:
         parser.error(str(err))
     print(describe(table))
