@@ -78,3 +78,45 @@ def test_layer_stream_matches_transformers(
     with torch.no_grad():
         expected = model(ids, output_hidden_states=True).hidden_states[-1]
         torch.testing.assert_close(model.model.norm(stream.hidden), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"\x00\x01\x02text", r"not a text file \(NUL byte at offset 0\)"),
+        (b"plain start \xff\xfe then junk", r"not UTF-8 text \(invalid byte 0xff at offset 12\)"),
+        (b"", r"holds no text \(empty or only whitespace\)"),
+        (b" \n\t\n", r"holds no text"),
+    ],
+)
+def test_binary_or_empty_text_is_refused_naming_the_file(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    """Before: decoded with errors="replace", so any file (a checkpoint, random bytes) became
+    text full of U+FFFD and was calibrated or evaluated on."""
+    file = tmp_path / "calib.txt"
+    file.write_bytes(content)
+    with pytest.raises(CalibrationError, match=rf"{file}: {message}"):
+        read_text(file)
+
+
+def test_a_checkpoint_given_as_text_is_refused(stories260k_dir: Path) -> None:
+    with pytest.raises(CalibrationError, match=r"model\.safetensors: not a text file"):
+        tokenize_file(stories260k_dir, stories260k_dir / "model.safetensors")
+
+
+def test_jsonl_without_text_and_a_byte_order_mark(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text(json.dumps({"text": ""}) + "\n" + json.dumps({"text": " "}) + "\n")
+    with pytest.raises(CalibrationError, match="holds no text"):
+        read_text(empty)
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes("\ufeffOnce upon a time".encode())
+    assert read_text(bom) == "Once upon a time"  # the mark is not text to tokenize
+
+
+def test_window_settings_must_be_integers() -> None:
+    with pytest.raises(CalibrationError, match="seqlen must be an integer, got '64'"):
+        sample_windows(torch.arange(1000), 4, "64", seed=0)
+    with pytest.raises(CalibrationError, match="nsamples must be an integer, got 2.5"):
+        sample_windows(torch.arange(1000), 2.5, 64, seed=0)

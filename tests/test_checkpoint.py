@@ -247,3 +247,69 @@ def test_tensor_in_two_shards_refused(stories260k_dir: Path, tmp_path: Path) -> 
     save_file({"model.norm.weight": torch.ones(64)}, str(folder / "extra.safetensors"))
     with pytest.raises(CheckpointError, match="'model.norm.weight' appears in two shards"):
         Checkpoint.open(folder)
+
+
+@pytest.mark.parametrize(
+    ("model_type", "drop", "add", "message"),
+    [
+        # qwen2 always has q/k/v biases: a folder without one is not a qwen2 checkpoint
+        ("qwen2", "model.layers.1.self_attn.k_proj.bias", None,
+         r"config\.json implies model\.layers\.1\.self_attn\.k_proj\.bias, but the weights lack it"),
+        # a bias llama's config does not ask for would be ignored by every loader, silently
+        ("llama", None, "model.layers.0.mlp.down_proj.bias",
+         r"the weights hold model\.layers\.0\.mlp\.down_proj\.bias, but config\.json implies no "
+         r"bias there \(model_type='llama', attention_bias=False, mlp_bias=False\)"),
+    ],
+)  # fmt: skip
+def test_biases_must_match_the_config(
+    tiny_checkpoint, tmp_path: Path, model_type: str, drop, add, message: str
+) -> None:
+    """Before: only slimstack.load checked (and only for missing biases); magnitude pruning
+    copied such a folder and the calibrated passes died in transformers' strict loading."""
+    from safetensors.torch import load_file
+
+    from slimstack.prune.driver import prune
+
+    folder = tiny_checkpoint(model_type)
+    weights = load_file(folder / "model.safetensors")
+    if drop:
+        del weights[drop]
+    if add:
+        weights[add] = torch.zeros(64)
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=message):
+        Checkpoint.open(folder)
+    with pytest.raises(CheckpointError, match=message):
+        prune(folder, tmp_path / "out", method="magnitude", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_the_engine_cannot_run_is_refused_naming_the_file(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    from slimstack.engine.config import ConfigError
+
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    (folder / "config.json").chmod(0o644)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    with pytest.raises(
+        ConfigError, match=rf"{folder / 'config.json'}: config 'num_attention_heads'"
+    ):
+        Checkpoint.open(folder)
+
+
+def test_a_config_transformers_refuses_is_named_not_a_key_error(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    from slimstack.engine.config import ConfigError
+
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    (folder / "config.json").chmod(0o644)
+    config = json.loads((folder / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ConfigError, match=r"config\.json: transformers refuses this config: .*high_freq_factor"
+    ):
+        Checkpoint.open(folder)

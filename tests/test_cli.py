@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -248,3 +249,152 @@ def test_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys) -> None:
     assert main(["info"]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+# ----------------------------------------------------------------------------- one check for all
+def _commands(model: Path, out: Path, calib: Path) -> dict[str, list[str]]:
+    """Every command that reads a model folder, as a user would run it."""
+    return {
+        "prune-magnitude": ["prune", str(model), "--method", "magnitude", "--out", str(out)],
+        "prune-wanda": ["prune", str(model), "--calib", str(calib), "--nsamples", "2",
+                        "--seqlen", "32", "--out", str(out)],
+        "analyze-snr": ["analyze", str(model), "--criteria", "snr", "--out", str(out)],
+        "analyze-angular": ["analyze", str(model), "--criteria", "angular", "--calib", str(calib),
+                            "--nsamples", "2", "--seqlen", "32", "--out", str(out)],
+        "slice": ["slice", str(model), "--drop", "2", "--out", str(out)],
+        "eval": ["eval", str(model), "--text", str(calib), "--max-windows", "1"],
+    }  # fmt: skip
+
+
+def _edit(folder: Path, config: dict | None = None, tensors: dict | None = None) -> Path:
+    from safetensors.torch import load_file, save_file
+
+    if config is not None:
+        current = json.loads((folder / "config.json").read_text())
+        current.update(config)
+        (folder / "config.json").write_text(
+            json.dumps({k: v for k, v in current.items() if v is not None})
+        )
+    if tensors is not None:
+        weights = load_file(folder / "model.safetensors")
+        weights.update(tensors)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+MISFITS = {
+    "q_proj": (
+        {"tensors": {"model.layers.1.self_attn.q_proj.weight": torch.zeros(64, 60)}},
+        r"model\.layers\.1\.self_attn\.q_proj\.weight has shape \[64, 60\], but config\.json "
+        r"implies \[64, 64\]",
+    ),
+    "hidden_size": (
+        {"config": {"hidden_size": 128}},
+        r"model\.embed_tokens\.weight has shape \[512, 64\], but config\.json implies \[512, 128\]",
+    ),
+    "stray_bias": (
+        {"tensors": {"model.layers.0.self_attn.o_proj.bias": torch.zeros(64)}},
+        r"the weights hold model\.layers\.0\.self_attn\.o_proj\.bias, but config\.json implies "
+        r"no bias there",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", list(_commands(Path(), Path(), Path())))
+@pytest.mark.parametrize("misfit", list(MISFITS))
+def test_weights_that_do_not_fit_the_config_are_refused_by_every_command(
+    stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, capsys, misfit, command
+) -> None:
+    """Before: magnitude pruning and slicing wrote a broken folder, the calibrated passes
+    died in a size-mismatch traceback deep inside transformers."""
+    edit, message = MISFITS[misfit]
+    model = _edit(_model_copy(stories260k_dir, tmp_path), **edit)
+    argv = _commands(model, tmp_path / "out", wikitext_dir / "valid.txt")[command]
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and re.search(message, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]  # no output, no temp folder
+
+
+REFUSED_CONFIGS = {
+    # the engine's parser refuses these; transformers' layers would have run them
+    "longrope": {"rope_parameters": {"rope_type": "longrope", "rope_theta": 10000.0,
+                                     "short_factor": [1.0] * 4, "long_factor": [1.0] * 4,
+                                     "original_max_position_embeddings": 256}},
+    "gelu": {"hidden_act": "gelu"},
+    "kv_heads": {"num_key_value_heads": 3},
+    "no_context": {"max_position_embeddings": None},
+    # transformers 5 refuses these (the engine would derive the factor): a KeyError traceback
+    # from inside the pass before, or from the engine's tokenizer loading
+    "yarn_no_factor": {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0,
+                                           "original_max_position_embeddings": 256}},
+    "llama3_no_freqs": {"rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0,
+                                            "factor": 2.0}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", list(_commands(Path(), Path(), Path())))
+@pytest.mark.parametrize("case", list(REFUSED_CONFIGS))
+def test_offline_tools_refuse_what_the_engine_refuses_in_its_words(
+    stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, capsys, case, command
+) -> None:
+    """Before: prune, analyze and slice ran transformers' layers on the first four and wrote
+    folders that slimstack.load then refused (after the work was done); the last two died
+    in a KeyError traceback, in load() as well. Now one check, one message, for all."""
+    from slimstack.engine.loader import load
+
+    model = _edit(_model_copy(stories260k_dir, tmp_path), config=REFUSED_CONFIGS[case])
+    with pytest.raises(ValueError) as refused:
+        load(model, device="cpu")
+    code = main(_commands(model, tmp_path / "out", wikitext_dir / "valid.txt")[command])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"slimstack {command.split('-')[0]}: error: {refused.value}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models"]
+
+
+def _binary_files(stories260k_dir: Path, tmp_path: Path) -> dict[str, tuple[Path, str]]:
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(bytes(range(128, 256)) * 4)  # no NUL, not UTF-8
+    return {
+        "safetensors": (stories260k_dir / "model.safetensors", "not a text file (NUL byte"),
+        "noise": (noise, "not UTF-8 text (invalid byte 0x80 at offset 0)"),
+    }
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "noise"])
+@pytest.mark.parametrize("command", ["prune", "eval", "analyze"])
+def test_binary_text_files_are_refused_by_name(
+    stories260k_dir: Path, tmp_path: Path, capsys, kind, command
+) -> None:
+    """Before: decoded with replacement characters and tokenized as if it were text."""
+    text, message = _binary_files(stories260k_dir, tmp_path)[kind]
+    out = tmp_path / "out"
+    argv = {
+        "prune": ["prune", str(stories260k_dir), "--calib", str(text), "--seqlen", "16", "--out", str(out)],
+        "eval": ["eval", str(stories260k_dir), "--text", str(text)],
+        "analyze": ["analyze", str(stories260k_dir), "--calib", str(text), "--seqlen", "16",
+                    "--out", str(out)],
+    }[command]  # fmt: skip
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code == 2 and f"{text}: {message}" in err and "Traceback" not in err, err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_full_disk_is_one_line_and_leaves_no_temp_folder(
+    stories260k_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import errno
+
+    import slimstack.checkpoint
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(slimstack.checkpoint, "save_file", full)
+    out = tmp_path / "out"
+    code = main(["prune", str(stories260k_dir), "--method", "magnitude", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "No space left on device" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []

@@ -468,6 +468,21 @@ def test_other_refusals_leave_nothing(stories260k_dir: Path, tmp_path: Path):
     assert list(out.iterdir()) == []
 
 
+def test_a_criterion_scored_now_refuses_windows_past_the_context(
+    stories260k_dir: Path, shared_dir: Path, tmp_path: Path
+):
+    """Before: 4096-token windows ran through a 512-token model and its scores picked the
+    layers to drop, without a word (analyze refused the same settings)."""
+    out = tmp_path / "out"
+    calib = shared_dir / "data" / "wikitext-2" / "valid.txt"
+    for seqlen, message in ((4096, r"seqlen 4096 exceeds the model's context \(512 tokens\)"),
+                            (1, "seqlen must be at least 2")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            slice_model(stories260k_dir, out, criterion="bi", n=1, calib=calib, nsamples=2,
+                        seqlen=seqlen, progress=False)  # fmt: skip
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_output_cannot_be_a_source(stories260k_dir: Path, other_model: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="would replace the input"):
         slice_model(other_model, other_model, drop="1", overwrite=True, progress=False)

@@ -294,6 +294,34 @@ def test_bad_input_writes_nothing(
     _assert_nothing_written(tmp_path)
 
 
+@pytest.mark.parametrize(
+    ("include", "exclude", "bad"),
+    [
+        (None, ["mlp.down_prj"], "--exclude 'mlp.down_prj'"),  # a typo: down_proj pruned anyway
+        (["mlp.*", "self_atn.*"], None, "--include 'self_atn.*'"),  # half the request lost
+    ],
+)
+def test_a_glob_that_matches_nothing_is_refused(
+    stories260k_dir: Path, tmp_path: Path, include, exclude, bad: str
+) -> None:
+    with pytest.raises(ValueError, match=rf"no linear layer matches {bad}.*mlp\.down_proj"):
+        prune(stories260k_dir, tmp_path / "out", method="magnitude", include=include,
+              exclude=exclude, progress=False)  # fmt: skip
+    _assert_nothing_written(tmp_path)
+
+
+def test_one_glob_may_be_a_plain_string(stories260k_dir: Path, tmp_path: Path) -> None:
+    """A recipe's `include: mlp.*` is one glob. Before: its characters were globs, and "*"
+    matched every module, attention included."""
+    report = prune(stories260k_dir, tmp_path / "out", method="magnitude", include="mlp.*",
+                   exclude="*.down_proj", progress=False)  # fmt: skip
+    assert report.sparsity and all(
+        name.endswith(("mlp.gate_proj", "mlp.up_proj")) for name in report.sparsity
+    )
+    meta = json.loads((tmp_path / "out" / "slimstack.json").read_text())
+    assert meta["steps"][-1]["include"] == ["mlp.*"]
+
+
 def test_too_little_calibration_text(stories260k_dir: Path, tmp_path: Path) -> None:
     text = tmp_path / "short.txt"
     text.write_text("Once upon a time there was a cat.")

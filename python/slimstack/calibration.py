@@ -33,13 +33,38 @@ class CalibrationError(ValueError):
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """Plain text, or JSONL whose records have a `text` field (joined by blank lines)."""
+    """Plain text, or JSONL whose records have a `text` field (joined by blank lines).
+
+    The file must be UTF-8 text: a binary file (a checkpoint, an archive) passed by mistake
+    is refused, not decoded into replacement characters and tokenized as if it were text.
+    """
     file = Path(path)
     if not file.is_file():
         raise CalibrationError(f"calibration file not found: {file}")
-    raw = file.read_text(encoding="utf-8", errors="replace")
-    if file.suffix.lower() not in (".jsonl", ".ndjson"):
-        return raw
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise CalibrationError(f"{file}: cannot read it ({exc.strerror or exc})") from None
+    if b"\0" in data:
+        raise CalibrationError(
+            f"{file}: not a text file (NUL byte at offset {data.index(0)}); give a UTF-8 text "
+            "file, or JSONL with a 'text' field"
+        )
+    try:
+        raw = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CalibrationError(
+            f"{file}: not UTF-8 text (invalid byte 0x{data[exc.start]:02x} at offset "
+            f"{exc.start}); give a UTF-8 text file, or JSONL with a 'text' field"
+        ) from None
+    if file.suffix.lower() in (".jsonl", ".ndjson"):
+        raw = _jsonl_text(file, raw)
+    if not raw.strip():
+        raise CalibrationError(f"{file}: holds no text (empty or only whitespace)")
+    return raw
+
+
+def _jsonl_text(file: Path, raw: str) -> str:
     texts = []
     for lineno, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -89,6 +114,9 @@ def _tokenize_cached(model: str, text: str, mtime_ns: int, size: int) -> torch.T
 
 def sample_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
     """`nsamples` random windows of `seqlen` tokens, reproducible by `seed`."""
+    for name, value in (("nsamples", nsamples), ("seqlen", seqlen), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise CalibrationError(f"{name} must be an integer, got {value!r}")
     if nsamples <= 0 or seqlen <= 0:
         raise CalibrationError(f"nsamples and seqlen must be positive, got {nsamples}, {seqlen}")
     if tokens.numel() <= seqlen:

@@ -26,7 +26,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+# one list of families and one config parser for every tool: the offline tools' outputs are
+# meant for the engine, so they refuse, up front and in the same words, what it cannot run
+from slimstack.engine.config import SUPPORTED_MODEL_TYPES, ConfigError, EngineConfig, engine_config
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -187,8 +190,10 @@ class Checkpoint:
             raise CheckpointError(f"expected a model folder, got a file: {folder}")
         config = read_config(folder)
         ckpt = cls(path=folder, config=config, entries=_read_entries(folder))
+        resolved = ckpt.engine_config()
         if check_layers:
             ckpt.check_layers()
+            check_shapes(ckpt, resolved)
         return ckpt
 
     def close(self) -> None:
@@ -201,6 +206,26 @@ class Checkpoint:
         self.close()
 
     # ---------------------------------------------------------------- facts
+    def engine_config(self) -> EngineConfig:
+        """The config resolved as the engine runs it. Refused here, for every tool in the same
+        words: what the engine cannot run, and what transformers refuses. transformers' config
+        is what the offline tools build their layers from and what the engine's tokenizer
+        loads, and since 5.x it wants every rope parameter written out (yarn's `factor`,
+        llama3's `low_freq_factor` / `high_freq_factor`) where the engine would derive them."""
+        where = self.path / "config.json"
+        try:
+            resolved = engine_config(self.config)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        from slimstack.hf_layers import hf_config  # transformers (and hf_layers imports this)
+
+        try:
+            hf_config(self.config)
+        except (KeyError, ValueError, TypeError) as exc:
+            reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+            raise ConfigError(f"{where}: transformers refuses this config: {reason}") from None
+        return resolved
+
     @property
     def model_type(self) -> str:
         return self.config["model_type"]
@@ -307,6 +332,78 @@ class Checkpoint:
                     else ""
                 )
             )
+
+
+_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+_MLP = ("gate_proj", "up_proj", "down_proj")
+
+
+def expected_shapes(
+    config: EngineConfig,
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(top-level name -> shape, name within a decoder layer -> shape) of every tensor the
+    decoder stack reads, from the config alone (biases included where a family has them)."""
+    hidden, inter = config.hidden_size, config.intermediate_size
+    q_rows = config.num_heads * config.head_dim
+    kv_rows = config.num_kv_heads * config.head_dim
+    top = {
+        "model.embed_tokens.weight": (config.vocab_size, hidden),
+        "lm_head.weight": (config.vocab_size, hidden),
+        "model.norm.weight": (hidden,),
+    }
+    rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows, "o_proj": hidden,
+            "gate_proj": inter, "up_proj": inter, "down_proj": hidden}  # fmt: skip
+    cols = {"o_proj": q_rows, "down_proj": inter}
+    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
+    for module, names in (("self_attn", _ATTENTION), ("mlp", _MLP)):
+        for name in names:
+            layer[f"{module}.{name}.weight"] = (rows[name], cols.get(name, hidden))
+            layer[f"{module}.{name}.bias"] = (rows[name],)
+    return top, layer
+
+
+def implied_biases(config: EngineConfig) -> dict[str, bool]:
+    """Projection (name within a layer, e.g. "self_attn.q_proj") -> whether it has a bias."""
+    has = {f"self_attn.{name}": config.qkv_bias for name in _ATTENTION[:3]}
+    has["self_attn.o_proj"] = config.o_bias
+    return {**has, **{f"mlp.{name}": config.mlp_bias for name in _MLP}}
+
+
+def check_shapes(ckpt: Checkpoint, config: EngineConfig) -> None:
+    """Refuse a folder whose tensors do not have the shapes its config.json implies (an
+    edited config, or weights from another model), or that lacks a bias the config implies
+    or holds one it does not, before anything is read: otherwise the first sign would be a
+    size mismatch deep inside a pruning pass or generate(), or a silently ignored bias.
+    Every tool runs this (Checkpoint.open), so they all refuse the same folders."""
+    top, layer = expected_shapes(config)
+    wanted = dict(top)
+    for index in range(config.num_layers):
+        wanted.update({f"{LAYER_PREFIX}{index}.{name}": shape for name, shape in layer.items()})
+    for name, shape in wanted.items():
+        if name in ckpt and ckpt.tensor_shape(name) != shape:
+            raise CheckpointError(
+                f"{ckpt.path}: {name} has shape {list(ckpt.tensor_shape(name))}, but config.json "
+                f"implies {list(shape)} (hidden_size={config.hidden_size}, "
+                f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}, "
+                f"heads={config.num_heads}, kv_heads={config.num_kv_heads}, "
+                f"head_dim={config.head_dim})"
+            )
+    biases = implied_biases(config)
+    for index in range(config.num_layers):
+        for module, implied in biases.items():
+            name = f"{LAYER_PREFIX}{index}.{module}.bias"
+            if implied != (name in ckpt):
+                raise CheckpointError(
+                    f"{ckpt.path}: "
+                    + (
+                        f"config.json implies {name}, but the weights lack it"
+                        if implied
+                        else f"the weights hold {name}, but config.json implies no bias there"
+                    )
+                    + f" (model_type={config.model_type!r}, "
+                    f"attention_bias={ckpt.config.get('attention_bias', False)}, "
+                    f"mlp_bias={ckpt.config.get('mlp_bias', False)})"
+                )
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -434,6 +434,10 @@ def _run(args: argparse.Namespace) -> int:
     except BrokenPipeError:  # `slimstack generate ... | head`: the reader left, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        # a full disk, an unwritable folder: the writers have removed their temporary folders
+        print(f"slimstack {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -97,6 +97,8 @@ def evaluate(
             isinstance(value, bool) or not isinstance(value, int) or value < 1
         ):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int)):
+        raise ValueError(f"seqlen must be an integer, got {seqlen!r}")
     device = resolve_device(device)
     lm = load_hf_model(model, device, dtype)
     ref = load_hf_model(reference, device, dtype) if reference is not None else None

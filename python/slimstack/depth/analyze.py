@@ -9,6 +9,7 @@ reads only the v_proj weights.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -61,7 +62,9 @@ def parse_criteria(criteria: str | Sequence[str] | None) -> list[str]:
     return [c for c in CRITERIA if c in chosen]  # a stable order for reports
 
 
-def _check_settings(ckpt: Checkpoint, seqlen: int, token: str, dtype: str) -> None:
+def check_settings(ckpt: Checkpoint, seqlen: int, token: str, dtype: str) -> None:
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int):
+        raise ValueError(f"seqlen must be an integer, got {seqlen!r}")
     context = ckpt.config.get("max_position_embeddings")
     if context and seqlen > context:
         raise ValueError(
@@ -149,9 +152,13 @@ def analyze(
     chosen = parse_criteria(criteria)
     out = Path(out)
     ckpt = Checkpoint.open(model)
-    _check_settings(ckpt, seqlen, token, dtype)
+    check_settings(ckpt, seqlen, token, dtype)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not (isinstance(budget_mb, int | float) and math.isfinite(budget_mb) and budget_mb > 0):
+        raise ValueError(
+            f"the memory budget (--memory-mb) must be a positive number, got {budget_mb!r}"
+        )
     needs_data = any(c != "snr" for c in chosen)
     if needs_data and calib is None:
         raise ValueError("these criteria need calibration text (--calib FILE); only snr does not")

@@ -200,16 +200,20 @@ def _score_now(
     progress: bool,
 ) -> tuple[dict[str, Any], Any]:
     from slimstack.calibration import load_calibration
-    from slimstack.depth.analyze import score_layers
+    from slimstack.depth.analyze import check_settings, score_layers
 
     if calib is None and name != "snr":
         raise SliceError(
             f"--criterion {name} needs the analysis: give --scores REPORT/scores.json or "
             "--calib FILE to score the layers now"
         )
-    calibration = load_calibration(path, calib, nsamples, seqlen, seed) if name != "snr" else None
     device = resolve_device(device)
     with Checkpoint.open(path) as ckpt:
+        if name != "snr":  # as analyze refuses them: windows past the context, seqlen < 2
+            check_settings(ckpt, seqlen, "last", "float32")
+        calibration = (
+            load_calibration(path, calib, nsamples, seqlen, seed) if name != "snr" else None
+        )
         results, _ = score_layers(
             ckpt,
             calibration.input_ids if calibration is not None else None,

@@ -154,6 +154,10 @@ def rope_config(config: dict[str, Any]) -> RopeConfig:
     if rope_type in ("llama3", "yarn") and original is None:
         original = config.get("max_position_embeddings")  # as transformers defaults it
     factor = params.get("factor")
+    # Derived / defaulted below as transformers 4.x did. transformers 5 refuses such configs
+    # (it wants `factor`, and llama3's low/high_freq_factor, written out), and its config is
+    # what the tokenizer and the offline tools load: Checkpoint.open refuses those folders
+    # for every tool alike, so these resolve only configs given as dicts.
     if rope_type != "default" and factor is None:
         if rope_type == "yarn" and original:
             factor = config["max_position_embeddings"] / original

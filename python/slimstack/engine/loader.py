@@ -21,7 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimstack.checkpoint import Checkpoint, CheckpointError, read_metadata
+from slimstack.checkpoint import (  # noqa: F401  (check_shapes, expected_shapes: re-exported)
+    Checkpoint,
+    CheckpointError,
+    check_shapes,
+    expected_shapes,
+    implied_biases,
+    read_metadata,
+)
 from slimstack.devices import resolve_device
 from slimstack.engine.config import EngineConfig, engine_config
 from slimstack.engine.fused import select_kernels
@@ -60,9 +67,9 @@ def load(
             f"dtype must be torch.float32, torch.float16 or torch.bfloat16 (or their names), "
             f"got {dtype!r}"
         )
+    # open() refuses what the engine cannot run: config (engine_config), tensors, shapes
     with Checkpoint.open(path) as ckpt:
         config = engine_config(ckpt.config)
-        check_shapes(ckpt, config)
         sharing = shared_layers(ckpt, read_metadata(ckpt.path))
         layers: list[DecoderLayer] = []
         sources: list[str] = []
@@ -90,50 +97,6 @@ def load(
     return model.eval()
 
 
-# ----------------------------------------------------------------------------- shapes
-def expected_shapes(
-    config: EngineConfig,
-) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
-    """(top-level name -> shape, name within a decoder layer -> shape) of every tensor the
-    decoder stack reads, from the config alone (biases included where a family has them)."""
-    hidden, inter = config.hidden_size, config.intermediate_size
-    q_rows = config.num_heads * config.head_dim
-    kv_rows = config.num_kv_heads * config.head_dim
-    top = {
-        "model.embed_tokens.weight": (config.vocab_size, hidden),
-        "lm_head.weight": (config.vocab_size, hidden),
-        "model.norm.weight": (hidden,),
-    }
-    rows = {"q_proj": q_rows, "k_proj": kv_rows, "v_proj": kv_rows, "o_proj": hidden,
-            "gate_proj": inter, "up_proj": inter, "down_proj": hidden}  # fmt: skip
-    cols = {"o_proj": q_rows, "down_proj": inter}
-    layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
-    for module, names in (("self_attn", _ATTENTION), ("mlp", _MLP)):
-        for name in names:
-            layer[f"{module}.{name}.weight"] = (rows[name], cols.get(name, hidden))
-            layer[f"{module}.{name}.bias"] = (rows[name],)
-    return top, layer
-
-
-def check_shapes(ckpt: Checkpoint, config: EngineConfig) -> None:
-    """Refuse a folder whose tensors do not have the shapes its config.json implies (an
-    edited config, or weights from another model), before anything is loaded: otherwise
-    the first sign would be an index or reshape error deep inside generate()."""
-    top, layer = expected_shapes(config)
-    wanted = dict(top)
-    for index in range(config.num_layers):
-        wanted.update({f"model.layers.{index}.{name}": shape for name, shape in layer.items()})
-    for name, shape in wanted.items():
-        if name in ckpt and ckpt.tensor_shape(name) != shape:
-            raise CheckpointError(
-                f"{ckpt.path}: {name} has shape {list(ckpt.tensor_shape(name))}, but config.json "
-                f"implies {list(shape)} (hidden_size={config.hidden_size}, "
-                f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}, "
-                f"heads={config.num_heads}, kv_heads={config.num_kv_heads}, "
-                f"head_dim={config.head_dim})"
-            )
-
-
 # ----------------------------------------------------------------------------- layers
 def build_layer(
     ckpt: Checkpoint,
@@ -149,21 +112,13 @@ def build_layer(
     the parts are alike (all 2:4, all other-sparse or all dense), so that packing sees
     one weight and a decode step streams one longer matrix instead of several short ones.
     """
-    prefix = f"model.layers.{index}."
     tensors = ckpt.layer_tensors(index)
-    bias_of = {name: config.qkv_bias for name in _ATTENTION[:3]}
-    bias_of["o_proj"] = config.o_bias
-    bias_of.update(dict.fromkeys(_MLP, config.mlp_bias))
+    bias_of = implied_biases(config)  # Checkpoint.open checked: present exactly when implied
 
     def parts(module: str, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         key = f"{module}.{name}"
-        bias_key = f"{key}.bias"
-        if bias_of[name] and bias_key not in tensors:
-            raise CheckpointError(
-                f"{ckpt.path}: config implies {prefix}{bias_key} but it is missing"
-            )
         weight = tensors[f"{key}.weight"].to(device=device, dtype=dtype)
-        bias = tensors[bias_key].to(device=device, dtype=dtype) if bias_of[name] else None
+        bias = tensors[f"{key}.bias"].to(device=device, dtype=dtype) if bias_of[key] else None
         return weight, bias
 
     def group(module: str, names: tuple[str, ...], fused_name: str) -> dict[str, nn.Linear]:

@@ -66,6 +66,22 @@ def select_modules(
     return [n for n in chosen if not exclude or not matches(n, exclude)]
 
 
+def check_globs(
+    names: Sequence[str], include: Sequence[str] | None, exclude: Sequence[str] | None
+) -> None:
+    """Every --include / --exclude glob must match some linear: a typo in an --exclude would
+    otherwise prune the very module it meant to keep, without a word."""
+    examples = sorted({n.split(".", 3)[-1] for n in names})
+    for option, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in patterns or []:
+            if not select_modules(names, [pattern], None):
+                raise ValueError(
+                    f"no linear layer matches {option} {pattern!r}; globs match full names "
+                    f"({names[0] if names else 'model.layers.0.mlp.down_proj'}) or names inside "
+                    f"a layer ({', '.join(examples)})"
+                )
+
+
 def _check_shapes(ckpt: Checkpoint, modules: list[str], pattern: Pattern) -> None:
     """Refuse before any work (and before writing anything) when a weight cannot take the
     pattern."""
@@ -106,6 +122,9 @@ def prune(
     pattern = parse_pattern(sparsity)
     if method != "magnitude" and calib is None:
         raise ValueError(f"{method} needs calibration text (--calib FILE)")
+    # one glob as a plain string (a recipe's `include: mlp.*`), not its characters as globs
+    include = [include] if isinstance(include, str) else include
+    exclude = [exclude] if isinstance(exclude, str) else exclude
     ckpt = Checkpoint.open(model)
     context = int(ckpt.config.get("max_position_embeddings") or 2048)
     if seqlen is None:
@@ -119,6 +138,7 @@ def prune(
         and name.endswith("_proj.weight")
         and len(ckpt.tensor_shape(name)) == 2
     ]
+    check_globs(all_modules, include, exclude)
     modules = select_modules(all_modules, include, exclude)
     if not modules:
         raise ValueError("no linear layer matches --include/--exclude; nothing to prune")
