@@ -428,6 +428,14 @@ def test_sm90_rejects_meta_in_the_wrong_layout(make_sparse24) -> None:
         _C.sparse24_gemm_sm90_cuda(_x(64, k, torch.float16, 1), packed.values, packed.meta, n, k)
 
 
+def test_sm90_meta_size_refuses_sizes_past_int32() -> None:
+    """The CUTLASS metadata size is computed in int64 and refused where the kernels' int32
+    indexing ends (it overflowed int before)."""
+    assert _C.sparse24_sm90_meta_nbytes(64, 64) > 0
+    with pytest.raises(ValueError, match="32-bit ints"):
+        _C.sparse24_sm90_meta_nbytes(2**31, 64)
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_kernels_follow_the_tensors_device(make_sparse24) -> None:
     n, k, m = 128, 200, 3

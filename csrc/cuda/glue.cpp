@@ -75,6 +75,10 @@ void check_x(const std::string& op, const at::Tensor& x, int64_t N, int64_t K) {
 
 void check_launch(const std::string& op, cudaError_t err) {
   if (err == cudaSuccess) return;
+  // A runtime call that failed (a launch, cudaFuncSetAttribute, ...) also left its error as the
+  // thread's "last error": clear it, or the next unrelated launch check (torch's included)
+  // would report it again. Sticky errors (a kernel fault) stay whatever we do.
+  (void)cudaGetLastError();
   if (err == cudaErrorNotSupported) {
     TORCH_CHECK(false, op, ": not supported on this device or build (",
                 cudaGetErrorString(err), ")");
@@ -84,6 +88,19 @@ void check_launch(const std::string& op, cudaError_t err) {
                 "(a slimstack bug; please report the shapes): ", cudaGetErrorString(err));
   }
   TORCH_CHECK(false, op, ": CUDA error: ", cudaGetErrorString(err));
+}
+
+// The sm90 launchers: a refusal inside CUTLASS (can_implement / initialize / run) names the step
+// and CUTLASS's status; everything else as check_launch.
+void check_sm90_launch(const std::string& op, cudaError_t err) {
+  if (err == cudaSuccess) return;
+  const std::string detail = sc::sparse24_sm90_last_error();
+  if (!detail.empty()) {
+    (void)cudaGetLastError();
+    TORCH_CHECK(false, op, ": ", detail, " (", cudaGetErrorString(err),
+                "); sparse24_gemm_sm80_cuda takes any shape");
+  }
+  check_launch(op, err);
 }
 
 cudaStream_t current_stream(const at::Tensor& x) {
@@ -245,6 +262,7 @@ at::Tensor sparse24_gemm_sm80_cuda(const at::Tensor& x, const at::Tensor& values
 int64_t sparse24_sm90_meta_nbytes(int64_t N, int64_t K) {
   TORCH_CHECK_VALUE(N > 0 && K > 0, "sparse24_sm90_meta_nbytes: N and K must be positive, got N=",
                     N, ", K=", K);
+  check_sizes("sparse24_sm90_meta_nbytes", N, K);
   return static_cast<int64_t>(sc::sparse24_sm90_meta_bytes(N, padded_k(K)));
 }
 
@@ -297,10 +315,10 @@ at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values
   if (ws_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
   }
-  check_launch(op, sc::sparse24_gemm_sm90(xg.data_ptr(), Kp, values.data_ptr(),
-                                          meta_sm90.data_ptr<uint8_t>(), y.data_ptr(), N,
-                                          workspace.defined() ? workspace.data_ptr() : nullptr, M,
-                                          N, Kp, dtype, current_stream(x)));
+  check_sm90_launch(op, sc::sparse24_gemm_sm90(xg.data_ptr(), Kp, values.data_ptr(),
+                                               meta_sm90.data_ptr<uint8_t>(), y.data_ptr(), N,
+                                               workspace.defined() ? workspace.data_ptr() : nullptr,
+                                               M, N, Kp, dtype, current_stream(x)));
   return y;
 }
 
@@ -319,9 +337,9 @@ std::tuple<at::Tensor, at::Tensor> sparse24_sm90_compress_dense_cuda(const at::T
   at::Tensor meta_sm90 =
       at::empty({static_cast<int64_t>(sc::sparse24_sm90_meta_bytes(N, Kp))},
                 w.options().dtype(at::kByte));
-  check_launch(op, sc::sparse24_sm90_compress_dense(wp.data_ptr(), values.data_ptr(),
-                                                    meta_sm90.data_ptr<uint8_t>(), N, Kp, dtype,
-                                                    current_stream(w)));
+  check_sm90_launch(op, sc::sparse24_sm90_compress_dense(wp.data_ptr(), values.data_ptr(),
+                                                         meta_sm90.data_ptr<uint8_t>(), N, Kp,
+                                                         dtype, current_stream(w)));
   return {values, meta_sm90};
 }
 

@@ -116,6 +116,11 @@ cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
                                const uint8_t* meta_sm90, void* y, int64_t ldy, void* workspace,
                                int64_t M, int64_t N, int64_t Kp, DType dtype, cudaStream_t stream);
 
+// Why the last sparse24_gemm_sm90 / sparse24_sm90_compress_dense call of this host thread
+// failed inside CUTLASS: the step (can_implement, initialize, run), CUTLASS's status string and
+// the problem. Empty when that call succeeded or failed before reaching CUTLASS.
+const char* sparse24_sm90_last_error();
+
 // Test hook: CUTLASS's own compressor applied to a dense 2:4 weight W [N, Kp] (row-major).
 // Writes values_out [N, Kp/2] and meta_sm90_out (sparse24_sm90_meta_bytes bytes). Lets the GPU
 // tests prove that our values are CUTLASS's compressed A and that the reordered meta matches.

@@ -31,6 +31,7 @@
 #include "cutlass/transform/device/transform_universal_adapter.hpp"
 #include "cutlass/transform/kernel/sparse_gemm_compressor.hpp"
 
+#include <string>
 #include <type_traits>
 
 namespace slimstack {
@@ -139,6 +140,12 @@ __global__ void reorder_meta_kernel(const uint8_t* __restrict__ meta, uint8_t* _
   }
 }
 
+// Why the last CUTLASS call of this host thread failed (sparse24_sm90_last_error()).
+std::string& last_error() {
+  thread_local std::string message;
+  return message;
+}
+
 cudaError_t status_to_error(cutlass::Status s) {
   switch (s) {
     case cutlass::Status::kSuccess:
@@ -151,10 +158,21 @@ cudaError_t status_to_error(cutlass::Status s) {
     case cutlass::Status::kErrorWorkspaceNull:
       return cudaErrorInvalidValue;
     default: {
+      // CUTLASS clears the CUDA error it met (e.g. a failed cudaFuncSetAttribute) before
+      // returning kErrorInternal: not a launch failure, and the context is fine.
       const cudaError_t e = cudaGetLastError();
-      return e != cudaSuccess ? e : cudaErrorLaunchFailure;
+      return e != cudaSuccess ? e : cudaErrorUnknown;
     }
   }
+}
+
+// Records which CUTLASS step refused and why, for the glue's error message.
+cudaError_t cutlass_failure(const char* what, const char* step, cutlass::Status s, int64_t M,
+                            int64_t N, int64_t Kp) {
+  last_error() = std::string("CUTLASS ") + what + " " + step + " returned '" +
+                 cutlass::cutlassGetStatusString(s) + "' for GEMM (M', N', K') = (" +
+                 std::to_string(N) + ", " + std::to_string(M) + ", " + std::to_string(Kp) + ")";
+  return status_to_error(s);
 }
 
 template <class Cfg>
@@ -198,14 +216,20 @@ cudaError_t run_gemm(const void* x, int64_t ldx, const void* values, const uint8
   auto args = make_arguments<Cfg>(x, ldx, values, meta_sm90, y, ldy, M, N, Kp, device, sms);
   typename Cfg::Gemm gemm;
   cutlass::Status status = gemm.can_implement(args);
-  if (status != cutlass::Status::kSuccess) return status_to_error(status);
+  if (status != cutlass::Status::kSuccess) {
+    return cutlass_failure("sparse GEMM", "can_implement", status, M, N, Kp);
+  }
   if (Cfg::Gemm::get_workspace_size(args) > 0 && workspace == nullptr) {
     return cudaErrorInvalidValue;
   }
   status = gemm.initialize(args, workspace, stream);
-  if (status != cutlass::Status::kSuccess) return status_to_error(status);
+  if (status != cutlass::Status::kSuccess) {
+    return cutlass_failure("sparse GEMM", "initialize", status, M, N, Kp);
+  }
   status = gemm.run(stream);
-  if (status != cutlass::Status::kSuccess) return status_to_error(status);
+  if (status != cutlass::Status::kSuccess) {
+    return cutlass_failure("sparse GEMM", "run", status, M, N, Kp);
+  }
   return cudaGetLastError();
 }
 
@@ -232,12 +256,18 @@ cudaError_t run_compressor(const void* W, void* values_out, uint8_t* meta_out, i
   typename Compressor::Arguments args{problem, {W, stride_a, values_out, meta_out}, {hw}};
   Compressor op;
   cutlass::Status status = op.can_implement(args);
-  if (status != cutlass::Status::kSuccess) return status_to_error(status);
+  if (status != cutlass::Status::kSuccess) {
+    return cutlass_failure("compressor", "can_implement", status, 1, N, Kp);
+  }
   // The compressor's "workspace" is unused (it exists for host-compressor compatibility).
   status = op.initialize(args, nullptr, stream);
-  if (status != cutlass::Status::kSuccess) return status_to_error(status);
+  if (status != cutlass::Status::kSuccess) {
+    return cutlass_failure("compressor", "initialize", status, 1, N, Kp);
+  }
   status = op.run(stream);
-  if (status != cutlass::Status::kSuccess) return status_to_error(status);
+  if (status != cutlass::Status::kSuccess) {
+    return cutlass_failure("compressor", "run", status, 1, N, Kp);
+  }
   return cudaGetLastError();
 }
 
@@ -283,19 +313,21 @@ cudaError_t require_sm90a() {
 }
 
 // Logical size of the reordered metadata: rows padded to the atom's 64, bytes per row to the
-// atom's 128 columns / 8.
-void meta_dims(int64_t N, int64_t Kp, int* rows, int* byte_cols) {
-  *rows = static_cast<int>(detail::round_up(N, HalfCfg::SparseConfig::TensorEAtomM::value));
-  *byte_cols = static_cast<int>(detail::round_up(Kp, HalfCfg::SparseConfig::TensorEAtomK::value) /
-                                HalfCfg::ElementEMma::sparsity);
+// atom's 128 columns / 8. int64: sparse24_sm90_meta_bytes takes any size the glue passes.
+void meta_dims(int64_t N, int64_t Kp, int64_t* rows, int64_t* byte_cols) {
+  *rows = detail::round_up(N, HalfCfg::SparseConfig::TensorEAtomM::value);
+  *byte_cols = detail::round_up(Kp, HalfCfg::SparseConfig::TensorEAtomK::value) /
+               HalfCfg::ElementEMma::sparsity;
 }
 
 }  // namespace
 
+const char* sparse24_sm90_last_error() { return last_error().c_str(); }
+
 size_t sparse24_sm90_meta_bytes(int64_t N, int64_t Kp) {
-  if (N < 1 || Kp < 64 || Kp % 64 != 0) return 0;
-  int rows = 0;
-  int byte_cols = 0;
+  if (N < 1 || Kp < 64 || Kp % 64 != 0 || N > INT32_MAX || Kp > INT32_MAX) return 0;
+  int64_t rows = 0;
+  int64_t byte_cols = 0;
   meta_dims(N, Kp, &rows, &byte_cols);
   return static_cast<size_t>(rows) * static_cast<size_t>(byte_cols);
 }
@@ -305,14 +337,15 @@ cudaError_t sparse24_sm90_reorder_meta(const uint8_t* meta, uint8_t* meta_sm90, 
   SLIMSTACK_REQUIRE(meta != nullptr && meta_sm90 != nullptr);
   SLIMSTACK_REQUIRE(N >= 1 && N <= INT32_MAX / 2 && Kp >= 64 && Kp % 64 == 0 &&
                     Kp <= INT32_MAX / 2);
-  int rows = 0;
-  int byte_cols = 0;
-  meta_dims(N, Kp, &rows, &byte_cols);
-  const int64_t total = static_cast<int64_t>(rows) * byte_cols;
+  int64_t rows = 0;
+  int64_t byte_cols = 0;
+  meta_dims(N, Kp, &rows, &byte_cols);  // both fit an int under the limits above
+  const int64_t total = rows * byte_cols;
   const int threads = 256;
   const int blocks = static_cast<int>(std::min<int64_t>(detail::ceil_div(total, threads), 65535));
   reorder_meta_kernel<<<blocks, threads, 0, stream>>>(meta, meta_sm90, static_cast<int>(N),
-                                                      static_cast<int>(Kp), rows, byte_cols);
+                                                      static_cast<int>(Kp), static_cast<int>(rows),
+                                                      static_cast<int>(byte_cols));
   return cudaGetLastError();
 }
 
@@ -352,6 +385,7 @@ cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
                                const uint8_t* meta_sm90, void* y, int64_t ldy, void* workspace,
                                int64_t M, int64_t N, int64_t Kp, DType dtype,
                                cudaStream_t stream) {
+  last_error().clear();  // a refusal below must not show an earlier call's CUTLASS message
   SLIMSTACK_REQUIRE(x != nullptr && values != nullptr && meta_sm90 != nullptr && y != nullptr);
   SLIMSTACK_REQUIRE(M >= 1 && M <= INT32_MAX && N >= 1 && N <= INT32_MAX);
   SLIMSTACK_REQUIRE(Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX);
@@ -372,6 +406,7 @@ cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
 cudaError_t sparse24_sm90_compress_dense(const void* W, void* values_out, uint8_t* meta_sm90_out,
                                          int64_t N, int64_t Kp, DType dtype,
                                          cudaStream_t stream) {
+  last_error().clear();
   SLIMSTACK_REQUIRE(W != nullptr && values_out != nullptr && meta_sm90_out != nullptr);
   SLIMSTACK_REQUIRE(N >= 1 && N <= INT32_MAX && Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX);
   SLIMSTACK_REQUIRE(detail::is_aligned(W, 16) && detail::is_aligned(values_out, 16) &&
@@ -389,6 +424,7 @@ cudaError_t sparse24_sm90_compress_dense(const void* W, void* values_out, uint8_
 
 #else  // !CUTLASS_ARCH_MMA_SPARSE_SM90_SUPPORTED: toolkit too old for the sm90 sparse GEMM
 
+const char* sparse24_sm90_last_error() { return ""; }
 size_t sparse24_sm90_meta_bytes(int64_t, int64_t) { return 0; }
 cudaError_t sparse24_sm90_reorder_meta(const uint8_t*, uint8_t*, int64_t, int64_t, cudaStream_t) {
   return cudaErrorNotSupported;

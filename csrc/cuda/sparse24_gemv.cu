@@ -333,7 +333,8 @@ int smem_bytes(int M, int slice_chunks) {
 
 // Whether the cluster epilogue can run on the current device: compute capability 9.x, and the
 // image the runtime loaded for this kernel was compiled for sm_90 (an sm_80 cubin or a JIT of
-// compute_80 PTX holds only the __trap() stub). Cached per device.
+// compute_80 PTX holds only the __trap() stub), and a cluster of kMaxClusterSplit blocks fits.
+// Cached per device.
 bool cluster_reduce_available() {
   static signed char cache[detail::kMaxDevices] = {0};
   int device = 0;
@@ -344,12 +345,34 @@ bool cluster_reduce_available() {
   return detail::cached_device_flag(device, cache, [device] {
     int major = 0;
     cudaFuncAttributes attr{};
-    const bool ok =
+    bool ok =
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
             cudaSuccess &&
         cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true>) == cudaSuccess;
-    if (!ok) cudaGetLastError();  // leave no error behind for the next launch check
-    return ok && major >= 9 && attr.ptxVersion >= 90;
+    ok = ok && major >= 9 && attr.ptxVersion >= 90;
+    if (ok) {
+      // And a cluster of the largest split, with the heaviest variant (most registers) and the
+      // whole shared-memory budget, can be resident here (a partitioned or shared GPU may say
+      // no): otherwise every split-K call would fail at launch instead of using the reduce
+      // kernel.
+      cudaLaunchAttribute cluster_attr[1];
+      cluster_attr[0].id = cudaLaunchAttributeClusterDimension;
+      cluster_attr[0].val.clusterDim.x = 1;
+      cluster_attr[0].val.clusterDim.y = kMaxClusterSplit;
+      cluster_attr[0].val.clusterDim.z = 1;
+      cudaLaunchConfig_t config = {};
+      config.gridDim = dim3(1, kMaxClusterSplit);
+      config.blockDim = dim3(kThreads);
+      config.dynamicSmemBytes = kSmemBudget;
+      config.attrs = cluster_attr;
+      config.numAttrs = 1;
+      int clusters = 0;
+      ok = cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 2, true>,
+                                          &config) == cudaSuccess &&
+           clusters > 0;
+    }
+    cudaGetLastError();  // leave no error behind for the next launch check
+    return ok;
   });
 }
 
