@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -313,3 +314,33 @@ def test_a_config_transformers_refuses_is_named_not_a_key_error(
         ConfigError, match=r"config\.json: transformers refuses this config: .*high_freq_factor"
     ):
         Checkpoint.open(folder)
+
+
+@pytest.mark.parametrize(
+    ("extra", "refused"),
+    [("self_attn.rotary_emb.inv_freq", False), ("self_attn.q_norm.weight", True)],
+)
+def test_extra_layer_tensors(
+    stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, extra: str, refused: bool
+) -> None:
+    """An old transformers' saved inv_freq is read past (recomputed from the config); any
+    other tensor a layer does not have is refused up front (transformers' strict layer
+    loading died on both deep inside a pruning pass)."""
+    from slimstack.prune.driver import prune
+
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        tensors = {n: ckpt.get_tensor(n) for n in ckpt.tensor_names()}
+    name = f"model.layers.1.{extra}"
+    tensors[name] = torch.rand(8)
+    save_file(tensors, str(folder / "model.safetensors"))
+    if refused:
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)} is not a tensor of a llama"):
+            Checkpoint.open(folder)
+        return
+    with Checkpoint.open(folder) as ckpt:
+        assert name not in ckpt.layer_names(1)
+    prune(folder, tmp_path / "out", method="wanda", sparsity="2:4",
+                calib=wikitext_dir / "valid.txt", nsamples=2, seqlen=64, progress=False)  # fmt: skip
+    with Checkpoint.open(tmp_path / "out") as pruned:
+        assert name not in pruned.tensor_names()

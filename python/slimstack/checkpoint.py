@@ -30,6 +30,9 @@ from safetensors.torch import save_file
 # meant for the engine, so they refuse, up front and in the same words, what it cannot run
 from slimstack.engine.config import SUPPORTED_MODEL_TYPES, ConfigError, EngineConfig, engine_config
 
+# Buffers older transformers releases saved inside a layer and every reader recomputes from
+# config.json: read past, never loaded or written out.
+RECOMPUTED_LAYER_BUFFERS = ("self_attn.rotary_emb.inv_freq",)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -259,7 +262,11 @@ class Checkpoint:
         """Full tensor names of decoder layer `index`."""
         self._check_layer_index(index)
         prefix = f"{LAYER_PREFIX}{index}."
-        return [n for n in self.entries if n.startswith(prefix)]
+        return [
+            n
+            for n in self.entries
+            if n.startswith(prefix) and n[len(prefix) :] not in RECOMPUTED_LAYER_BUFFERS
+        ]
 
     def non_layer_names(self) -> list[str]:
         return [n for n in self.entries if not n.startswith(LAYER_PREFIX)]
@@ -387,6 +394,14 @@ def check_shapes(ckpt: Checkpoint, config: EngineConfig) -> None:
                 f"intermediate_size={config.intermediate_size}, vocab_size={config.vocab_size}, "
                 f"heads={config.num_heads}, kv_heads={config.num_kv_heads}, "
                 f"head_dim={config.head_dim})"
+            )
+    for index in range(config.num_layers):
+        prefix = f"{LAYER_PREFIX}{index}."
+        unknown = [n for n in ckpt.layer_names(index) if n[len(prefix) :] not in layer]
+        if unknown:
+            raise CheckpointError(
+                f"{ckpt.path}: {unknown[0]} is not a tensor of a {config.model_type} decoder "
+                f"layer (a layer holds: {', '.join(sorted(layer))})"
             )
     biases = implied_biases(config)
     for index in range(config.num_layers):
