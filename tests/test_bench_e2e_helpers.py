@@ -159,3 +159,29 @@ def test_suite_measures_every_setting_and_loads_transformers_once(checkpoints, m
         ("slimstack", 1, 8), ("slimstack", 2, 8), ("transformers", 1, 8), ("transformers", 2, 8)
     ]  # fmt: skip
     assert all(r["decode_steps"] == 4 and r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_transformers_prefill_is_timed_as_generate_runs_it(checkpoints) -> None:
+    """generate's own prefill computes the last column's logits only; timing a full-vocab
+    forward instead would bill transformers for work generate never does (and its decode
+    time, total minus prefill, would come out too small)."""
+    model = e2e.load_transformers(checkpoints["dense-4L"], torch.device("cpu"))
+    forward, generate = model.forward, model.generate
+    in_generate = [False]
+    timed: list[dict] = []
+
+    def spy_forward(*args, **kwargs):
+        if not in_generate[0]:
+            timed.append(kwargs)
+        return forward(*args, **kwargs)
+
+    def spy_generate(*args, **kwargs):
+        in_generate[0] = True
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            in_generate[0] = False
+
+    model.forward, model.generate = spy_forward, spy_generate
+    e2e.run_transformers(model, 2, 8, 6, torch.device("cpu"))
+    assert len(timed) == 1 and timed[0].get("logits_to_keep") == 1, timed
