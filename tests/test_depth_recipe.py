@@ -223,3 +223,44 @@ def test_documented_stories260k_recipe_checks_out(stories260k_dir: Path):
     assert [s.op for s in recipe.steps] == ["slice", "prune", "eval"]
     assert recipe.steps[2].params["text"].name == "test.txt"
     check_recipe(recipe)
+
+
+def _binary_text(stories260k_dir: Path) -> str:
+    return str(stories260k_dir / "model.safetensors")
+
+
+LATER_STEP_MISTAKES = {
+    "exclude typo": (
+        {"prune": {"method": "magnitude", "exclude": "mlp.down_prj"}},
+        "step 2 \\(prune\\): no linear layer matches --exclude 'mlp.down_prj'",
+    ),
+    "glob past the sliced depth": (
+        {"prune": {"method": "magnitude", "include": ["model.layers.3.*"]}},
+        "step 2 \\(prune\\): no linear layer matches --include 'model.layers.3.\\*'",
+    ),
+    "binary calib": (
+        {"prune": {"method": "wanda", "calib": _binary_text, "seqlen": 64}},
+        "step 2 \\(prune\\): .*not (a text file|UTF-8)",
+    ),
+    "binary eval text": (
+        {"eval": {"text": _binary_text}},
+        "step 2 \\(eval\\): .*not (a text file|UTF-8)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(LATER_STEP_MISTAKES))
+def test_mistakes_in_a_step_after_a_slice_are_found_before_any_step_runs(
+    stories260k_dir: Path, case: str
+):
+    """check_recipe (run before the first step) finds them: before, the slice ran in full and
+    the mistake surfaced only when the step holding it began."""
+    from slimstack.depth.recipe import check_recipe, load_recipe
+
+    step, message = LATER_STEP_MISTAKES[case]
+    ((op, params),) = step.items()
+    params = {k: v(stories260k_dir) if callable(v) else v for k, v in params.items()}
+    # drop 0:3 of stories260K's 5 layers: the later step sees 2 (model.layers.0 and .1)
+    raw = {"model": str(stories260k_dir), "steps": [{"slice": {"drop": "0:3"}}, {op: params}]}
+    with pytest.raises(ValueError, match=message):
+        check_recipe(load_recipe(raw))

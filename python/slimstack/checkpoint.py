@@ -343,6 +343,8 @@ class Checkpoint:
 
 _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
+# the linears of a decoder layer, by their names inside it (every supported family)
+LAYER_LINEARS = tuple(f"self_attn.{n}" for n in _ATTENTION) + tuple(f"mlp.{n}" for n in _MLP)
 
 
 def expected_shapes(

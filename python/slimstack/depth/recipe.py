@@ -36,6 +36,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from slimstack.checkpoint import (
+    LAYER_LINEARS,
+    LAYER_PREFIX,
     METADATA_FILE,
     Checkpoint,
     check_target,
@@ -197,6 +199,8 @@ def load_recipe(recipe: str | os.PathLike | Mapping) -> Recipe:
 def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked before running: settings, patterns, and layer ranges
     against the depth each step will see."""
+    from slimstack.calibration import read_text
+    from slimstack.prune.driver import as_globs, check_globs
     from slimstack.prune.methods import METHODS
     from slimstack.prune.patterns import parse_pattern
 
@@ -214,8 +218,14 @@ def check_recipe(recipe: Recipe) -> None:
                 parse_pattern(p.get("sparsity", "2:4"))
                 if method != "magnitude" and p.get("calib") is None:
                     raise RecipeError(f"{method} needs calib: a calibration text file")
+                # the linears this step will see, at the depth the steps before leave
+                linears = [f"{LAYER_PREFIX}{i}.{n}" for i in range(depth) for n in LAYER_LINEARS]
+                check_globs(linears, as_globs(p.get("include")), as_globs(p.get("exclude")))
             elif p.get("text") is None:
                 raise RecipeError("eval needs text: an evaluation text file")
+            for key in ("calib", "text"):  # missing, binary or empty text: before any step runs
+                if p.get(key) is not None:
+                    read_text(p[key])
         except ValueError as exc:
             raise RecipeError(f"{step.label}: {exc}") from None
 

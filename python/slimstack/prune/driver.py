@@ -66,6 +66,11 @@ def select_modules(
     return [n for n in chosen if not exclude or not matches(n, exclude)]
 
 
+def as_globs(value: str | Sequence[str] | None) -> Sequence[str] | None:
+    """One glob as a plain string (a recipe's `include: mlp.*`), not its characters as globs."""
+    return [value] if isinstance(value, str) else value
+
+
 def check_globs(
     names: Sequence[str], include: Sequence[str] | None, exclude: Sequence[str] | None
 ) -> None:
@@ -122,9 +127,7 @@ def prune(
     pattern = parse_pattern(sparsity)
     if method != "magnitude" and calib is None:
         raise ValueError(f"{method} needs calibration text (--calib FILE)")
-    # one glob as a plain string (a recipe's `include: mlp.*`), not its characters as globs
-    include = [include] if isinstance(include, str) else include
-    exclude = [exclude] if isinstance(exclude, str) else exclude
+    include, exclude = as_globs(include), as_globs(exclude)
     ckpt = Checkpoint.open(model)
     context = int(ckpt.config.get("max_position_embeddings") or 2048)
     if seqlen is None:
