@@ -357,7 +357,11 @@ def _binary_files(stories260k_dir: Path, tmp_path: Path) -> dict[str, tuple[Path
     noise = tmp_path / "noise.txt"
     noise.write_bytes(bytes(range(128, 256)) * 4)  # no NUL, not UTF-8
     return {
-        "safetensors": (stories260k_dir / "model.safetensors", "not a text file (NUL byte"),
+        # resolved: the commands name the file they read (../shared may be a link)
+        "safetensors": (
+            (stories260k_dir / "model.safetensors").resolve(),
+            "not a text file (NUL byte",
+        ),
         "noise": (noise, "not UTF-8 text (invalid byte 0x80 at offset 0)"),
     }
 
