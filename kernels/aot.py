@@ -120,10 +120,14 @@ def _fused_variants(dt: str) -> list[Variant]:
 
     block_h, warps = rmsnorm.launch_shape(4096)
     return [
-        Variant(
-            f"rmsnorm[H=4096,{dt}]", "rmsnorm", "_rmsnorm_kernel", "elementwise",
-            {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "out_ptr": f"*{dt}", "eps": "fp32"},
-            {"BLOCK_H": block_h}, warps,
+        *(
+            Variant(
+                f"{name}[H=4096,{dt}]", "rmsnorm", "_rmsnorm_kernel", "elementwise",
+                {"x_ptr": f"*{dt}", "delta_ptr": f"*{dt}", "w_ptr": f"*{dt}",
+                 "sum_ptr": f"*{dt}", "out_ptr": f"*{dt}", "eps": "fp32"},
+                {"BLOCK_H": block_h, "HAS_DELTA": has_delta}, warps,
+            )
+            for name, has_delta in (("rmsnorm", False), ("add_rmsnorm", True))
         ),
         Variant(
             f"rope[D=128,{dt}]", "rope", "_rope_kernel", "elementwise",

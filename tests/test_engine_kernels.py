@@ -54,3 +54,37 @@ def test_triton_bundle_matches_torch_reference(stories260k_dir: Path, tmp_path: 
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.startswith("ok")
+
+
+def test_every_residual_add_runs_inside_a_norm(stories260k_dir: Path) -> None:
+    """One decode step of L layers: one plain norm (the first layer's input) and 2L fused
+    add + norm launches (L - 1 layer inputs, L post-attention, the final norm), with the
+    same logits as the reference bundle."""
+    import dataclasses
+
+    import torch
+
+    from slimstack.engine.loader import load
+    from slimstack.engine.model import REFERENCE_KERNELS
+
+    model = load(stories260k_dir, device="cpu")
+    calls = {"rms_norm": 0, "add_rms_norm": 0}
+
+    def counting(name):
+        def call(*args):
+            calls[name] += 1
+            return getattr(REFERENCE_KERNELS, name)(*args)
+
+        return call
+
+    spy = dataclasses.replace(
+        REFERENCE_KERNELS, rms_norm=counting("rms_norm"), add_rms_norm=counting("add_rms_norm")
+    )
+    model.setup_cache(1, 16)
+    model.prefill(torch.tensor([[1, 400, 33]]), [0])
+    slot, token = torch.tensor([3]), torch.tensor([[95]])
+    expected = model.decode(token, slot)
+    got = model.decode(token, slot, kernels=spy)
+    layers = model.config.num_layers
+    assert calls == {"rms_norm": 1, "add_rms_norm": 2 * layers}
+    assert torch.equal(got, expected)

@@ -483,6 +483,39 @@ def test_rmsnorm_matches_hf_formula(poisoned, dtype, shape):
 
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("shape", [(3, 172), (2, 5, 64), (1, 1), (0, 8)])
+def test_add_rmsnorm_is_the_add_then_the_norm(poisoned, dtype, shape):
+    """The fused residual add: its sum is x + delta rounded as torch rounds it (bitwise), and
+    its norm is the norm of that rounded sum, so fusing changes no result of the stack."""
+    x = (torch.randn(shape, generator=_gen(24)) * 3).to(dtype).to(DEVICE)
+    delta = (torch.randn(shape, generator=_gen(25)) * 3).to(dtype).to(DEVICE)
+    weight = torch.randn(shape[-1], generator=_gen(26)).to(dtype).to(DEVICE)
+    total, y = rmsnorm.add_rmsnorm(x, delta, weight, eps=1e-5)
+    assert torch.equal(total, x + delta)
+    s64 = (x + delta).double()
+    normed = (s64 * torch.rsqrt(s64.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).double()
+    _assert_matches(y, weight.double() * normed, dtype)
+    assert torch.equal(y, rmsnorm.rmsnorm(x + delta, weight, eps=1e-5))
+
+
+@runs_here
+def test_add_rmsnorm_reads_strided_rows_and_refuses_mismatches():
+    """The engine passes the last column of a prefill (a strided [B, H] view)."""
+    x = torch.randn(2, 5, 64, generator=_gen(27)).half().to(DEVICE)
+    delta = torch.randn(2, 5, 64, generator=_gen(28)).half().to(DEVICE)
+    weight = torch.randn(64, generator=_gen(29)).half().to(DEVICE)
+    total, y = rmsnorm.add_rmsnorm(x[:, -1], delta[:, -1], weight)
+    ref_total, ref_y = rmsnorm.add_rmsnorm_reference(x[:, -1], delta[:, -1], weight)
+    assert torch.equal(total, ref_total)
+    _assert_matches(y, ref_y.double(), torch.float16)
+    with pytest.raises(ValueError, match="delta must be a tensor of x's shape and dtype"):
+        rmsnorm.add_rmsnorm(x, delta[:, :-1], weight)
+    with pytest.raises(ValueError, match="delta must be a tensor of x's shape and dtype"):
+        rmsnorm.add_rmsnorm(x, delta.float(), weight)
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("shape", [(7, 43), (2, 3, 172), (0, 5)])
 def test_swiglu_matches_float64(poisoned, dtype, shape):
     gate = (torch.randn(shape, generator=_gen(22)) * 4).to(dtype).to(DEVICE)

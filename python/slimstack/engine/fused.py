@@ -1,7 +1,7 @@
 """Which implementation of RMSNorm / RoPE / SwiGLU a model runs with.
 
 CUDA gets the fused Triton kernels from `slimstack.kernels` (one pass over memory each,
-RoPE rotating q and k in place); CPU, and torch.compile (whose inductor fuses the torch
+each residual add inside the RMSNorm after it, RoPE rotating q and k in place); CPU, and torch.compile (whose inductor fuses the torch
 ops itself), get the torch references in `engine.model`.
 """
 
@@ -15,7 +15,7 @@ BACKENDS = ("auto", "torch", "triton")
 
 
 def triton_kernels() -> Kernels:
-    from slimstack.kernels.rmsnorm import rmsnorm
+    from slimstack.kernels.rmsnorm import add_rmsnorm, rmsnorm
     from slimstack.kernels.rope import apply_rope_
     from slimstack.kernels.swiglu import swiglu
 
@@ -30,7 +30,7 @@ def triton_kernels() -> Kernels:
             return swiglu(gate, up)
         return swiglu_reference(gate, up)
 
-    return Kernels("triton", rmsnorm, rotary_in_place, swiglu_any_layout)
+    return Kernels("triton", rmsnorm, add_rmsnorm, rotary_in_place, swiglu_any_layout)
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto") -> Kernels:

@@ -37,6 +37,14 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     return weight * h.to(x.dtype)
 
 
+def add_rms_norm_reference(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + delta, rms_norm(x + delta)): a residual add and the norm after it."""
+    total = x + delta
+    return total, rms_norm_reference(total, weight, eps)
+
+
 def rotary_reference(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,12 +67,16 @@ class Kernels:
 
     name: str
     rms_norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+    # (x, delta, weight, eps) -> (x + delta, rms_norm(x + delta))
+    add_rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     # q [B, S, H, D], k [B, S, Hkv, D], cos/sin [B, S, D] -> rotated q, k
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-REFERENCE_KERNELS = Kernels("torch", rms_norm_reference, rotary_reference, swiglu_reference)
+REFERENCE_KERNELS = Kernels(
+    "torch", rms_norm_reference, add_rms_norm_reference, rotary_reference, swiglu_reference
+)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -199,21 +211,28 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = post_attention_layernorm
         self.mlp = mlp
 
-    def _norm(self, norm: RMSNorm, x: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        return kernels.rms_norm(x, norm.weight, norm.eps)
+    # A layer's input is `h + delta`: the residual stream and the previous layer's MLP
+    # output, not yet added (None before the first layer). Each residual add happens inside
+    # the norm that follows it (one fused kernel), so a layer returns its own (h, delta).
+    @staticmethod
+    def _add_norm(
+        norm: RMSNorm, h: torch.Tensor, delta: torch.Tensor | None, kernels: Kernels
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if delta is None:
+            return h, kernels.rms_norm(h, norm.weight, norm.eps)
+        return kernels.add_rms_norm(h, delta, norm.weight, norm.eps)
 
-    def _mlp_block(self, h: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        return h + self.mlp(self._norm(self.post_attention_layernorm, h, kernels), kernels)
+    def prefill(self, h, delta, cos, sin, cache, mask, kernels: Kernels):
+        h, normed = self._add_norm(self.input_layernorm, h, delta, kernels)
+        attn = self.self_attn.prefill(normed, cos, sin, cache, mask, kernels)
+        h, normed = self._add_norm(self.post_attention_layernorm, h, attn, kernels)
+        return h, self.mlp(normed, kernels)
 
-    def prefill(self, x, cos, sin, cache, mask, kernels: Kernels) -> torch.Tensor:
-        normed = self._norm(self.input_layernorm, x, kernels)
-        h = x + self.self_attn.prefill(normed, cos, sin, cache, mask, kernels)
-        return self._mlp_block(h, kernels)
-
-    def decode(self, x, cos, sin, cache, slot, mask, kernels: Kernels) -> torch.Tensor:
-        normed = self._norm(self.input_layernorm, x, kernels)
-        h = x + self.self_attn.decode(normed, cos, sin, cache, slot, mask, kernels)
-        return self._mlp_block(h, kernels)
+    def decode(self, h, delta, cos, sin, cache, slot, mask, kernels: Kernels):
+        h, normed = self._add_norm(self.input_layernorm, h, delta, kernels)
+        attn = self.self_attn.decode(normed, cos, sin, cache, slot, mask, kernels)
+        h, normed = self._add_norm(self.post_attention_layernorm, h, attn, kernels)
+        return h, self.mlp(normed, kernels)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -321,9 +340,11 @@ class DecoderModel(nn.Module):
         return self.cache
 
     # ------------------------------------------------------------------ steps
-    def _norm_head(self, h: torch.Tensor, kernels: Kernels) -> torch.Tensor:
-        h = kernels.rms_norm(h, self.norm.weight, self.norm.eps)
-        return self.lm_head(h).float()
+    def _norm_head(
+        self, h: torch.Tensor, delta: torch.Tensor | None, kernels: Kernels
+    ) -> torch.Tensor:
+        _, normed = DecoderLayer._add_norm(self.norm, h, delta, kernels)
+        return self.lm_head(normed).float()
 
     @torch.no_grad()
     def prefill(
@@ -345,11 +366,13 @@ class DecoderModel(nn.Module):
         positions = (torch.arange(seq, device=self.device)[None, :] - pad_t[:, None]).clamp(min=0)
         cos, sin = self.rotary(positions, self.dtype)
         masks = self._prefill_masks(pad_t, seq, any(pad))
-        h = self.embed_tokens(tokens)
+        h, delta = self.embed_tokens(tokens), None
         for index, layer in enumerate(self.layers):
             mask = masks[self.config.sliding_windows[index]]
-            h = layer.prefill(h, cos, sin, cache.layers[index], mask, self.kernels)
-        return self._norm_head(h if all_logits else h[:, -1], self.kernels)
+            h, delta = layer.prefill(h, delta, cos, sin, cache.layers[index], mask, self.kernels)
+        if not all_logits:
+            h, delta = h[:, -1], None if delta is None else delta[:, -1]
+        return self._norm_head(h, delta, self.kernels)
 
     def _prefill_masks(
         self, pad: torch.Tensor, seq: int, padded: bool
@@ -375,11 +398,11 @@ class DecoderModel(nn.Module):
             window: decode_mask(cache.pad, slot, cache.slot_ids, window)
             for window in set(self.config.sliding_windows)
         }
-        h = self.embed_tokens(tokens)
+        h, delta = self.embed_tokens(tokens), None
         for index, layer in enumerate(self.layers):
             mask = masks[self.config.sliding_windows[index]]
-            h = layer.decode(h, cos, sin, cache.layers[index], slot, mask, kernels)
-        return self._norm_head(h[:, -1], kernels)
+            h, delta = layer.decode(h, delta, cos, sin, cache.layers[index], slot, mask, kernels)
+        return self._norm_head(h[:, -1], None if delta is None else delta[:, -1], kernels)
 
     @torch.no_grad()
     def logits(
