@@ -82,14 +82,19 @@ def _assert_matches(y: torch.Tensor, ref64: torch.Tensor, dtype: torch.dtype) ->
 
 @pytest.fixture
 def poisoned(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every torch.empty/empty_like the launchers allocate starts as NaN (or a huge int)."""
+    """Every torch.empty/empty_like/Tensor.new_empty the launchers allocate starts as NaN (or
+    a huge int): an element a kernel (or an early return) never writes cannot pass as 0."""
     real_empty, real_empty_like = torch.empty, torch.empty_like
+    real_new_empty = torch.Tensor.new_empty
 
     def poison(t: torch.Tensor) -> torch.Tensor:
         return t.fill_(float("nan") if t.is_floating_point() else 2**30) if t.numel() else t
 
     monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
     monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+    monkeypatch.setattr(
+        torch.Tensor, "new_empty", lambda self, *a, **k: poison(real_new_empty(self, *a, **k))
+    )
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -199,17 +204,22 @@ def test_sparse24_gemm_large_m_tile(poisoned, make_sparse24):
 
 
 @runs_here
-def test_strided_activations(poisoned, make_sparse24):
-    """Rows with a stride > K and a transposed (column-major) x give the same results."""
+def test_strided_activations(poisoned, make_sparse24, make_unstructured):
+    """Rows with a stride > K and a transposed (column-major) x give the same results, in
+    every kernel that takes that M (the bitmap GEMV too)."""
     N, K, dtype = 43, 172, torch.float32
-    w = make_sparse24(N, K, dtype, generator=_gen(11))
-    packed = pack_sparse24(w).to(DEVICE)
+    w24 = make_sparse24(N, K, dtype, generator=_gen(11))
+    wbm = _bitmap_weight(make_unstructured, N, K, dtype, seed=14)
     wide = _activations(3, K + 20, dtype, seed=12)[:, 5 : 5 + K]
     column_major = _activations(K, 20, dtype, seed=13).t()
-    for x in (wide, column_major):
-        ref = x.double() @ w.double().t().to(DEVICE)
-        fn = sparse24_gemv.sparse24_gemv if x.shape[0] <= 16 else sparse24_gemm.sparse24_gemm
-        _assert_matches(fn(x, packed.values, packed.meta, N, K), ref, dtype)
+    narrow_column_major = _activations(K, 5, dtype, seed=15).t()
+    for x in (wide, column_major, narrow_column_major):
+        assert not x.is_contiguous()
+        decode = x.shape[0] <= 16
+        kernels = [("gemv", w24), ("bitmap", wbm)] if decode else [("gemm", w24)]
+        for kernel, w in kernels:
+            ref = x.double() @ w.double().t().to(DEVICE)
+            _assert_matches(_run_kernel(kernel, x, w), ref, dtype)
 
 
 def _run_kernel(kernel: str, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -295,7 +305,7 @@ def test_bitmap_gemv_configs(poisoned, make_unstructured, M, cfg):
 
 @runs_here
 @pytest.mark.parametrize("M", [1, 16])
-def test_bitmap_gemv_all_zero_weight(M):
+def test_bitmap_gemv_all_zero_weight(poisoned, M):
     p = pack_bitmap(torch.zeros(43, 172, dtype=torch.float16)).to(DEVICE)
     assert p.values.numel() == 0
     x = _activations(M, 172, torch.float16, seed=16)
@@ -470,10 +480,15 @@ def test_empty_batch_returns_empty(make_sparse24, M):
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("shape", [(3, 172), (2, 5, 64), (1, 1)])
-def test_rmsnorm_matches_hf_formula(poisoned, dtype, shape):
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_rmsnorm_matches_hf_formula(poisoned, dtype, shape, layout):
     x = (torch.randn(shape, generator=_gen(20)) * 3).to(dtype).to(DEVICE)
+    if layout == "transposed":  # hidden not the unit-stride dim: the launcher copies first
+        x = x.permute(*reversed(range(x.dim()))).contiguous().permute(*reversed(range(x.dim())))
+        assert x.shape == shape and (x.shape[-1] == 1 or x.stride(-1) != 1)
     weight = torch.randn(shape[-1], generator=_gen(21)).to(dtype).to(DEVICE)
     y = rmsnorm.rmsnorm(x, weight, eps=1e-5)
+    assert y.shape == shape
     x64 = x.double()
     normed = (x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).double()
     ref = weight.double() * normed
@@ -517,10 +532,15 @@ def test_add_rmsnorm_reads_strided_rows_and_refuses_mismatches():
 @runs_here
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("shape", [(7, 43), (2, 3, 172), (0, 5)])
-def test_swiglu_matches_float64(poisoned, dtype, shape):
+@pytest.mark.parametrize("layout", ["contiguous", "halves"])
+def test_swiglu_matches_float64(poisoned, dtype, shape, layout):
     gate = (torch.randn(shape, generator=_gen(22)) * 4).to(dtype).to(DEVICE)
     up = torch.randn(shape, generator=_gen(23)).to(dtype).to(DEVICE)
+    if layout == "halves":  # strided views: the two halves of a fused gate_up output
+        gate, up = torch.cat([gate, up], dim=-1).chunk(2, dim=-1)
+        assert gate.numel() == 0 or not (gate.is_contiguous() or up.is_contiguous())
     y = swiglu.swiglu(gate, up)
+    assert y.shape == gate.shape
     g64 = gate.double()
     _assert_matches(y, g64 * torch.sigmoid(g64) * up.double(), dtype)
 
