@@ -343,9 +343,16 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch, make_sparse24)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_to_device_keeps_everything(make_unstructured) -> None:
-    packed = pack_bitmap(make_unstructured(5, 64, generator=gen(15)))
-    moved = packed.to("cpu")
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+        not torch.cuda.is_available(), reason="needs a CUDA device")])],
+)  # fmt: skip
+def test_to_device_keeps_everything(make_unstructured, device: str) -> None:
+    dense = make_unstructured(5, 64, generator=gen(15))
+    packed = pack_bitmap(dense)
+    moved = packed.to(device)
     assert moved.shape == packed.shape and moved.dtype == packed.dtype
-    assert torch.equal(moved.unpack(), packed.unpack())
-    assert moved.device == torch.device("cpu")
+    assert moved.device.type == device
+    assert torch.equal(moved.unpack().cpu(), dense)
+    assert torch.equal(moved.to("cpu").unpack(), dense)
