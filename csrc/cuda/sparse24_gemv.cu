@@ -210,24 +210,12 @@ __global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParam
   const int64_t meta_row = p.Kp / 64;    // uint2 per meta row
   const int first_tile = (blockIdx.x * kWarps + warp) * kRT;
 
-  stage_x<T>(p, xs, chunk_begin, chunk_end - chunk_begin);
-  __syncthreads();
-
-  float acc[kRT][kNT][4];
-#pragma unroll
-  for (int r = 0; r < kRT; ++r)
-#pragma unroll
-    for (int j = 0; j < kNT; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
-
-  for (int base = chunk_begin; base < chunk_end; base += kChunksPerIter) {
+  // Issue every weight load of one quad iteration (8 x 16 B + 2 x 8 B per row tile) into w, mw.
+  uint4 w[kRT][4][2];
+  uint2 mw[kRT][2];
+  auto load_weights = [&](int base) {
     // Chunk rows u with base + 4u < chunk_end (warp-uniform; chunk counts are multiples of 4).
     const int n_u = min(4, (chunk_end - base) >> 2);
-
-    // ---- issue every load of this iteration first (8 x 16 B + 2 x 8 B per row tile) ----
-    uint4 w[kRT][4][2];
-    uint2 mw[kRT][2];
 #pragma unroll
     for (int r = 0; r < kRT; ++r) {
 #pragma unroll
@@ -247,6 +235,26 @@ __global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParam
                                        : make_uint2(detail::kPadMeta32, detail::kPadMeta32);
       }
     }
+  };
+
+  // First weights in flight before x is staged: their latency hides the x round trip (a split
+  // block often runs only ~2 iterations).
+  load_weights(chunk_begin);
+  stage_x<T>(p, xs, chunk_begin, chunk_end - chunk_begin);
+  __syncthreads();
+
+  float acc[kRT][kNT][4];
+#pragma unroll
+  for (int r = 0; r < kRT; ++r)
+#pragma unroll
+    for (int j = 0; j < kNT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
+
+  // The next iteration's loads follow the last use of w, mw, so they are never live across the
+  // back edge (a load guarded at the top of the loop cost up to 25 registers).
+  for (int base = chunk_begin;;) {
+    const int n_u = min(4, (chunk_end - base) >> 2);  // as in load_weights
 
     // ---- compute ----
 #pragma unroll
@@ -288,6 +296,9 @@ __global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParam
         }
       }
     }
+    base += kChunksPerIter;
+    if (base >= chunk_end) break;
+    load_weights(base);
   }
 
   if constexpr (kClusterReduce) {
