@@ -94,6 +94,16 @@ def test_a_sweep_stopped_at_its_time_limit_keeps_the_cases_it_finished(tmp_path)
     assert [c["N"] for c in report["cases"]] == [8] and report["interrupted"] is True
 
 
+def _two_candidate_sweep(tmp_path, patch: str) -> dict:
+    """The one case of a patched two-candidate GEMV sweep on 43x172."""
+    out = tmp_path / "tune.json"
+    proc = _run_patched(patch, "--kernels", "sparse24_gemv", "--limit", "2", "--shapes",
+                        "43x172", "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (case,) = json.loads(out.read_text())["cases"]
+    return case
+
+
 def test_a_candidate_that_fails_while_timed_is_recorded_and_the_sweep_goes_on(tmp_path):
     patch = "\n".join([
         "real, calls = t.median_ms, []",
@@ -104,11 +114,7 @@ def test_a_candidate_that_fails_while_timed_is_recorded_and_the_sweep_goes_on(tm
         "    return real(call, n_sets, device, **kwargs)",
         "t.median_ms = flaky",
     ])  # fmt: skip
-    out = tmp_path / "tune.json"
-    proc = _run_patched(patch, "--kernels", "sparse24_gemv", "--limit", "2", "--shapes",
-                        "43x172", "--out", str(out))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (case,) = json.loads(out.read_text())["cases"]
+    case = _two_candidate_sweep(tmp_path, patch)
     first, second = case["candidates"]
     assert first["error"] == "timing: RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
     assert "median_ms" not in first and second["median_ms"] > 0
@@ -128,11 +134,7 @@ def test_a_candidate_with_wrong_results_is_refused_and_not_timed(tmp_path):
         "    return lambda x, ws: call(x, ws) * 1.1",
         "t.kernel_call = first_is_wrong",
     ])  # fmt: skip
-    out = tmp_path / "tune.json"
-    proc = _run_patched(patch, "--kernels", "sparse24_gemv", "--limit", "2", "--shapes",
-                        "43x172", "--out", str(out))  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (case,) = json.loads(out.read_text())["cases"]
+    case = _two_candidate_sweep(tmp_path, patch)
     wrong, right = case["candidates"]
     assert wrong["rel_err"] == pytest.approx(0.1, rel=0.05)
     assert wrong["error"].startswith("relative error 1.0") and "median_ms" not in wrong

@@ -285,15 +285,21 @@ def test_biases_must_match_the_config(
     assert not (tmp_path / "out").exists()
 
 
+def _with_config(stories260k_dir: Path, tmp_path: Path, **changes) -> Path:
+    """A copy of stories260K whose config.json has `changes` applied."""
+    folder = _copy(stories260k_dir, tmp_path / "m")
+    (folder / "config.json").chmod(0o644)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **changes}))
+    return folder
+
+
 def test_a_config_the_engine_cannot_run_is_refused_naming_the_file(
     stories260k_dir: Path, tmp_path: Path
 ) -> None:
     from slimstack.engine.config import ConfigError
 
-    folder = _copy(stories260k_dir, tmp_path / "m")
-    (folder / "config.json").chmod(0o644)
-    config = json.loads((folder / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "num_attention_heads": 0}))
+    folder = _with_config(stories260k_dir, tmp_path, num_attention_heads=0)
     with pytest.raises(
         ConfigError, match=rf"{folder / 'config.json'}: config 'num_attention_heads'"
     ):
@@ -305,11 +311,11 @@ def test_a_config_transformers_refuses_is_named_not_a_key_error(
 ) -> None:
     from slimstack.engine.config import ConfigError
 
-    folder = _copy(stories260k_dir, tmp_path / "m")
-    (folder / "config.json").chmod(0o644)
-    config = json.loads((folder / "config.json").read_text())
-    config["rope_parameters"] = {"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0}
-    (folder / "config.json").write_text(json.dumps(config))
+    folder = _with_config(
+        stories260k_dir,
+        tmp_path,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": 8.0},
+    )
     with pytest.raises(
         ConfigError, match=r"config\.json: transformers refuses this config: .*high_freq_factor"
     ):
