@@ -7,14 +7,26 @@
 //   A warp owns kRowsPerWarp rows at a time and walks K in 1024-column sub-tiles: lane L takes
 //   the 32 columns [32L, 32L + 32) of the sub-tile (one 32-bit mask word, coalesced across the
 //   warp). popc + a warp scan give each lane where its kept values start in the row's value
-//   list; the lane reads them with 16-byte loads of the aligned 8-element chunks that cover
-//   them (neighbouring lanes share at most one chunk, served by L1) and pairs each value with
-//   its column by popping set bits of its mask word.
+//   list; the lane reads them as the aligned 8-element chunks that cover them and pairs each
+//   value with its column by popping set bits of its mask word.
 //   x lives in shared memory as [column][token] so one kept value needs one vector load for all
 //   M tokens; it is staged per "window" of columns that fits the budget (all of K for small M,
 //   so one staging per block), zero at and beyond K.
 //   When one window holds all of K, a block makes several passes over row groups so the staging
 //   is amortised over more rows.
+//
+// Weight stream (what keeps enough bytes in flight without registers)
+//   A sub-tile's values of a row are one contiguous run of ~65 chunks: the warp copies the run
+//   into a per-row shared-memory ring with cp.async (512 coalesced bytes per instruction, no
+//   register held while in flight), and the lanes read their chunks from the ring. Order per
+//   warp: row offsets and masks first, then the first sub-tile's copies for both rows, then x
+//   staged (its round trip overlaps theirs); the next sub-tile's masks are loaded one sub-tile
+//   ahead, and a row's copies for sub-tile s + 1 go out as soon as its sub-tile s is consumed,
+//   while the warp works on its other row. Each lane accumulates its values in column order,
+//   sub-tile after sub-tile, then the xor butterfly: the same fmaf sequence per output as a
+//   plain loop over the lane's columns.
+#include <type_traits>
+
 #include "cuda/common.cuh"
 
 namespace slimstack {
@@ -28,7 +40,7 @@ constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerWarp = 2;                       // rows in flight per warp
 constexpr int kRowsPerPass = kWarps * kRowsPerWarp;   // rows a block handles per pass
 constexpr int kSubTileCols = 1024;                    // 32 lanes x 32 columns
-constexpr int kSmemBudget = 48 * 1024;
+constexpr int kXBudget = 32 * 1024;                  // x window: 1024 columns of 16 tokens
 constexpr int kBlocksPerSmTarget = 4;
 
 struct BitmapParams {
@@ -41,7 +53,10 @@ struct BitmapParams {
   int64_t ldy;
   int M, N, K, Kp;
   int window_cols;  // columns of x staged at a time (multiple of kSubTileCols)
+  int num_windows;  // ceil(Kp / window_cols)
+  int num_subs;     // ceil(Kp / kSubTileCols), over all windows
   int passes;       // row groups of kRowsPerPass per block (only when one window covers K)
+  int ring_offset;  // bytes of shared memory before the value rings (the x window's)
   bool x_vec_ok;
 };
 
@@ -78,6 +93,21 @@ __device__ __forceinline__ void load_tokens(const T* src, float (&out)[kMaxM]) {
 template <typename T, int kMaxM>
 __device__ void stage_window(const BitmapParams& p, T* xs, int col0, int ncols) {
   const T zero = ElemTraits<T>::zero();
+  if constexpr (kMaxM == 1) {
+    // One token: xs is x's row itself, copied 16 bytes at a time without passing through
+    // registers (zero-filled at and beyond K); waits for every copy of the thread, the value
+    // rings' included.
+    if (p.x_vec_ok) {
+      const T* x = static_cast<const T*>(p.x);
+      for (int c = 8 * threadIdx.x; c < ncols; c += 8 * kThreads) {
+        const bool in = col0 + c < p.K;  // K % 8 == 0 on this path
+        detail::cp_async_16(detail::smem_addr(xs + c), in ? x + col0 + c : x, in ? 16 : 0);
+      }
+      detail::cp_async_commit();
+      detail::cp_async_wait<0>();
+      return;
+    }
+  }
   if (p.x_vec_ok) {
     const int groups = ncols / 8;  // ncols is a multiple of 64
     const int total = kMaxM * groups;
@@ -119,29 +149,86 @@ __device__ __forceinline__ int warp_inclusive_scan(int v, int lane) {
 template <typename T>
 __device__ __forceinline__ float value_at(const uint4& v, int j) {
   const uint32_t w = j < 2 ? v.x : (j < 4 ? v.y : (j < 6 ? v.z : v.w));
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    // bf16 -> fp32 is the bits in the high half (what __bfloat162float does): one instruction
+    return __uint_as_float((j & 1) ? (w & 0xFFFF0000u) : (w << 16));
+  }
   const uint16_t bits = static_cast<uint16_t>((j & 1) ? (w >> 16) : (w & 0xFFFFu));
   return ElemTraits<T>::to_float(ElemTraits<T>::from_bits(bits));
 }
 
-// One lane's share of one row in one sub-tile: the kept values [start, start + count) of the
-// value array, whose columns are the set bits of `mask` (offset by col_base in the window).
+// Value rings: per warp and row, a shared-memory buffer that one sub-tile's values of the row
+// (the chunks from the one holding its first value to the one holding its last) are copied
+// into with cp.async, 16 bytes per lane and instruction, coalesced, holding no register while
+// in flight; a lane then reads its chunks from there (neighbouring lanes share at most one
+// chunk). At 50% density a sub-tile's row spans 64-72 chunks (512 +- 16 values); 80 cover up
+// to 632 values (62%), chunks past the ring (dense stretches) are read from global memory when
+// reached.
+constexpr int kRingChunks = 80;
+constexpr int kRingBytes = kWarps * kRowsPerWarp * kRingChunks * 16;  // 20 KB
+constexpr int kSmemMax = kXBudget + kRingBytes;  // 52 KB: 4 blocks per SM on sm_90
+constexpr int kSmemDefault = 48 * 1024;          // more needs the opt-in
+
+// One lane's share of one row in one sub-tile: its kept values are [start, start + popc(mask))
+// of `chunks` (the row's value list from the warp's first chunk of the sub-tile on, which is
+// ring entry 0), their columns the set bits of mask.
+struct LaneTile {
+  const uint4* chunks;
+  uint32_t mask;
+  int start;
+};
+
+// Warp-collective: places the row's next sub-tile after the one t holds (before the first: mask
+// 0, start 0, chunks at the row's first chunk). The previous sub-tile's values end where lane
+// 31's do; popc + a warp scan place each lane's values after that. Returns the sub-tile's chunk
+// count.
+__device__ __forceinline__ int place_tile(uint32_t mask, int lane, LaneTile& t) {
+  const int prev_end = __shfl_sync(0xffffffffu, t.start + __popc(t.mask), 31);
+  t.chunks += prev_end >> 3;
+  const int phase = prev_end & 7;  // values of earlier sub-tiles in the first chunk
+  const int count = __popc(mask);
+  const int inclusive = warp_inclusive_scan(count, lane);
+  const int total = __shfl_sync(0xffffffffu, inclusive, 31);
+  t.mask = mask;
+  t.start = phase + (inclusive - count);
+  return total > 0 ? ((phase + total - 1) >> 3) + 1 : 0;
+}
+
+// The warp copies a placed sub-tile's chunks into the row's ring (one commit group, empty when
+// it has none).
+__device__ __forceinline__ void copy_tile(int chunks, int lane, uint4* ring, const LaneTile& t) {
+  const int copies = min(chunks, kRingChunks);
+#pragma unroll
+  for (int k = 0; k < (kRingChunks + 31) / 32; ++k) {
+    const int i = lane + 32 * k;
+    if (i < copies) detail::cp_async_16(detail::smem_addr(ring + i), t.chunks + i, 16);
+  }
+  detail::cp_async_commit();
+}
+
+// The lane's values of one sub-tile, in column order (the order of the value list), each times
+// x at its column: the lowest set bit of mask left, offset by col_base in the window.
 template <typename T, int kMaxM>
-__device__ __forceinline__ void accumulate_lane(const BitmapParams& p, const T* xs, int64_t start,
-                                                int count, uint32_t mask, int col_base,
-                                                float (&acc)[kMaxM]) {
-  if (count == 0) return;
-  const int64_t end = start + count;
-  for (int64_t chunk = start >> 3; chunk <= (end - 1) >> 3; ++chunk) {
-    const uint4 v = __ldg(p.values + chunk);
-    const int64_t first = chunk << 3;
+__device__ __forceinline__ void accumulate_tile(const uint4* ring, const T* xs, int col_base,
+                                                const LaneTile& t, float (&acc)[kMaxM]) {
+  if (t.mask == 0) return;
+  uint32_t mask = t.mask;
+  const int start = t.start;
+  const int end = start + __popc(mask);
+  const T* xl = xs + col_base * kMaxM;  // the lane's 32 columns
+  for (int chunk = start >> 3; chunk <= (end - 1) >> 3; ++chunk) {
+    const uint4 v = chunk < kRingChunks ? ring[chunk] : __ldg(t.chunks + chunk);
+    // Elements [lo, hi) of the chunk are the lane's (0 <= lo < hi <= 8 here).
+    const int lo = max(start - (chunk << 3), 0);
+    const int hi = min(end - (chunk << 3), 8);
+    const uint32_t kept = (0xFFu << lo) & (0xFFu >> (8 - hi));
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
-      const int64_t e = first + j;
-      if (e < start || e >= end) continue;
+      if (!((kept >> j) & 1u)) continue;
       const int bit = __ffs(mask) - 1;
       mask &= mask - 1;
       float xv[kMaxM];
-      load_tokens<T, kMaxM>(xs + (col_base + bit) * kMaxM, xv);
+      load_tokens<T, kMaxM>(xl + bit * kMaxM, xv);
       const float w = value_at<T>(v, j);
 #pragma unroll
       for (int m = 0; m < kMaxM; ++m) acc[m] = fmaf(w, xv[m], acc[m]);
@@ -155,54 +242,80 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
+  uint4* rings = reinterpret_cast<uint4*>(smem_raw + p.ring_offset) +
+                 warp * kRowsPerWarp * kRingChunks;  // this warp's, row r at r * kRingChunks
   const int words_per_row = p.Kp / 32;
-  const int num_windows = (p.Kp + p.window_cols - 1) / p.window_cols;
+  const int num_subs = p.num_subs;
+
+  // The lane's 32 mask bits of sub-tile `sub` (global columns 1024 sub + 32 lane ...). A row
+  // past N (the last warp's second row when N is odd) works on row N - 1 and is not stored.
+  auto load_mask = [&](int row, int sub) -> uint32_t {
+    const int col = sub * kSubTileCols + 32 * lane;
+    return col < p.Kp ? __ldg(p.bitmask + static_cast<int64_t>(min(row, p.N - 1)) * words_per_row +
+                              col / 32)
+                      : 0u;
+  };
 
   for (int pass = 0; pass < p.passes; ++pass) {
     const int row0 = (blockIdx.x * p.passes + pass) * kRowsPerPass + warp * kRowsPerWarp;
     if ((blockIdx.x * p.passes + pass) * kRowsPerPass >= p.N) break;  // block-uniform
 
-    int64_t cursor[kRowsPerWarp];
+    // The weight stream in dependency order, ahead of x: row offsets and the first sub-tile's
+    // masks (independent loads), then, after the scan, the copies of its values and the next
+    // sub-tile's masks, all before x is staged. A row's copies for sub-tile s + 1 go out right
+    // after its sub-tile s is consumed (and its masks for s + 2), so they are in flight while
+    // the warp works on its other row.
+    uint32_t next_mask[kRowsPerWarp];
+    LaneTile tile[kRowsPerWarp];
     float acc[kRowsPerWarp][kMaxM];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int row = row0 + r;
-      cursor[r] = row < p.N ? p.row_offsets[row] : 0;
+      tile[r].chunks = p.values + (p.row_offsets[min(row, p.N - 1)] >> 3);  // 8-aligned
+      tile[r].mask = 0u;  // "the sub-tile before the first": no values
+      tile[r].start = 0;
+      next_mask[r] = load_mask(row, 0);
 #pragma unroll
       for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.f;
     }
+    int chunks[kRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) chunks[r] = place_tile(next_mask[r], lane, tile[r]);
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      copy_tile(chunks[r], lane, rings + r * kRingChunks, tile[r]);
+      next_mask[r] = num_subs > 1 ? load_mask(row0 + r, 1) : 0u;
+    }
 
-    for (int win = 0; win < num_windows; ++win) {
-      const int col0 = win * p.window_cols;
-      const int ncols = min(p.window_cols, p.Kp - col0);
+    int local = p.window_cols;  // window-local first column of the sub-tile
+    for (int sub = 0; sub < num_subs; ++sub) {
+      if (local == p.window_cols) local = 0;
       // With one window the staging is done once, on the first pass, for all passes.
-      if (num_windows > 1 || pass == 0) {
+      if (local == 0 && (p.num_windows > 1 || pass == 0)) {
+        const int col0 = sub * kSubTileCols;  // the window's first column
+        const int ncols = min(p.window_cols, p.Kp - col0);
         __syncthreads();  // previous window fully consumed
         stage_window<T, kMaxM>(p, xs, col0, ncols);
         __syncthreads();
       }
-      for (int sub = 0; sub < ncols; sub += kSubTileCols) {
-        const int lane_col = sub + 32 * lane;  // window-local first column of this lane
-        const bool lane_ok = lane_col < ncols;
-        uint32_t mask[kRowsPerWarp];
+      const int col_base = local + 32 * lane;  // the lane's window-local first column
 #pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const int row = row0 + r;
-          mask[r] = (lane_ok && row < p.N)
-                        ? __ldg(p.bitmask + static_cast<int64_t>(row) * words_per_row +
-                                (col0 + lane_col) / 32)
-                        : 0u;
-        }
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const int count = __popc(mask[r]);
-          const int inclusive = warp_inclusive_scan(count, lane);
-          const int total = __shfl_sync(0xffffffffu, inclusive, 31);
-          accumulate_lane<T, kMaxM>(p, xs, cursor[r] + (inclusive - count), count, mask[r],
-                                    lane_col, acc[r]);
-          cursor[r] += total;
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        // Groups in flight, oldest first: this row's sub-tile, then (at most) the other row's
+        // next or, for the last sub-tile, an empty group.
+        detail::cp_async_wait<1>();
+        __syncwarp();  // every lane's copies of this sub-tile landed
+        accumulate_tile<T, kMaxM>(rings + r * kRingChunks, xs, col_base, tile[r], acc[r]);
+        __syncwarp();  // ring read by every lane before it is refilled
+        if (sub + 1 < num_subs) {  // warp-uniform
+          const int n = place_tile(next_mask[r], lane, tile[r]);
+          copy_tile(n, lane, rings + r * kRingChunks, tile[r]);
+          next_mask[r] = sub + 2 < num_subs ? load_mask(row0 + r, sub + 2) : 0u;
+        } else {
+          detail::cp_async_commit();  // keeps the wait count above uniform
         }
       }
+      local += kSubTileCols;
     }
 
     // Reduce the lanes' partial sums; lane 0 writes the row.
@@ -231,11 +344,14 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
 
 template <typename T, int kMaxM>
 cudaError_t launch_typed(BitmapParams p, int device, cudaStream_t stream) {
-  // Window: as many 1024-column sub-tiles as fit the budget.
+  // Window: as many 1024-column sub-tiles as fit the x budget.
   const int bytes_per_col = kMaxM * static_cast<int>(sizeof(T));
-  const int max_cols = (kSmemBudget / bytes_per_col) / kSubTileCols * kSubTileCols;
+  const int max_cols = (kXBudget / bytes_per_col) / kSubTileCols * kSubTileCols;
+  static_assert(kXBudget / (kMaxM * 2) >= kSubTileCols, "a window must hold one sub-tile");
   p.window_cols = std::min<int>(max_cols, static_cast<int>(detail::round_up(p.Kp, kSubTileCols)));
   const int num_windows = static_cast<int>(detail::ceil_div(p.Kp, p.window_cols));
+  p.num_windows = num_windows;
+  p.num_subs = static_cast<int>(detail::ceil_div(p.Kp, kSubTileCols));
   const int64_t row_groups = detail::ceil_div(p.N, kRowsPerPass);
   p.passes = 1;
   if (num_windows == 1) {
@@ -245,8 +361,23 @@ cudaError_t launch_typed(BitmapParams p, int device, cudaStream_t stream) {
     p.passes = static_cast<int>(std::max<int64_t>(1, row_groups / target_blocks));
   }
   const int64_t blocks = detail::ceil_div(row_groups, p.passes);
-  const int smem = std::min<int>(p.window_cols, static_cast<int>(detail::round_up(p.Kp, 64))) *
-                   bytes_per_col;
+  // x window (a multiple of 128 bytes, so the rings start 16-byte aligned), then the rings.
+  p.ring_offset = std::min<int>(p.window_cols, static_cast<int>(detail::round_up(p.Kp, 64))) *
+                  bytes_per_col;
+  const int smem = p.ring_offset + kRingBytes;
+  if (smem > kSmemDefault) {
+    // The opt-in (x windows of 32 KB: 16 tokens, or K > 14336 with fewer), once per device,
+    // for the most this kernel can ask for.
+    static signed char cache[detail::kMaxDevices] = {0};
+    cudaError_t err = cudaSuccess;
+    if (!detail::cached_device_flag(device, cache, [&err] {
+          err = cudaFuncSetAttribute(bitmap_gemv_kernel<T, kMaxM>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
+          return err == cudaSuccess;
+        })) {
+      return err != cudaSuccess ? err : cudaErrorInvalidValue;
+    }
+  }
   bitmap_gemv_kernel<T, kMaxM><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
@@ -291,7 +422,10 @@ cudaError_t bitmap_gemv(const void* x, int64_t ldx, const void* values, const ui
   p.K = static_cast<int>(K);
   p.Kp = static_cast<int>(Kp);
   p.window_cols = 0;
+  p.num_windows = 1;
+  p.num_subs = 1;
   p.passes = 1;
+  p.ring_offset = 0;
   p.x_vec_ok = detail::is_aligned(x, 16) && ldx % 8 == 0 && K % 8 == 0;
 
   switch (dtype) {
