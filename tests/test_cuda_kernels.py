@@ -278,6 +278,34 @@ def test_bitmap_gemv_matches_reference(dtype, shape, m, make_unstructured) -> No
     _check(y, x, dense)
 
 
+# M = 1 picks 8, 4 or 2 warps per block by N so that small N still covers the SMs: rows
+# around the switch points (on 132 SMs: ~1056 and ~2112) and a dense stretch past the
+# value ring (rows over ~62% kept run the fallback loop)
+@pytest.mark.parametrize("n", [1024, 1057, 2111, 2112])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_bitmap_gemv_block_sizes_at_m1(dtype, n, make_unstructured) -> None:
+    dense, packed = _weight("bitmap", n, 1000, dtype, make_unstructured)
+    x = _x(1, 1000, dtype, seed=n)
+    y = _C.bitmap_gemv_cuda(
+        x, packed.values, packed.bitmask, packed.row_offsets, n, 1000, out=_poisoned(1, n, dtype)
+    )
+    _check(y, x, dense)
+
+
+@pytest.mark.parametrize("m", [1, 3, 16])
+def test_bitmap_gemv_dense_rows_take_the_fallback_small(m) -> None:
+    gen = torch.Generator().manual_seed(5)
+    dense = torch.randn(40, 2200, generator=gen).to(torch.bfloat16)
+    dense[:, ::5] = 0  # 80% kept: more than the ring holds per sub-tile
+    packed = pack_bitmap(dense).to("cuda")
+    x = _x(m, 2200, torch.bfloat16, seed=m)
+    y = _C.bitmap_gemv_cuda(
+        x, packed.values, packed.bitmask, packed.row_offsets, 40, 2200,
+        out=_poisoned(m, 40, torch.bfloat16),
+    )  # fmt: skip
+    _check(y, x, dense.cuda())
+
+
 @pytest.mark.parametrize("m", [1, 5, 16])
 def test_bitmap_gemv_extreme_rows_small(m) -> None:
     # rows: empty, full, a single kept value at the last column, every other column

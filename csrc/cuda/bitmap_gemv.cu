@@ -25,6 +25,16 @@
 //   while the warp works on its other row. Each lane accumulates its values in column order,
 //   sub-tile after sub-tile, then the xor butterfly: the same fmaf sequence per output as a
 //   plain loop over the lane's columns.
+//
+// M = 1 (column order, accumulate_cols)
+//   One token needs no [column][token] vector, so the lane instead walks its 32 columns in order
+//   (fully unrolled, predicated on the mask bit): x for them sits in 16 registers, loaded per
+//   sub-tile with 4 LDS.128 and shared by the warp's two rows (the x window is staged with its
+//   16-byte chunks permuted, x_slot, so those loads are free of bank conflicts), and each kept
+//   value is one 2-byte read from the ring at a pointer that advances per set bit. About 206
+//   instructions per 32 columns in the sm_90a SASS, against ~528 for the chunk loop; the fmaf
+//   sequence per output is unchanged. A lane whose values reach past the ring takes a rolled
+//   loop reading those from global memory and x from shared memory.
 #include <type_traits>
 
 #include "cuda/common.cuh"
@@ -35,10 +45,12 @@ namespace {
 
 using detail::ElemTraits;
 
-constexpr int kWarps = 8;
+constexpr int kWarps = 8;                             // warps per block (most)
 constexpr int kThreads = kWarps * 32;
 constexpr int kRowsPerWarp = 2;                       // rows in flight per warp
-constexpr int kRowsPerPass = kWarps * kRowsPerWarp;   // rows a block handles per pass
+// M = 1 with small N: blocks of kW = 4 or 2 warps (launch_warps), so that more SMs share the
+// rows (each row stays with one warp, in the same order: outputs unchanged). The kernel is
+// compiled for kThreads either way (same register allocation).
 constexpr int kSubTileCols = 1024;                    // 32 lanes x 32 columns
 constexpr int kXBudget = 32 * 1024;                  // x window: 1024 columns of 16 tokens
 constexpr int kBlocksPerSmTarget = 4;
@@ -55,7 +67,7 @@ struct BitmapParams {
   int window_cols;  // columns of x staged at a time (multiple of kSubTileCols)
   int num_windows;  // ceil(Kp / window_cols)
   int num_subs;     // ceil(Kp / kSubTileCols), over all windows
-  int passes;       // row groups of kRowsPerPass per block (only when one window covers K)
+  int passes;       // row groups of kW * kRowsPerWarp per block (only when one window covers K)
   int ring_offset;  // bytes of shared memory before the value rings (the x window's)
   bool x_vec_ok;
 };
@@ -89,8 +101,17 @@ __device__ __forceinline__ void load_tokens(const T* src, float (&out)[kMaxM]) {
   }
 }
 
+// M = 1: where window-local column c of x lives in xs. The 16-byte chunks (8 columns) of each
+// lane's 32 columns are permuted within the lane's 64 bytes, chunk g at g ^ ((g >> 3) & 3), so
+// that the 4 LDS.128 with which a lane loads its columns (lanes 64 bytes apart) are free of bank
+// conflicts (window and sub-tile starts are multiples of 1024 columns, so the permutation is the
+// same in every sub-tile: lane L's chunk q is at 4L + (q ^ ((L >> 1) & 3)) past the sub-tile's).
+__device__ __forceinline__ int x_slot(int c) {
+  return (((c >> 6) & 3) << 3) ^ c;
+}
+
 // Stage x[:, col0 : col0 + ncols] into xs[col][token] (kMaxM tokens, zero beyond M and K).
-template <typename T, int kMaxM>
+template <typename T, int kMaxM, int kW>
 __device__ void stage_window(const BitmapParams& p, T* xs, int col0, int ncols) {
   const T zero = ElemTraits<T>::zero();
   if constexpr (kMaxM == 1) {
@@ -99,9 +120,9 @@ __device__ void stage_window(const BitmapParams& p, T* xs, int col0, int ncols) 
     // rings' included.
     if (p.x_vec_ok) {
       const T* x = static_cast<const T*>(p.x);
-      for (int c = 8 * threadIdx.x; c < ncols; c += 8 * kThreads) {
+      for (int c = 8 * threadIdx.x; c < ncols; c += 8 * kW * 32) {
         const bool in = col0 + c < p.K;  // K % 8 == 0 on this path
-        detail::cp_async_16(detail::smem_addr(xs + c), in ? x + col0 + c : x, in ? 16 : 0);
+        detail::cp_async_16(detail::smem_addr(xs + x_slot(c)), in ? x + col0 + c : x, in ? 16 : 0);
       }
       detail::cp_async_commit();
       detail::cp_async_wait<0>();
@@ -111,7 +132,7 @@ __device__ void stage_window(const BitmapParams& p, T* xs, int col0, int ncols) 
   if (p.x_vec_ok) {
     const int groups = ncols / 8;  // ncols is a multiple of 64
     const int total = kMaxM * groups;
-    for (int i = threadIdx.x; i < total; i += kThreads) {
+    for (int i = threadIdx.x; i < total; i += kW * 32) {
       const int m = i / groups;
       const int c = (i - m * groups) * 8;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
@@ -128,11 +149,15 @@ __device__ void stage_window(const BitmapParams& p, T* xs, int col0, int ncols) 
   } else {
     const T* x = static_cast<const T*>(p.x);
     const int total = kMaxM * ncols;
-    for (int i = threadIdx.x; i < total; i += kThreads) {
+    for (int i = threadIdx.x; i < total; i += kW * 32) {
       const int m = i / ncols;
       const int c = i - m * ncols;
       const int col = col0 + c;
-      xs[c * kMaxM + m] = (m < p.M && col < p.K) ? x[m * p.ldx + col] : zero;
+      if constexpr (kMaxM == 1) {
+        xs[x_slot(c)] = (m < p.M && col < p.K) ? x[m * p.ldx + col] : zero;
+      } else {
+        xs[c * kMaxM + m] = (m < p.M && col < p.K) ? x[m * p.ldx + col] : zero;
+      }
     }
   }
 }
@@ -165,8 +190,10 @@ __device__ __forceinline__ float value_at(const uint4& v, int j) {
 // to 632 values (62%), chunks past the ring (dense stretches) are read from global memory when
 // reached.
 constexpr int kRingChunks = 80;
-constexpr int kRingBytes = kWarps * kRowsPerWarp * kRingChunks * 16;  // 20 KB
-constexpr int kSmemMax = kXBudget + kRingBytes;  // 52 KB: 4 blocks per SM on sm_90
+template <int kW>
+constexpr int ring_bytes() { return kW * kRowsPerWarp * kRingChunks * 16; }  // 20 KB at 8 warps
+template <int kW>
+constexpr int smem_max() { return kXBudget + ring_bytes<kW>(); }  // 52 KB: 4 blocks per SM on sm_90
 constexpr int kSmemDefault = 48 * 1024;          // more needs the opt-in
 
 // One lane's share of one row in one sub-tile: its kept values are [start, start + popc(mask))
@@ -236,8 +263,63 @@ __device__ __forceinline__ void accumulate_tile(const uint4* ring, const T* xs, 
   }
 }
 
-template <typename T, int kMaxM>
+// x of column c of the lane's 32 (bits in xw: two columns per word, the lower one low).
+template <typename T>
+__device__ __forceinline__ float x_col(const uint32_t (&xw)[16], int c) {
+  const uint32_t w = xw[c >> 1];
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __uint_as_float((c & 1) ? (w & 0xFFFF0000u) : (w << 16));
+  }
+  const uint16_t bits = static_cast<uint16_t>((c & 1) ? (w >> 16) : (w & 0xFFFFu));
+  return ElemTraits<T>::to_float(ElemTraits<T>::from_bits(bits));
+}
+
+template <typename T>
+__device__ __forceinline__ float value_bits_to_float(uint16_t bits) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    return __uint_as_float(static_cast<uint32_t>(bits) << 16);
+  }
+  return ElemTraits<T>::to_float(ElemTraits<T>::from_bits(bits));
+}
+
+// M = 1: the lane's 32 columns of the sub-tile in order, x from registers (xw, loaded once per
+// sub-tile for both rows), one value per set bit read from the ring (value index t.start on,
+// ring entry 0 holding the sub-tile's first chunk). Lanes whose values reach past the ring
+// (dense stretches) take a rolled loop that reads those from global memory and x from shared.
+// The same fmaf sequence as accumulate_tile<T, 1>.
+template <typename T>
+__device__ __forceinline__ void accumulate_cols(const uint4* ring, const T* xs, int col_base,
+                                                const uint32_t (&xw)[16], const LaneTile& t,
+                                                float& acc) {
+  const uint16_t* ring16 = reinterpret_cast<const uint16_t*>(ring);
+  uint32_t mask = t.mask;
+  int idx = t.start;
+  if (idx + __popc(mask) <= kRingChunks * 8) {
+    const uint16_t* w = ring16 + idx;
+#pragma unroll
+    for (int c = 0; c < 32; ++c) {
+      if ((mask >> c) & 1u) {
+        const float wv = value_bits_to_float<T>(*w++);
+        acc = fmaf(wv, x_col<T>(xw, c), acc);
+      }
+    }
+  } else {
+    const uint16_t* g16 = reinterpret_cast<const uint16_t*>(t.chunks);
+    const uint16_t* xs16 = reinterpret_cast<const uint16_t*>(xs);
+    while (mask != 0u) {
+      const int c = __ffs(mask) - 1;
+      mask &= mask - 1;
+      const uint16_t bits = idx < kRingChunks * 8 ? ring16[idx] : __ldg(g16 + idx);
+      ++idx;
+      const float xv = ElemTraits<T>::to_float(ElemTraits<T>::from_bits(xs16[x_slot(col_base + c)]));
+      acc = fmaf(value_bits_to_float<T>(bits), xv, acc);
+    }
+  }
+}
+
+template <typename T, int kMaxM, int kW>
 __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParams p) {
+  constexpr int kRowsPerPass = kW * kRowsPerWarp;  // rows a block handles per pass
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31;
@@ -295,17 +377,34 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
         const int col0 = sub * kSubTileCols;  // the window's first column
         const int ncols = min(p.window_cols, p.Kp - col0);
         __syncthreads();  // previous window fully consumed
-        stage_window<T, kMaxM>(p, xs, col0, ncols);
+        stage_window<T, kMaxM, kW>(p, xs, col0, ncols);
         __syncthreads();
       }
       const int col_base = local + 32 * lane;  // the lane's window-local first column
+      // M = 1: x of the lane's 32 columns, for both rows (none past Kp: the lane's mask bits
+      // there are 0, and its columns would lie past the staged window).
+      uint32_t xw[16];
+      if constexpr (kMaxM == 1) {
+        const bool in_k = sub * kSubTileCols + 32 * lane < p.Kp;
+        const uint4* xs4 = reinterpret_cast<const uint4*>(xs) + (local >> 3) + 4 * lane;
+        const int swz = (lane >> 1) & 3;
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const uint4 v = in_k ? xs4[q ^ swz] : make_uint4(0u, 0u, 0u, 0u);
+          xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
+        }
+      }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         // Groups in flight, oldest first: this row's sub-tile, then (at most) the other row's
         // next or, for the last sub-tile, an empty group.
         detail::cp_async_wait<1>();
         __syncwarp();  // every lane's copies of this sub-tile landed
-        accumulate_tile<T, kMaxM>(rings + r * kRingChunks, xs, col_base, tile[r], acc[r]);
+        if constexpr (kMaxM == 1) {
+          accumulate_cols<T>(rings + r * kRingChunks, xs, col_base, xw, tile[r], acc[r][0]);
+        } else {
+          accumulate_tile<T, kMaxM>(rings + r * kRingChunks, xs, col_base, tile[r], acc[r]);
+        }
         __syncwarp();  // ring read by every lane before it is refilled
         if (sub + 1 < num_subs) {  // warp-uniform
           const int n = place_tile(next_mask[r], lane, tile[r]);
@@ -342,8 +441,9 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
   }
 }
 
-template <typename T, int kMaxM>
-cudaError_t launch_typed(BitmapParams p, int device, cudaStream_t stream) {
+template <typename T, int kMaxM, int kW>
+cudaError_t launch_typed(BitmapParams p, int sms, cudaStream_t stream, int device) {
+  constexpr int kRowsPerPass = kW * kRowsPerWarp;
   // Window: as many 1024-column sub-tiles as fit the x budget.
   const int bytes_per_col = kMaxM * static_cast<int>(sizeof(T));
   const int max_cols = (kXBudget / bytes_per_col) / kSubTileCols * kSubTileCols;
@@ -355,8 +455,6 @@ cudaError_t launch_typed(BitmapParams p, int device, cudaStream_t stream) {
   const int64_t row_groups = detail::ceil_div(p.N, kRowsPerPass);
   p.passes = 1;
   if (num_windows == 1) {
-    int sms = 0;
-    SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
     const int64_t target_blocks = static_cast<int64_t>(kBlocksPerSmTarget) * sms;
     p.passes = static_cast<int>(std::max<int64_t>(1, row_groups / target_blocks));
   }
@@ -364,31 +462,51 @@ cudaError_t launch_typed(BitmapParams p, int device, cudaStream_t stream) {
   // x window (a multiple of 128 bytes, so the rings start 16-byte aligned), then the rings.
   p.ring_offset = std::min<int>(p.window_cols, static_cast<int>(detail::round_up(p.Kp, 64))) *
                   bytes_per_col;
-  const int smem = p.ring_offset + kRingBytes;
+  const int smem = p.ring_offset + ring_bytes<kW>();
   if (smem > kSmemDefault) {
     // The opt-in (x windows of 32 KB: 16 tokens, or K > 14336 with fewer), once per device,
     // for the most this kernel can ask for.
     static signed char cache[detail::kMaxDevices] = {0};
     cudaError_t err = cudaSuccess;
     if (!detail::cached_device_flag(device, cache, [&err] {
-          err = cudaFuncSetAttribute(bitmap_gemv_kernel<T, kMaxM>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemMax);
+          err = cudaFuncSetAttribute(bitmap_gemv_kernel<T, kMaxM, kW>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize, smem_max<kW>());
           return err == cudaSuccess;
         })) {
       return err != cudaSuccess ? err : cudaErrorInvalidValue;
     }
   }
-  bitmap_gemv_kernel<T, kMaxM><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p);
+  bitmap_gemv_kernel<T, kMaxM, kW><<<static_cast<unsigned>(blocks), kW * 32, smem, stream>>>(p);
   return cudaGetLastError();
+}
+
+// Warps per block. M > 1: always kWarps. M = 1 (the x window is one copy of x's row, cheap to
+// stage per block): the size that puts the fewest rows on the busiest SM when N is small
+// (fewer than 16 rows per SM leave SMs idle with 8-warp blocks), ties to the larger block; each
+// row stays with one warp, walked in the same order, so outputs do not depend on it.
+template <typename T, int kMaxM>
+cudaError_t launch_warps(const BitmapParams& p, int device, cudaStream_t stream) {
+  int sms = 0;
+  SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
+  if constexpr (kMaxM == 1) {
+    auto busiest = [&](int warps) {  // rows on the busiest SM, blocks dealt round-robin
+      const int64_t rows = static_cast<int64_t>(warps) * kRowsPerWarp;
+      return detail::ceil_div(detail::ceil_div(p.N, rows), sms) * rows;
+    };
+    const int64_t b8 = busiest(kWarps), b4 = busiest(4), b2 = busiest(2);
+    if (b2 < b4 && b2 < b8) return launch_typed<T, kMaxM, 2>(p, sms, stream, device);
+    if (b4 < b8) return launch_typed<T, kMaxM, 4>(p, sms, stream, device);
+  }
+  return launch_typed<T, kMaxM, kWarps>(p, sms, stream, device);
 }
 
 template <typename T>
 cudaError_t launch_for_type(const BitmapParams& p, int device, cudaStream_t stream) {
-  if (p.M <= 1) return launch_typed<T, 1>(p, device, stream);
-  if (p.M <= 2) return launch_typed<T, 2>(p, device, stream);
-  if (p.M <= 4) return launch_typed<T, 4>(p, device, stream);
-  if (p.M <= 8) return launch_typed<T, 8>(p, device, stream);
-  return launch_typed<T, 16>(p, device, stream);
+  if (p.M <= 1) return launch_warps<T, 1>(p, device, stream);
+  if (p.M <= 2) return launch_warps<T, 2>(p, device, stream);
+  if (p.M <= 4) return launch_warps<T, 4>(p, device, stream);
+  if (p.M <= 8) return launch_warps<T, 8>(p, device, stream);
+  return launch_warps<T, 16>(p, device, stream);
 }
 
 }  // namespace
