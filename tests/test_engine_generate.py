@@ -357,6 +357,26 @@ def test_cli_generate_reports_bad_input(stories260k_dir: Path, capsys) -> None:
     assert "empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("backend", ["bogus", "triton"])
+def test_cli_generate_reports_a_forced_backend_in_one_line(
+    stories260k_dir: Path, tmp_path: Path, monkeypatch, capsys, backend: str
+) -> None:
+    """A misspelt $SLIMSTACK_BACKEND is refused before anything streams; one that cannot run
+    here (Triton without CUDA) is a one-line error, not a traceback."""
+    from slimstack.cli import main
+    from slimstack.prune.driver import prune
+
+    pruned = tmp_path / "pruned"
+    prune(stories260k_dir, pruned, method="magnitude", sparsity="2:4", progress=False)
+    monkeypatch.setenv("SLIMSTACK_BACKEND", backend)
+    code = main(["generate", str(pruned), PROMPT, "--max-new-tokens", "4", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "Traceback" not in err
+    assert err.startswith("slimstack generate: error: SLIMSTACK_BACKEND")
+    if backend == "bogus":
+        assert out == "", "nothing streams before the refusal"
+
+
 def test_loading_weights_drops_the_captured_decoders(stories260k_dir: Path) -> None:
     """A captured decode graph replays the tensor addresses it saw; a load_state_dict may
     move them (derived copies rebuilt, bitmap values resized), so runners are made again."""

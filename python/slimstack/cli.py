@@ -422,9 +422,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from slimstack.ops.dispatch import BackendUnavailable, forced_backend
+
     try:
+        forced_backend()  # a misspelt $SLIMSTACK_BACKEND: refused before any work or output
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, BackendUnavailable) as exc:
         # user errors (bad spec, missing files, refused checkpoints): one clear line, no trace
         print(f"slimstack {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -115,6 +115,10 @@ def dispatch_table() -> dict[str, Any]:
 _table: dict[str, Any] = load_dispatch_table()
 
 
+class BackendUnavailable(RuntimeError):
+    """The backend $SLIMSTACK_BACKEND forces cannot run a call (a user's setting, not a bug)."""
+
+
 def forced_backend() -> str | None:
     """The backend named by $SLIMSTACK_BACKEND, or None when unset/"auto"."""
     name = os.environ.get(FORCE_ENV, "").strip().lower()
@@ -158,7 +162,7 @@ def choose_backend(fmt: str, device: torch.device, dtype: torch.dtype, m: int) -
     if forced is not None:
         reason = why_not(forced, fmt, device, dtype, m, True)
         if reason is not None:
-            raise RuntimeError(f"{FORCE_ENV}={forced} cannot run this {fmt} matmul: {reason}")
+            raise BackendUnavailable(f"{FORCE_ENV}={forced} cannot run this {fmt} matmul: {reason}")
         decision = forced
     else:
         decision = _first_usable(fmt, device, dtype, m)
