@@ -242,6 +242,18 @@ LATER_STEP_MISTAKES = {
         {"prune": {"method": "wanda", "calib": _binary_text, "seqlen": 64}},
         "step 2 \\(prune\\): .*not (a text file|UTF-8)",
     ),
+    "pattern the shapes cannot take": (
+        {"prune": {"method": "magnitude", "sparsity": "4:8"}},
+        "step 2 \\(prune\\): .*in_features 172 is not divisible by M=8",
+    ),
+    "eval windows": (
+        {"eval": {"text": __file__, "max_windows": 0}},
+        "step 2 \\(eval\\): max_windows must be a positive integer, got 0",
+    ),
+    "eval seqlen past the context": (
+        {"eval": {"text": __file__, "seqlen": 4096}},
+        "step 2 \\(eval\\): seqlen must be in \\[2, 512\\]",
+    ),
     "binary eval text": (
         {"eval": {"text": _binary_text}},
         "step 2 \\(eval\\): .*not (a text file|UTF-8)",

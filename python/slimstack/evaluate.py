@@ -81,6 +81,28 @@ def text_windows(
 
 
 @torch.no_grad()
+def check_eval_settings(
+    seqlen: int | None,
+    batch_size: int = 8,
+    max_windows: int | None = None,
+    context: int | None = None,
+) -> None:
+    """The settings of `evaluate`, checked before any model is loaded (recipes check them
+    before their first step): positive integers, seqlen within [2, context] when known."""
+    for name, value in (("batch_size", batch_size), ("max_windows", max_windows)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < 1
+        ):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if seqlen is None:
+        return
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int):
+        raise ValueError(f"seqlen must be an integer, got {seqlen!r}")
+    if seqlen < 2 or (context is not None and seqlen > context):
+        top = context if context is not None else "the model's context"
+        raise ValueError(f"seqlen must be in [2, {top}] (the model's context), got {seqlen}")
+
+
 def evaluate(
     model: str | os.PathLike,
     text: str | os.PathLike,
@@ -92,13 +114,7 @@ def evaluate(
     dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> EvalResult:
-    for name, value in (("batch_size", batch_size), ("max_windows", max_windows)):
-        if value is not None and (
-            isinstance(value, bool) or not isinstance(value, int) or value < 1
-        ):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if seqlen is not None and (isinstance(seqlen, bool) or not isinstance(seqlen, int)):
-        raise ValueError(f"seqlen must be an integer, got {seqlen!r}")
+    check_eval_settings(seqlen, batch_size, max_windows)
     device = resolve_device(device)
     lm = load_hf_model(model, device, dtype)
     ref = load_hf_model(reference, device, dtype) if reference is not None else None
@@ -109,8 +125,7 @@ def evaluate(
         )
     context = int(lm.config.max_position_embeddings)
     seqlen = context if seqlen is None else seqlen
-    if seqlen < 2 or seqlen > context:
-        raise ValueError(f"seqlen must be in [2, {context}] (the model's context), got {seqlen}")
+    check_eval_settings(seqlen, batch_size, max_windows, context)
     windows = text_windows(model, text, seqlen)
     if max_windows is not None:
         windows = windows[:max_windows]

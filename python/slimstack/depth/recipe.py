@@ -200,12 +200,20 @@ def check_recipe(recipe: Recipe) -> None:
     """Everything that can be checked before running: settings, patterns, and layer ranges
     against the depth each step will see."""
     from slimstack.calibration import read_text
-    from slimstack.prune.driver import as_globs, check_globs
+    from slimstack.evaluate import check_eval_settings
+    from slimstack.prune.driver import as_globs, check_globs, select_modules
     from slimstack.prune.methods import METHODS
     from slimstack.prune.patterns import parse_pattern
 
     with Checkpoint.open(recipe.model) as ckpt:
         depth = ckpt.num_layers
+        context = ckpt.config.get("max_position_embeddings")
+        # every layer of a family has the same linears: layer 0's shapes stand for all
+        in_shapes = {
+            n: tuple(ckpt.tensor_shape(f"{LAYER_PREFIX}0.{n}.weight"))
+            for n in LAYER_LINEARS
+            if f"{LAYER_PREFIX}0.{n}.weight" in ckpt
+        }
     for step in recipe.steps:
         p = step.params
         try:
@@ -215,14 +223,28 @@ def check_recipe(recipe: Recipe) -> None:
                 method = p.get("method", "wanda")
                 if method not in METHODS:
                     raise RecipeError(f"unknown method {method!r}; choose: {', '.join(METHODS)}")
-                parse_pattern(p.get("sparsity", "2:4"))
+                pattern = parse_pattern(p.get("sparsity", "2:4"))
                 if method != "magnitude" and p.get("calib") is None:
                     raise RecipeError(f"{method} needs calib: a calibration text file")
                 # the linears this step will see, at the depth the steps before leave
                 linears = [f"{LAYER_PREFIX}{i}.{n}" for i in range(depth) for n in LAYER_LINEARS]
-                check_globs(linears, as_globs(p.get("include")), as_globs(p.get("exclude")))
+                include, exclude = as_globs(p.get("include")), as_globs(p.get("exclude"))
+                check_globs(linears, include, exclude)
+                for name in select_modules(linears, include, exclude):
+                    short = name.split(".", 3)[-1]
+                    if short in in_shapes:
+                        pattern.check_shape(name, in_shapes[short])
+                seqlen = p.get("seqlen")
+                if method != "magnitude" and seqlen is not None and context and seqlen > context:
+                    raise RecipeError(
+                        f"seqlen {seqlen} exceeds the model's context ({context} tokens)"
+                    )
             elif p.get("text") is None:
                 raise RecipeError("eval needs text: an evaluation text file")
+            else:
+                check_eval_settings(
+                    p.get("seqlen"), p.get("batch_size", 8), p.get("max_windows"), context
+                )
             for key in ("calib", "text"):  # missing, binary or empty text: before any step runs
                 if p.get(key) is not None:
                     read_text(p[key])
