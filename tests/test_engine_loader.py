@@ -224,8 +224,14 @@ def test_unstructured_50_copy_is_packed_as_bitmap(stories260k_dir: Path, tmp_pat
     out = tmp_path / "magnitude50"
     prune(stories260k_dir, out, method="magnitude", sparsity="0.5", progress=False)
     engine = load(out, device="cpu")
-    assert engine.info().formats == {"bitmap": 20}
+    info = engine.info()
+    assert info.formats == {"bitmap": 20}
     dense = load(out, device="cpu", pack=False)
+    # the packed linears report the sparsity of the weights they hold, as the dense ones do
+    measured = {row.name: row.sparsity for row in dense.info().linears}
+    for row in info.linears:
+        assert row.sparsity == pytest.approx(measured[row.name], abs=1e-12), row.name
+        assert 0.49 < row.sparsity < 0.51
     ids = torch.tensor([engine.tokenizer(PROMPT)["input_ids"]] * 2)
     mask = torch.ones_like(ids)
     mask[1, :4] = 0

@@ -127,7 +127,8 @@ def linear_info(name: str, module: nn.Module, dtype: torch.dtype) -> LinearInfo:
         format=packed.format,
         nbytes=packed.nbytes + bias_nbytes,
         dense_nbytes=out_features * in_features * itemsize + bias_nbytes,
-        sparsity=None,
+        # the nonzeros are among the stored values (padding columns are checked to be zero)
+        sparsity=1 - int(packed.values.count_nonzero()) / max(out_features * in_features, 1),
     )
 
 
