@@ -447,6 +447,14 @@ def test_other_refusals_leave_nothing(stories260k_dir: Path, tmp_path: Path):
         slice_model(stories260k_dir, out)
     with pytest.raises(ValueError, match="--n goes with --criterion"):
         slice_model(stories260k_dir, out, drop="1", n=2)
+    with pytest.raises(ValueError, match="--scores goes with --criterion"):
+        slice_model(stories260k_dir, out, drop="1", scores=tmp_path)
+    with pytest.raises(ValueError, match="--calib goes with --criterion"):
+        slice_model(stories260k_dir, out, keep="0:2", calib=tmp_path / "valid.txt")
+    # a MODEL that no slice of the config uses was silently ignored
+    elsewhere = write_config(tmp_path / "elsewhere.yaml", [(str(stories260k_dir), [0, 2])])
+    with pytest.raises(ValueError, match="is not used: every slice of the config names"):
+        slice_model(tmp_path, out, config=elsewhere)
     with pytest.raises(ValueError, match="slice config not found"):
         slice_model(out=out, config=tmp_path / "nope.yaml")
     (tmp_path / "broken.yaml").write_text("slices: [unclosed")

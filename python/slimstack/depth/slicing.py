@@ -450,10 +450,19 @@ def make_plan(
         )
     if n is not None and criterion is None:
         raise SliceError("--n goes with --criterion (the number of layers it should drop)")
+    for name, value in (("--scores", scores), ("--calib", calib)):
+        if value is not None and criterion is None:
+            raise SliceError(f"{name} goes with --criterion (it scores layers to drop)")
     if config is None and model is None:
         raise SliceError("a model folder is needed (only --config names its own models)")
     if config is not None:
         plan = plan_config(config, Path(model) if model is not None else None)
+        used = {Path(source["model"]) for source in plan.spec["slices"]}
+        if model is not None and Path(model).resolve() not in used:
+            raise SliceError(
+                f"model {model} is not used: every slice of the config names its own model "
+                f"({', '.join(sorted(map(str, used)))}); leave MODEL out with --config"
+            )
     elif drop is not None:
         plan = plan_drop(model, drop)
     elif keep is not None:
