@@ -405,3 +405,21 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_folder(
     err = capsys.readouterr().err
     assert code == 1 and "No space left on device" in err and "Traceback" not in err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_info_text_says_triton_needs_cuda(monkeypatch) -> None:
+    """On a machine without CUDA, Triton shows as installed but not usable; with CUDA, plain."""
+    from slimstack.info import format_info
+
+    facts = {"slimstack": "0", "python": "3", "torch": "2", "gpu": None,
+             "backends": {"cuda_device": False, "triton": "3.9.0"}}  # fmt: skip
+    assert "3.9.0 (installed; its kernels need a CUDA device)" in format_info(facts)
+    facts["backends"]["cuda_device"] = True
+    assert format_info(facts).splitlines()[-1].split() == ["triton", "3.9.0"]
+
+
+def test_a_misspelt_forced_backend_is_refused_by_every_command(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("SLIMSTACK_BACKEND", "cdua")
+    assert main(["info"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("slimstack info: error: SLIMSTACK_BACKEND='cdua' is not a backend")

@@ -52,8 +52,11 @@ def format_info(facts: dict[str, Any]) -> str:
         f"GPU: {facts['gpu'] or 'none (CPU only)'}",
         "backends:",
     ]
-    for name, value in facts["backends"].items():
+    backends = facts["backends"]
+    for name, value in backends.items():
         shown = "yes" if value is True else "no" if value in (False, None) else value
+        if name == "triton" and value and not backends.get("cuda_device"):
+            shown = f"{value} (installed; its kernels need a CUDA device)"
         lines.append(f"  {name:<22} {shown}")
     return "\n".join(lines)
 
