@@ -239,3 +239,24 @@ def test_unstructured_50_copy_is_packed_as_bitmap(stories260k_dir: Path, tmp_pat
     assert engine.generate(PROMPT, max_new_tokens=30).tokens == (
         dense.generate(PROMPT, max_new_tokens=30).tokens
     )
+
+
+def test_one_time_op_setup_is_paid_at_load_not_in_the_first_prefill(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    """torch routes a custom op's first call through torch._dynamo, imported then (~0.5 s):
+    load() of a packed model imports it, so the first generate's prefill_ms is the prefill."""
+    import subprocess
+    import sys
+
+    from slimstack.prune.driver import prune
+
+    prune(stories260k_dir, tmp_path / "p", method="magnitude", sparsity="2:4", progress=False)
+    script = (
+        "import sys, slimstack; "
+        f"slimstack.load({str(tmp_path / 'p')!r}, device='cpu'); "
+        "print('torch._dynamo' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["True"]

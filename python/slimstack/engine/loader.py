@@ -13,6 +13,7 @@ after their tensors are checked to be identical in the folder.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -73,6 +74,7 @@ def load(
         sharing = shared_layers(ckpt, read_metadata(ckpt.path))
         layers: list[DecoderLayer] = []
         sources: list[str] = []
+        packed_any = False
         for index in range(config.num_layers):
             if index in sharing:
                 layers.append(layers[sharing[index]])
@@ -80,7 +82,7 @@ def load(
                 continue
             layer = build_layer(ckpt, config, index, device, dtype, fuse)
             if pack:
-                pack_layer(layer)
+                packed_any = pack_layer(layer) or packed_any
             layers.append(layer)
             sources.append("loaded")
         embed = nn.Embedding.from_pretrained(
@@ -94,6 +96,10 @@ def load(
     model.sources = sources
     model.tokenizer = _tokenizer(Path(path))
     model.eos_token_ids = _eos_token_ids(Path(path), config)
+    if packed_any:
+        # torch runs a custom op's first call through torch._dynamo, imported then (~0.5 s
+        # on CPU): paid here, so the first generate's prefill_ms times the prefill alone
+        importlib.import_module("torch._dynamo")
     return model.eval()
 
 
@@ -166,15 +172,15 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return module
 
 
-def pack_layer(layer: DecoderLayer) -> None:
+def pack_layer(layer: DecoderLayer) -> bool:
     """Swap the layer's sparse linears for packed SparseLinear modules (ops decides which
-    format each weight takes and leaves dense ones alone)."""
+    format each weight takes and leaves dense ones alone); whether any was packed."""
     weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
     if not any(zero_fraction(w) >= SPARSE_MIN_ZEROS for w in weights):
-        return  # a dense layer: nothing to pack, no need for the sparse ops at all
+        return False  # a dense layer: nothing to pack, no need for the sparse ops at all
     from slimstack.ops.sparsify import sparsify_model
 
-    sparsify_model(layer, pattern="auto")
+    return bool(sparsify_model(layer, pattern="auto").swapped)
 
 
 def shared_layers(ckpt: Checkpoint, metadata: dict[str, Any] | None) -> dict[int, int]:
