@@ -109,7 +109,7 @@ def test_inline_mergekit_slice_uses_the_current_model(stories260k_dir: Path, tmp
 
 
 BAD_RECIPES = {
-    "unknown step": ({"steps": [{"quantize": {"bits": 4}}]}, "unknown step 'quantize'"),
+    "unknown step": ({"steps": [{"quantize": {"bits": 4}}]}, "step 1: unknown step 'quantize'"),
     "unknown key": (
         {"steps": [{"prune": {"method": "wanda", "ratio": 0.5}}]},
         "unknown setting\\(s\\) 'ratio'",
@@ -132,7 +132,10 @@ BAD_RECIPES = {
         {"steps": [{"slice": {"drop": "1", "keep": "0:2"}}]},
         "exactly one of drop, keep",
     ),
-    "eval text missing": ({"steps": [{"eval": {"text": "x"}}]}, "steps\\[0\\].text: 'x' not found"),
+    "eval text missing": (
+        {"steps": [{"eval": {"text": "x"}}]},
+        "step 1 \\(eval\\) text: 'x' not found",
+    ),
     "only eval": (
         {"steps": [{"eval": {"text": __file__}}]},
         "nothing to write: add a slice or prune step",

@@ -54,7 +54,7 @@ RECIPE_KEYS = ("model", "out", "device", "steps")
 STEP_KEYS = {
     "slice": (
         "drop", "keep", "config", "criterion", "n", "scores", "calib", "nsamples", "seqlen",
-        "seed", "dtype", *MERGEKIT_KEYS,
+        "seed", *MERGEKIT_KEYS,  # dtype among them: a slice's and a mergekit config's
     ),
     "prune": ("method", "sparsity", "calib", "nsamples", "seqlen", "seed", "include", "exclude"),
     "eval": ("text", "seqlen", "batch_size", "max_windows", "reference"),
@@ -131,7 +131,7 @@ def _resolve_input(value: Any, where: str, base_dir: Path | None) -> Path:
 
 
 def _parse_step(index: int, item: Any, base_dir: Path | None) -> Step:
-    where = f"steps[{index}]"
+    where = f"step {index + 1}"  # counted from 1, as Step.label counts them
     if not isinstance(item, Mapping) or len(item) != 1:
         raise RecipeError(
             f"{where}: each step is one of 'slice:', 'prune:' or 'eval:' with its settings below it"
@@ -148,7 +148,7 @@ def _parse_step(index: int, item: Any, base_dir: Path | None) -> Step:
         )
     for key in PATH_KEYS & set(params):
         if params[key] is not None and not (key == "reference" and params[key] == "none"):
-            params[key] = _resolve_input(params[key], f"{where}.{key}", base_dir)
+            params[key] = _resolve_input(params[key], f"{where} ({op}) {key}", base_dir)
     if "slices" in params:  # inline mergekit: its model paths resolve like the recipe's
         params["base_dir"] = base_dir
     return Step(op, params, index)
