@@ -147,6 +147,7 @@ def test_sliced_model_equals_source_with_layers_skipped(
     ]
     step = meta["steps"][-1]
     assert step["op"] == "slice" and step["mode"] == "drop" and step["keep"] == format_layers(kept)
+    assert f"(layers {format_layers(kept)})" in report.summary()  # says which layers it kept
     assert (out / "tokenizer.json").is_file()
 
 
@@ -177,7 +178,7 @@ def test_solar_upscaling_copies_source_tensors_in_order(
     out = tmp_path / "solar"
     report = slice_model(out=out, config=config, progress=False)
     order = [0, 1, 2, 3, 1, 2, 3, 4]
-    assert report.num_layers == 8
+    assert report.num_layers == 8 and report.layers == "0:4,1:5"
     with Checkpoint.open(stories260k_dir) as src, Checkpoint.open(out) as new:
         assert new.num_layers == 8
         for position, layer in enumerate(order):

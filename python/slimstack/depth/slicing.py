@@ -71,11 +71,13 @@ class SliceReport:
     source_layers: int
     layer_map: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    layers: str | None = None  # the source layers in order ("0:3,4"), when one model gave all
 
     def summary(self) -> str:
+        which = f" (layers {self.layers})" if self.layers else ""
         return (
-            f"sliced {self.source_layers} -> {self.num_layers} layers in {self.seconds:.1f} s "
-            f"-> {self.output}"
+            f"sliced {self.source_layers} -> {self.num_layers} layers{which} in "
+            f"{self.seconds:.1f} s -> {self.output}"
         )
 
 
@@ -402,6 +404,9 @@ def write_plan(
         source_layers=base.num_layers,
         layer_map=layer_map,
         seconds=time.perf_counter() - start,
+        layers=format_layers([s.layer for s in plan.layers])
+        if len({s.model.resolve() for s in plan.layers}) == 1
+        else None,
     )
 
 
