@@ -211,7 +211,9 @@ def test_a_missing_gpu_is_a_clear_error(stories260k_dir: Path, tmp_path: Path, c
     code = main(["prune", str(stories260k_dir), "--method", "magnitude", "--device", "cuda",
                  "--out", str(tmp_path / "out")])  # fmt: skip
     err = capsys.readouterr().err
-    assert code == 2 and "use device='cpu'" in err and not (tmp_path / "out").exists()
+    assert (
+        code == 2 and "use device='cpu' (--device cpu)" in err and not (tmp_path / "out").exists()
+    )
 
 
 def test_eval_refuses_a_reference_with_another_vocabulary(

@@ -23,7 +23,7 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
             build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
             raise ValueError(
                 f"device {device!r} asked for, but this torch ({torch.__version__}) has "
-                f"{build}; use device='cpu'"
+                f"{build}; use device='cpu' (--device cpu)"
             )
         count = torch.cuda.device_count()
         if resolved.index is not None and resolved.index >= count:

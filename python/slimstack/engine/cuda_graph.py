@@ -49,7 +49,9 @@ class GraphRunner(EagerRunner):
     def __init__(self, model: DecoderModel) -> None:
         super().__init__(model)
         if model.device.type != "cuda":
-            raise ValueError("CUDA graphs need a CUDA model; use mode='eager' on CPU")
+            raise ValueError(
+                "CUDA graphs need a CUDA model; use mode='eager' (--mode eager) on CPU"
+            )
         self.slot.fill_(model._require_cache().length - 1)
         # capture and replay on the model's device, whichever device is current (cuda:1)
         with torch.cuda.device(model.device):
@@ -93,7 +95,9 @@ def resolve_mode(mode: str, device: torch.device) -> str:
     if mode == "auto":
         return "graph" if device.type == "cuda" else "eager"
     if mode in ("graph", "compile") and device.type != "cuda":
-        raise ValueError(f"mode={mode!r} needs a CUDA device; use mode='eager' on CPU")
+        raise ValueError(
+            f"mode={mode!r} needs a CUDA device; use mode='eager' (--mode eager) on CPU"
+        )
     return mode
 
 
