@@ -45,3 +45,21 @@ def test_against_itself_kl_zero_agreement_one(stories260k_dir: Path, wikitext_di
 def test_bad_seqlen(stories260k_dir: Path, wikitext_dir: Path) -> None:
     with pytest.raises(ValueError, match=r"seqlen must be in \[2, 512\]"):
         evaluate(stories260k_dir, wikitext_dir / "test.txt", seqlen=1024, progress=False)
+
+
+def test_evaluation_runs_without_autograd(
+    stories260k_dir: Path, wikitext_dir: Path, monkeypatch
+) -> None:
+    """No graph is kept for the forward passes (it would hold every activation)."""
+    import slimstack.evaluate as ev
+
+    seen = []
+    windows = ev.text_windows
+
+    def recording(*args, **kwargs):
+        seen.append(torch.is_grad_enabled())
+        return windows(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "text_windows", recording)
+    evaluate(stories260k_dir, wikitext_dir / "test.txt", seqlen=64, max_windows=2, progress=False)
+    assert seen == [False]

@@ -80,7 +80,6 @@ def text_windows(
     return tokens[: count * seqlen].reshape(count, seqlen)
 
 
-@torch.no_grad()
 def check_eval_settings(
     seqlen: int | None,
     batch_size: int = 8,
@@ -103,6 +102,7 @@ def check_eval_settings(
         raise ValueError(f"seqlen must be in [2, {top}] (the model's context), got {seqlen}")
 
 
+@torch.no_grad()
 def evaluate(
     model: str | os.PathLike,
     text: str | os.PathLike,
