@@ -249,6 +249,10 @@ LATER_STEP_MISTAKES = {
         {"prune": {"method": "magnitude", "sparsity": "4:8"}},
         "step 2 \\(prune\\): .*in_features 172 is not divisible by M=8",
     ),
+    "calibration windows past the context": (
+        {"prune": {"method": "wanda", "calib": __file__, "seqlen": 4096}},
+        "step 2 \\(prune\\): seqlen 4096 exceeds the model's context \\(512 tokens\\)",
+    ),
     "eval windows": (
         {"eval": {"text": __file__, "max_windows": 0}},
         "step 2 \\(eval\\): max_windows must be a positive integer, got 0",

@@ -201,7 +201,12 @@ def check_recipe(recipe: Recipe) -> None:
     against the depth each step will see."""
     from slimstack.calibration import read_text
     from slimstack.evaluate import check_eval_settings
-    from slimstack.prune.driver import as_globs, check_globs, select_modules
+    from slimstack.prune.driver import (
+        as_globs,
+        check_calibration_length,
+        check_globs,
+        select_modules,
+    )
     from slimstack.prune.methods import METHODS
     from slimstack.prune.patterns import parse_pattern
 
@@ -234,11 +239,8 @@ def check_recipe(recipe: Recipe) -> None:
                     short = name.split(".", 3)[-1]
                     if short in in_shapes:
                         pattern.check_shape(name, in_shapes[short])
-                seqlen = p.get("seqlen")
-                if method != "magnitude" and seqlen is not None and context and seqlen > context:
-                    raise RecipeError(
-                        f"seqlen {seqlen} exceeds the model's context ({context} tokens)"
-                    )
+                if p.get("seqlen") is not None and context:
+                    check_calibration_length(method, p["seqlen"], context)
             elif p.get("text") is None:
                 raise RecipeError("eval needs text: an evaluation text file")
             else:

@@ -66,6 +66,12 @@ def select_modules(
     return [n for n in chosen if not exclude or not matches(n, exclude)]
 
 
+def check_calibration_length(method: str, seqlen: int, context: int) -> None:
+    """Calibrated methods stream windows of `seqlen` tokens: they must fit the context."""
+    if method != "magnitude" and seqlen > context:
+        raise ValueError(f"seqlen {seqlen} exceeds the model's context ({context} tokens)")
+
+
 def as_globs(value: str | Sequence[str] | None) -> Sequence[str] | None:
     """One glob as a plain string (a recipe's `include: mlp.*`), not its characters as globs."""
     return [value] if isinstance(value, str) else value
@@ -132,8 +138,7 @@ def prune(
     context = int(ckpt.config.get("max_position_embeddings") or 2048)
     if seqlen is None:
         seqlen = min(2048, context)
-    if method != "magnitude" and seqlen > context:
-        raise ValueError(f"seqlen {seqlen} exceeds the model's context ({context} tokens)")
+    check_calibration_length(method, seqlen, context)
     all_modules = [
         name[: -len(".weight")]
         for name in ckpt.tensor_names()
