@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-from slimstack.checkpoint import CheckpointWriter
+from slimstack.checkpoint import CheckpointWriter, expected_shapes
 from slimstack.engine.config import engine_config
-from slimstack.engine.loader import expected_shapes
 
 SHAPES = {
     # hidden, intermediate, heads, kv heads, vocab, context

@@ -341,10 +341,13 @@ class Checkpoint:
             )
 
 
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
+# the projections of a decoder layer's attention and MLP, in the order the families hold them
+ATTENTION_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
 # the linears of a decoder layer, by their names inside it (every supported family)
-LAYER_LINEARS = tuple(f"self_attn.{n}" for n in _ATTENTION) + tuple(f"mlp.{n}" for n in _MLP)
+LAYER_LINEARS = tuple(f"self_attn.{n}" for n in ATTENTION_PROJ) + tuple(
+    f"mlp.{n}" for n in MLP_PROJ
+)
 
 
 def expected_shapes(
@@ -364,7 +367,7 @@ def expected_shapes(
             "gate_proj": inter, "up_proj": inter, "down_proj": hidden}  # fmt: skip
     cols = {"o_proj": q_rows, "down_proj": inter}
     layer = {"input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,)}
-    for module, names in (("self_attn", _ATTENTION), ("mlp", _MLP)):
+    for module, names in (("self_attn", ATTENTION_PROJ), ("mlp", MLP_PROJ)):
         for name in names:
             layer[f"{module}.{name}.weight"] = (rows[name], cols.get(name, hidden))
             layer[f"{module}.{name}.bias"] = (rows[name],)
@@ -373,9 +376,9 @@ def expected_shapes(
 
 def implied_biases(config: EngineConfig) -> dict[str, bool]:
     """Projection (name within a layer, e.g. "self_attn.q_proj") -> whether it has a bias."""
-    has = {f"self_attn.{name}": config.qkv_bias for name in _ATTENTION[:3]}
+    has = {f"self_attn.{name}": config.qkv_bias for name in ATTENTION_PROJ[:3]}
     has["self_attn.o_proj"] = config.o_bias
-    return {**has, **{f"mlp.{name}": config.mlp_bias for name in _MLP}}
+    return {**has, **{f"mlp.{name}": config.mlp_bias for name in MLP_PROJ}}
 
 
 def check_shapes(ckpt: Checkpoint, config: EngineConfig) -> None:

@@ -1,8 +1,9 @@
 """Which implementation of RMSNorm / RoPE / SwiGLU a model runs with.
 
 CUDA gets the fused Triton kernels from `slimstack.kernels` (one pass over memory each,
-each residual add inside the RMSNorm after it, RoPE rotating q and k in place); CPU, and torch.compile (whose inductor fuses the torch
-ops itself), get the torch references in `engine.model`.
+each residual add inside the RMSNorm after it, RoPE rotating q and k in place); CPU, and
+torch.compile (whose inductor fuses the torch ops itself), get the torch references in
+`engine.model`.
 """
 
 from __future__ import annotations

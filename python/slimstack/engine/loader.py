@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from slimstack.checkpoint import (  # noqa: F401  (check_shapes, expected_shapes: re-exported)
+from slimstack.checkpoint import (
+    ATTENTION_PROJ,
+    MLP_PROJ,
     Checkpoint,
     CheckpointError,
-    check_shapes,
-    expected_shapes,
     implied_biases,
     read_metadata,
 )
@@ -36,8 +36,6 @@ from slimstack.engine.fused import select_kernels
 from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
 from slimstack.formats import is_sparse24, zero_fraction
 
-_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
-_MLP = ("gate_proj", "up_proj", "down_proj")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense: ops is not even imported
 
@@ -143,10 +141,10 @@ def build_layer(
     attention = Attention(
         config,
         o_proj=_linear(*parts("self_attn", "o_proj")),
-        **group("self_attn", _ATTENTION[:3], "qkv_proj"),
+        **group("self_attn", ATTENTION_PROJ[:3], "qkv_proj"),
     )
     mlp = MLP(
-        down_proj=_linear(*parts("mlp", "down_proj")), **group("mlp", _MLP[:2], "gate_up_proj")
+        down_proj=_linear(*parts("mlp", "down_proj")), **group("mlp", MLP_PROJ[:2], "gate_up_proj")
     )
     return DecoderLayer(norm("input_layernorm"), attention, norm("post_attention_layernorm"), mlp)
 
