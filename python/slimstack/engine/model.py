@@ -197,6 +197,16 @@ class MLP(nn.Module):
         return self.down_proj(kernels.swiglu(gate, up))
 
 
+def add_norm(
+    norm: RMSNorm, h: torch.Tensor, delta: torch.Tensor | None, kernels: Kernels
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h + delta, norm(h + delta)): each residual add happens inside the norm that follows
+    it (one fused kernel); delta None: h is the whole residual (before the first layer)."""
+    if delta is None:
+        return h, kernels.rms_norm(h, norm.weight, norm.eps)
+    return kernels.add_rms_norm(h, delta, norm.weight, norm.eps)
+
+
 class DecoderLayer(nn.Module):
     def __init__(
         self,
@@ -212,26 +222,17 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     # A layer's input is `h + delta`: the residual stream and the previous layer's MLP
-    # output, not yet added (None before the first layer). Each residual add happens inside
-    # the norm that follows it (one fused kernel), so a layer returns its own (h, delta).
-    @staticmethod
-    def _add_norm(
-        norm: RMSNorm, h: torch.Tensor, delta: torch.Tensor | None, kernels: Kernels
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if delta is None:
-            return h, kernels.rms_norm(h, norm.weight, norm.eps)
-        return kernels.add_rms_norm(h, delta, norm.weight, norm.eps)
-
+    # output, not yet added (None before the first layer); it returns its own (h, delta).
     def prefill(self, h, delta, cos, sin, cache, mask, kernels: Kernels):
-        h, normed = self._add_norm(self.input_layernorm, h, delta, kernels)
+        h, normed = add_norm(self.input_layernorm, h, delta, kernels)
         attn = self.self_attn.prefill(normed, cos, sin, cache, mask, kernels)
-        h, normed = self._add_norm(self.post_attention_layernorm, h, attn, kernels)
+        h, normed = add_norm(self.post_attention_layernorm, h, attn, kernels)
         return h, self.mlp(normed, kernels)
 
     def decode(self, h, delta, cos, sin, cache, slot, mask, kernels: Kernels):
-        h, normed = self._add_norm(self.input_layernorm, h, delta, kernels)
+        h, normed = add_norm(self.input_layernorm, h, delta, kernels)
         attn = self.self_attn.decode(normed, cos, sin, cache, slot, mask, kernels)
-        h, normed = self._add_norm(self.post_attention_layernorm, h, attn, kernels)
+        h, normed = add_norm(self.post_attention_layernorm, h, attn, kernels)
         return h, self.mlp(normed, kernels)
 
 
@@ -343,7 +344,7 @@ class DecoderModel(nn.Module):
     def _norm_head(
         self, h: torch.Tensor, delta: torch.Tensor | None, kernels: Kernels
     ) -> torch.Tensor:
-        _, normed = DecoderLayer._add_norm(self.norm, h, delta, kernels)
+        _, normed = add_norm(self.norm, h, delta, kernels)
         return self.lm_head(normed).float()
 
     @torch.no_grad()
