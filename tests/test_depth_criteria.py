@@ -203,6 +203,54 @@ def test_layer_removal_perplexity_matches_transformers(stories260k_dir: Path):
     assert result["scores"] == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.parametrize("token", ["last", "mean"])
+def test_angular_and_block_influence_match_transformers_hidden_states(
+    stories260k_dir: Path, calib_file: Path, token: str
+):
+    """Float64 reference from transformers' model: h_0 the embeddings, h_(l+1) the output of
+    decoder layer l (the last one before the final norm). d(l, n) = mean arccos(cos(h_l,
+    h_(l+n))) / pi at the last token (or over every token); BI_l = 1 - mean cos(h_l, h_(l+1))
+    over every token. Chunked (a small memory budget) to cover the running sums."""
+    from transformers import AutoModelForCausalLM
+
+    ids = load_calibration(stories260k_dir, calib_file, nsamples=6, seqlen=40, seed=2).input_ids
+    model = AutoModelForCausalLM.from_pretrained(
+        stories260k_dir, local_files_only=True, dtype=torch.float64
+    ).eval()
+    outputs: list[torch.Tensor] = []
+    hooks = [
+        layer.register_forward_hook(
+            lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out)
+        )
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        states = [model.model.embed_tokens(ids)]
+        model(ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    states += outputs
+    num_layers = len(model.model.layers)
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))
+
+    angular, bi = AngularDistance(token), BlockInfluence()
+    with Checkpoint.open(stories260k_dir) as ckpt:
+        forward_pass(ckpt, ids, [angular, bi], budget_mb=0.05, progress=False)
+    distances = angular.distances()
+    for n in range(1, num_layers + 1):
+        expected = []
+        for start in range(num_layers - n + 1):
+            a, b = states[start], states[start + n]
+            if token == "last":
+                a, b = a[:, -1], b[:, -1]
+            expected.append(float(torch.arccos(cosine(a, b).clamp(-1, 1)).mean()) / math.pi)
+        assert distances[n] == pytest.approx(expected, abs=2e-6), n
+    expected_bi = [float(1 - cosine(states[i], states[i + 1]).mean()) for i in range(num_layers)]
+    assert bi.scores() == pytest.approx(expected_bi, abs=2e-6)
+
+
 def test_chunked_pass_equals_single_chunk(stories260k_dir: Path):
     ids = torch.randint(3, 512, (5, 16), generator=torch.Generator().manual_seed(5))
 
