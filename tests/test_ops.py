@@ -356,6 +356,36 @@ def test_bitmap_state_dict_loads_across_kept_counts(make_unstructured) -> None:
         assert torch.equal(t, before[name]), f"{name} changed by a refused load"
 
 
+@pytest.mark.parametrize("corruption", ["nibble", "padding"])
+def test_corrupt_sparse24_state_dict_is_refused(make_weight, corruption) -> None:
+    """A sparse24 state_dict is checked as Sparse24Weight.load checks a file: a nibble with
+    i0 > i1 decodes differently on each CPU ISA (AVX-512 expands values in column order, the
+    portable path places them by index) and a value stored for a padding column reaches the
+    kernels but not unpack, so either loaded silently gave backend-dependent outputs."""
+    dense, packed = make_weight("sparse24", 43, 172, seed=33)
+    corrupt = SparseLinear(packed).state_dict()
+    corrupt = {name: t.clone() for name, t in corrupt.items()}
+    if corruption == "nibble":
+        corrupt["meta"][5, 2] = (corrupt["meta"][5, 2] & 0xF0) | 0x1  # row 5, group 4: i0=1, i1=0
+        match = "row 5, group 4 has nibble 0x1"
+    else:
+        corrupt["values"][7, 90] = 1.5  # group 45 covers columns 180..183, all past K = 172
+        match = "row 7, slot 90 holds 1.5 for a padding column"
+    module = SparseLinear.from_dense(make_weight("sparse24", 43, 172, seed=34)[0])
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    with pytest.raises(RuntimeError, match=match):
+        module.load_state_dict(corrupt)
+    for name, t in module.state_dict().items():
+        assert torch.equal(t, before[name]), f"{name} changed by a refused load"
+    # the uncorrupted state_dict still loads, into a module of another weight, in fp16 too
+    module.load_state_dict(SparseLinear(packed).state_dict())
+    x = torch.randn(3, 172, generator=gen(35))
+    torch.testing.assert_close(module(x).double(), reference(x, dense, None), atol=1e-4, rtol=1e-4)
+    half = SparseLinear.from_dense(dense.half())
+    half.load_state_dict(SparseLinear(packed).state_dict())
+    assert half.values.dtype == torch.float16 and torch.equal(half.meta, packed.meta)
+
+
 def test_sm90_meta_follows_copy_and_refuses_capture(monkeypatch) -> None:
     """The Hopper GEMM's reordered metadata is rebuilt after meta.copy_; its first build (a
     kernel plus a probe) is refused inside graph capture instead of being recorded."""

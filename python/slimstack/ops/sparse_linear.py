@@ -165,34 +165,41 @@ class SparseLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ) -> None:
-        """As nn.Module's, plus for bitmap: the incoming packed tensors are checked together
-        before any is copied (row offsets that disagree with the mask would send the kernels
-        past ``values``), and ``values`` takes the incoming length (the kept count belongs to
-        the weight, not to this module)."""
-        if self.format == "bitmap":
-            incoming = {name: state_dict.get(prefix + name) for name in BitmapWeight.TENSORS}
-            if all(isinstance(t, Tensor) for t in incoming.values()):
-                problem = self._bitmap_problem(incoming)
-                if problem:
-                    errors.append(f"{prefix or 'SparseLinear'}: {problem}")
-                    return
-                if incoming["values"].shape != self.values.shape:
-                    self.values = self.values.new_empty(incoming["values"].shape)
+        """As nn.Module's, plus: the incoming packed tensors are checked together before any
+        is copied, as ``load`` checks a file (bitmap row offsets that disagree with the mask
+        would send the kernels past ``values``; a sparse24 nibble with i0 >= i1, or a value
+        stored for a padding column, makes the backends disagree), and a bitmap ``values``
+        takes the incoming length (the kept count belongs to the weight, not to this
+        module)."""
+        container = BitmapWeight if self.format == "bitmap" else Sparse24Weight
+        incoming = {name: state_dict.get(prefix + name) for name in container.TENSORS}
+        if all(isinstance(t, Tensor) for t in incoming.values()):
+            problem = self._incoming_problem(container, incoming)
+            if problem:
+                errors.append(f"{prefix or 'SparseLinear'}: {problem}")
+                return
+            if self.format == "bitmap" and incoming["values"].shape != self.values.shape:
+                self.values = self.values.new_empty(incoming["values"].shape)
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
 
-    def _bitmap_problem(self, incoming: dict[str, Tensor]) -> str | None:
+    def _incoming_problem(
+        self, container: type[PackedWeight], incoming: dict[str, Tensor]
+    ) -> str | None:
+        """Why the incoming packed tensors are not a valid weight of this module's shape."""
+        # values in this module's dtype (copy_ converts them); the index tensors as they are
+        tensors = [
+            t.detach().to("cpu", self.values.dtype if name == "values" else t.dtype)
+            for name, t in incoming.items()
+        ]
         try:
-            BitmapWeight(
-                incoming["values"].detach().to("cpu", self.values.dtype).contiguous(),
-                incoming["bitmask"].detach().cpu().contiguous(),
-                incoming["row_offsets"].detach().cpu().contiguous(),
-                self.shape,
-                self.values.dtype,
-            ).validate()
+            container(*(t.contiguous() for t in tensors), self.shape, self.values.dtype).validate()
         except ValueError as error:
-            return f"the incoming bitmap weight is not a valid {list(self.shape)} weight: {error}"
+            return (
+                f"the incoming {self.format} weight is not a valid {list(self.shape)} weight: "
+                f"{error}"
+            )
         return None
 
     def forward(self, x: Tensor) -> Tensor:
