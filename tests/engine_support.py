@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +45,17 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
 }
 
 
-def write_tiny_model(folder: Path, model_type: str, seed: int = 0, **overrides: Any) -> Path:
+def write_tiny_model(
+    folder: Path,
+    model_type: str,
+    seed: int = 0,
+    config_edits: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> Path:
     """A random 2-layer model of `model_type`, saved as safetensors. Weights are drawn wider
     than HF's init so the next-token distribution is peaked: greedy comparisons then test
-    the arithmetic, not fp32 tie-breaking."""
+    the arithmetic, not fp32 tie-breaking. `config_edits` are written into config.json after
+    saving, for keys transformers would rewrite on the way (a config edited by hand)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     settings: dict[str, Any] = dict(
@@ -78,6 +86,9 @@ def write_tiny_model(folder: Path, model_type: str, seed: int = 0, **overrides: 
             else:
                 param.normal_(0, 0.25 if "embed" in name or "lm_head" in name else 0.12)
     model.save_pretrained(folder, safe_serialization=True)
+    if config_edits:
+        path = folder / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **config_edits}, indent=2))
     return folder
 
 

@@ -95,11 +95,77 @@ def test_family_specific_fields() -> None:
             dict(model_type="qwen2", use_sliding_window=True, sliding_window=4, layer_types=["x"]),
             "layer_types lists 1 layers",
         ),
+        # transformers' Qwen2 looks each layer's mask up by its type: others are unknown there
+        (
+            dict(
+                model_type="qwen2",
+                use_sliding_window=True,
+                sliding_window=4,
+                layer_types=["full_attention", "chunked_attention", "sliding_attention"],
+            ),
+            "layer_types has 'chunked_attention'; supported: full_attention, sliding_attention",
+        ),
+        # the engine rotates whole heads: a partial rotary config is refused, wherever it is
+        (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5 is not supported"),
+        (
+            dict(rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.25}),
+            "partial_rotary_factor 0.25 is not supported",
+        ),
+        # one rope dict per layer type (transformers 5 allows it for some families)
+        (
+            dict(
+                rope_parameters={
+                    "full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                }
+            ),
+            "'rope_parameters' is nested per layer type",
+        ),
+        (dict(rope_parameters=[1.0]), "'rope_parameters' must be a dict"),
+        # transformers runs rope_scaling and ignores rope_parameters: refused when they differ
+        (
+            dict(
+                rope_scaling={"type": "linear", "factor": 4.0},
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+            ),
+            "both 'rope_parameters'.*and 'rope_scaling'.*disagree",
+        ),
+        (
+            dict(
+                rope_scaling={"rope_type": "linear", "factor": 4.0},
+                rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+            ),
+            "disagree",  # rope_scaling's theta is the top-level one (default 10000)
+        ),
     ],
 )
 def test_bad_configs_are_refused(change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         engine_config({**BASE, **change})
+
+
+def test_swish_is_silu_and_agreeing_rope_dicts_are_read() -> None:
+    """transformers' ACT2FN maps "swish" to SiLU too; a config whose rope_scaling and
+    rope_parameters say the same thing (one written from the other) is read."""
+    assert engine_config({**BASE, "hidden_act": "swish"}).hidden_size == 64
+    both = {
+        **BASE,
+        "rope_theta": 5e5,
+        "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+        "rope_parameters": {
+            "rope_type": "yarn",
+            "rope_theta": 5e5,
+            "factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    }
+    rope = engine_config(both).rope
+    assert (rope.type, rope.theta, rope.factor, rope.original_max_position_embeddings) == (
+        "yarn",
+        5e5,
+        4.0,
+        16,
+    )
 
 
 ROPE_CASES = {
@@ -179,26 +245,36 @@ def test_masks_match_a_brute_force(window: int | None) -> None:
         assert torch.equal(mask[:, 0, 0], _brute_force_mask(pad, slot, length, window))
 
 
-def test_original_context_in_two_places_is_read_as_transformers_reads_it() -> None:
+@pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
+def test_original_context_in_two_places_is_read_as_transformers_reads_it(rope_type: str) -> None:
     """A config with original_max_position_embeddings both at the top level and inside
-    rope_parameters (Phi-3 style): transformers (5.x) uses the rope_parameters one, so the
-    tables must too."""
+    rope_parameters (Phi-3 style): transformers (5.x) copies the top-level one into the rope
+    dict whenever it builds the frequencies, so the tables must use it too. head_dim 64:
+    with BASE's 8 the two readings give the same tables (that once hid the difference)."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     raw = {
         **BASE,
+        "head_dim": 64,
+        "max_position_embeddings": 128,
         "original_max_position_embeddings": 32,
         "rope_parameters": {
             "rope_theta": 1000.0,
-            "rope_type": "yarn",
+            "rope_type": rope_type,
             "factor": 4.0,
             "original_max_position_embeddings": 16,
+            **({"low_freq_factor": 1.0, "high_freq_factor": 4.0} if rope_type == "llama3" else {}),
         },
     }
     reference = LlamaRotaryEmbedding(LlamaConfig(**json.loads(json.dumps(raw))))
-    ours = RotaryEmbedding(engine_config(json.loads(json.dumps(raw))))
-    positions = torch.arange(100)[None]
+    cfg = engine_config(json.loads(json.dumps(raw)))
+    assert cfg.rope.original_max_position_embeddings == 32
+    positions = torch.arange(200)[None]
     ref_cos, ref_sin = reference(torch.zeros(1), positions)
-    cos, sin = ours(positions, torch.float32)
+    cos, sin = RotaryEmbedding(cfg)(positions, torch.float32)
     assert torch.allclose(cos, ref_cos, atol=1e-5) and torch.allclose(sin, ref_sin, atol=1e-5)
+    inner_only = json.loads(json.dumps(raw))
+    del inner_only["original_max_position_embeddings"]
+    other, _ = RotaryEmbedding(engine_config(inner_only))(positions, torch.float32)
+    assert not torch.allclose(other, ref_cos, atol=1e-3)  # the two readings really differ

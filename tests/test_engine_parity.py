@@ -115,3 +115,58 @@ def test_dynamic_rope_past_trained_context_matches_transformers(tmp_path: Path) 
     assert engine.config.context_length == 64
     prompt = random_prompts(engine.config.vocab_size, [12], seed=2)
     _check_logits_with_padding(engine, reference, prompt, steps=14)
+
+
+# Each a variation on a tiny family model, checked like the families above (prefill and
+# decode logits on a left-padded batch, then greedy generation).
+VARIANTS: dict[str, tuple[str, dict]] = {
+    "mqa_one_kv_head": ("llama", dict(num_key_value_heads=1)),
+    "no_gqa": ("llama", dict(num_key_value_heads=4)),
+    "head_dim_not_hidden_over_heads": ("llama", dict(head_dim=32)),
+    "qwen2_head_dim": ("qwen2", dict(head_dim=8)),
+    "large_rms_eps": ("mistral", dict(rms_norm_eps=0.3)),
+    # transformers' ACT2FN: "swish" is SiLU (the engine refused it before)
+    "swish": ("llama", dict(hidden_act="swish")),
+    # explicit per-layer types: qwen2 reads them; a mistral config with them loads as
+    # Ministral in transformers, which does too
+    "qwen2_layer_types": ("qwen2", dict(layer_types=["sliding_attention", "full_attention"])),
+    "mistral_layer_types": ("mistral", dict(layer_types=["full_attention", "sliding_attention"])),
+    "qwen2_all_sliding": ("qwen2", dict(max_window_layers=0, sliding_window=4)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_config_variants_match_transformers(name: str, tmp_path: Path) -> None:
+    model_type, overrides = VARIANTS[name]
+    folder = write_tiny_model(tmp_path / name, model_type, **overrides)
+    engine, reference = load(folder, device="cpu"), hf_model(folder)
+    prompts = random_prompts(engine.config.vocab_size, [13, 5, 9], seed=3)
+    _check_logits_with_padding(engine, reference, prompts, steps=8)
+    assert engine.generate(prompts, max_new_tokens=12).token_ids == hf_greedy(
+        reference, prompts, 12
+    )
+
+
+@pytest.mark.parametrize("rope_type", ["yarn", "llama3"])
+def test_top_level_original_context_wins_as_in_transformers(rope_type: str, tmp_path: Path) -> None:
+    """config.json with original_max_position_embeddings at the top level (64) and inside
+    rope_parameters (16): transformers runs the top-level one. Before, the engine took the
+    inner one and its logits were up to ~21 off on a 48-token prompt (head_dim 64)."""
+    params = {
+        "rope_type": rope_type,
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 16,
+        **({"low_freq_factor": 1.0, "high_freq_factor": 4.0} if rope_type == "llama3" else {}),
+    }
+    folder = write_tiny_model(
+        tmp_path / rope_type,
+        "llama",
+        hidden_size=256,
+        rope_parameters=params,
+        config_edits={"original_max_position_embeddings": 64},
+    )
+    engine, reference = load(folder, device="cpu"), hf_model(folder)
+    assert engine.config.rope.original_max_position_embeddings == 64
+    prompts = random_prompts(engine.config.vocab_size, [48, 30], seed=4)
+    _check_logits_with_padding(engine, reference, prompts, steps=4)

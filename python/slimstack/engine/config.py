@@ -13,6 +13,9 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ROPE_TYPES = ("default", "linear", "dynamic", "llama3", "yarn")
+# transformers' ACT2FN maps both names to SiLU
+SILU_ACTIVATIONS = ("silu", "swish")
+LAYER_TYPES = ("full_attention", "sliding_attention")
 _DEFAULT_THETA = 10000.0
 
 
@@ -98,8 +101,11 @@ def engine_config(config: dict[str, Any]) -> EngineConfig:
             f"unsupported model_type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
         )
     act = config.get("hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"hidden_act {act!r} is not supported; the engine's MLP is SwiGLU (silu)")
+    if act not in SILU_ACTIVATIONS:
+        raise ConfigError(
+            f"hidden_act {act!r} is not supported; the engine's MLP is SwiGLU: "
+            f"{' or '.join(map(repr, SILU_ACTIVATIONS))}"
+        )
     hidden = _positive_int(config, "hidden_size")
     heads = _positive_int(config, "num_attention_heads")
     kv_heads = int(config.get("num_key_value_heads") or heads)
@@ -136,19 +142,62 @@ def engine_config(config: dict[str, Any]) -> EngineConfig:
 
 
 def rope_config(config: dict[str, Any]) -> RopeConfig:
-    """The rotary settings, from `rope_parameters` (transformers 5) or `rope_scaling` (older)."""
-    params = dict(config.get("rope_parameters") or {})
+    """The rotary settings, from `rope_parameters` (transformers 5) or `rope_scaling` (older).
+
+    A config holding both is read only if they describe the same rotary embedding:
+    transformers takes `rope_scaling` and drops `rope_parameters` (its rope_theta
+    included), so a config that gained a `rope_scaling` by hand next to a saved
+    `rope_parameters` would run one model there and another here.
+    """
+    params = config.get("rope_parameters") or {}
     legacy = config.get("rope_scaling") or {}
-    if not params:
-        params = dict(legacy)
+    _check_rope_dict(params, "rope_parameters")
+    _check_rope_dict(legacy, "rope_scaling")
+    if params and legacy:
+        ours, theirs = _rope_from(config, params), _rope_from(config, legacy)
+        if ours != theirs:
+            raise ConfigError(
+                f"config has both 'rope_parameters' ({params}) and 'rope_scaling' ({legacy}) "
+                "and they disagree; transformers reads only rope_scaling (with the top-level "
+                "rope_theta): keep one of them"
+            )
+        return ours
+    return _rope_from(config, params or legacy)
+
+
+def _check_rope_dict(params: Any, key: str) -> None:
+    if not isinstance(params, dict):
+        raise ConfigError(f"config {key!r} must be a dict, got {params!r}")
+    # transformers 5 lets some families give each layer type its own rope dict
+    # ({"full_attention": {...}, "sliding_attention": {...}}); llama / mistral / qwen2 read
+    # one flat dict (their transformers classes fail on a nested one)
+    nested = [name for name, value in params.items() if isinstance(value, dict)]
+    if nested:
+        raise ConfigError(
+            f"config {key!r} is nested per layer type ({', '.join(map(repr, nested))}); the "
+            "engine reads one flat rope dict (rope_type, rope_theta, factor, ...)"
+        )
+
+
+def _rope_from(config: dict[str, Any], params: dict[str, Any]) -> RopeConfig:
+    """The RopeConfig of one rope dict, with the top-level keys it may fall back on."""
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in ROPE_TYPES:
         raise ConfigError(
             f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}"
         )
+    partial = params.get("partial_rotary_factor", config.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        # llama / mistral / qwen2 rotate whole heads (transformers' classes fail on shorter
+        # tables); rotating all of a head trained on a part would give other numbers
+        raise ConfigError(
+            f"partial_rotary_factor {partial!r} is not supported; the engine rotates whole "
+            "heads (allowed: 1.0 or absent)"
+        )
     theta = params.get("rope_theta") or config.get("rope_theta") or _DEFAULT_THETA
-    # rope_parameters' own value wins over a top-level one, as transformers reads it
-    original = params.get("original_max_position_embeddings") or config.get(
+    # A top-level original_max_position_embeddings wins over the rope dict's own: transformers
+    # copies it in (its Phi-3 rule) each time it builds the frequencies
+    original = config.get("original_max_position_embeddings") or params.get(
         "original_max_position_embeddings"
     )
     if rope_type in ("llama3", "yarn") and original is None:
@@ -163,20 +212,26 @@ def rope_config(config: dict[str, Any]) -> RopeConfig:
             factor = config["max_position_embeddings"] / original
         else:
             raise ConfigError(f"rope scaling {rope_type!r} needs a 'factor'")
-    return RopeConfig(
-        theta=float(theta),
-        type=rope_type,
-        factor=float(factor if factor is not None else 1.0),
-        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
-        high_freq_factor=float(params.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(original) if original else None,
-        beta_fast=float(params.get("beta_fast") or 32.0),
-        beta_slow=float(params.get("beta_slow") or 1.0),
-        attention_factor=_optional_float(params.get("attention_factor")),
-        mscale=_optional_float(params.get("mscale")),
-        mscale_all_dim=_optional_float(params.get("mscale_all_dim")),
-        truncate=bool(params.get("truncate", True)),
-    )
+    # Only the settings the type reads are kept (the rest stay at their defaults), so two
+    # dicts that describe the same embedding compare equal.
+    settings: dict[str, Any] = {"theta": float(theta), "type": rope_type}
+    if rope_type != "default":
+        settings["factor"] = float(factor)
+    if rope_type in ("llama3", "yarn"):
+        settings["original_max_position_embeddings"] = int(original) if original else None
+    if rope_type == "llama3":
+        settings["low_freq_factor"] = float(params.get("low_freq_factor", 1.0))
+        settings["high_freq_factor"] = float(params.get("high_freq_factor", 4.0))
+    if rope_type == "yarn":
+        settings.update(
+            beta_fast=float(params.get("beta_fast") or 32.0),
+            beta_slow=float(params.get("beta_slow") or 1.0),
+            attention_factor=_optional_float(params.get("attention_factor")),
+            mscale=_optional_float(params.get("mscale")),
+            mscale_all_dim=_optional_float(params.get("mscale_all_dim")),
+            truncate=bool(params.get("truncate", True)),
+        )
+    return RopeConfig(**settings)
 
 
 def sliding_windows(config: dict[str, Any], num_layers: int) -> tuple[int | None, ...]:
@@ -198,6 +253,12 @@ def sliding_windows(config: dict[str, Any], num_layers: int) -> tuple[int | None
             raise ConfigError(
                 f"config layer_types lists {len(layer_types)} layers, num_hidden_layers is "
                 f"{num_layers}"
+            )
+        unknown = sorted({str(t) for t in layer_types} - set(LAYER_TYPES))
+        if unknown:
+            raise ConfigError(
+                f"config layer_types has {', '.join(map(repr, unknown))}; supported: "
+                f"{', '.join(LAYER_TYPES)}"
             )
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
     if model_type == "qwen2":
