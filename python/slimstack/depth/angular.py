@@ -3,9 +3,11 @@
 Gromov et al., "The Unreasonable Ineffectiveness of the Deeper Layers" (as PruneMe runs
 it): for a block of n layers starting at l, d(l, n) = arccos(cos(h_l, h_{l+n})) / pi, where
 h_l is the residual stream entering layer l (h_0 the embeddings, h_L the last layer's
-output, before the final norm). The block with the smallest distance changes the stream the
-least and is the one to drop. Averaged over the calibration windows at the last token
-(PruneMe, the paper), or over every token of every window (`token="mean"`).
+output, before the final norm: PruneMe's last transformers hidden state is after it, so
+blocks that end at the last layer differ from PruneMe's by the norm). The block with the
+smallest distance changes the stream the least and is the one to drop. Averaged over the
+calibration windows at the last token (PruneMe, the paper), or over every token of every
+window (`token="mean"`).
 """
 
 from __future__ import annotations

@@ -30,7 +30,8 @@ def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 
 
 def layer_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Prune the lowest `ratio` of the whole matrix (magnitude pruning's layer-wise group)."""
+    """Prune the lowest `ratio` of the whole matrix (a layer-wise group; unused: all three
+    methods prune within each output row, as the README says)."""
     prune = Unstructured(ratio).pruned_count(scores.numel())
     keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
     if prune:
