@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from safetensors import safe_open
@@ -272,6 +274,33 @@ def test_load_refuses_wrong_format_and_version(tmp_path, make_sparse24) -> None:
         Sparse24Weight.load(path)
     save_file(tensors, str(path))
     with pytest.raises(ValueError, match="not a slimstack packed weight"):
+        load_packed(path)
+
+
+@pytest.mark.parametrize("kind", ["sparse24", "bitmap"])
+@pytest.mark.parametrize("cut", ["empty", "header", "half", "last_byte"])
+def test_truncated_file_is_a_value_error_naming_it(tmp_path, make_sparse24, kind, cut) -> None:
+    """A truncated packed file was safetensors' SafetensorError (no file name, and not the
+    ValueError every other bad file raises, so callers catching that missed it)."""
+    packed = pack_sparse24(make_sparse24(43, 172, generator=gen(40)))
+    packed = packed if kind == "sparse24" else pack_bitmap(packed.unpack())
+    path = tmp_path / "w.safetensors"
+    packed.save(path)
+    data = path.read_bytes()
+    keep = {"empty": 0, "header": 20, "half": len(data) // 2, "last_byte": len(data) - 1}[cut]
+    path.write_bytes(data[:keep])
+    for load in (type(packed).load, load_packed):
+        with pytest.raises(ValueError, match=f"{re.escape(str(path))} is not a readable"):
+            load(path)
+
+
+def test_container_refusals_on_load_name_the_file(tmp_path, make_sparse24) -> None:
+    """A file whose tensors disagree with its header names the file, not only the tensor."""
+    packed = pack_sparse24(make_sparse24(4, 64, generator=gen(41)))
+    meta = {"format": "sparse24", "version": "1", "shape": "4,64", "dtype": "float16"}
+    path = tmp_path / "w.safetensors"
+    save_file({"values": packed.values, "meta": packed.meta}, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path))}: sparse24 values must be"):
         load_packed(path)
 
 

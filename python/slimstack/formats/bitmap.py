@@ -146,8 +146,13 @@ class BitmapWeight(PackedWeight):
             raise ValueError(
                 f"{path}: bitmap needs tensors values, bitmask, row_offsets; found {sorted(tensors)}"
             )
-        packed = cls(tensors["values"], tensors["bitmask"], tensors["row_offsets"], shape, dtype)
-        packed.validate()
+        try:
+            packed = cls(
+                tensors["values"], tensors["bitmask"], tensors["row_offsets"], shape, dtype
+            )
+            packed.validate()
+        except ValueError as error:  # name the file: the container's checks cannot
+            raise ValueError(f"{path}: {error}") from None
         return packed
 
 

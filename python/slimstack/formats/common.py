@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 FORMAT_VERSION = 1
@@ -122,11 +124,25 @@ def save_packed(
         raise
 
 
+@contextmanager
+def _open_safetensors(path: str | os.PathLike, device: str | torch.device) -> Iterator:
+    """safe_open, but a file safetensors cannot parse (truncated, not safetensors at all) is
+    a ValueError naming the file, like every other refusal here: safetensors' own error
+    names neither the file nor the cause a user can act on."""
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            yield f
+    except SafetensorError as error:
+        raise ValueError(
+            f"{path} is not a readable safetensors file (truncated or corrupt?): {error}"
+        ) from None
+
+
 def read_packed(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[str, tuple[int, int], torch.dtype, dict[str, torch.Tensor]]:
     """Read a packed file: (format, shape, dtype, tensors). Refuses unknown versions."""
-    with safe_open(str(path), framework="pt", device=str(device)) as f:
+    with _open_safetensors(path, device) as f:
         meta = f.metadata() or {}
         missing = [key for key in ("format", "version", "shape", "dtype") if key not in meta]
         if missing:
@@ -163,7 +179,7 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
 
 def _peek_format(path: str | os.PathLike) -> str:
-    with safe_open(str(path), framework="pt", device="cpu") as f:
+    with _open_safetensors(path, "cpu") as f:
         fmt = (f.metadata() or {}).get("format")
     if fmt is None:
         raise ValueError(f"{path} is not a slimstack packed weight: header metadata lacks 'format'")

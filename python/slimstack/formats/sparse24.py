@@ -141,8 +141,11 @@ class Sparse24Weight(PackedWeight):
             raise ValueError(
                 f"{path}: sparse24 needs tensors values, meta; found {sorted(tensors)}"
             )
-        packed = cls(tensors["values"], tensors["meta"], shape, dtype)
-        packed.validate()
+        try:
+            packed = cls(tensors["values"], tensors["meta"], shape, dtype)
+            packed.validate()
+        except ValueError as error:  # name the file: the container's checks cannot
+            raise ValueError(f"{path}: {error}") from None
         return packed
 
 
