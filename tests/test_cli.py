@@ -190,20 +190,64 @@ def test_no_command_writes_over_its_own_input(
     assert _snapshot(model) == before
 
 
+def _exit_code(argv: list[str]) -> int:
+    """main()'s return code, or argparse's exit code for a flag it refused itself."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code)
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--max-windows", "0"], "max_windows must be a positive integer, got 0"),
-        (["--batch-size", "0"], "batch_size must be a positive integer, got 0"),
+        (["--max-windows", "0"], "argument --max-windows: must be >= 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+        (["--seqlen", "1"], "argument --seqlen: must be >= 2, got 1"),
+        (["--seqlen", "100000"], "seqlen must be in [2, 512] (the model's context), got 100000"),
         (["--device", "tpu"], "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
     ],
 )
 def test_eval_refuses_bad_numbers_and_devices(
     stories260k_dir: Path, wikitext_dir: Path, capsys, argv, message
 ) -> None:
-    code = main(["eval", str(stories260k_dir), "--text", str(wikitext_dir / "test.txt"), *argv])
+    code = _exit_code(
+        ["eval", str(stories260k_dir), "--text", str(wikitext_dir / "test.txt"), *argv]
+    )
     err = capsys.readouterr().err
     assert code == 2 and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "command, flag, value, message",
+    [
+        ("generate", "--top-p", "1.5", "must be in (0.0, 1.0], got 1.5"),
+        ("generate", "--top-p", "0", "must be in (0.0, 1.0], got 0"),
+        ("generate", "--top-k", "0", "must be >= 1, got 0"),
+        ("generate", "--temperature", "-0.5", "must be in [0.0, inf), got -0.5"),
+        ("generate", "--temperature", "nan", "must be in [0.0, inf), got nan"),
+        ("generate", "--max-new-tokens", "0", "must be >= 1, got 0"),
+        ("generate", "--top-k", "two", "expected an integer, got 'two'"),
+        ("prune", "--nsamples", "0", "must be >= 1, got 0"),
+        ("analyze", "--memory-mb", "0", "must be in (0.0, inf), got 0"),
+        ("analyze", "--taylor-keep-first", "-1", "must be >= 0, got -1"),
+        ("slice", "--n", "0", "must be >= 1, got 0"),
+    ],
+)
+def test_bad_numbers_are_refused_naming_the_flag_before_any_work(
+    stories260k_dir: Path, tmp_path: Path, capsys, command, flag, value, message
+) -> None:
+    out = tmp_path / "out"
+    argv = {
+        "generate": ["generate", str(stories260k_dir), "Once"],
+        "prune": ["prune", str(stories260k_dir), "--out", str(out)],
+        "analyze": ["analyze", str(stories260k_dir), "--out", str(out)],
+        "slice": ["slice", str(stories260k_dir), "--out", str(out)],
+    }[command]
+    code = _exit_code([*argv, flag, value])
+    err = capsys.readouterr().err
+    assert code == 2 and f"argument {flag}: {message}" in err, err
+    assert "Traceback" not in err and not out.exists()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
@@ -231,9 +275,13 @@ def test_eval_refuses_a_reference_with_another_vocabulary(
 def test_prune_refuses_seqlen_zero(
     stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, capsys
 ):
-    code = main(["prune", str(stories260k_dir), "--method", "wanda", "--calib",
+    code = _exit_code(["prune", str(stories260k_dir), "--method", "wanda", "--calib",
                  str(wikitext_dir / "valid.txt"), "--seqlen", "0", "--out", str(tmp_path / "o")])  # fmt: skip
-    assert code == 2 and not (tmp_path / "o").exists()
+    assert (
+        code == 2
+        and "argument --seqlen" in capsys.readouterr().err
+        and not (tmp_path / "o").exists()
+    )
 
 
 def test_sigterm_unwinds_like_ctrl_c(monkeypatch, capsys) -> None:

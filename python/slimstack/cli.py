@@ -4,12 +4,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 
 Handler = Callable[[argparse.Namespace], int]
+
+
+# Range checks at the flag, so a bad value is refused naming the flag (argparse prefixes
+# "argument --top-p:") before anything loads; the Python API checks the same ranges itself.
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"  # argparse names the type in its own messages
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if not math.isfinite(value) or too_low or value > high:
+            left = "(" if low_open else "["
+            right = "]" if math.isfinite(high) else ")"
+            raise argparse.ArgumentTypeError(f"must be in {left}{low}, {high}{right}, got {text}")
+        return value
+
+    parse.__name__ = "number"
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+NONNEGATIVE = _int_at_least(0)
+SEQLEN = _int_at_least(2)  # a window needs a token to predict from and one to predict
 
 
 # --------------------------------------------------------------------------- prune
@@ -33,9 +72,11 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
         help="N:M pattern with 0 < N < M (2:4, 4:8, 1:4) or a ratio in (0, 1) (0.5, 50%%)",
     )
     p.add_argument("--calib", help="calibration text: plain text or JSONL with a 'text' field")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows (default 128)")
     p.add_argument(
-        "--seqlen", type=int, help="tokens per window (default: 2048, or the model's context)"
+        "--nsamples", type=POSITIVE, default=128, help="calibration windows (default 128)"
+    )
+    p.add_argument(
+        "--seqlen", type=SEQLEN, help="tokens per window (default: 2048, or the model's context)"
     )
     p.add_argument("--seed", type=int, default=0, help="seed for the window sampling")
     p.add_argument("--include", action="append", help="glob of modules to prune (repeatable)")
@@ -78,9 +119,9 @@ def _add_eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="Hugging Face model folder")
     p.add_argument("--text", required=True, help="evaluation text file")
     p.add_argument("--reference", help="dense source model folder to compare against")
-    p.add_argument("--seqlen", type=int, help="window length (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
-    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--seqlen", type=SEQLEN, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="windows per forward pass")
+    p.add_argument("--max-windows", type=POSITIVE, help="evaluate only the first N windows")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(handler=cmd_eval)
@@ -137,12 +178,15 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
         help="pruning method (default wanda)",
     )
     p.add_argument("--sparsity", default="2:4", help="N:M pattern or ratio (default 2:4)")
-    p.add_argument("--max-windows", type=int, help="evaluate only the first N windows")
+    p.add_argument("--max-windows", type=POSITIVE, help="evaluate only the first N windows")
     p.add_argument("--out", help="keep the pruned folder here (default: a temporary folder)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     p.add_argument("--prompt", default=None, help='prompt to continue (default "Once upon a time")')
     p.add_argument(
-        "--max-new-tokens", type=int, default=40, help="tokens each model generates (default 40)"
+        "--max-new-tokens",
+        type=POSITIVE,
+        default=40,
+        help="tokens each model generates (default 40)",
     )
     p.set_defaults(handler=cmd_demo)
 
@@ -179,10 +223,16 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("model", help="Hugging Face model folder (safetensors)")
     p.add_argument("prompt", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default) is greedy")
-    p.add_argument("--top-k", type=int, help="sample among the k most likely tokens")
-    p.add_argument("--top-p", type=float, help="sample among the most likely tokens up to p")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=128, help="default 128")
+    p.add_argument(
+        "--temperature", type=_float_in(0.0, math.inf), default=0.0, help="0 (default) is greedy"
+    )
+    p.add_argument("--top-k", type=POSITIVE, help="sample among the k most likely tokens")
+    p.add_argument(
+        "--top-p",
+        type=_float_in(0.0, 1.0, low_open=True),
+        help="sample among the most likely tokens up to p",
+    )
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
@@ -241,8 +291,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         "--criteria",
         help="comma-separated subset of angular, bi, taylor, ppl, snr (default: all five)",
     )
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--nsamples", type=POSITIVE, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=SEQLEN, default=256, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed for the window sampling")
     p.add_argument(
         "--token",
@@ -256,15 +306,19 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="compute dtype of the passes (default float32)",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="windows per layer call")
+    p.add_argument("--batch-size", type=POSITIVE, default=8, help="windows per layer call")
     p.add_argument(
         "--memory-mb",
-        type=float,
+        type=_float_in(0.0, math.inf, low_open=True),
         default=4096,
         help="budget for the hidden states the forward pass keeps (default 4096)",
     )
-    p.add_argument("--taylor-keep-first", type=int, help="Taylor+ never drops these first layers")
-    p.add_argument("--taylor-keep-last", type=int, help="Taylor+ never drops these last layers")
+    p.add_argument(
+        "--taylor-keep-first", type=NONNEGATIVE, help="Taylor+ never drops these first layers"
+    )
+    p.add_argument(
+        "--taylor-keep-last", type=NONNEGATIVE, help="Taylor+ never drops these last layers"
+    )
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report folder")
     p.set_defaults(handler=cmd_analyze)
@@ -313,11 +367,11 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
     how.add_argument("--keep", action="append", help="layers to keep, in order (repeatable)")
     how.add_argument("--config", help="mergekit YAML with slices and merge_method: passthrough")
     how.add_argument("--criterion", help="drop what angular, bi, taylor, ppl or snr picks")
-    p.add_argument("--n", type=int, help="with --criterion: how many layers to drop")
+    p.add_argument("--n", type=POSITIVE, help="with --criterion: how many layers to drop")
     p.add_argument("--scores", help="with --criterion: an analysis (scores.json or its folder)")
     p.add_argument("--calib", help="with --criterion and no --scores: text to score layers on")
-    p.add_argument("--nsamples", type=int, default=32, help="calibration windows (default 32)")
-    p.add_argument("--seqlen", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--nsamples", type=POSITIVE, default=32, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=SEQLEN, default=256, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed for the window sampling")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="convert weights")
     p.add_argument("--device", help="cpu or cuda, for --criterion scoring")

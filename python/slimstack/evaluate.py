@@ -98,8 +98,8 @@ def check_eval_settings(
     if isinstance(seqlen, bool) or not isinstance(seqlen, int):
         raise ValueError(f"seqlen must be an integer, got {seqlen!r}")
     if seqlen < 2 or (context is not None and seqlen > context):
-        top = context if context is not None else "the model's context"
-        raise ValueError(f"seqlen must be in [2, {top}] (the model's context), got {seqlen}")
+        top = f"{context}] (the model's context)" if context is not None else "the model's context]"
+        raise ValueError(f"seqlen must be in [2, {top}, got {seqlen}")
 
 
 @torch.no_grad()
