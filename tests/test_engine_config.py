@@ -181,26 +181,42 @@ ROPE_CASES = {
     },
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
 }
+# every optional YaRN setting, each changing the tables of the plain "yarn" case (head_dim 64)
+YARN_VARIANTS = {
+    "yarn_attention_factor": {"attention_factor": 0.8},
+    "yarn_mscale": {"mscale": 0.707, "mscale_all_dim": 1.0},
+    "yarn_mscale_alone": {"mscale": 2.0},  # without mscale_all_dim: ignored, as transformers does
+    "yarn_betas": {"beta_fast": 8, "beta_slow": 2},
+    "yarn_no_truncate": {"truncate": False},
+}
+ROPE_CASES.update({name: {**ROPE_CASES["yarn"], **extra} for name, extra in YARN_VARIANTS.items()})
 
 
+@pytest.mark.parametrize("head_dim", [8, 64])
 @pytest.mark.parametrize("name", sorted(ROPE_CASES))
-def test_rotary_tables_match_transformers(name: str) -> None:
-    """cos/sin for positions past the trained context (64), where scaling matters."""
+def test_rotary_tables_match_transformers(name: str, head_dim: int) -> None:
+    """cos/sin for positions past the trained context (64), where scaling matters; head_dim
+    8 (BASE's) and 64, where YaRN's ramp between its correction dims is more than a step."""
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
     params = {"rope_theta": 1000.0, **ROPE_CASES[name]}
-    hf_config = LlamaConfig(**{**BASE, "rope_parameters": dict(params)})
+    base = {**BASE, "head_dim": head_dim}
+    hf_config = LlamaConfig(**{**base, "rope_parameters": dict(params)})
     reference = LlamaRotaryEmbedding(hf_config)
-    ours = RotaryEmbedding(engine_config({**BASE, "rope_parameters": dict(params)}))
+    ours = RotaryEmbedding(engine_config({**base, "rope_parameters": dict(params)}))
     positions = torch.stack([torch.arange(100), torch.arange(100) + 7])
     x = torch.zeros(1, dtype=torch.float32)
     ref_cos, ref_sin = reference(x, positions)
     cos, sin = ours(positions, torch.float32)
     assert torch.allclose(cos, ref_cos, atol=1e-5) and torch.allclose(sin, ref_sin, atol=1e-5)
     if name != "default":  # the scaling really changed something
-        plain = RotaryEmbedding(engine_config({**BASE, "rope_parameters": {"rope_theta": 1000.0}}))
+        plain = RotaryEmbedding(engine_config({**base, "rope_parameters": {"rope_theta": 1000.0}}))
         assert not torch.allclose(plain(positions, torch.float32)[0], cos, atol=1e-3)
+    if name in YARN_VARIANTS and name != "yarn_mscale_alone" and head_dim == 64:
+        yarn = {"rope_theta": 1000.0, **ROPE_CASES["yarn"]}
+        plain_yarn = RotaryEmbedding(engine_config({**base, "rope_parameters": yarn}))
+        assert not torch.allclose(plain_yarn(positions, torch.float32)[0], cos, atol=1e-3)
 
 
 @pytest.mark.parametrize(

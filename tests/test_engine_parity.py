@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,33 @@ def test_top_level_original_context_wins_as_in_transformers(rope_type: str, tmp_
     assert engine.config.rope.original_max_position_embeddings == 64
     prompts = random_prompts(engine.config.vocab_size, [48, 30], seed=4)
     _check_logits_with_padding(engine, reference, prompts, steps=4)
+
+
+def test_eos_list_of_generation_config_stops_rows_as_in_transformers(tmp_path: Path) -> None:
+    """generation_config.json's eos_token_id list (what transformers' generate stops on,
+    over config.json's single id): a row stops at any of them, others run on."""
+    folder = write_tiny_model(tmp_path / "eos", "llama")
+    prompts = random_prompts(256, [13, 5, 9], seed=3)
+    free = hf_greedy(hf_model(folder), prompts, 16)
+    # a token row 0 emits first at step 3 or later becomes the second EOS
+    stop = next(t for i, t in enumerate(free[0]) if i >= 3 and t not in free[0][:i])
+    generation = folder / "generation_config.json"
+    settings = json.loads(generation.read_text()) if generation.is_file() else {}
+    generation.write_text(json.dumps({**settings, "eos_token_id": [2, stop]}))
+    engine, reference = load(folder, device="cpu"), hf_model(folder)
+    assert engine.eos_token_ids == (2, stop)
+    assert reference.generation_config.eos_token_id == [2, stop]
+    result = engine.generate(prompts, max_new_tokens=16)
+    assert result.token_ids == hf_greedy(reference, prompts, 16)
+    assert result.finish_reasons[0] == "eos" and len(result.token_ids[0]) < len(free[0])
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2"])
+def test_batch_greedy_equals_each_prompt_alone(model_type: str, tmp_path: Path) -> None:
+    """Left padding shifts a row's positions and masks, windows included (mistral's 8 and
+    qwen2's sliding layer are crossed by the prompts and the generation): a prompt
+    continues the same in a batch of longer and shorter ones as on its own."""
+    engine = load(write_tiny_model(tmp_path / model_type, model_type), device="cpu")
+    prompts = random_prompts(engine.config.vocab_size, [21, 5, 13, 9], seed=5)
+    batch = engine.generate(prompts, max_new_tokens=20).token_ids
+    assert batch == [engine.generate(p, max_new_tokens=20).tokens for p in prompts]
