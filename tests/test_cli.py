@@ -104,6 +104,17 @@ def test_prune_then_eval(stories260k_dir: Path, wikitext_dir: Path, tmp_path: Pa
     assert code == 2 and "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("method, noted", [("magnitude", True), ("wanda", False)])
+def test_prune_notes_that_magnitude_ignores_calib(
+    stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, capsys, method, noted
+) -> None:
+    code = main(["prune", str(stories260k_dir), "--method", method, "--calib",
+                 str(wikitext_dir / "valid.txt"), "--nsamples", "2", "--seqlen", "32",
+                 "--device", "cpu", "--out", str(tmp_path / "out")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 0 and ("--calib is ignored" in err) == noted
+
+
 def test_info_json_runs_as_a_command() -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "slimstack.cli", "info", "--json"],

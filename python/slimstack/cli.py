@@ -90,6 +90,12 @@ def _add_prune(sub: argparse._SubParsersAction) -> None:
 def cmd_prune(args: argparse.Namespace) -> int:
     from slimstack.prune.driver import prune
 
+    if args.method == "magnitude" and args.calib:
+        # said, not refused: a script may pass one --calib to every method it tries
+        print(
+            "slimstack prune: note: magnitude uses no calibration; --calib is ignored",
+            file=sys.stderr,
+        )
     report = prune(
         args.model,
         args.out,
