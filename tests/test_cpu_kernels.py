@@ -112,6 +112,30 @@ def test_reads_of_x_stop_at_k(fmt: str, dtype: torch.dtype, make_weight) -> None
     assert_matches_reference(run_kernel(x, packed), x, dense)
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", _C.cpu_isas())
+def test_non_finite_x_matches_the_dense_masked_matmul(fmt, name, bad, make_weight, isa) -> None:
+    """The CPU kernels decode each weight row to a dense fp32 row, so a NaN / inf in x
+    column k meets the pruned weights as 0 x NaN = NaN: every output is non-finite exactly
+    where the float64 dense matmul of the masked weight is (the contract in
+    slimstack.ops.sparse_linear leaves pruned rows backend-defined; here they are NaN)."""
+    _C.select_cpu_isa(name)
+    m, n, k, column = 3, 43, 172, 61
+    dense, packed = make_weight(fmt, n, k, torch.float32, seed=10)
+    keeps = dense[:, column] != 0
+    assert 0 < int(keeps.sum()) < n
+    x = torch.randn(m, k, generator=gen(11))
+    x[1, column] = bad
+    out = torch.zeros(m, n)  # poisoned with finite values: every NaN must come from the kernel
+    y = run_kernel(x, packed, out=out)
+    ref = reference(x, dense)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(ref))
+    assert not torch.isfinite(y[1]).any()  # kept rows and pruned rows alike
+    finite = torch.isfinite(ref)
+    torch.testing.assert_close(y.double()[finite], ref[finite], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_batch(fmt: str, make_weight) -> None:
     _, packed = make_weight(fmt, 8, 64, torch.float32, seed=7)
