@@ -79,6 +79,16 @@ def test_family_specific_fields() -> None:
         }
     )
     assert typed.sliding_windows == (4, None, 4)
+    # as transformers 5 writes a qwen2 config without sliding: no window, every layer full
+    saved = {
+        "use_sliding_window": False,
+        "sliding_window": None,
+        "layer_types": ["full_attention"] * 3,
+    }
+    assert engine_config({**BASE, "model_type": "qwen2", **saved}).sliding_windows == (None,) * 3
+    # llama reads neither key (transformers' Llama has no sliding attention)
+    llama_typed = {**BASE, "sliding_window": 4, "layer_types": ["sliding_attention"] * 3}
+    assert engine_config(llama_typed).sliding_windows == (None,) * 3
     assert engine_config({**BASE, "eos_token_id": [2, 7]}).eos_token_ids == (2, 7)
 
 
@@ -104,6 +114,24 @@ def test_family_specific_fields() -> None:
                 layer_types=["full_attention", "chunked_attention", "sliding_attention"],
             ),
             "layer_types has 'chunked_attention'; supported: full_attention, sliding_attention",
+        ),
+        # layers marked sliding without a window: transformers fails on these, the engine
+        # ran them with full attention
+        (
+            dict(
+                model_type="qwen2",
+                sliding_window=4,
+                layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+            ),
+            "marks layers 'sliding_attention' but use_sliding_window is false",
+        ),
+        (
+            dict(
+                model_type="mistral",
+                sliding_window=None,
+                layer_types=["sliding_attention", "full_attention", "full_attention"],
+            ),
+            "marks layers 'sliding_attention' but sliding_window is null",
         ),
         # the engine rotates whole heads: a partial rotary config is refused, wherever it is
         (dict(partial_rotary_factor=0.5), "partial_rotary_factor 0.5 is not supported"),

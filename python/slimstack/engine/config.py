@@ -238,15 +238,17 @@ def sliding_windows(config: dict[str, Any], num_layers: int) -> tuple[int | None
     """The attention window of every layer, as transformers resolves it per family.
 
     mistral: every layer uses `sliding_window` (null: none). qwen2: only with
-    `use_sliding_window`, and then the layers from `max_window_layers` on (or the layers an
-    explicit `layer_types` marks "sliding_attention"). llama: never.
+    `use_sliding_window`, and then the layers from `max_window_layers` on. Either family's
+    explicit `layer_types` names the sliding layers instead (transformers loads a mistral
+    config that has them as Ministral, which reads them). llama: never (its transformers
+    class reads neither key).
     """
     model_type = config["model_type"]
-    window = config.get("sliding_window")
-    if model_type == "llama" or (model_type == "qwen2" and not config.get("use_sliding_window")):
-        window = None
-    if not window:
+    if model_type == "llama":
         return (None,) * num_layers
+    window = config.get("sliding_window")
+    if model_type == "qwen2" and not config.get("use_sliding_window"):
+        window = None
     layer_types = config.get("layer_types")
     if layer_types is not None:
         if len(layer_types) != num_layers:
@@ -260,7 +262,21 @@ def sliding_windows(config: dict[str, Any], num_layers: int) -> tuple[int | None
                 f"config layer_types has {', '.join(map(repr, unknown))}; supported: "
                 f"{', '.join(LAYER_TYPES)}"
             )
+        if "sliding_attention" in layer_types and not window:
+            # transformers fails on these (its cache and masks want the window); running
+            # the marked layers with full attention would be a model nobody trained
+            off = (
+                "use_sliding_window is false"
+                if model_type == "qwen2" and config.get("sliding_window")
+                else "sliding_window is null"
+            )
+            raise ConfigError(
+                f"config layer_types marks layers 'sliding_attention' but {off}: give the "
+                "window, or mark them 'full_attention'"
+            )
         return tuple(window if t == "sliding_attention" else None for t in layer_types)
+    if not window:
+        return (None,) * num_layers
     if model_type == "qwen2":
         first = int(config.get("max_window_layers", 28))
         return tuple(window if i >= first else None for i in range(num_layers))
