@@ -294,6 +294,17 @@ def test_truncated_file_is_a_value_error_naming_it(tmp_path, make_sparse24, kind
             load(path)
 
 
+def test_load_takes_any_torch_device_spelling(tmp_path, make_sparse24) -> None:
+    """The file is parsed on CPU and the tensors moved with .to(device): safetensors itself
+    refuses "cpu:0" with the error type a corrupt file raises, so it read as corrupt."""
+    packed = pack_sparse24(make_sparse24(4, 64, generator=gen(42)))
+    path = tmp_path / "w.safetensors"
+    packed.save(path)
+    for device in ("cpu:0", torch.device("cpu", 0)):
+        loaded = load_packed(path, device=device)
+        assert loaded.device.type == "cpu" and torch.equal(loaded.meta, packed.meta)
+
+
 def test_container_refusals_on_load_name_the_file(tmp_path, make_sparse24) -> None:
     """A file whose tensors disagree with its header names the file, not only the tensor."""
     packed = pack_sparse24(make_sparse24(4, 64, generator=gen(41)))

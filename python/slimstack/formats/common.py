@@ -125,12 +125,14 @@ def save_packed(
 
 
 @contextmanager
-def _open_safetensors(path: str | os.PathLike, device: str | torch.device) -> Iterator:
-    """safe_open, but a file safetensors cannot parse (truncated, not safetensors at all) is
-    a ValueError naming the file, like every other refusal here: safetensors' own error
-    names neither the file nor the cause a user can act on."""
+def _open_safetensors(path: str | os.PathLike) -> Iterator:
+    """safe_open on CPU, but a file safetensors cannot parse (truncated, not safetensors at
+    all) is a ValueError naming the file, like every other refusal here: safetensors' own
+    error names neither the file nor the cause a user can act on. Always CPU, so that every
+    SafetensorError is about the file (safetensors refuses devices such as "meta" or "cpu:0"
+    with the same error type); callers move the tensors with ``.to(device)``."""
     try:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
             yield f
     except SafetensorError as error:
         raise ValueError(
@@ -142,7 +144,7 @@ def read_packed(
     path: str | os.PathLike, device: str | torch.device = "cpu"
 ) -> tuple[str, tuple[int, int], torch.dtype, dict[str, torch.Tensor]]:
     """Read a packed file: (format, shape, dtype, tensors). Refuses unknown versions."""
-    with _open_safetensors(path, device) as f:
+    with _open_safetensors(path) as f:
         meta = f.metadata() or {}
         missing = [key for key in ("format", "version", "shape", "dtype") if key not in meta]
         if missing:
@@ -162,7 +164,8 @@ def read_packed(
             n, k = (int(part) for part in meta["shape"].split(","))
         except ValueError:
             raise ValueError(f"{path} declares a malformed shape {meta['shape']!r}") from None
-        tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
+        names = list(f.keys())  # safe_open is not iterable
+        tensors = {name: f.get_tensor(name).to(device) for name in names}
     return meta["format"], (n, k), SUPPORTED_DTYPES[meta["dtype"]], tensors
 
 
@@ -179,7 +182,7 @@ def load_packed(path: str | os.PathLike, device: str | torch.device = "cpu"):
 
 
 def _peek_format(path: str | os.PathLike) -> str:
-    with _open_safetensors(path, "cpu") as f:
+    with _open_safetensors(path) as f:
         fmt = (f.metadata() or {}).get("format")
     if fmt is None:
         raise ValueError(f"{path} is not a slimstack packed weight: header metadata lacks 'format'")
