@@ -21,8 +21,14 @@ def check_size(op: str, name: str, value: int, minimum: int = 1) -> None:
         raise ValueError(f"{op}: {name} must be >= {minimum}, got {value}")
 
 
-def check_activation(op: str, x: torch.Tensor, K: int, max_m: int | None = None) -> int:
-    """x must be a float [M, K] tensor; returns M."""
+def check_activation(
+    op: str,
+    x: torch.Tensor,
+    K: int,
+    max_m: int | None = None,
+    larger: str = "use the GEMM for larger M",
+) -> int:
+    """x must be a float [M, K] tensor; returns M. ``larger``: what to do past ``max_m``."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{op}: x must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -31,7 +37,7 @@ def check_activation(op: str, x: torch.Tensor, K: int, max_m: int | None = None)
         raise ValueError(f"{op}: x must have shape [M, K={K}], got {tuple(x.shape)}")
     rows = x.shape[0]
     if max_m is not None and rows > max_m:
-        raise ValueError(f"{op}: M = {rows} rows is outside 0..{max_m}; use the GEMM for larger M")
+        raise ValueError(f"{op}: M = {rows} rows is outside 0..{max_m}; {larger}")
     return rows
 
 

@@ -210,7 +210,12 @@ def _validate(x, values, bitmask, row_offsets, N, K, config) -> int:
     op = "bitmap_gemv"
     check_size(op, "N", N)
     check_size(op, "K", K)
-    M = check_activation(op, x, K, max_m=MAX_M)
+    # there is no bitmap GEMM to send larger M to (the sparse24 GEMV's advice)
+    larger = (
+        f"there is no bitmap GEMM: pass at most {MAX_M} rows per call, or call "
+        "slimstack.ops.sparse_linear, which runs any M on another backend"
+    )
+    M = check_activation(op, x, K, max_m=MAX_M, larger=larger)
     Kp = padded_k(K)
     check_packed(op, "bitmask", bitmask, (N, Kp // 8), torch.uint8)
     check_packed(op, "row_offsets", row_offsets, (N + 1,), torch.int64)

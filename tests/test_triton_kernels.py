@@ -458,6 +458,8 @@ def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
             xs, p.values, p.bitmask, p.row_offsets, 43, 172,
             config=sparse24_gemv.GemvConfig(16, 32),
         )  # fmt: skip
+    with pytest.raises(ValueError, match="outside 0..16; there is no bitmap GEMM"):
+        bitmap_gemv.bitmap_gemv(x[:17], p.values, p.bitmask, p.row_offsets, 43, 172)
     with pytest.raises(ValueError, match=r"bitmask must have shape \[43, 24\]"):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask[:, :-1], p.row_offsets, 43, 172)
     if DEVICE == "cpu":  # the offsets/values cross-check costs a sync on CUDA, so CPU only
