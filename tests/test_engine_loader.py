@@ -167,6 +167,25 @@ def test_load_errors_are_clear(stories260k_dir: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[2]", "generation_config.json: not a JSON object"),
+        ('{"eos_token_id": "</s>"}', "eos_token_id must be a token id or a list of them"),
+        ('{"eos_token_id": [2, null]}', "eos_token_id must be a token id or a list of them"),
+    ],
+)
+def test_a_bad_generation_config_is_named(
+    stories260k_dir: Path, tmp_path: Path, text: str, message: str
+) -> None:
+    """Before: an AttributeError / TypeError traceback from inside load()."""
+    folder = tmp_path / "gen"
+    shutil.copytree(stories260k_dir, folder)
+    (folder / "generation_config.json").write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        load(folder, device="cpu")
+
+
+@pytest.mark.parametrize(
     ("key", "value", "tensor"),
     [
         ("head_dim", 16, "q_proj.weight"),  # q/k/v rows follow heads x head_dim
@@ -260,3 +279,15 @@ def test_one_time_op_setup_is_paid_at_load_not_in_the_first_prefill(
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["True"]
+
+
+def test_a_generation_config_without_eos_keeps_the_models_eos(
+    stories260k_dir: Path, tmp_path: Path
+) -> None:
+    """transformers' generate would stop on nothing here; the engine keeps config.json's
+    EOS (a deliberate difference, see loader._eos_token_ids)."""
+    folder = tmp_path / "gen"
+    shutil.copytree(stories260k_dir, folder)
+    (folder / "generation_config.json").write_text('{"bos_token_id": 1}')
+    model = load(folder, device="cpu")
+    assert model.eos_token_ids == model.config.eos_token_ids != ()

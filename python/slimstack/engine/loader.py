@@ -257,16 +257,29 @@ def _lm_head(
 
 
 def _eos_token_ids(folder: Path, config: EngineConfig) -> tuple[int, ...]:
-    """generation_config.json's eos_token_id (what transformers' generate stops on), else the
-    config's."""
+    """generation_config.json's eos_token_id (an id or a list: what transformers' generate
+    stops on), else the config's.
+
+    One deliberate difference: transformers stops on nothing when a generation_config.json
+    without eos_token_id exists (it does not fall back on config.json); the engine still
+    stops at the model's own EOS there.
+    """
     gen_path = folder / "generation_config.json"
     if gen_path.is_file():
         try:
-            value = json.loads(gen_path.read_text()).get("eos_token_id")
+            settings = json.loads(gen_path.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{gen_path}: not valid JSON ({exc})") from None
+        if not isinstance(settings, dict):
+            raise CheckpointError(f"{gen_path}: not a JSON object")
+        value = settings.get("eos_token_id")
         if value is not None:
-            return tuple(int(v) for v in (value if isinstance(value, list) else [value]))
+            ids = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in ids):
+                raise CheckpointError(
+                    f"{gen_path}: eos_token_id must be a token id or a list of them, got {value!r}"
+                )
+            return tuple(ids)
     return config.eos_token_ids
 
 
