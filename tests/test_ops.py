@@ -228,6 +228,29 @@ def test_bad_tables_are_refused(tmp_path, bad, match) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "content, match",
+    [
+        (None, "No such file"),
+        ("{bad", "Expecting property name"),
+        ('{"version": 1, "rules": [{"order": ["gpu"]}]}', "order must list backends"),
+    ],
+)
+def test_a_bad_table_named_by_the_environment_says_so(tmp_path, monkeypatch, content, match):
+    """The table is read when slimstack.ops is imported: a stale $SLIMSTACK_DISPATCH_TABLE was
+    a bare FileNotFoundError / JSONDecodeError / rule error naming neither file nor variable."""
+    path = tmp_path / "table.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv(dispatch.TABLE_ENV, str(path))
+    expected = f"dispatch table {path} \\(named by {dispatch.TABLE_ENV}\\) cannot be used: .*"
+    with pytest.raises(ValueError, match=expected + match):
+        dispatch.load_dispatch_table()
+    monkeypatch.delenv(dispatch.TABLE_ENV)
+    with pytest.raises(ValueError, match=f"dispatch table {path} cannot be used: .*{match}"):
+        dispatch.load_dispatch_table(path)
+
+
 def test_available_backends_report() -> None:
     """Each entry against what this install has, looked up independently (membership checks
     such as `in (True, False)` hold for any report)."""

@@ -77,11 +77,18 @@ def validate_table(table: dict[str, Any]) -> dict[str, Any]:
 def load_dispatch_table(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """Read a table: ``path``, else $SLIMSTACK_DISPATCH_TABLE, else the packaged file if
     the benchmarks wrote one, else DEFAULT_TABLE."""
+    from_env = not path and bool(os.environ.get(TABLE_ENV))
     path = path or os.environ.get(TABLE_ENV) or (TABLE_PATH if TABLE_PATH.exists() else None)
     if path is None:
         return DEFAULT_TABLE
-    with open(path) as f:
-        return validate_table(json.load(f))
+    # This runs when slimstack.ops is imported: name the file and where it came from, since
+    # a stale $SLIMSTACK_DISPATCH_TABLE otherwise surfaces as a bare JSON or rule error.
+    try:
+        with open(path) as f:
+            return validate_table(json.load(f))
+    except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
+        origin = f" (named by {TABLE_ENV})" if from_env else ""
+        raise ValueError(f"dispatch table {path}{origin} cannot be used: {error}") from None
 
 
 def save_dispatch_table(table: dict[str, Any], path: str | os.PathLike = TABLE_PATH) -> None:
