@@ -479,3 +479,17 @@ def test_too_little_calibration_text(stories260k_dir: Path, tmp_path: Path) -> N
         )
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+
+def test_ties_keep_the_lower_index_in_row_and_nm_masks() -> None:
+    """Equal scores (bf16 magnitudes tie often) resolve the same way in both mask kinds, so a
+    2:4 mask and a 50% row mask of the same scores agree wherever the groups allow it."""
+    from slimstack.prune.masks import nm_mask, row_mask
+
+    scores = torch.tensor([[1.0, 1.0, 1.0, 1.0, 3.0, 2.0, 2.0, 0.5]])
+    # row: keep 4 of 8 -> 3.0, both 2.0s, then the first of the four tied 1.0s
+    assert row_mask(scores, 0.5).tolist() == [[True, False, False, False, True, True, True, False]]
+    # 2:4: the first two of the tied group; 3.0 and the first 2.0 of the second
+    assert nm_mask(scores, NMPattern(2, 4)).tolist() == [
+        [True, True, False, False, True, True, False, False]
+    ]

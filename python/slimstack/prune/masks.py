@@ -18,30 +18,26 @@ def nm_mask(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     return keep.reshape(rows, cols)
 
 
-def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Prune the lowest `ratio` of each row (Wanda's per-output comparison group)."""
-    rows, cols = scores.shape
-    prune = Unstructured(ratio).pruned_count(cols)
+def keep_row_top(scores: torch.Tensor, prune: int) -> torch.Tensor:
+    """Keep all but the `prune` lowest scores of each row; as in `nm_mask`, ties keep the
+    lower index."""
+    cols = scores.shape[1]
     keep = torch.ones_like(scores, dtype=torch.bool)
-    if prune:
-        order = torch.sort(scores, dim=1, stable=True).indices
-        keep.scatter_(1, order[:, :prune], False)
+    if prune > 0:
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        keep.scatter_(1, order[:, cols - prune :], False)
     return keep
 
 
-def layer_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
-    """Prune the lowest `ratio` of the whole matrix (a layer-wise group; unused: all three
-    methods prune within each output row, as the README says)."""
-    prune = Unstructured(ratio).pruned_count(scores.numel())
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if prune:
-        order = torch.sort(scores.flatten(), stable=True).indices
-        keep[order[:prune]] = False
-    return keep.reshape(scores.shape)
+def row_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Prune the lowest `ratio` of each row (Wanda's per-output comparison group)."""
+    return keep_row_top(scores, Unstructured(ratio).pruned_count(scores.shape[1]))
 
 
-def mask_for(scores: torch.Tensor, pattern: Pattern, per_row: bool) -> torch.Tensor:
+def mask_for(scores: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+    """Keep-mask for `pattern`; every method compares within each output row, as the README
+    says (N:M groups run along the row, a ratio is taken per row)."""
     if isinstance(pattern, NMPattern):
         return nm_mask(scores, pattern)
     assert isinstance(pattern, Unstructured)
-    return row_mask(scores, pattern.ratio) if per_row else layer_mask(scores, pattern.ratio)
+    return row_mask(scores, pattern.ratio)

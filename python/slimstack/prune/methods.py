@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from slimstack.prune.masks import mask_for, nm_mask
+from slimstack.prune.masks import keep_row_top, mask_for, nm_mask
 from slimstack.prune.patterns import NMPattern, Pattern, Unstructured
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -51,7 +51,7 @@ def _by_row_chunks(weight: torch.Tensor, prune_rows, elements: int = 1 << 22) ->
 
 
 def magnitude_prune(weight: torch.Tensor, pattern: Pattern) -> torch.Tensor:
-    return _by_row_chunks(weight, lambda w: w * mask_for(w.abs(), pattern, per_row=True))
+    return _by_row_chunks(weight, lambda w: w * mask_for(w.abs(), pattern))
 
 
 def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -61,7 +61,7 @@ def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
 
 def wanda_prune(weight: torch.Tensor, stats: InputStats, pattern: Pattern) -> torch.Tensor:
     def prune_rows(w: torch.Tensor) -> torch.Tensor:
-        return w * mask_for(wanda_scores(w, stats.sq_norms), pattern, per_row=True)
+        return w * mask_for(wanda_scores(w, stats.sq_norms), pattern)
 
     return _by_row_chunks(weight, prune_rows)
 
@@ -100,7 +100,7 @@ def sparsegpt_prune(
         if isinstance(pattern, Unstructured):
             # row totals come out at exactly pruned_count(cols), as row_mask gives
             count = pattern.pruned_count(b1) - pattern.pruned_count(b0)
-            pruned = _exact_row_prune(block.square() / diag.square(), count)
+            pruned = ~keep_row_top(block.square() / diag.square(), count)
         else:
             pruned = torch.zeros_like(block, dtype=torch.bool)
         for j in range(b1 - b0):
@@ -116,15 +116,6 @@ def sparsegpt_prune(
         w[:, b0:b1] = block
         w[:, b1:] -= errors @ hinv[b0:b1, b1:]
     return w
-
-
-def _exact_row_prune(scores: torch.Tensor, count: int) -> torch.Tensor:
-    """Boolean mask of the `count` lowest scores of each row (True = pruned)."""
-    pruned = torch.zeros_like(scores, dtype=torch.bool)
-    if count > 0:
-        order = torch.sort(scores, dim=1, stable=True).indices
-        pruned.scatter_(1, order[:, :count], True)
-    return pruned
 
 
 def prune_weight(
