@@ -790,6 +790,20 @@ def test_sparsify_refuses_a_bare_linear(make_sparse24) -> None:
         sparsify_model(linear)
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_sparsify_leaves_empty_linears_and_packs_the_rest(make_sparse24) -> None:
+    """A zero-size linear (in or out features 0) stays dense with a reason; it used to fail
+    the whole call with the formats' "weight must be non-empty", naming no module."""
+    model = nn.Sequential(nn.Linear(172, 0), nn.Linear(0, 43), nn.Linear(172, 43))
+    with torch.no_grad():
+        model[2].weight.copy_(make_sparse24(43, 172, generator=gen(36)))
+    report = sparsify_model(model)
+    assert [s.name for s in report.swapped] == ["2"]
+    assert report.skipped == {"0": "weight is empty (0x172)", "1": "weight is empty (43x0)"}
+    x = torch.randn(3, 172, generator=gen(37))
+    torch.testing.assert_close(model[2](x), x @ model[2].packed.unpack().t() + model[2].bias)
+
+
 def _prune_24_by_magnitude(model: nn.Module) -> int:
     count = 0
     for name, module in model.named_modules():

@@ -64,6 +64,8 @@ def _choose_format(weight: torch.Tensor, pattern: Pattern) -> tuple[str | None, 
         return None, "weight is on the meta device"
     if weight.dtype not in SUPPORTED_DTYPES.values():
         return None, f"dtype {weight.dtype} has no sparse kernels"
+    if weight.numel() == 0:  # the formats refuse it, which failed the whole model's swap
+        return None, f"weight is empty ({weight.shape[0]}x{weight.shape[1]})"
     if pattern in ("auto", "sparse24") and is_sparse24(weight):
         return "sparse24", "2:4"
     zeros = zero_fraction(weight)
