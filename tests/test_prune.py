@@ -493,3 +493,26 @@ def test_ties_keep_the_lower_index_in_row_and_nm_masks() -> None:
     assert nm_mask(scores, NMPattern(2, 4)).tolist() == [
         [True, True, False, False, True, True, False, False]
     ]
+
+
+def test_layers_with_nothing_to_prune_run_once(
+    stories260k_dir: Path, wikitext_dir: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Only layer 0 is chosen: the other layers are run once (to advance the stream), not
+    twice (a statistics pass with no hook to feed, then the advance)."""
+    from slimstack.calibration import LayerStream
+
+    runs: list[int] = []
+    original = LayerStream.forward
+
+    def counted(self, layer, index):
+        runs.append(index)
+        return original(self, layer, index)
+
+    monkeypatch.setattr(LayerStream, "forward", counted)
+    report = prune(stories260k_dir, tmp_path / "out", method="wanda", sparsity="2:4",
+                   calib=wikitext_dir / "valid.txt", nsamples=2, seqlen=32,
+                   include="model.layers.0.*", device="cpu", progress=False)  # fmt: skip
+    layers = Checkpoint.open(stories260k_dir).num_layers
+    assert runs == [0, *range(layers)]
+    assert all(name.startswith("model.layers.0.") for name in report.sparsity)

@@ -252,7 +252,8 @@ def _prune_layer(
         for n, module in targets.items()
     ]
     try:
-        stream.forward(layer, index)
+        if targets:  # a layer with nothing to prune needs no statistics, only `advance`
+            stream.forward(layer, index)
     finally:
         for hook in hooks:
             hook.remove()
