@@ -291,3 +291,23 @@ def test_a_generation_config_without_eos_keeps_the_models_eos(
     (folder / "generation_config.json").write_text('{"bos_token_id": 1}')
     model = load(folder, device="cpu")
     assert model.eos_token_ids == model.config.eos_token_ids != ()
+
+
+def test_load_resolves_the_config_once(stories260k_dir: Path, monkeypatch) -> None:
+    """Checkpoint.open resolves and checks config.json (engine and transformers); load()
+    reuses that result instead of parsing it again."""
+    import slimstack.checkpoint as checkpoint
+    import slimstack.engine.loader as loader
+
+    calls = []
+    original = checkpoint.engine_config
+
+    def counted(config):
+        calls.append(config)
+        return original(config)
+
+    monkeypatch.setattr(checkpoint, "engine_config", counted)
+    # a loader that parsed the config itself would call its own import of the function
+    monkeypatch.setattr(loader, "engine_config", counted, raising=False)
+    model = load(stories260k_dir, device="cpu", dtype=torch.float32)
+    assert len(calls) == 1 and model.config.num_layers == len(model.layers)

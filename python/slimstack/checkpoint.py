@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +179,7 @@ class Checkpoint:
     path: Path
     config: dict[str, Any]
     entries: dict[str, TensorEntry]  # tensor name -> file, dtype, shape, byte range
+    _resolved: EngineConfig | None = field(default=None, init=False, repr=False, compare=False)
 
     def __contains__(self, name: object) -> bool:
         return name in self.entries
@@ -214,7 +215,10 @@ class Checkpoint:
         words: what the engine cannot run, and what transformers refuses. transformers' config
         is what the offline tools build their layers from and what the engine's tokenizer
         loads, and since 5.x it wants every rope parameter written out (yarn's `factor`,
-        llama3's `low_freq_factor` / `high_freq_factor`) where the engine would derive them."""
+        llama3's `low_freq_factor` / `high_freq_factor`) where the engine would derive them.
+        Resolved once (open() runs it): the loader asks again and gets the same object."""
+        if self._resolved is not None:
+            return self._resolved
         where = self.path / "config.json"
         try:
             resolved = engine_config(self.config)
@@ -227,6 +231,7 @@ class Checkpoint:
         except (KeyError, ValueError, TypeError) as exc:
             reason = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
             raise ConfigError(f"{where}: transformers refuses this config: {reason}") from None
+        self._resolved = resolved
         return resolved
 
     @property

@@ -31,7 +31,7 @@ from slimstack.checkpoint import (
     read_metadata,
 )
 from slimstack.devices import resolve_device
-from slimstack.engine.config import EngineConfig, engine_config
+from slimstack.engine.config import EngineConfig
 from slimstack.engine.fused import select_kernels
 from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
 from slimstack.formats import is_sparse24, zero_fraction
@@ -68,7 +68,7 @@ def load(
         )
     # open() refuses what the engine cannot run: config (engine_config), tensors, shapes
     with Checkpoint.open(path) as ckpt:
-        config = engine_config(ckpt.config)
+        config = ckpt.engine_config()
         sharing = shared_layers(ckpt, read_metadata(ckpt.path))
         layers: list[DecoderLayer] = []
         sources: list[str] = []
