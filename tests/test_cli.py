@@ -484,3 +484,18 @@ def test_a_misspelt_forced_backend_is_refused_by_every_command(monkeypatch, caps
     assert main(["info"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("slimstack info: error: SLIMSTACK_BACKEND='cdua' is not a backend")
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"version": 1, "rules": [{"op": 3}]}'])
+def test_a_bad_dispatch_table_is_one_line_from_every_command(tmp_path: Path, content) -> None:
+    """The table is read when slimstack.ops is first imported: a fresh process, so the
+    import happens inside the command."""
+    table = tmp_path / "table.json"
+    if content is not None:
+        table.write_text(content)
+    env = {**os.environ, "SLIMSTACK_DISPATCH_TABLE": str(table)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "slimstack.cli", "info"], env=env, capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"slimstack info: error: dispatch table {table}")

@@ -481,13 +481,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore()
 
 
-def _run(args: argparse.Namespace) -> int:
-    from slimstack.ops.dispatch import BackendUnavailable, forced_backend
-
+def _backend_unavailable() -> type[Exception]:
+    """BackendUnavailable when the ops import (the except clause must not fail itself)."""
     try:
-        forced_backend()  # a misspelt $SLIMSTACK_BACKEND: refused before any work or output
+        from slimstack.ops.dispatch import BackendUnavailable
+    except ValueError:  # the dispatch table was refused; that error is the one reported
+        return ValueError
+    return BackendUnavailable
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        # importing the ops reads $SLIMSTACK_DISPATCH_TABLE (a ValueError), forced_backend()
+        # checks $SLIMSTACK_BACKEND: a bad one of either is refused before any work or output
+        from slimstack.ops.dispatch import forced_backend
+
+        forced_backend()
         return args.handler(args)
-    except (ValueError, FileNotFoundError, BackendUnavailable) as exc:
+    except (ValueError, FileNotFoundError, _backend_unavailable()) as exc:
         # user errors (bad spec, missing files, refused checkpoints): one clear line, no trace
         print(f"slimstack {args.command}: error: {exc}", file=sys.stderr)
         return 2
