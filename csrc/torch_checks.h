@@ -3,6 +3,7 @@
 // allowed. Torch C++ files only; the .cu kernels never include this.
 #pragma once
 
+#include <ATen/MemoryOverlap.h>
 #include <torch/extension.h>
 
 #include <cstdint>
@@ -56,6 +57,10 @@ inline at::Tensor make_output(const std::string& op, const at::Tensor& x, int64_
                     ", ", N, "], got ", y.sizes());
   TORCH_CHECK_VALUE(y.is_contiguous(), op, ": out must be contiguous");
   TORCH_CHECK_VALUE(aligned(y, align), op, ": out must be ", align, "-byte aligned");
+  // the kernels read x while they write y: an out that is (part of) x gives wrong results
+  const auto overlap = at::get_overlap_status(y, x);
+  TORCH_CHECK_VALUE(overlap == at::MemOverlapStatus::No || x.numel() == 0 || y.numel() == 0,
+                    op, ": out must not share memory with x (pass a separate buffer)");
   return y;
 }
 

@@ -188,6 +188,22 @@ def test_sparse24_argument_checks(s24) -> None:
             call()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("where", ["x itself", "a view into x"])
+def test_an_out_that_shares_memory_with_x_is_refused(fmt, where, make_weight) -> None:
+    """The kernels read x while writing y: out=x (N == K) would give wrong numbers."""
+    _, packed = make_weight(fmt, 64, 64, torch.float32, seed=3)
+    storage = torch.randn(4 * 64 + 64, generator=gen(4))
+    x = storage[: 4 * 64].view(4, 64)
+    out = x if where == "x itself" else storage[32 : 32 + 4 * 64].view(4, 64)
+    before = storage.clone()
+    with pytest.raises(ValueError, match="out must not share memory with x"):
+        run_kernel(x, packed, out=out)
+    assert torch.equal(storage, before)  # refused before anything was written
+    separate = torch.full((4, 64), float("nan"))
+    assert run_kernel(x, packed, out=separate) is not None and not separate.isnan().any()
+
+
 def test_non_contiguous_x_is_refused(s24) -> None:
     x = torch.randn(64, 4).t()  # [4, 64], column-major
     with pytest.raises(ValueError, match="x must be contiguous"):
