@@ -5,9 +5,10 @@ only when nvcc and a CUDA build of torch are both present. Override with
 ``SLIMSTACK_BUILD_CUDA=0|1``; ``SLIMSTACK_BUILD_EXT=0`` skips the extension altogether
 (the package then runs on its pure-PyTorch fallbacks).
 
-Install with ``pip install torch==2.13.0 ninja`` then ``pip install --no-build-isolation .``:
-an isolated build would pull a multi-GB CUDA torch into its temporary environment; ninja
-compiles the sources in parallel.
+Install with ``pip install torch==2.13.0 ninja nvidia-cutlass==4.2.0.0`` then
+``pip install --no-build-isolation .``: an isolated build would pull a multi-GB CUDA torch
+into its temporary environment, and without isolation pip installs no build requirements,
+so the CUTLASS headers (for the CUDA kernels) come first; ninja compiles in parallel.
 """
 
 from __future__ import annotations
@@ -107,7 +108,9 @@ def _extensions() -> tuple[list, dict]:
         cutlass = _cutlass_include()
         if cutlass is None:
             raise RuntimeError(
-                "building the CUDA kernels needs the CUTLASS headers: pip install nvidia-cutlass==4.2.0.0"
+                "building the CUDA kernels needs the CUTLASS headers: pip install "
+                "nvidia-cutlass==4.2.0.0 first (a --no-build-isolation build installs no build "
+                "requirements), or set SLIMSTACK_BUILD_CUDA=0 to build the CPU kernels only"
             )
         include_dirs.append(cutlass)
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0a")
