@@ -227,3 +227,31 @@ def test_summary_lists_the_cases_the_run_did_not_measure():
     text = summarize.summarize(doc)
     assert "**2 cases not measured**" in text
     assert "- bitmap_gemv-cuda-1024x4096-M1-bfloat16: failed (call), AssertionError" in text
+
+
+def test_prune_quality_redraws_table_and_plot_from_its_json(tmp_path, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCH))  # it imports its sibling, as a script does
+    quality = _load("prune_quality")
+    rows = [{"method": "dense", "pattern": "-", "perplexity": 100.0, "dense": []}]
+    for i, method in enumerate(quality.METHODS):
+        for j, pattern in enumerate(quality.PATTERNS):
+            rows.append({"method": method, "pattern": pattern, "perplexity": 150.0 + 10 * i + j,
+                         "kl": 0.1, "top1_agreement": 0.5 + 0.01 * j, "dense": []})  # fmt: skip
+    doc = {"model": "tiny", "calib": "valid.txt", "text": "test.txt", "nsamples": 2,
+           "seqlen": 32, "tokens": 62, "windows": 2, "window": 32, "rows": rows}  # fmt: skip
+    figure = quality.plot_quality(doc)
+    ppl_ax, agree_ax = figure.axes
+    heights = sorted(round(bar.get_height(), 6) for bar in ppl_ax.patches)
+    assert heights == sorted(r["perplexity"] for r in rows[1:])
+    assert sorted(round(b.get_height(), 6) for b in agree_ax.patches) == sorted(
+        r["top1_agreement"] for r in rows[1:]
+    )
+    assert [t.get_text() for t in ppl_ax.get_xticklabels()] == ["50%", "2:4", "4:8"]
+
+    source = tmp_path / "quality.json"
+    source.write_text(json.dumps(doc))
+    subprocess.run([sys.executable, str(BENCH / "prune_quality.py"), "--from-json", str(source)],
+                   check=True, capture_output=True)  # fmt: skip
+    assert (tmp_path / "quality.png").read_bytes().startswith(PNG_MAGIC)
+    table = (tmp_path / "quality.md").read_text()
+    assert "| sparsegpt | 170.00 | 171.00 | 172.00 |" in table and "Dense: 100.00" in table
