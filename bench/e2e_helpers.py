@@ -27,7 +27,7 @@ import common  # bench/common.py: environment, peaks (shared with the kernel sui
 import synthetic  # bench/synthetic.py: the real models' shapes
 import torch
 
-from slimstack.checkpoint import CheckpointWriter
+from slimstack.checkpoint_writer import CheckpointWriter
 from slimstack.prune.methods import magnitude_prune
 from slimstack.prune.patterns import parse_pattern
 

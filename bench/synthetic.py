@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from slimstack.checkpoint import CheckpointWriter, expected_shapes
+from slimstack.checkpoint import expected_shapes
+from slimstack.checkpoint_writer import CheckpointWriter
 from slimstack.engine.config import engine_config
 
 SHAPES = {

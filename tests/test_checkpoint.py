@@ -16,10 +16,10 @@ from slimstack.checkpoint import (
     METADATA_FILE,
     Checkpoint,
     CheckpointError,
-    CheckpointWriter,
     read_metadata,
     sha256_file,
 )
+from slimstack.checkpoint_writer import CheckpointWriter
 
 STORIES_SHA = "407a7c581bdd66972383ce9ad24857713fb98786d06ea564a2fe9b34ebe77dfd"
 

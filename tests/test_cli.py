@@ -455,12 +455,12 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_folder(
 ) -> None:
     import errno
 
-    import slimstack.checkpoint
+    import slimstack.checkpoint_writer
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(slimstack.checkpoint, "save_file", full)
+    monkeypatch.setattr(slimstack.checkpoint_writer, "save_file", full)
     out = tmp_path / "out"
     code = main(["prune", str(stories260k_dir), "--method", "magnitude", "--out", str(out)])
     err = capsys.readouterr().err

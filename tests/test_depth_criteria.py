@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from slimstack.calibration import load_calibration
-from slimstack.checkpoint import Checkpoint, CheckpointWriter
+from slimstack.checkpoint import Checkpoint
+from slimstack.checkpoint_writer import CheckpointWriter
 from slimstack.depth.analyze import score_layers
 from slimstack.depth.angular import AngularDistance, angle, unit
 from slimstack.depth.block_influence import BlockInfluence

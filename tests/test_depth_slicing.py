@@ -10,7 +10,8 @@ import pytest
 import torch
 import yaml
 
-from slimstack.checkpoint import Checkpoint, CheckpointWriter, read_metadata
+from slimstack.checkpoint import Checkpoint, read_metadata
+from slimstack.checkpoint_writer import CheckpointWriter
 from slimstack.depth.layer_ranges import drop_to_keep, format_layers, keep_layers, parse_range
 from slimstack.depth.slicing import slice_model
 

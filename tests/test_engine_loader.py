@@ -16,7 +16,8 @@ from engine_support import (  # noqa: F401  (single_thread is an autouse fixture
     write_tiny_model,
 )
 
-from slimstack.checkpoint import Checkpoint, CheckpointError, CheckpointWriter
+from slimstack.checkpoint import Checkpoint, CheckpointError
+from slimstack.checkpoint_writer import CheckpointWriter
 from slimstack.engine.loader import load
 
 

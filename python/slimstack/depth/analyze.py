@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from slimstack.calibration import load_calibration
-from slimstack.checkpoint import Checkpoint, check_target, source_record, staging_folder
+from slimstack.checkpoint import Checkpoint, source_record
+from slimstack.checkpoint_writer import check_target, staging_folder
 from slimstack.depth.angular import TOKEN_MODES, AngularDistance
 from slimstack.depth.block_influence import BlockInfluence
 from slimstack.depth.passes import forward_pass

@@ -40,11 +40,10 @@ from slimstack.checkpoint import (
     LAYER_PREFIX,
     METADATA_FILE,
     Checkpoint,
-    check_target,
     read_metadata,
-    replace_folder,
     source_record,
 )
+from slimstack.checkpoint_writer import check_target, replace_folder
 from slimstack.depth.layer_ranges import drop_to_keep, keep_layers
 from slimstack.depth.mergekit_config import TOP_LEVEL_KEYS as MERGEKIT_KEYS
 from slimstack.depth.mergekit_config import load_yaml

@@ -26,11 +26,10 @@ from slimstack.checkpoint import (
     LAYER_PREFIX,
     Checkpoint,
     CheckpointError,
-    CheckpointWriter,
-    check_target,
     read_metadata,
     source_record,
 )
+from slimstack.checkpoint_writer import CheckpointWriter, check_target
 from slimstack.depth.layer_ranges import drop_to_keep, format_layers, keep_layers
 from slimstack.depth.mergekit_config import DTYPE_ALIASES, MergeConfig, load_config
 from slimstack.devices import resolve_device

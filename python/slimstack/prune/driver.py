@@ -15,13 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from slimstack.calibration import LayerStream, load_calibration
-from slimstack.checkpoint import (
-    LAYER_PREFIX,
-    Checkpoint,
-    CheckpointWriter,
-    read_metadata,
-    source_record,
-)
+from slimstack.checkpoint import LAYER_PREFIX, Checkpoint, read_metadata, source_record
+from slimstack.checkpoint_writer import CheckpointWriter
 from slimstack.devices import resolve_device
 from slimstack.hf_layers import linear_names
 from slimstack.prune.methods import METHODS, InputStats, prune_weight
