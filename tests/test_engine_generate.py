@@ -12,9 +12,9 @@ from engine_support import (  # noqa: F401  (single_thread is an autouse fixture
     single_thread,
 )
 
-from slimstack.engine.generate import ANCHOR_EVERY, _Row, _Stopper
 from slimstack.engine.loader import load
 from slimstack.engine.sampling import SamplingParams, filter_top_k, filter_top_p, sample
+from slimstack.engine.stopping import ANCHOR_EVERY, Row, Stopper
 
 
 @pytest.fixture(scope="module")
@@ -192,8 +192,8 @@ class _CountingTokenizer:
         return self.tokenizer.convert_ids_to_tokens(ids)
 
 
-def _stopper(tokenizer, stops=()) -> _Stopper:
-    return _Stopper(tokenizer, eos=(), stops=list(stops), max_new_tokens=10**6, want_text=True)
+def _stopper(tokenizer, stops=()) -> Stopper:
+    return Stopper(tokenizer, eos=(), stops=list(stops), max_new_tokens=10**6, want_text=True)
 
 
 def test_incremental_text_equals_a_full_decode_at_every_step(engine) -> None:
@@ -209,7 +209,7 @@ def test_incremental_text_equals_a_full_decode_at_every_step(engine) -> None:
         ids = pool[torch.randint(0, len(pool), (40,), generator=gen)].tolist()
         if trial % 4 == 0:
             ids = emoji * 2 + ids[:20]
-        stopper, row = _stopper(tokenizer), _Row(prefix=ids[:1])
+        stopper, row = _stopper(tokenizer), Row(prefix=ids[:1])
         for token in ids[1:]:
             stopper.add(row, token)
             assert row.text == stopper.decode(row), (trial, row.tokens)
@@ -232,7 +232,7 @@ def test_a_stop_string_ending_in_a_multibyte_character_is_found(engine, stop) ->
     prompt = [1, 280]
     tokens = _byte_ids("x" + stop) + [410, 297, 412]
     stopper = _stopper(tokenizer, stops=[stop])
-    row = _Row(prefix=stopper.context(prompt))
+    row = Row(prefix=stopper.context(prompt))
     for token in tokens:
         stopper.add(row, token)
     expected = _continuation(tokenizer, prompt, tokens)
@@ -246,7 +246,7 @@ def test_a_continuation_after_a_prompt_ending_in_byte_tokens_decodes_as_a_whole(
     prompt = [1, 280] + _byte_ids("🙂")
     tokens = _byte_ids("é") + [410, 297]
     stopper = _stopper(tokenizer)
-    row = _Row(prefix=stopper.context(prompt))
+    row = Row(prefix=stopper.context(prompt))
     for token in tokens:
         stopper.add(row, token)
     assert row.text == _continuation(tokenizer, prompt, tokens) == "é  n"
@@ -264,7 +264,7 @@ def test_streamed_text_is_never_taken_back(engine) -> None:
         picks = torch.randint(0, len(pieces), (12,), generator=gen).tolist()
         tokens = [t for i in picks for t in pieces[i]]
         stopper = _stopper(tokenizer)
-        row, released = _Row(prefix=stopper.context([1, 280])), ""
+        row, released = Row(prefix=stopper.context([1, 280])), ""
         for token in tokens:
             stopper.add(row, token)
             released += row.text[len(released) : stopper.streamable(row)]
@@ -286,7 +286,7 @@ def test_text_decoding_costs_a_few_tokens_per_step(engine, wikitext_dir: Path) -
     text = (wikitext_dir / "test.txt").read_text()[:4000]
     ids = engine.tokenizer(text, verbose=False)["input_ids"][:1500]
     counting = _CountingTokenizer(engine.tokenizer)
-    stopper, row = _stopper(counting, stops=["never said"]), _Row(prefix=ids[:1])
+    stopper, row = _stopper(counting, stops=["never said"]), Row(prefix=ids[:1])
     for token in ids[1:]:
         stopper.add(row, token)
     assert row.text == _stopper(engine.tokenizer).decode(row)
