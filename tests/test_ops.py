@@ -97,6 +97,34 @@ def test_cpu_is_chosen_and_agrees_with_reference_backend(make_weight, monkeypatc
 
 
 @pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+@pytest.mark.parametrize("packed_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [0, 3])
+def test_autocast_runs_in_the_weight_dtype_and_returns_autocasts(
+    make_weight, fmt, packed_dtype, x_dtype, m
+) -> None:
+    """Under torch.autocast a SparseLinear behaves as the nn.Linear it replaced: any float x
+    is accepted and y has autocast's dtype (outside autocast a mismatch is refused)."""
+    dense, packed = make_weight(fmt, 43, 172, packed_dtype, seed=7)
+    bias = torch.randn(43, generator=gen(8)).to(packed_dtype)
+    layer = SparseLinear(packed, bias=bias)
+    linear = nn.Linear(172, 43).to(packed_dtype)
+    with torch.no_grad():
+        linear.weight.copy_(dense), linear.bias.copy_(bias)
+    x = torch.randn(2, m, 172, generator=gen(9)).to(x_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = layer(x), linear(x)
+    assert y.dtype == expected.dtype == torch.bfloat16 and y.shape == (2, m, 43)
+    # the product ran in the weight's dtype on x cast to it; only y was rounded to bf16
+    want = reference(x.to(packed_dtype), dense, bias).to(torch.bfloat16)
+    atol, rtol = TOLERANCES[torch.bfloat16]
+    torch.testing.assert_close(y.double(), want.double(), atol=atol, rtol=rtol)
+    if x_dtype != packed_dtype:
+        with pytest.raises(TypeError, match="cast one"):
+            layer(x)
+
+
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
 def test_empty_batch(make_weight, fmt) -> None:
     """M = 0 gives [..., 0, N] and, like nn.Linear, stays differentiable in x."""
     _, packed = make_weight(fmt, 8, 64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor, nn
 
 from slimstack.formats import (
@@ -37,15 +38,29 @@ def _as_rows(x: Tensor, values: Tensor, bias: Tensor | None, n: int, k: int) -> 
     return x.reshape(-1, k).contiguous()
 
 
+def _autocast_to(x: Tensor, values: Tensor) -> tuple[Tensor, torch.dtype | None]:
+    """Under torch.autocast on x's device: x in the packed weight's dtype, and the dtype the
+    result must have (autocast's, as nn.Linear's would). The product runs in the weight's
+    dtype: casting x costs M x K elements, casting the weight per call would cost N x K."""
+    device = x.device.type
+    if not (x.is_floating_point() and torch.is_autocast_enabled(device)):
+        return x, None
+    return x.to(values.dtype), torch.get_autocast_dtype(device)
+
+
 def _no_rows(rows: Tensor, n: int) -> Tensor:
     """The [0, N] output of an empty batch, still a function of x for autograd (no kernel
     runs: some have no M = 0 launch)."""
     return rows[:, :1].expand(0, n).contiguous()
 
 
-def _finish(y: Tensor, x: Tensor, bias: Tensor | None, n: int) -> Tensor:
+def _finish(
+    y: Tensor, x: Tensor, bias: Tensor | None, n: int, out_dtype: torch.dtype | None = None
+) -> Tensor:
     if bias is not None:
         y = y + bias
+    if out_dtype is not None:
+        y = y.to(out_dtype)
     return y.reshape(*x.shape[:-1], n)
 
 
@@ -54,11 +69,13 @@ def sparse24_linear(
 ) -> Tensor:
     """y = x @ W^T (+ bias) for W packed as sparse24 (values, meta) of dense ``shape``."""
     n, k = shape
+    x, out_dtype = _autocast_to(x, values)
     rows = _as_rows(x, values, bias, n, k)
     if rows.shape[0] == 0:
-        return _finish(_no_rows(rows, n), x, bias, n)
+        return _finish(_no_rows(rows, n), x, bias, n, out_dtype)
     backend = choose_backend("sparse24", rows.device, rows.dtype, rows.shape[0])
-    return _finish(BACKENDS[backend].sparse24(rows, values, meta, n, k), x, bias, n)
+    y = BACKENDS[backend].sparse24(rows, values, meta, n, k)
+    return _finish(y, x, bias, n, out_dtype)
 
 
 def bitmap_linear(
@@ -71,16 +88,20 @@ def bitmap_linear(
 ) -> Tensor:
     """y = x @ W^T (+ bias) for W packed as bitmap (values, bitmask, row_offsets)."""
     n, k = shape
+    x, out_dtype = _autocast_to(x, values)
     rows = _as_rows(x, values, bias, n, k)
     if rows.shape[0] == 0:
-        return _finish(_no_rows(rows, n), x, bias, n)
+        return _finish(_no_rows(rows, n), x, bias, n, out_dtype)
     backend = choose_backend("bitmap", rows.device, rows.dtype, rows.shape[0])
     y = BACKENDS[backend].bitmap(rows, values, bitmask, row_offsets, n, k)
-    return _finish(y, x, bias, n)
+    return _finish(y, x, bias, n, out_dtype)
 
 
 def sparse_linear(x: Tensor, packed: PackedWeight, bias: Tensor | None = None) -> Tensor:
     """y = x @ W^T (+ bias) for x [..., K] and a packed W [N, K]; y is [..., N] in x's dtype.
+
+    Under torch.autocast, x of any float dtype is cast to the weight's dtype, the product
+    runs in it, and y comes back in autocast's dtype, as an nn.Linear's would.
 
     The backend comes from ``slimstack.ops.dispatch`` (device, dtype, format, M); set
     SLIMSTACK_BACKEND to force one.
