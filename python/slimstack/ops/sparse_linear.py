@@ -42,8 +42,10 @@ def _autocast_to(x: Tensor, values: Tensor) -> tuple[Tensor, torch.dtype | None]
     """Under torch.autocast on x's device: x in the packed weight's dtype, and the dtype the
     result must have (autocast's, as nn.Linear's would). The product runs in the weight's
     dtype: casting x costs M x K elements, casting the weight per call would cost N x K."""
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        return x, None  # _as_rows names what is wrong with it
     device = x.device.type
-    if not (x.is_floating_point() and torch.is_autocast_enabled(device)):
+    if not torch.is_autocast_enabled(device):
         return x, None
     return x.to(values.dtype), torch.get_autocast_dtype(device)
 
