@@ -73,7 +73,7 @@ def cases(device_type: str) -> list[Case]:
     if device_type == "cuda":
         plan = [
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
-            ("sparse24_gemv", ("triton_dot",), lambda m: m == 1),
+            ("sparse24_gemv", ("triton_dot", "triton_k128"), lambda m: m == 1),
             # the CUDA GEMV with its split-K partials summed by a second kernel, next to the
             # default (a cluster reduction on Hopper) at the two ends of the decode range
             ("sparse24_gemv", ("cuda_reduce_kernel",), lambda m: m in (1, GEMV_MAX_M)),
@@ -187,7 +187,7 @@ def _packed_args(ws: WeightSet) -> tuple:
 def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tensor]:
     """fn(x, weights) -> y for this case's provider, or Unavailable."""
     N, K = case.N, case.K
-    if case.provider in ("triton", "triton_dot"):
+    if case.provider in ("triton", "triton_dot", "triton_k128"):
         try:
             from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
         except ImportError as err:
@@ -197,6 +197,11 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
             if case.provider == "triton_dot":
                 base = sparse24_gemv.default_config(16)
                 cfg = sparse24_gemv.GemvConfig(base.block_n, base.block_k, use_dot=True)
+            elif case.provider == "triton_k128":
+                # the M = 1 gather GEMV with 128-column K steps (gpu_notes, "x gathers"): a
+                # warp spans 4 rows x 8 threads, so a gather of x touches 2 cache lines, not
+                # the default 512-column step's 8 (1 row x 32 threads); 8 KB per step both
+                cfg = sparse24_gemv.GemvConfig(64, 128, num_warps=8)
             return lambda x, ws: sparse24_gemv.sparse24_gemv(x, *_packed_args(ws), N, K, config=cfg)
         kernel = {
             "sparse24_gemm": sparse24_gemm.sparse24_gemm,

@@ -47,7 +47,8 @@ def gemv_candidates(m: int) -> list[Any]:
     from slimstack.kernels.sparse24_gemv import GemvConfig
 
     if m == 1:
-        grid = itertools.product((8, 16, 32), (256, 512, 1024), (2, 4, 8))
+        # block_k 128 narrows a warp's x gather to 2 cache lines (gpu_notes, "x gathers")
+        grid = itertools.product((8, 16, 32, 64), (128, 256, 512, 1024), (2, 4, 8))
         return [GemvConfig(n, k, num_warps=w) for n, k, w in grid]
     grid = itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3))
     return [GemvConfig(n, k, num_warps=w, num_stages=s) for n, k, w, s in grid]
