@@ -283,3 +283,137 @@ def test_mistakes_in_a_step_after_a_slice_are_found_before_any_step_runs(
     raw = {"model": str(stories260k_dir), "steps": [{"slice": {"drop": "0:3"}}, {op: params}]}
     with pytest.raises(ValueError, match=message):
         check_recipe(load_recipe(raw))
+
+
+# ------------------------------------------------------------------------------ slice settings
+def test_unquoted_layer_ranges_in_yaml_are_the_ranges_typed(stories260k_dir: Path, tmp_path: Path):
+    """YAML 1.1 reads an unquoted 1:3 as the base-60 integer 63 and 3 as an integer: before,
+    `drop: 1:3` failed with "'int' object is not iterable", and `keep: [1:3]` named layer 63
+    (on a deep enough model, silently another layer)."""
+    text = f"model: {stories260k_dir}\nsteps:\n  - slice:\n      drop: 1:3\n"
+    assert load_recipe_text(tmp_path, text).steps[0].params["drop"] == "1:3"
+    recipe = load_recipe_text(tmp_path, text.replace("drop: 1:3", "keep: [1:3, 4]"))
+    assert recipe.steps[0].params["keep"] == ["1:3", "4"]
+    report = apply_recipe(recipe, out=tmp_path / "kept", progress=False)
+    assert read_metadata(report.output)["steps"][0]["keep"] == "1:3,4"
+    recipe = load_recipe_text(tmp_path, text.replace("drop: 1:3", "drop: 3"))
+    report = apply_recipe(recipe, out=tmp_path / "dropped", progress=False)
+    assert read_metadata(report.output)["steps"][0]["keep"] == "0:3,4"
+
+
+def load_recipe_text(folder: Path, text: str):
+    path = folder / "recipe.yaml"
+    path.write_text(text)
+    return load_recipe(path)
+
+
+def test_upscaling_then_dropping_is_checked_at_the_upscaled_depth(
+    stories260k_dir: Path, tmp_path: Path
+):
+    """Before, a config / inline slices step left the checked depth at the source's: a drop of
+    layers the up-scaled model has (6:8 of 8) was refused as out of range, and a drop past a
+    down-sliced config ran the config step first."""
+    from slimstack.depth.recipe import check_recipe
+
+    upscale = {
+        "slices": [{"sources": [{"layer_range": [0, 4]}]}, {"sources": [{"layer_range": [1, 5]}]}]
+    }
+    recipe = {
+        "model": str(stories260k_dir),
+        "steps": [{"slice": upscale}, {"slice": {"drop": "6:8"}}],
+    }
+    report = apply_recipe(recipe, out=tmp_path / "up", progress=False)
+    meta = read_metadata(report.output)
+    assert [e["layer"] for e in meta["layer_map"]] == [0, 1, 2, 3, 1, 2]
+    config = tmp_path / "two.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {"slices": [{"sources": [{"layer_range": [0, 2]}]}], "merge_method": "passthrough"}
+        )
+    )
+    for first in ({"slices": [{"sources": [{"layer_range": [0, 2]}]}]}, {"config": str(config)}):
+        recipe = {
+            "model": str(stories260k_dir),
+            "steps": [{"slice": first}, {"slice": {"drop": "3"}}],
+        }
+        with pytest.raises(
+            ValueError, match="step 2 \\(slice\\): layer 3 is out of range: the model has 2"
+        ):
+            check_recipe(load_recipe(recipe))
+    past = {
+        "slices": [{"sources": [{"layer_range": [0, 2]}]}, {"sources": [{"layer_range": [1, 3]}]}]
+    }
+    recipe = {"model": str(stories260k_dir), "steps": [{"slice": {"drop": "0:2"}}, {"slice": past}]}
+    check_recipe(load_recipe(recipe))  # 3 layers left: [1, 3) fits
+    past["slices"][1]["sources"][0]["layer_range"] = [1, 4]
+    with pytest.raises(
+        ValueError, match="step 2 \\(slice\\): slices\\[1\\]: layer_range \\[1, 4\\].*0..2 here"
+    ):
+        check_recipe(load_recipe(recipe))
+    # a config file naming only another model: its run refused it after the steps before
+    other = tmp_path / "other.yaml"
+    other.write_text(
+        yaml.safe_dump(
+            {
+                "slices": [{"sources": [{"model": str(stories260k_dir), "layer_range": [0, 2]}]}],
+                "merge_method": "passthrough",
+            }
+        )
+    )
+    recipe = {
+        "model": str(stories260k_dir),
+        "steps": [{"slice": {"drop": "0"}}, {"slice": {"config": str(other)}}],
+    }
+    with pytest.raises(
+        ValueError, match="step 2 \\(slice\\): the config takes no layers from the model"
+    ):
+        check_recipe(load_recipe(recipe))
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"drop": "1", "tokenizer_source": "base"}, "'tokenizer_source' cannot go with drop"),
+        ({"drop": "1", "merge_method": "slerp"}, "'merge_method' cannot go with drop"),
+        ({"keep": "0:2", "n": 2}, "'n' cannot go with keep"),
+        ({"keep": "0:2", "calib": __file__}, "'calib' cannot go with keep"),
+        (
+            {"slices": [{"sources": [{"layer_range": [0, 2]}]}], "seqlen": 8},
+            "'seqlen' cannot go with slices",
+        ),
+        ({"criterion": "snr", "n": 1, "base_model": "x"}, "'base_model' cannot go with criterion"),
+    ],
+)
+def test_slice_settings_the_mode_ignores_are_refused(
+    stories260k_dir: Path, tmp_path: Path, settings, message
+):
+    """Before, tokenizer_source / merge_method beside drop: were silently ignored (the output
+    had the source's tokenizer), and n beside keep: failed only once the step ran."""
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="step 1 \\(slice\\): " + message):
+        apply_recipe(
+            {"model": str(stories260k_dir), "steps": [{"slice": settings}]}, out=out, progress=False
+        )
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_step_settings_that_are_not_a_mapping(stories260k_dir: Path):
+    with pytest.raises(ValueError, match="step 1 \\(slice\\): its settings must be a mapping"):
+        load_recipe({"model": str(stories260k_dir), "steps": [{"slice": ["drop", "1"]}]})
+
+
+def test_output_cannot_replace_a_model_a_slice_config_reads(stories260k_dir: Path, tmp_path: Path):
+    """Before, only the recipe's model and files were guarded: --overwrite onto a model that
+    inline slices read replaced (deleted) it."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(stories260k_dir, other)
+    slices = [
+        {"sources": [{"layer_range": [0, 2]}]},
+        {"sources": [{"model": str(other), "layer_range": [2, 4]}]},
+    ]
+    recipe = {"model": str(stories260k_dir), "steps": [{"slice": {"slices": slices}}]}
+    with pytest.raises(ValueError, match="would replace the input"):
+        apply_recipe(recipe, out=other, overwrite=True, progress=False)
+    assert Checkpoint.open(other).num_layers == 5 and leftovers(tmp_path, "other") == []

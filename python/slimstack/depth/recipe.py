@@ -59,6 +59,16 @@ STEP_KEYS = {
     "eval": ("text", "seqlen", "batch_size", "max_windows", "reference"),
 }  # fmt: skip
 PATH_KEYS = {"config", "scores", "calib", "text", "reference"}
+# a slice step's settings beside its mode key: anything else given with that mode would be
+# silently ignored by the run (tokenizer_source beside drop:, n beside keep:), so it is refused
+CRITERION_KEYS = ("n", "scores", "calib", "nsamples", "seqlen", "seed")
+SLICE_MODE_KEYS = {
+    "drop": ("dtype",),
+    "keep": ("dtype",),
+    "criterion": (*CRITERION_KEYS, "dtype"),
+    "config": ("dtype",),  # tokenizer_source, base_model, ... belong in the config file
+    "slices": tuple(k for k in MERGEKIT_KEYS if k != "slices"),
+}
 
 
 class RecipeError(ValueError):
@@ -138,6 +148,11 @@ def _parse_step(index: int, item: Any, base_dir: Path | None) -> Step:
     ((op, params),) = item.items()
     if op not in STEP_KEYS:
         raise RecipeError(f"{where}: unknown step {op!r}; steps are: {', '.join(STEP_KEYS)}")
+    if params is not None and not isinstance(params, Mapping):
+        raise RecipeError(
+            f"{where} ({op}): its settings must be a mapping ('key: value' lines indented "
+            f"under '{op}:'), got {params!r}"
+        )
     params = dict(params or {})
     unknown = [k for k in params if k not in STEP_KEYS[op]]
     if unknown:
@@ -148,9 +163,22 @@ def _parse_step(index: int, item: Any, base_dir: Path | None) -> Step:
     for key in PATH_KEYS & set(params):
         if params[key] is not None and not (key == "reference" and params[key] == "none"):
             params[key] = _resolve_input(params[key], f"{where} ({op}) {key}", base_dir)
+    for key in ("drop", "keep"):  # "drop: 3" / "keep: [0, 1]" read as YAML integers
+        if key in params:
+            params[key] = _layer_specs(params[key])
     if "slices" in params:  # inline mergekit: its model paths resolve like the recipe's
         params["base_dir"] = base_dir
     return Step(op, params, index)
+
+
+def _layer_specs(value: Any) -> Any:
+    """Integers (YAML's reading of drop: 3) as the layer specs they stand for; anything else
+    as given, for the range parser to accept or refuse."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
 
 
 def parse_recipe(raw: Any, file: Path | None = None, text: str = "") -> Recipe:
@@ -195,9 +223,10 @@ def load_recipe(recipe: str | os.PathLike | Mapping) -> Recipe:
 
 
 # ----------------------------------------------------------------------------- checking
-def check_recipe(recipe: Recipe) -> None:
+def check_recipe(recipe: Recipe) -> list[Path]:
     """Everything that can be checked before running: settings, patterns, and layer ranges
-    against the depth each step will see."""
+    against the depth each step will see. Returns the model folders that slice configs
+    read besides the recipe's model (the output may not replace them)."""
     from slimstack.calibration import read_text
     from slimstack.evaluate import check_eval_settings
     from slimstack.prune.driver import (
@@ -218,11 +247,14 @@ def check_recipe(recipe: Recipe) -> None:
             for n in LAYER_LINEARS
             if f"{LAYER_PREFIX}0.{n}.weight" in ckpt
         }
+    current: Path | None = recipe.model  # the folder a step reads; None: a staging folder
+    read: list[Path] = []
     for step in recipe.steps:
         p = step.params
         try:
             if step.op == "slice":
-                depth = _check_slice(p, depth)
+                depth, models = _check_slice(p, depth, current)
+                read.extend(models)
             elif step.op == "prune":
                 method = p.get("method", "wanda")
                 if method not in METHODS:
@@ -251,9 +283,13 @@ def check_recipe(recipe: Recipe) -> None:
                     read_text(p[key])
         except ValueError as exc:
             raise RecipeError(f"{step.label}: {exc}") from None
+        if step.op != "eval":
+            current = None
+    return read
 
 
-def _check_slice(p: dict[str, Any], depth: int) -> int:
+def _check_slice(p: dict[str, Any], depth: int, current: Path | None) -> tuple[int, list[Path]]:
+    """The depth after this slice step, and the model folders it reads besides `current`."""
     modes = [k for k in ("drop", "keep", "config", "criterion", "slices") if k in p]
     if len(modes) != 1:
         raise RecipeError(
@@ -261,10 +297,18 @@ def _check_slice(p: dict[str, Any], depth: int) -> int:
             f"or criterion; got {', '.join(modes) or 'none'}"
         )
     mode = modes[0]
+    extra = [k for k in p if k not in (mode, *SLICE_MODE_KEYS[mode], "base_dir")]
+    if extra:
+        raise RecipeError(
+            f"{', '.join(map(repr, extra))} cannot go with {mode} (it would be ignored); with "
+            f"{mode} a slice step takes: {', '.join(SLICE_MODE_KEYS[mode]) or 'nothing else'}"
+        )
     if mode == "drop":
-        return len(drop_to_keep(p["drop"], depth))
+        return len(drop_to_keep(p["drop"], depth)), []
     if mode == "keep":
-        return len(keep_layers(p["keep"], depth))
+        return len(keep_layers(p["keep"], depth)), []
+    if mode in ("config", "slices"):
+        return _check_config(p, depth, current)
     if mode == "criterion":
         canonical_criterion(p["criterion"])
         n = p.get("n")
@@ -273,8 +317,52 @@ def _check_slice(p: dict[str, Any], depth: int) -> int:
         needs_data = canonical_criterion(p["criterion"]) != "snr"
         if needs_data and p.get("scores") is None and p.get("calib") is None:
             raise RecipeError("criterion needs scores (an analysis) or calib (to score now)")
-        return depth - n
-    return depth  # configs name their models: checked in full when the step runs
+        return depth - n, []
+    raise AssertionError(mode)
+
+
+def _check_config(p: dict[str, Any], depth: int, current: Path | None) -> tuple[int, list[Path]]:
+    """A config / inline slices step: its new depth and layer ranges, from the depth the
+    steps before leave (slices without a model take the current one). Widths and tensors
+    are compared when the step opens the models."""
+    from slimstack.depth.mergekit_config import load_config, parse_config
+
+    here = Path("<the model this step slices>")  # stands for `current`, never a folder
+    if "slices" in p:
+        inline = {k: v for k, v in p.items() if k in MERGEKIT_KEYS}
+        inline.setdefault("merge_method", "passthrough")
+        merge = parse_config(inline, here, p.get("base_dir"))
+    else:
+        merge = load_config(p["config"], here)
+
+    def is_current(model: Path) -> bool:
+        return model == here or (current is not None and model.resolve() == current.resolve())
+
+    if "config" in p and not any(is_current(s.model) for s in merge.slices):
+        # the run refuses it (make_plan's "is not used"), after the steps before it
+        raise RecipeError(
+            "the config takes no layers from the model this step slices (the recipe's model "
+            "or the previous step's output); leave 'model' out of its slices to use it"
+        )
+    others = [merge.base_model, *(s.model for s in merge.slices), merge.tokenizer_source]
+    read = list(dict.fromkeys(m for m in others if m is not None and not is_current(m)))
+    depths: dict[Path, int] = {}
+    for index, layer_slice in enumerate(merge.slices):
+        model = layer_slice.model
+        if is_current(model):
+            have, name = depth, "the model this step slices"
+        else:
+            if model not in depths:
+                with Checkpoint.open(model) as ckpt:
+                    depths[model] = ckpt.num_layers
+            have, name = depths[model], str(model)
+        if layer_slice.end > have:
+            raise RecipeError(
+                f"slices[{index}]: layer_range [{layer_slice.start}, {layer_slice.end}] asks "
+                f"for layers of {name}, which has layers 0..{have - 1} here (a layer_range "
+                "past the end?)"
+            )
+    return sum(s.end - s.start for s in merge.slices), read
 
 
 # ----------------------------------------------------------------------------- running
@@ -379,7 +467,8 @@ def apply_recipe(
         raise RecipeError("no output folder: give --out DIR or 'out:' in the recipe")
     inputs = [recipe.model] + [step.params.get(key) for step in recipe.steps for key in PATH_KEYS]
     check_target(target, overwrite, inputs)
-    check_recipe(recipe)
+    # nor a model a slice config reads (replacing it would delete the source)
+    check_target(target, overwrite, check_recipe(recipe))
     device = device or recipe.device
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f".{target.name}.recipe-{uuid.uuid4().hex[:8]}"
