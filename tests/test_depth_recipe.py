@@ -185,16 +185,25 @@ def test_recipe_file_errors(tmp_path: Path, stories260k_dir: Path):
 
 
 def test_failure_in_a_later_step_leaves_nothing(stories260k_dir: Path, tmp_path: Path):
-    # statically fine (configs are checked when they run), but layer 7 does not exist
+    # statically fine (the models' settings are compared when the step opens them), but the
+    # other model's layers were trained with another norm epsilon
+    other = tmp_path / "other"
+    other.mkdir()
+    for file in stories260k_dir.iterdir():
+        (other / file.name).symlink_to(file.resolve())
+    (other / "config.json").unlink()
+    config = json.loads((stories260k_dir / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**config, "rms_norm_eps": 1e-3}))
+    slices = [
+        {"sources": [{"layer_range": [0, 2]}]},
+        {"sources": [{"model": str(other), "layer_range": [2, 5]}]},
+    ]
     recipe = {
         "model": str(stories260k_dir),
-        "steps": [
-            {"slice": {"drop": "0"}},
-            {"slice": {"slices": [{"sources": [{"layer_range": [2, 7]}]}]}},
-        ],
+        "steps": [{"slice": {"drop": "0"}}, {"slice": {"slices": slices}}],
     }
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="step 2 \\(slice\\): .*layer_range past the end"):
+    with pytest.raises(ValueError, match="step 2 \\(slice\\): .*different rms_norm_eps"):
         apply_recipe(recipe, out=out, progress=False)
     assert not out.exists() and leftovers(tmp_path, "out") == []
 

@@ -499,3 +499,113 @@ def test_output_cannot_be_a_source(stories260k_dir: Path, other_model: Path, tmp
     with pytest.raises(ValueError, match="which lies inside it"):  # a folder holding it
         slice_model(other_model, other_model.parent, drop="1", overwrite=True, progress=False)
     assert Checkpoint.open(other_model).num_layers == 5
+
+
+# ------------------------------------------------------------------------------ layer settings
+def config_variant(path: Path, source: Path, **changes) -> Path:
+    """`source`'s weights and tokenizer under a config with `changes`."""
+    path.mkdir(parents=True)
+    for file in source.iterdir():
+        (path / file.name).symlink_to(file.resolve())
+    (path / "config.json").unlink()
+    config = json.loads((source / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, **changes}))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}},
+         "different rope theta: 10000.0 in .* but 500.0 in"),
+        ({"rms_norm_eps": 1e-3}, "different rms_norm_eps: 1e-05 in .* but 0.001 in"),
+        ({"vocab_size": 1024}, "different vocab_size: 512 in .* but 1024 in"),
+    ],
+)  # fmt: skip
+def test_layers_of_models_that_run_them_otherwise_are_refused(
+    stories260k_dir: Path, tmp_path: Path, changes, message
+):
+    """Before, only widths and tensor shapes were compared: the other model's layers were
+    written under the base's rope theta / norm epsilon (or beside another vocabulary's
+    embeddings) and the output ran them as a model nobody trained, without a word."""
+    if "vocab_size" in changes:  # a real one: embeddings grown to the new vocabulary
+        other = tmp_path / "other"
+        with Checkpoint.open(stories260k_dir) as src, CheckpointWriter(other) as writer:
+            for name in src.tensor_names():
+                tensor = src.get_tensor(name)
+                if name == "model.embed_tokens.weight":
+                    tensor = torch.cat([tensor, tensor])
+                writer.add(name, tensor)
+            writer.finish({**src.config, **changes}, None, tokenizer_from=stories260k_dir)
+    else:
+        other = config_variant(tmp_path / "other", stories260k_dir, **changes)
+    out = tmp_path / "out"
+    config = write_config(
+        tmp_path / "c.yaml", [(str(stories260k_dir), [0, 2]), (str(other), [2, 5])]
+    )
+    with pytest.raises(ValueError, match=message):
+        slice_model(out=out, config=config, progress=False)
+    assert_nothing_written(tmp_path, out)
+
+
+def test_sliding_windows_must_survive_the_stacking(tmp_path: Path):
+    """A layer keeps the window it was trained with, or the stacking is refused. Before, a
+    qwen2 sliding layer stacked onto a base without sliding windows was written as a config
+    transformers cannot load, and a mistral layer without a window ran with the base's."""
+    full = tiny_random(tmp_path / "full", "qwen2")
+    sliding = {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 2}
+    windowed = tiny_random(tmp_path / "windowed", "qwen2", **sliding)
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "a.yaml", [(str(full), [0, 2]), (str(windowed), [2, 4])])
+    with pytest.raises(ValueError, match="new layer 2 \\(layer 2 of .*windowed\\) attends over "
+                       "a window of 4 tokens there but would attend over all tokens"):  # fmt: skip
+        slice_model(out=out, config=config, progress=False)
+    mistral = tiny_random(tmp_path / "mistral", "mistral", sliding_window=8)
+    unwindowed = tiny_random(tmp_path / "unwindowed", "mistral", sliding_window=None)
+    config = write_config(tmp_path / "b.yaml", [(str(mistral), [0, 2]), (str(unwindowed), [0, 1])])
+    with pytest.raises(ValueError, match="new layer 2 .* attends over all tokens there but "
+                       "would attend over a window of 8 tokens"):  # fmt: skip
+        slice_model(out=out, config=config, progress=False)
+    assert_nothing_written(tmp_path, out)
+
+    # a base whose window covers no layer (max_window_layers = depth) can take sliding ones
+    late = tiny_random(tmp_path / "late", "qwen2", **{**sliding, "max_window_layers": 4})
+    config = write_config(tmp_path / "c.yaml", [(str(late), [0, 2]), (str(windowed), [2, 4])])
+    slice_model(out=out, config=config, progress=False)
+    written = json.loads((out / "config.json").read_text())
+    assert written["layer_types"] == ["full_attention"] * 2 + ["sliding_attention"] * 2
+    # against the windowed model holding late's embeddings, norm, head and first layers
+    expected, base = load_hf(windowed), load_hf(late)
+    expected.model.embed_tokens, expected.model.norm = base.model.embed_tokens, base.model.norm
+    expected.lm_head = base.lm_head
+    expected.model.layers = torch.nn.ModuleList(
+        [*base.model.layers[:2], *expected.model.layers[2:]]
+    )
+    ids = torch.randint(0, 96, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = expected(ids, use_cache=False).logits
+    assert (sliced_logits(out, ids) - want).abs().max() < 1e-5
+
+
+def test_output_cannot_replace_the_tokenizer_source(stories260k_dir: Path, tmp_path: Path):
+    """Before, the tokenizer_source folder was not among the guarded inputs: --overwrite onto
+    it replaced (deleted) that folder."""
+    import shutil
+
+    tokenizer = tmp_path / "tok"
+    shutil.copytree(stories260k_dir, tokenizer)
+    config = write_config(
+        tmp_path / "c.yaml", [(str(stories260k_dir), [0, 2])], tokenizer_source=str(tokenizer)
+    )
+    with pytest.raises(ValueError, match="would replace the input"):
+        slice_model(out=tokenizer, config=config, overwrite=True, progress=False)
+    assert Checkpoint.open(tokenizer).num_layers == 5
+
+
+def test_integer_layer_specs(stories260k_dir: Path, tmp_path: Path, source, ids):
+    """Before: drop=3 failed with "'int' object is not iterable"."""
+    slice_model(stories260k_dir, tmp_path / "d", drop=3, progress=False)
+    assert read_metadata(tmp_path / "d")["steps"][-1]["keep"] == "0:3,4"
+    slice_model(stories260k_dir, tmp_path / "k", keep=[4, 0, "1:3"], progress=False)
+    expected = logits_with_layers(source, [4, 0, 1, 2], ids)
+    assert (sliced_logits(tmp_path / "k", ids) - expected).abs().max() < 1e-5

@@ -48,6 +48,7 @@ from slimstack.depth.layer_ranges import drop_to_keep, keep_layers
 from slimstack.depth.mergekit_config import TOP_LEVEL_KEYS as MERGEKIT_KEYS
 from slimstack.depth.mergekit_config import load_yaml
 from slimstack.depth.selection import canonical_criterion
+from slimstack.depth.slicing import layer_specs
 
 RECIPE_KEYS = ("model", "out", "device", "steps")
 STEP_KEYS = {
@@ -165,20 +166,10 @@ def _parse_step(index: int, item: Any, base_dir: Path | None) -> Step:
             params[key] = _resolve_input(params[key], f"{where} ({op}) {key}", base_dir)
     for key in ("drop", "keep"):  # "drop: 3" / "keep: [0, 1]" read as YAML integers
         if key in params:
-            params[key] = _layer_specs(params[key])
+            params[key] = layer_specs(params[key])
     if "slices" in params:  # inline mergekit: its model paths resolve like the recipe's
         params["base_dir"] = base_dir
     return Step(op, params, index)
-
-
-def _layer_specs(value: Any) -> Any:
-    """Integers (YAML's reading of drop: 3) as the layer specs they stand for; anything else
-    as given, for the range parser to accept or refuse."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    if isinstance(value, list):
-        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
-    return value
 
 
 def parse_recipe(raw: Any, file: Path | None = None, text: str = "") -> Recipe:

@@ -12,6 +12,7 @@ records where each came from so the engine can keep one copy in memory.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -81,18 +82,28 @@ class SliceReport:
 
 
 # ----------------------------------------------------------------------------- plans
-def plan_drop(model: str | os.PathLike, drop: str | Sequence[str]) -> SlicePlan:
+def layer_specs(value: Any) -> Any:
+    """Integers (drop=3, YAML's reading of `drop: 3`) as the layer specs they stand for;
+    anything else as given, for the range parser to accept or refuse."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
+    return value
+
+
+def plan_drop(model: str | os.PathLike, drop: str | int | Sequence[str | int]) -> SlicePlan:
     path = Path(model)
     depth = _depth(path)
-    kept = drop_to_keep(drop, depth)
+    kept = drop_to_keep(layer_specs(drop), depth)
     dropped = [i for i in range(depth) if i not in set(kept)]
     spec = {"mode": "drop", "drop": format_layers(dropped), "keep": format_layers(kept)}
     return SlicePlan(path, [LayerSource(path, i) for i in kept], spec)
 
 
-def plan_keep(model: str | os.PathLike, keep: str | Sequence[str]) -> SlicePlan:
+def plan_keep(model: str | os.PathLike, keep: str | int | Sequence[str | int]) -> SlicePlan:
     path = Path(model)
-    kept = keep_layers(keep, _depth(path))
+    kept = keep_layers(layer_specs(keep), _depth(path))
     spec = {"mode": "keep", "keep": format_layers(kept)}
     return SlicePlan(path, [LayerSource(path, i) for i in kept], spec)
 
@@ -250,6 +261,22 @@ def _check_compatible(base: Checkpoint, other: Checkpoint) -> None:
                 f"cannot stack layers of different widths: {key} is {value} in {base.path} "
                 f"but {other_width[key]} in {other.path}"
             )
+    # what a layer computes with beyond its tensors: the output's config is the base's, so
+    # layers trained with another rope or norm epsilon would run as a model nobody trained;
+    # another vocabulary means another model family, whose layers never saw these embeddings
+    ours, theirs = base.engine_config(), other.engine_config()
+    settings = {"vocab_size": (ours.vocab_size, theirs.vocab_size)}
+    settings["rms_norm_eps"] = (ours.rms_norm_eps, theirs.rms_norm_eps)
+    for rope_field in dataclasses.fields(ours.rope):  # name the rope setting that differs
+        name = rope_field.name
+        settings[f"rope {name}"] = (getattr(ours.rope, name), getattr(theirs.rope, name))
+    for key, (value, other_value) in settings.items():
+        if value != other_value:
+            raise SliceError(
+                f"cannot stack layers of models with different {key}: {value} in {base.path} "
+                f"but {other_value} in {other.path} (the output takes its config and embeddings "
+                f"from {base.path})"
+            )
     base_shapes = _layer_shapes(base, 0)
     other_shapes = _layer_shapes(other, 0)
     if base_shapes != other_shapes:
@@ -311,6 +338,34 @@ def sliced_config(plan: SlicePlan, ckpts: dict[Path, Checkpoint]) -> dict[str, A
     return config
 
 
+def _check_windows(plan: SlicePlan, ckpts: dict[Path, Checkpoint], config: dict[str, Any]) -> None:
+    """Every new layer must attend over the window it had in its source model. The output
+    has one sliding_window (the base's), so a layer of another model with another window,
+    or with one where the base has none, would run differently or not load at all."""
+    from slimstack.engine.config import ConfigError, engine_config
+
+    try:
+        windows: list[int | None] | None = list(engine_config(config).sliding_windows)
+        failure = None
+    except ConfigError as exc:  # sliding layers where the base's config has no window
+        windows, failure = None, exc
+    for position, source in enumerate(plan.layers):
+        own = ckpts[source.model.resolve()].engine_config().sliding_windows[source.layer]
+        new = windows[position] if windows is not None else None
+        if new != own:
+            raise SliceError(
+                f"new layer {position} (layer {source.layer} of {source.model}) attends over "
+                f"{_window(own)} there but would attend over {_window(new)} with "
+                f"{plan.base}'s config; models with different sliding windows cannot be stacked"
+            )
+    if failure is not None:
+        raise SliceError(f"the sliced config would not load: {failure}")
+
+
+def _window(size: int | None) -> str:
+    return f"a window of {size} tokens" if size else "all tokens"
+
+
 def _per_layer_lists(config: dict[str, Any], depth: int) -> list[str]:
     return [
         key
@@ -363,14 +418,17 @@ def write_plan(
     start = time.perf_counter()
     out = Path(out)
     ckpts = _open_sources(plan)
-    check_target(out, overwrite, list(ckpts))  # not a source model, nor a folder holding one
-    if plan.dtype is not None and plan.dtype not in DTYPE_ALIASES.values():
-        raise SliceError(f"dtype {plan.dtype!r} is not one of float32, float16, bfloat16")
-    base = ckpts[plan.base.resolve()]
-    config = sliced_config(plan, ckpts)
-    layer_map = _layer_map(plan)
+    # not a source model (the tokenizer's too), nor a folder holding one
+    inputs = [*ckpts, plan.tokenizer_from]
     try:
-        with CheckpointWriter(out, overwrite=overwrite, inputs=list(ckpts)) as writer:
+        check_target(out, overwrite, inputs)
+        if plan.dtype is not None and plan.dtype not in DTYPE_ALIASES.values():
+            raise SliceError(f"dtype {plan.dtype!r} is not one of float32, float16, bfloat16")
+        base = ckpts[plan.base.resolve()]
+        config = sliced_config(plan, ckpts)
+        _check_windows(plan, ckpts, config)
+        layer_map = _layer_map(plan)
+        with CheckpointWriter(out, overwrite=overwrite, inputs=inputs) as writer:
             for name in base.non_layer_names():
                 writer.add(name, _convert(base.get_tensor(name), plan.dtype))
             bar = tqdm(plan.layers, desc="slice", unit="layer", disable=not progress)
@@ -429,8 +487,8 @@ def _metadata(
 def make_plan(
     model: str | os.PathLike | None = None,
     *,
-    drop: str | Sequence[str] | None = None,
-    keep: str | Sequence[str] | None = None,
+    drop: str | int | Sequence[str | int] | None = None,
+    keep: str | int | Sequence[str | int] | None = None,
     config: str | os.PathLike | Mapping | None = None,
     criterion: str | None = None,
     n: int | None = None,
@@ -488,8 +546,8 @@ def slice_model(
     model: str | os.PathLike | None = None,
     out: str | os.PathLike | None = None,
     *,
-    drop: str | Sequence[str] | None = None,
-    keep: str | Sequence[str] | None = None,
+    drop: str | int | Sequence[str | int] | None = None,
+    keep: str | int | Sequence[str | int] | None = None,
     config: str | os.PathLike | Mapping | None = None,
     criterion: str | None = None,
     n: int | None = None,
