@@ -426,3 +426,13 @@ def test_output_cannot_replace_a_model_a_slice_config_reads(stories260k_dir: Pat
     with pytest.raises(ValueError, match="would replace the input"):
         apply_recipe(recipe, out=other, overwrite=True, progress=False)
     assert Checkpoint.open(other).num_layers == 5 and leftovers(tmp_path, "other") == []
+
+
+def test_a_bad_slice_dtype_is_found_before_any_step_runs(stories260k_dir: Path):
+    """Before, the slice step ran its layers and only then refused the dtype."""
+    from slimstack.depth.recipe import check_recipe
+
+    raw = {"model": str(stories260k_dir), "steps": [{"slice": {"drop": 1, "dtype": "int8"}}]}
+    with pytest.raises(ValueError, match="step 1 \\(slice\\): dtype 'int8' is not one of"):
+        check_recipe(load_recipe(raw))
+    check_recipe(load_recipe({**raw, "steps": [{"slice": {"drop": 1, "dtype": "bf16"}}]}))

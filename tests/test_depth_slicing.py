@@ -609,3 +609,30 @@ def test_integer_layer_specs(stories260k_dir: Path, tmp_path: Path, source, ids)
     slice_model(stories260k_dir, tmp_path / "k", keep=[4, 0, "1:3"], progress=False)
     expected = logits_with_layers(source, [4, 0, 1, 2], ids)
     assert (sliced_logits(tmp_path / "k", ids) - expected).abs().max() < 1e-5
+
+
+def test_a_tokenizer_source_without_a_fitting_tokenizer_is_refused(
+    stories260k_dir: Path, tmp_path: Path
+):
+    """Before, a tokenizer_source folder without tokenizer files gave an output without any
+    tokenizer, and one of another vocabulary a tokenizer whose ids the embeddings lack."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.json").write_text((stories260k_dir / "config.json").read_text())
+    wide = config_variant(tmp_path / "wide", stories260k_dir, vocab_size=32000)
+    out = tmp_path / "out"
+    for folder, message in ((empty, "holds no tokenizer files"),
+                            (wide, "vocab_size 32000, but the embeddings come from")):  # fmt: skip
+        config = write_config(
+            tmp_path / "c.yaml", [(str(stories260k_dir), [0, 2])], tokenizer_source=str(folder)
+        )
+        with pytest.raises(ValueError, match=message):
+            slice_model(out=out, config=config, progress=False)
+    assert_nothing_written(tmp_path, out)
+    # a tokenizer of the same vocabulary is taken
+    same = config_variant(tmp_path / "same", stories260k_dir)
+    config = write_config(
+        tmp_path / "c.yaml", [(str(stories260k_dir), [0, 2])], tokenizer_source=str(same)
+    )
+    slice_model(out=out, config=config, progress=False)
+    assert (out / "tokenizer.json").is_file()

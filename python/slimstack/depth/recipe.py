@@ -45,8 +45,8 @@ from slimstack.checkpoint import (
 )
 from slimstack.checkpoint_writer import check_target, replace_folder
 from slimstack.depth.layer_ranges import drop_to_keep, keep_layers
+from slimstack.depth.mergekit_config import DTYPE_ALIASES, load_yaml
 from slimstack.depth.mergekit_config import TOP_LEVEL_KEYS as MERGEKIT_KEYS
-from slimstack.depth.mergekit_config import load_yaml
 from slimstack.depth.selection import canonical_criterion
 from slimstack.depth.slicing import layer_specs
 
@@ -294,6 +294,9 @@ def _check_slice(p: dict[str, Any], depth: int, current: Path | None) -> tuple[i
             f"{', '.join(map(repr, extra))} cannot go with {mode} (it would be ignored); with "
             f"{mode} a slice step takes: {', '.join(SLICE_MODE_KEYS[mode]) or 'nothing else'}"
         )
+    dtype = p.get("dtype")
+    if dtype is not None and str(dtype).lower() not in DTYPE_ALIASES:  # as slicing refuses it
+        raise RecipeError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
     if mode == "drop":
         return len(drop_to_keep(p["drop"], depth)), []
     if mode == "keep":

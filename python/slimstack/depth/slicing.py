@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from slimstack.checkpoint import (
     LAYER_PREFIX,
+    TOKENIZER_FILES,
     Checkpoint,
     CheckpointError,
     read_metadata,
@@ -171,8 +173,6 @@ def _depth(path: Path) -> int:
 def _scores_from_analysis(
     path: Path, name: str, scores: str | os.PathLike | Mapping
 ) -> tuple[dict[str, Any], Any]:
-    import json
-
     from slimstack.depth.analyze import SCORES_FILE
 
     origin: Any = "inline"
@@ -362,6 +362,27 @@ def _check_windows(plan: SlicePlan, ckpts: dict[Path, Checkpoint], config: dict[
         raise SliceError(f"the sliced config would not load: {failure}")
 
 
+def _check_tokenizer(folder: Path, base: Checkpoint) -> None:
+    """A tokenizer_source must hold a tokenizer (the output would have none, silently) of
+    the base's vocabulary (ids past the embeddings fail, others name other tokens)."""
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise SliceError(
+            f"tokenizer_source {folder} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})"
+        )
+    config_file = folder / "config.json"
+    if config_file.is_file():
+        try:
+            vocab = json.loads(config_file.read_text()).get("vocab_size")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            vocab = None  # not a model's config: nothing to compare
+        if isinstance(vocab, int) and vocab != base.engine_config().vocab_size:
+            raise SliceError(
+                f"tokenizer_source {folder} is of a model with vocab_size {vocab}, but the "
+                f"embeddings come from {base.path} (vocab_size "
+                f"{base.engine_config().vocab_size}); slimstack does not resize embeddings"
+            )
+
+
 def _window(size: int | None) -> str:
     return f"a window of {size} tokens" if size else "all tokens"
 
@@ -425,6 +446,8 @@ def write_plan(
         if plan.dtype is not None and plan.dtype not in DTYPE_ALIASES.values():
             raise SliceError(f"dtype {plan.dtype!r} is not one of float32, float16, bfloat16")
         base = ckpts[plan.base.resolve()]
+        if plan.tokenizer_from is not None:
+            _check_tokenizer(plan.tokenizer_from, base)
         config = sliced_config(plan, ckpts)
         _check_windows(plan, ckpts, config)
         layer_map = _layer_map(plan)
