@@ -27,7 +27,6 @@ reproduces W exactly, except that -0.0 comes back as +0.0 (numerically equal).
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -41,8 +40,6 @@ from slimstack.formats.common import (
     expect,
     pad_columns,
     padded_k,
-    read_packed,
-    save_packed,
 )
 
 ROW_ALIGN = 8  # elements; each row's values slot is a multiple of this
@@ -132,28 +129,6 @@ class BitmapWeight(PackedWeight):
 
     def unpack(self) -> torch.Tensor:
         return unpack_bitmap(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        tensors = {"values": self.values, "bitmask": self.bitmask, "row_offsets": self.row_offsets}
-        save_packed(path, tensors, self.format, self.shape, self.dtype)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> BitmapWeight:
-        fmt, shape, dtype, tensors = read_packed(path, device)
-        if fmt != cls.format:
-            raise ValueError(f"{path} holds a {fmt!r} weight, not {cls.format!r}")
-        if set(tensors) != {"values", "bitmask", "row_offsets"}:
-            raise ValueError(
-                f"{path}: bitmap needs tensors values, bitmask, row_offsets; found {sorted(tensors)}"
-            )
-        try:
-            packed = cls(
-                tensors["values"], tensors["bitmask"], tensors["row_offsets"], shape, dtype
-            )
-            packed.validate()
-        except ValueError as error:  # name the file: the container's checks cannot
-            raise ValueError(f"{path}: {error}") from None
-        return packed
 
 
 def _bits(bitmask: torch.Tensor) -> torch.Tensor:

@@ -12,11 +12,14 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+
+if TYPE_CHECKING:  # typing.Self is 3.11+; the package supports 3.10
+    from typing import Self
 
 FORMAT_VERSION = 1
 # K is padded with zero columns up to a multiple of this ("the K tile"), so every kernel
@@ -34,8 +37,34 @@ class PackedWeight:
     the bytes it occupies. Subclasses are dataclasses naming their tensor fields in
     ``TENSORS``."""
 
-    TENSORS: ClassVar[tuple[str, ...]]
+    TENSORS: ClassVar[tuple[str, ...]]  # the dataclass fields before shape, in order
+    format: ClassVar[str]
     shape: tuple[int, int]
+    dtype: torch.dtype
+
+    def validate(self) -> None:
+        raise NotImplementedError
+
+    def save(self, path: str | os.PathLike) -> None:
+        tensors = {name: getattr(self, name) for name in self.TENSORS}
+        save_packed(path, tensors, self.format, self.shape, self.dtype)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Self:
+        fmt, shape, dtype, tensors = read_packed(path, device)
+        if fmt != cls.format:
+            raise ValueError(f"{path} holds a {fmt!r} weight, not {cls.format!r}")
+        if set(tensors) != set(cls.TENSORS):
+            raise ValueError(
+                f"{path}: {cls.format} needs tensors {', '.join(cls.TENSORS)}; "
+                f"found {sorted(tensors)}"
+            )
+        try:
+            packed = cls(*(tensors[name] for name in cls.TENSORS), shape, dtype)
+            packed.validate()
+        except ValueError as error:  # name the file: the container's checks cannot
+            raise ValueError(f"{path}: {error}") from None
+        return packed
 
     @property
     def kp(self) -> int:

@@ -26,7 +26,6 @@ reproduces W exactly, except that a dropped -0.0 comes back as +0.0 (numerically
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -40,8 +39,6 @@ from slimstack.formats.common import (
     expect,
     pad_columns,
     padded_k,
-    read_packed,
-    save_packed,
 )
 
 GROUP = 4
@@ -126,27 +123,6 @@ class Sparse24Weight(PackedWeight):
 
     def unpack(self) -> torch.Tensor:
         return unpack_sparse24(self)
-
-    def save(self, path: str | os.PathLike) -> None:
-        save_packed(
-            path, {"values": self.values, "meta": self.meta}, self.format, self.shape, self.dtype
-        )
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Sparse24Weight:
-        fmt, shape, dtype, tensors = read_packed(path, device)
-        if fmt != cls.format:
-            raise ValueError(f"{path} holds a {fmt!r} weight, not {cls.format!r}")
-        if set(tensors) != {"values", "meta"}:
-            raise ValueError(
-                f"{path}: sparse24 needs tensors values, meta; found {sorted(tensors)}"
-            )
-        try:
-            packed = cls(tensors["values"], tensors["meta"], shape, dtype)
-            packed.validate()
-        except ValueError as error:  # name the file: the container's checks cannot
-            raise ValueError(f"{path}: {error}") from None
-        return packed
 
 
 def _groups_nonzero(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
