@@ -481,27 +481,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         restore()
 
 
-def _backend_unavailable() -> type[Exception]:
-    """BackendUnavailable when the ops import (the except clause must not fail itself)."""
-    try:
-        from slimstack.ops.dispatch import BackendUnavailable
-    except ValueError:  # the dispatch table was refused; that error is the one reported
-        return ValueError
-    return BackendUnavailable
+def _refused(args: argparse.Namespace, exc: Exception) -> int:
+    """A user error (bad spec, missing files, refused checkpoints): one clear line, no trace."""
+    print(f"slimstack {args.command}: error: {exc}", file=sys.stderr)
+    return 2
 
 
 def _run(args: argparse.Namespace) -> int:
+    try:  # importing the ops reads $SLIMSTACK_DISPATCH_TABLE: a bad one is a ValueError
+        from slimstack.ops.dispatch import BackendUnavailable, forced_backend
+    except ValueError as exc:
+        return _refused(args, exc)
     try:
-        # importing the ops reads $SLIMSTACK_DISPATCH_TABLE (a ValueError), forced_backend()
-        # checks $SLIMSTACK_BACKEND: a bad one of either is refused before any work or output
-        from slimstack.ops.dispatch import forced_backend
-
-        forced_backend()
+        forced_backend()  # a misspelt $SLIMSTACK_BACKEND: refused before any work or output
         return args.handler(args)
-    except (ValueError, FileNotFoundError, _backend_unavailable()) as exc:
-        # user errors (bad spec, missing files, refused checkpoints): one clear line, no trace
-        print(f"slimstack {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError, BackendUnavailable) as exc:
+        return _refused(args, exc)
     except KeyboardInterrupt:
         print(f"slimstack {args.command}: interrupted; nothing was written", file=sys.stderr)
         return 130
