@@ -195,34 +195,15 @@ class _StrictLoader(yaml.SafeLoader):
 
 # YAML 1.1 (PyYAML) reads an unquoted 20:28 as the base-60 integer 1228 and 1:30.5 as 90.5;
 # a layer range written that way ("drop: 20:28") must stay the string the user typed, or it
-# names other layers. Same resolvers as SafeLoader, without the sexagesimal forms (YAML 1.2).
-_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+# names other layers. A str resolver for that form, tried before SafeLoader's int and float
+# ones (the first match wins), leaves every other scalar as SafeLoader reads it (YAML 1.2
+# has no base-60 numbers either).
+_SEXAGESIMAL = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+_AS_STRING = [("tag:yaml.org,2002:str", _SEXAGESIMAL)]
 _StrictLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+    first: (_AS_STRING if first and first in "+-0123456789" else []) + resolvers
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_StrictLoader.add_implicit_resolver(
-    _FLOAT_TAG,
-    re.compile(
-        r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+][0-9]+)?
-        |\.[0-9][0-9_]*(?:[eE][-+][0-9]+)?
-        |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-_StrictLoader.add_implicit_resolver(
-    _INT_TAG,
-    re.compile(
-        r"""^(?:[-+]?0b[0-1_]+
-        |[-+]?0[0-7_]+
-        |[-+]?(?:0|[1-9][0-9_]*)
-        |[-+]?0x[0-9a-fA-F_]+)$""",
-        re.X,
-    ),
-    list("-+0123456789"),
-)
 
 
 def load_yaml(text: str) -> Any:
