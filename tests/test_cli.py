@@ -499,3 +499,14 @@ def test_a_bad_dispatch_table_is_one_line_from_every_command(tmp_path: Path, con
     )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"slimstack info: error: dispatch table {table}")
+
+
+def test_dtype_flags_take_the_short_names_and_refuse_others(capsys):
+    args = build_parser().parse_args(["slice", "m", "--drop", "1", "--dtype", "bf16", "--out", "o"])
+    assert args.dtype == "bfloat16"
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["slice", "m", "--drop", "1", "--dtype", "int8", "--out", "o"])
+    assert info.value.code == 2
+    assert "argument --dtype: dtype 'int8' is not one of float32, float16, bfloat16" in (
+        capsys.readouterr().err
+    )

@@ -140,7 +140,7 @@ def test_snr_only_needs_no_calibration_and_mean_token_mode(
         ({"calib": None}, "need calibration text"),
         ({"seqlen": 4096}, "seqlen 4096 exceeds the model's context \\(512 tokens\\)"),
         ({"token": "first"}, "--token must be one of last, mean"),
-        ({"dtype": "int8"}, "dtype must be one of"),
+        ({"dtype": "int8"}, "dtype .int8. is not one of"),
         ({"seqlen": "16"}, "seqlen must be an integer, got '16'"),  # a recipe's quoted number
         # before: 0 and -1 ran one window at a time; nan died in int() with no word of why
         ({"budget_mb": 0}, r"memory budget \(--memory-mb\) must be a positive number, got 0"),

@@ -170,6 +170,12 @@ def test_recipe_file_errors(tmp_path: Path, stories260k_dir: Path):
     (tmp_path / "twice.yaml").write_text(f"model: {stories260k_dir}\nsteps: []\nmodel: other\n")
     with pytest.raises(ValueError, match="not valid YAML.*duplicate key 'model'"):
         load_recipe(tmp_path / "twice.yaml")
+    # an unquoted open range is a YAML mapping inside a mapping: the message says to quote it
+    (tmp_path / "open.yaml").write_text(
+        f"model: {stories260k_dir}\nsteps:\n  - slice:\n      drop: -2:\n"
+    )
+    with pytest.raises(ValueError, match="(?s)not valid YAML.*must be quoted, as in drop: '-4:'"):
+        load_recipe(tmp_path / "open.yaml")
     with pytest.raises(ValueError, match="unknown key\\(s\\) 'outdir'"):
         load_recipe({"model": str(stories260k_dir), "steps": [], "outdir": "x"})
     with pytest.raises(ValueError, match="'model' .* is required"):

@@ -200,7 +200,9 @@ def test_config_dtype_and_relative_paths(stories260k_dir: Path, tmp_path: Path, 
     folder = tmp_path / "configs"
     folder.mkdir()
     config = write_config(
-        folder / "c.yaml", [(str(stories260k_dir.resolve()), [0, 2])], dtype="bfloat16"
+        folder / "c.yaml",
+        [(str(stories260k_dir.resolve()), [0, 2])],
+        dtype="BF16",  # an alias, any case
     )
     monkeypatch.chdir(tmp_path)
     slice_model(out="bf16", config=config, progress=False)
@@ -408,7 +410,7 @@ CONFIG_ERRORS = {
     "missing": "model folder 'meta-llama/Llama-2-7b-hf' not found .*local folders only",
     "parameters": "unsupported key\\(s\\) 'parameters'.*scale are not supported",
     "unknown_key": "unsupported key\\(s\\) 'models'",
-    "dtype": "dtype 'int8' is not supported",
+    "dtype": "dtype 'int8' is not one of float32, float16, bfloat16",
 }
 
 

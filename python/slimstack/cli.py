@@ -10,6 +10,8 @@ import signal
 import sys
 from collections.abc import Callable, Sequence
 
+from slimstack.dtype_names import canonical_dtype
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -45,6 +47,12 @@ def _float_in(low: float, high: float, *, low_open: bool = False) -> Callable[[s
     parse.__name__ = "number"
     return parse
 
+
+def _dtype(text: str) -> str:
+    return canonical_dtype(text, argparse.ArgumentTypeError)
+
+
+_dtype.__name__ = "dtype"
 
 POSITIVE = _int_at_least(1)
 NONNEGATIVE = _int_at_least(0)
@@ -242,7 +250,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed for reproducible sampling")
     p.add_argument("--stop", action="append", help="stop at this string (repeatable)")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype")
+    p.add_argument("--dtype", type=_dtype, help="compute dtype: float32, float16 or bfloat16")
     p.add_argument(
         "--mode",
         default="auto",
@@ -309,8 +317,8 @@ def _add_analyze(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dtype",
         default="float32",
-        choices=["float32", "bfloat16", "float16"],
-        help="compute dtype of the passes (default float32)",
+        type=_dtype,
+        help="compute dtype of the passes: float32 (default), float16 or bfloat16",
     )
     p.add_argument("--batch-size", type=POSITIVE, default=8, help="windows per layer call")
     p.add_argument(
@@ -379,7 +387,7 @@ def _add_slice(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--nsamples", type=POSITIVE, default=32, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=SEQLEN, default=256, help="tokens per window (default 256)")
     p.add_argument("--seed", type=int, default=0, help="seed for the window sampling")
-    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="convert weights")
+    p.add_argument("--dtype", type=_dtype, help="convert weights: float32, float16 or bfloat16")
     p.add_argument("--device", help="cpu or cuda, for --criterion scoring")
     p.add_argument("--out", required=True, help="output folder (refused if it exists)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -31,9 +31,9 @@ from slimstack.depth.snr import DEFAULT_MODULE, snr_scores
 from slimstack.depth.streaming import DEFAULT_BUDGET_MB
 from slimstack.depth.taylor import taylor_scores
 from slimstack.devices import resolve_device
+from slimstack.dtype_names import canonical_dtype
 
 SCORES_FILE = "scores.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -75,8 +75,7 @@ def check_settings(ckpt: Checkpoint, seqlen: int, token: str, dtype: str) -> Non
         raise ValueError(f"seqlen must be at least 2 (one token predicts the next), got {seqlen}")
     if token not in TOKEN_MODES:
         raise ValueError(f"--token must be one of {', '.join(TOKEN_MODES)}, got {token!r}")
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    canonical_dtype(dtype)
 
 
 def score_layers(
@@ -154,6 +153,7 @@ def analyze(
     out = Path(out)
     ckpt = Checkpoint.open(model)
     check_settings(ckpt, seqlen, token, dtype)
+    dtype = canonical_dtype(dtype)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if not (isinstance(budget_mb, int | float) and math.isfinite(budget_mb) and budget_mb > 0):
@@ -171,7 +171,7 @@ def analyze(
         calibration.input_ids if calibration is not None else None,
         chosen,
         token,
-        _DTYPES[dtype],
+        getattr(torch, dtype),
         device,
         batch_size,
         budget_mb,

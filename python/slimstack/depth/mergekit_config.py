@@ -28,16 +28,10 @@ from typing import Any
 
 import yaml
 
+from slimstack.dtype_names import canonical_dtype
+
 TOP_LEVEL_KEYS = ("slices", "merge_method", "dtype", "base_model", "tokenizer_source")
 SOURCE_KEYS = ("model", "layer_range")
-DTYPE_ALIASES = {
-    "float32": "float32",
-    "fp32": "float32",
-    "float16": "float16",
-    "fp16": "float16",
-    "bfloat16": "bfloat16",
-    "bf16": "bfloat16",
-}
 
 
 class MergeConfigError(ValueError):
@@ -159,11 +153,7 @@ def parse_config(
         base = resolve_model(raw["base_model"], "base_model", base_dir)
     dtype = raw.get("dtype")
     if dtype is not None:
-        if str(dtype).lower() not in DTYPE_ALIASES:
-            raise MergeConfigError(
-                f"dtype {dtype!r} is not supported; choose float32, float16 or bfloat16"
-            )
-        dtype = DTYPE_ALIASES[str(dtype).lower()]
+        dtype = canonical_dtype(dtype, MergeConfigError)
     tokenizer = raw.get("tokenizer_source")
     if tokenizer in (None, "base"):
         tokenizer = None
@@ -211,6 +201,14 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
+def yaml_error(path: Path, exc: yaml.YAMLError) -> str:
+    """The parser's message, plus the fix for the one mistake layer ranges invite."""
+    hint = ""
+    if "mapping values are not allowed" in str(exc):
+        hint = "; a layer range ending in ':' (like -4: or 20:) must be quoted, as in drop: '-4:'"
+    return f"{path}: not valid YAML ({exc}){hint}"
+
+
 def load_config(
     config: str | os.PathLike | Mapping, default_model: Path | None = None
 ) -> MergeConfig:
@@ -224,5 +222,5 @@ def load_config(
     try:
         raw = load_yaml(path.read_text())
     except yaml.YAMLError as exc:
-        raise MergeConfigError(f"{path}: not valid YAML ({exc})") from None
+        raise MergeConfigError(yaml_error(path, exc)) from None
     return parse_config(raw, default_model, path.resolve().parent)

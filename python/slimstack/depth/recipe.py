@@ -45,10 +45,11 @@ from slimstack.checkpoint import (
 )
 from slimstack.checkpoint_writer import check_target, replace_folder
 from slimstack.depth.layer_ranges import drop_to_keep, keep_layers
-from slimstack.depth.mergekit_config import DTYPE_ALIASES, load_yaml
 from slimstack.depth.mergekit_config import TOP_LEVEL_KEYS as MERGEKIT_KEYS
+from slimstack.depth.mergekit_config import load_yaml, yaml_error
 from slimstack.depth.selection import canonical_criterion
 from slimstack.depth.slicing import layer_specs
+from slimstack.dtype_names import canonical_dtype
 
 RECIPE_KEYS = ("model", "out", "device", "steps")
 STEP_KEYS = {
@@ -209,7 +210,7 @@ def load_recipe(recipe: str | os.PathLike | Mapping) -> Recipe:
     try:
         raw = load_yaml(text)
     except yaml.YAMLError as exc:
-        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+        raise RecipeError(yaml_error(path, exc)) from None
     return parse_recipe(raw, path, text)
 
 
@@ -295,8 +296,8 @@ def _check_slice(p: dict[str, Any], depth: int, current: Path | None) -> tuple[i
             f"{mode} a slice step takes: {', '.join(SLICE_MODE_KEYS[mode]) or 'nothing else'}"
         )
     dtype = p.get("dtype")
-    if dtype is not None and str(dtype).lower() not in DTYPE_ALIASES:  # as slicing refuses it
-        raise RecipeError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
+    if dtype is not None:
+        canonical_dtype(dtype, RecipeError)  # refused here, before any step has run
     if mode == "drop":
         return len(drop_to_keep(p["drop"], depth)), []
     if mode == "keep":

@@ -34,8 +34,9 @@ from slimstack.checkpoint import (
 )
 from slimstack.checkpoint_writer import CheckpointWriter, check_target
 from slimstack.depth.layer_ranges import drop_to_keep, format_layers, keep_layers
-from slimstack.depth.mergekit_config import DTYPE_ALIASES, MergeConfig, load_config
+from slimstack.depth.mergekit_config import MergeConfig, load_config
 from slimstack.devices import resolve_device
+from slimstack.dtype_names import canonical_dtype
 
 # config lists that are not per-layer even when their length happens to equal the depth
 NOT_PER_LAYER = frozenset(
@@ -443,8 +444,8 @@ def write_plan(
     inputs = [*ckpts, plan.tokenizer_from]
     try:
         check_target(out, overwrite, inputs)
-        if plan.dtype is not None and plan.dtype not in DTYPE_ALIASES.values():
-            raise SliceError(f"dtype {plan.dtype!r} is not one of float32, float16, bfloat16")
+        if plan.dtype is not None:
+            plan = dataclasses.replace(plan, dtype=canonical_dtype(plan.dtype, SliceError))
         base = ckpts[plan.base.resolve()]
         if plan.tokenizer_from is not None:
             _check_tokenizer(plan.tokenizer_from, base)
@@ -559,9 +560,7 @@ def make_plan(
             model, criterion, n, scores, calib, nsamples, seqlen, seed, device, progress
         )
     if dtype is not None:
-        if str(dtype).lower() not in DTYPE_ALIASES:
-            raise SliceError(f"dtype {dtype!r} is not one of float32, float16, bfloat16")
-        plan.dtype = DTYPE_ALIASES[str(dtype).lower()]
+        plan.dtype = canonical_dtype(dtype, SliceError)
     return plan
 
 
