@@ -516,3 +516,60 @@ def test_layers_with_nothing_to_prune_run_once(
     layers = Checkpoint.open(stories260k_dir).num_layers
     assert runs == [0, *range(layers)]
     assert all(name.startswith("model.layers.0.") for name in report.sparsity)
+
+
+def test_linears_fed_one_tensor_share_one_hessian() -> None:
+    """q/k/v and gate/up read the same tensor: one InputStats each group, equal to what
+    separate per-module statistics give, over several batches."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from slimstack.prune.methods import LayerInputs
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4,
+                      num_key_value_heads=2, num_hidden_layers=1)  # fmt: skip
+    torch.manual_seed(0)
+    layer = LlamaDecoderLayer(cfg, 0).eval()
+    rotary = LlamaRotaryEmbedding(cfg)
+    shared, separate = LayerInputs(want_hessian=True), {}
+    linears = {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def observe(name, x):
+        shared.observe(name, x)
+        separate.setdefault(name, InputStats(x.shape[-1], want_hessian=True)).update(x)
+
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: observe(n, a[0])) for n, m in
+             linears.items()]  # fmt: skip
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.randn(2, 5, 32)
+            position_ids = torch.arange(5)[None].expand(2, -1)
+            layer(x, position_embeddings=rotary(x, position_ids), position_ids=position_ids)
+    shared.release()
+    for hook in hooks:
+        hook.remove()
+    stats = shared.by_module
+    assert set(stats) == set(linears)
+    groups = {frozenset(n for n in stats if stats[n] is s) for s in stats.values()}
+    attn, mlp = "self_attn.", "mlp."
+    assert groups == {
+        frozenset({f"{attn}q_proj", f"{attn}k_proj", f"{attn}v_proj"}),
+        frozenset({f"{attn}o_proj"}),
+        frozenset({f"{mlp}gate_proj", f"{mlp}up_proj"}),
+        frozenset({f"{mlp}down_proj"}),
+    }
+    for name, reference in separate.items():
+        assert stats[name].tokens == reference.tokens == 30
+        torch.testing.assert_close(stats[name].hessian, reference.hessian, rtol=0, atol=0)
+        torch.testing.assert_close(stats[name].sq_norms, reference.sq_norms, rtol=0, atol=0)
+
+
+def test_an_input_shared_on_one_batch_only_is_an_error() -> None:
+    from slimstack.prune.methods import LayerInputs
+
+    inputs, x = LayerInputs(want_hessian=False), torch.randn(4, 8)
+    inputs.observe("a", x)
+    inputs.observe("b", x)  # b shares a's input on batch 1
+    inputs.observe("a", torch.randn(4, 8))
+    with pytest.raises(RuntimeError, match="b: its input is shared on some batches"):
+        inputs.observe("b", torch.randn(4, 8))

@@ -19,7 +19,7 @@ from slimstack.checkpoint import LAYER_PREFIX, Checkpoint, read_metadata, source
 from slimstack.checkpoint_writer import CheckpointWriter
 from slimstack.devices import resolve_device
 from slimstack.hf_layers import linear_names
-from slimstack.prune.methods import METHODS, InputStats, prune_weight
+from slimstack.prune.methods import METHODS, LayerInputs, prune_weight
 from slimstack.prune.patterns import Pattern, parse_pattern
 
 
@@ -239,11 +239,9 @@ def _prune_layer(
     layer = stream.load_layer(index)
     targets = {n: m for n, m in layer.named_modules() if prefix + n in chosen}
     assert set(targets) <= set(linear_names(layer))
-    stats = {
-        n: InputStats(m.in_features, want_hessian=method == "sparsegpt") for n, m in targets.items()
-    }
+    inputs = LayerInputs(want_hessian=method == "sparsegpt")
     hooks = [
-        module.register_forward_pre_hook(lambda _m, args, s=stats[n]: s.update(args[0]))
+        module.register_forward_pre_hook(lambda _m, args, n=n: inputs.observe(n, args[0]))
         for n, module in targets.items()
     ]
     try:
@@ -252,6 +250,8 @@ def _prune_layer(
     finally:
         for hook in hooks:
             hook.remove()
+        inputs.release()
+    stats = inputs.by_module
     pruned = {}
     for name, module in targets.items():
         weight = prune_weight(method, module.weight.data.float(), stats.pop(name), pattern)
