@@ -437,6 +437,34 @@ def test_corrupt_sparse24_state_dict_is_refused(make_weight, corruption) -> None
     assert half.values.dtype == torch.float16 and torch.equal(half.meta, packed.meta)
 
 
+@pytest.mark.parametrize("fmt", ["sparse24", "bitmap"])
+def test_a_dense_weight_loads_into_a_sparse_linear(make_weight, fmt: str) -> None:
+    """An nn.Linear's state_dict (a pruned model's, say) loads into its SparseLinear, packed
+    in the module's format; a weight that format cannot hold, or of another shape, is refused
+    naming why, and the module is left as it was."""
+    dense_a, _ = make_weight(fmt, 43, 172, seed=36)
+    dense_b, _ = make_weight(fmt, 43, 172, seed=37)
+    linear = nn.Linear(172, 43)
+    with torch.no_grad():
+        linear.weight.copy_(dense_b)
+    module = SparseLinear.from_dense(dense_a, torch.zeros(43), pattern=fmt)
+    module.load_state_dict(linear.state_dict())  # strict: no missing or unexpected keys
+    assert module.format == fmt
+    x = torch.randn(3, 172, generator=gen(38))
+    torch.testing.assert_close(
+        module(x).double(), reference(x, dense_b, linear.bias), atol=1e-4, rtol=1e-4
+    )
+    before = {name: t.clone() for name, t in module.state_dict().items()}
+    bad = {"weight": torch.randn(43, 172, generator=gen(39)), "bias": torch.zeros(43)}
+    if fmt == "sparse24":  # a dense random weight is not 2:4; a bitmap holds any weight
+        with pytest.raises(RuntimeError, match="cannot be packed as sparse24: .*row 0"):
+            module.load_state_dict(bad)
+    with pytest.raises(RuntimeError, match="dense weight is \\[43, 171\\], this layer is"):
+        module.load_state_dict({"weight": torch.zeros(43, 171), "bias": torch.zeros(43)})
+    for name, t in module.state_dict().items():
+        assert torch.equal(t, before[name]), f"{name} changed by a refused load"
+
+
 def test_sm90_meta_follows_copy_and_refuses_capture(monkeypatch) -> None:
     """The Hopper GEMM's reordered metadata is rebuilt after meta.copy_; its first build (a
     kernel plus a probe) is refused inside graph capture instead of being recorded."""

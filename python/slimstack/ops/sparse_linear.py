@@ -135,7 +135,8 @@ class SparseLinear(nn.Module):
     """A linear layer whose weight is packed (sparse24 or bitmap): y = x @ W^T + b.
 
     The packed tensors are buffers, so ``.to()``, ``state_dict`` and ``model.half()`` treat
-    them like nn.Linear's weight (``half()`` converts the values; the layout is kept).
+    them like nn.Linear's weight (``half()`` converts the values; the layout is kept), and
+    ``load_state_dict`` also takes an nn.Linear's dense ``weight``, packed in this format.
     Inference only: no gradient flows to the packed weight.
     """
 
@@ -195,6 +196,15 @@ class SparseLinear(nn.Module):
         takes the incoming length (the kept count belongs to the weight, not to this
         module)."""
         container = BitmapWeight if self.format == "bitmap" else Sparse24Weight
+        dense = state_dict.get(prefix + "weight")
+        if isinstance(dense, Tensor) and not any(
+            prefix + n in state_dict for n in container.TENSORS
+        ):
+            # an nn.Linear's (or a pruned checkpoint's) dense weight: pack it in this format
+            problem = self._pack_into(state_dict, prefix, dense, container)
+            if problem:
+                errors.append(f"{prefix or 'SparseLinear'}: {problem}")
+                return
         incoming = {name: state_dict.get(prefix + name) for name in container.TENSORS}
         if all(isinstance(t, Tensor) for t in incoming.values()):
             problem = self._incoming_problem(container, incoming)
@@ -206,6 +216,21 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
+
+    def _pack_into(
+        self, state_dict: dict, prefix: str, dense: Tensor, container: type[PackedWeight]
+    ) -> str | None:
+        """Replace the dense ``weight`` entry by its packed tensors; why not, if it cannot be."""
+        if tuple(dense.shape) != self.shape:
+            return f"the incoming dense weight is {list(dense.shape)}, this layer is {list(self.shape)}"
+        try:
+            packed = pack_weight(dense.detach().to("cpu", self.values.dtype), self.format)
+        except ValueError as error:
+            return f"the incoming dense weight cannot be packed as {self.format}: {error}"
+        del state_dict[prefix + "weight"]
+        for name in container.TENSORS:
+            state_dict[prefix + name] = getattr(packed, name)
+        return None
 
     def _incoming_problem(
         self, container: type[PackedWeight], incoming: dict[str, Tensor]
