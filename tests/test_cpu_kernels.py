@@ -19,7 +19,8 @@ TOLERANCES = {
     torch.bfloat16: (6e-2, 8e-3),
 }
 SHAPES = [(43, 172), (1, 64), (64, 64), (16, 200), (300, 128)]
-MS = [1, 3, 16, 17, 128]
+# the AVX2 kernels take x rows 4 at a time: 6 and 17 end on a 2- and a 1-row step
+MS = [1, 3, 6, 16, 17, 128]
 FORMATS = ["sparse24", "bitmap"]
 
 
@@ -74,10 +75,10 @@ def test_instruction_sets_are_listed() -> None:
     assert "generic" in _C.cpu_isas() and _C.cpu_isa() in _C.cpu_isas()
 
 
-# The grid above runs the default (best) instruction set only. The others are what a CPU
-# without AVX-512 runs: their own micro-kernel (other M tails) and the portable row
-# decompressors for every dtype (the AVX-512 path expands rows with its own code), so each
-# of them gets the whole shape x dtype x M grid, into a poisoned output.
+# The grid above runs the default (best) instruction set only. Each one has its own code:
+# avx2 expands packed rows in registers, generic (what a CPU without AVX2 runs) decompresses
+# rows for the portable micro-kernel, so each gets the whole shape x dtype x M grid, into a
+# poisoned output.
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
@@ -116,8 +117,9 @@ def test_reads_of_x_stop_at_k(fmt: str, dtype: torch.dtype, make_weight) -> None
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", _C.cpu_isas())
 def test_non_finite_x_matches_the_dense_masked_matmul(fmt, name, bad, make_weight, isa) -> None:
-    """The CPU kernels decode each weight row to a dense fp32 row, so a NaN / inf in x
-    column k meets the pruned weights as 0 x NaN = NaN: every output is non-finite exactly
+    """The CPU kernels expand each weight row to dense fp32 (in registers on avx2, in a
+    buffer on generic), so a NaN / inf in x column k meets the pruned weights as
+    0 x NaN = NaN: every output is non-finite exactly
     where the float64 dense matmul of the masked weight is (the contract in
     slimstack.ops.sparse_linear leaves pruned rows backend-defined; here they are NaN)."""
     _C.select_cpu_isa(name)

@@ -410,9 +410,10 @@ def test_bitmap_state_dict_loads_across_kept_counts(make_unstructured) -> None:
 @pytest.mark.parametrize("corruption", ["nibble", "padding"])
 def test_corrupt_sparse24_state_dict_is_refused(make_weight, corruption) -> None:
     """A sparse24 state_dict is checked as Sparse24Weight.load checks a file: a nibble with
-    i0 > i1 decodes differently on each CPU ISA (AVX-512 expands values in column order, the
-    portable path places them by index) and a value stored for a padding column reaches the
-    kernels but not unpack, so either loaded silently gave backend-dependent outputs."""
+    i0 >= i1 is no valid encoding (the CPU kernels place values by index, an earlier AVX-512
+    path expanded them in column order: backends resolve it differently) and a value stored
+    for a padding column reaches the kernels but not unpack, so either loaded silently gave
+    backend-dependent outputs."""
     dense, packed = make_weight("sparse24", 43, 172, seed=33)
     corrupt = SparseLinear(packed).state_dict()
     corrupt = {name: t.clone() for name, t in corrupt.items()}

@@ -1,7 +1,11 @@
-// bitmap matmul on CPU: scatter each row's compacted values to the columns its bitmask
-// names (fp32), then the shared register-tiled micro-kernel (block_mm.h).
+// bitmap matmul on CPU (a bit per column, kept values compacted per row). AVX2: each 8
+// columns of a packed row are expanded in registers (a permute by the mask byte) and meet
+// every x row; the packed row is read once and no decompressed row is written. Portable:
+// scatter each row's values to fp32, then the register-tiled micro-kernel (block_mm.h).
+#include <array>
+
 #include "cpu/block_mm.h"
-#include "cpu/simd_x86.h"
+#include "cpu/simd_avx2.h"
 #include "cpu/sparse_mm.h"
 
 namespace slimstack::cpu {
@@ -32,24 +36,97 @@ void decompress_bitmap_row(const T* values, const uint8_t* bitmask, int64_t Kp, 
 }
 
 #ifdef SLIMSTACK_X86
-// 16 columns at a time: load as many values as the 16 mask bits have set, and vexpandps
-// places them at the set columns, zeros elsewhere.
-template <typename T>
-SLIMSTACK_AVX512 void decompress_bitmap_row_avx512(const T* values, const uint8_t* bitmask,
-                                                   int64_t Kp, float* dst) {
-  for (int64_t c = 0; c < Kp; c += 16) {
-    const auto keep = static_cast<__mmask16>(bitmask[c / 8] | bitmask[c / 8 + 1] << 8);
-    const unsigned count = __builtin_popcount(keep);
-    _mm512_storeu_ps(dst + c, _mm512_maskz_expand_ps(keep, load_as_float(values, count)));
-    values += count;
+// Mask byte -> for each of its 8 columns, the slot among the byte's compacted values that
+// holds it, and an all-ones lane where the bit is set (a clear bit's lane is zeroed).
+struct ExpandTable {
+  std::array<std::array<int32_t, 8>, 256> slots{};
+  std::array<std::array<int32_t, 8>, 256> set{};
+};
+const ExpandTable kExpand = [] {
+  ExpandTable table;
+  for (int b = 0; b < 256; ++b) {
+    for (int c = 0; c < 8; ++c) {
+      table.slots[b][c] = __builtin_popcount(b & ((1 << c) - 1));
+      table.set[b][c] = (b >> c & 1) ? -1 : 0;
+    }
   }
+  return table;
+}();
+
+// Columns c..c+7 of a row as fp32 lanes: the byte's values (at v, `available` of them
+// readable) moved to their set bits, zeros at clear bits. A full 8-value load needs 8
+// readable values; near the end of `values` the rest is read through a zeroed copy.
+template <typename T>
+SLIMSTACK_AVX2 inline __m256 expand8(const T* v, int64_t available, unsigned byte) {
+  __m256 raw;
+  if (available >= 8) {
+    raw = load8_as_float(v);
+  } else {
+    T tail[8] = {};
+    for (int64_t i = 0; i < available; ++i) tail[i] = v[i];
+    raw = load8_as_float(tail);
+  }
+  const auto* slots = reinterpret_cast<const __m256i*>(kExpand.slots[byte].data());
+  const auto* set = reinterpret_cast<const float*>(kExpand.set[byte].data());
+  return _mm256_and_ps(_mm256_permutevar8x32_ps(raw, _mm256_loadu_si256(slots)),
+                       _mm256_loadu_ps(set));
+}
+
+// out[m, n] for MB rows of x and one weight row (its values from v, `available` readable
+// up to the end of `values`); 16 columns per step, two accumulators per x row.
+template <typename T, int MB>
+SLIMSTACK_AVX2 void bitmap_row_avx2(const float* x, int64_t Kp, const T* v, int64_t available,
+                                    const uint8_t* bits, T* out, int64_t N) {
+  __m256 acc[MB][2];
+  for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
+  int64_t used = 0;
+  for (int64_t c = 0; c < Kp; c += 16) {
+    const unsigned b0 = bits[c / 8], b1 = bits[c / 8 + 1];
+    const __m256 w0 = expand8(v + used, available - used, b0);
+    used += __builtin_popcount(b0);
+    const __m256 w1 = expand8(v + used, available - used, b1);
+    used += __builtin_popcount(b1);
+    for (int m = 0; m < MB; ++m) {
+      const float* xm = x + m * Kp + c;
+      acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
+      acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
+    }
+  }
+  for (int m = 0; m < MB; ++m)
+    out[m * N] = from_float<T>(hsum(_mm256_add_ps(acc[m][0], acc[m][1])));
+}
+
+template <typename T>
+int64_t bitmap_avx2(const T* x, const T* values, int64_t values_numel, const uint8_t* bitmask,
+                    const int64_t* row_offsets, T* out, int64_t M, int64_t N, int64_t K) {
+  const int64_t Kp = padded_k(K);
+  return rowwise_mm(x, out, M, N, K,
+                    [&](const float* xb, int64_t mb, T* ob, int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const uint8_t* bits = bitmask + n * (Kp / 8);
+      const int64_t start = row_offsets[n];
+      if (!row_fits(bits, Kp, start, row_offsets[n + 1], values_numel)) return n;
+      const T* v = values + start;
+      const int64_t available = values_numel - start;
+      for (int64_t m = 0; m < mb; m += 4) {
+        const float* xm = xb + m * Kp;
+        T* y = ob + m * N + n;
+        switch (std::min<int64_t>(4, mb - m)) {
+          case 1: bitmap_row_avx2<T, 1>(xm, Kp, v, available, bits, y, N); break;
+          case 2: bitmap_row_avx2<T, 2>(xm, Kp, v, available, bits, y, N); break;
+          case 3: bitmap_row_avx2<T, 3>(xm, Kp, v, available, bits, y, N); break;
+          default: bitmap_row_avx2<T, 4>(xm, Kp, v, available, bits, y, N); break;
+        }
+      }
+    }
+    return int64_t{-1};
+  });
 }
 #endif
 
-template <typename T, typename Decompress>
-int64_t run(const T* x, const T* values, int64_t values_numel, const uint8_t* bitmask,
-            const int64_t* row_offsets, T* out, int64_t M, int64_t N, int64_t K,
-            const Decompress& decompress) {
+template <typename T>
+int64_t bitmap_portable(const T* x, const T* values, int64_t values_numel, const uint8_t* bitmask,
+                        const int64_t* row_offsets, T* out, int64_t M, int64_t N, int64_t K) {
   const int64_t Kp = padded_k(K);
   return block_sparse_mm(x, out, M, N, K, [&](int64_t n, float* dst) {
     const uint8_t* row_bits = bitmask + n * (Kp / 8);
@@ -57,7 +134,7 @@ int64_t run(const T* x, const T* values, int64_t values_numel, const uint8_t* bi
       std::memset(dst, 0, sizeof(float) * Kp);
       return false;
     }
-    decompress(values + row_offsets[n], row_bits, Kp, dst);
+    decompress_bitmap_row(values + row_offsets[n], row_bits, Kp, dst);
     return true;
   });
 }
@@ -68,12 +145,10 @@ template <typename T>
 int64_t bitmap_mm(const T* x, const T* values, int64_t values_numel, const uint8_t* bitmask,
                   const int64_t* row_offsets, T* out, int64_t M, int64_t N, int64_t K) {
 #ifdef SLIMSTACK_X86
-  if (avx512_active())
-    return run(x, values, values_numel, bitmask, row_offsets, out, M, N, K,
-               decompress_bitmap_row_avx512<T>);
+  if (avx2_active())
+    return bitmap_avx2(x, values, values_numel, bitmask, row_offsets, out, M, N, K);
 #endif
-  return run(x, values, values_numel, bitmask, row_offsets, out, M, N, K,
-             decompress_bitmap_row<T>);
+  return bitmap_portable(x, values, values_numel, bitmask, row_offsets, out, M, N, K);
 }
 
 template int64_t bitmap_mm<float>(const float*, const float*, int64_t, const uint8_t*,

@@ -1,6 +1,6 @@
-// The dense fp32 micro-kernel behind every CPU sparse kernel, compiled for AVX-512,
-// AVX2 and a portable baseline and picked at run time: the extension is built without
-// -march flags so that one wheel runs everywhere.
+// The portable dense fp32 micro-kernel behind the generic CPU strategy, and the choice of
+// strategy at run time: the extension is built without -march flags so that one wheel runs
+// everywhere, and the AVX2 kernels carry their own target attributes.
 #include "cpu/block_mm.h"
 
 #include <stdexcept>
@@ -75,24 +75,8 @@ __attribute__((always_inline)) inline void block_impl(const float* x, int64_t ld
   }
 }
 
-#define SLIMSTACK_BLOCK_ARGS                                                               \
-  const float *x, int64_t ldx, const float *w, int64_t rows, int64_t M, int64_t Kp, float *acc
-
-#ifdef SLIMSTACK_X86
-__attribute__((target("avx512f,fma"))) void block_avx512(SLIMSTACK_BLOCK_ARGS) {
-  block_impl<4, 16>(x, ldx, w, rows, M, Kp, acc);
-}
-__attribute__((target("avx2,fma"))) void block_avx2(SLIMSTACK_BLOCK_ARGS) {
-  block_impl<2, 8>(x, ldx, w, rows, M, Kp, acc);
-}
-#endif
-void block_generic(SLIMSTACK_BLOCK_ARGS) { block_impl<2, 4>(x, ldx, w, rows, M, Kp, acc); }
-
-using BlockFn = void (*)(SLIMSTACK_BLOCK_ARGS);
-
 struct Isa {
   const char* name;
-  BlockFn fn;
   bool supported;
 };
 
@@ -100,11 +84,10 @@ std::vector<Isa> known_isas() {
   std::vector<Isa> isas;
 #ifdef SLIMSTACK_X86
   __builtin_cpu_init();
-  isas.push_back({"avx512", block_avx512, static_cast<bool>(__builtin_cpu_supports("avx512f"))});
-  isas.push_back({"avx2", block_avx2,
-                  __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")});
+  isas.push_back({"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+                              __builtin_cpu_supports("f16c")});
 #endif
-  isas.push_back({"generic", block_generic, true});
+  isas.push_back({"generic", true});
   return isas;
 }
 
@@ -119,7 +102,11 @@ Isa& active_isa() {
 
 }  // namespace
 
-void dense_block_mm(SLIMSTACK_BLOCK_ARGS) { active_isa().fn(x, ldx, w, rows, M, Kp, acc); }
+// SSE-width vectors: what every x86-64 (and most other) CPU has without -march flags.
+void dense_block_mm(const float* x, int64_t ldx, const float* w, int64_t rows, int64_t M,
+                    int64_t Kp, float* acc) {
+  block_impl<2, 4>(x, ldx, w, rows, M, Kp, acc);
+}
 
 std::vector<std::string> supported_isas() {
   std::vector<std::string> names;
@@ -130,7 +117,7 @@ std::vector<std::string> supported_isas() {
 
 std::string current_isa() { return active_isa().name; }
 
-bool avx512_active() { return std::strcmp(active_isa().name, "avx512") == 0; }
+bool avx2_active() { return std::strcmp(active_isa().name, "avx2") == 0; }
 
 bool select_isa(const std::string& name) {
   for (const Isa& isa : known_isas()) {

@@ -1,6 +1,9 @@
-// Shared machinery of the CPU sparse kernels: each task decompresses a block of weight
-// rows to fp32 and multiplies it with x by a register-tiled dense micro-kernel. The
-// sparse formats only differ in how one row is decompressed.
+// Shared machinery of the CPU sparse kernels, two strategies picked by instruction set:
+// - avx2 (rowwise_mm): each packed row is expanded in registers, 8 columns at a time, and
+//   meets every x row there; the packed bytes are read once and nothing else is written.
+// - generic, the portable baseline (block_sparse_mm): each task decompresses a block of
+//   weight rows to fp32 and multiplies it with x by a register-tiled dense micro-kernel.
+// The sparse formats only differ in how a row is expanded or decompressed.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -41,9 +44,9 @@ inline T from_float(float v) {
 void dense_block_mm(const float* x, int64_t ldx, const float* w, int64_t rows, int64_t M,
                     int64_t Kp, float* acc);
 
-// Whether the AVX-512 code paths are active (the best supported ISA unless a test chose
-// another); the row decompressors follow the micro-kernel's choice.
-bool avx512_active();
+// Whether the AVX2 kernels are selected (the default where the CPU has AVX2, FMA and F16C,
+// unless a test chose the portable baseline).
+bool avx2_active();
 
 // Weight rows per task: large blocks amortize the x traffic, but keep every thread busy.
 inline int64_t rows_per_task(int64_t N) {
@@ -67,6 +70,46 @@ std::vector<float> padded_fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp
     }
   });
   return buf;
+}
+
+// The AVX2 strategy's driver: x as fp32 [M, Kp] (zero past K), weight rows split over
+// threads and walked in tiles of kTileRows; each tile meets x kTileM rows at a time, so the
+// tile's packed rows and those x rows stay in L2 (a long prefill would otherwise stream all
+// of x from memory once per weight row). rows(x_block, m_count, out_block, n0, n1) writes
+// out_block[0:m_count, n0:n1] and returns -1, or its smallest malformed row. Returns -1, or
+// the smallest malformed row.
+constexpr int64_t kTileRows = 32;
+constexpr int64_t kTileM = 32;
+
+template <typename T, typename Rows>
+int64_t rowwise_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K, const Rows& rows) {
+  const int64_t Kp = padded_k(K);
+  std::vector<float> x_buf;
+  const float* x32 = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    if (K == Kp) x32 = x;
+  }
+  if (x32 == nullptr) {
+    x_buf = padded_fp32_rows(x, M, K, Kp);
+    x32 = x_buf.data();
+  }
+  std::atomic<int64_t> first_bad{N};
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (Kp * std::max<int64_t>(M, 1)));
+  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
+    for (int64_t t0 = n0; t0 < n1; t0 += kTileRows) {
+      const int64_t t1 = std::min(n1, t0 + kTileRows);
+      for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
+        const int64_t bad = rows(x32 + m0 * Kp, std::min(kTileM, M - m0), out + m0 * N, t0, t1);
+        if (bad < 0) continue;
+        int64_t seen = first_bad.load();
+        while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
+        }
+        return;
+      }
+    }
+  });
+  const int64_t bad = first_bad.load();
+  return bad == N ? -1 : bad;
 }
 
 // out[M, N] = x @ W^T where decompress_row(n, dst) writes row n of W (all Kp fp32 values,

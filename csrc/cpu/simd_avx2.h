@@ -1,0 +1,36 @@
+// AVX2 helpers for the small-M kernels, which multiply packed rows without decompressing
+// them. Functions carry their own target attribute (the extension is built without -march),
+// so callers must check small_m_path() first.
+#pragma once
+
+#include "cpu/block_mm.h"
+
+#ifdef SLIMSTACK_X86
+#include <immintrin.h>
+
+#define SLIMSTACK_AVX2 __attribute__((target("avx2,fma,f16c")))
+
+namespace slimstack::cpu {
+
+// Eight values at p as fp32 lanes.
+SLIMSTACK_AVX2 inline __m256 load8_as_float(const float* p) { return _mm256_loadu_ps(p); }
+
+SLIMSTACK_AVX2 inline __m256 load8_as_float(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+SLIMSTACK_AVX2 inline __m256 load8_as_float(const c10::BFloat16* p) {
+  const __m256i widened =
+      _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(widened, 16));  // bf16 is fp32's top half
+}
+
+SLIMSTACK_AVX2 inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+}  // namespace slimstack::cpu
+#endif  // SLIMSTACK_X86
