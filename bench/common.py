@@ -33,11 +33,25 @@ LLM_SHAPES = [
 ]  # fmt: skip
 GPU_M = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
 GPU_DTYPES = [torch.bfloat16, torch.float16]
-# CPU: small enough that CI exercises the whole suite in seconds.
+# CPU: small enough that CI exercises the whole suite in seconds; SLIMSTACK_BENCH_CPU=llm
+# times two 7B shapes at decode sizes instead (about two minutes on 2 cores).
+CPU_SIZES_ENV = "SLIMSTACK_BENCH_CPU"
 CPU_SHAPES = [(256, 512), (384, 256)]
 CPU_M = [1, 8, 64]
+CPU_LLM_SHAPES = [(4096, 4096), (14336, 4096)]
+CPU_LLM_M = [1, 4, 16]
 CPU_DTYPES = [torch.float32, torch.bfloat16]
 GEMV_MAX_M = 16
+
+
+def cpu_sizes() -> tuple[list[tuple[int, int]], list[int]]:
+    choice = os.environ.get(CPU_SIZES_ENV, "small")
+    if choice == "small":
+        return CPU_SHAPES, CPU_M
+    if choice == "llm":
+        return CPU_LLM_SHAPES, CPU_LLM_M
+    raise ValueError(f"{CPU_SIZES_ENV}={choice!r}: choose small (the default) or llm")
+
 
 ROW_KEYS = {
     "op": str, "provider": str, "baseline": str, "N": int, "K": int, "M": int, "dtype": str,
@@ -88,7 +102,8 @@ def cases(device_type: str) -> list[Case]:
             ("sparse24_mm", ("cpu", "auto"), lambda m: True),
             ("bitmap_mm", ("cpu", "auto"), lambda m: True),
         ]
-        shapes, ms, dtypes = CPU_SHAPES, CPU_M, CPU_DTYPES
+        shapes, ms = cpu_sizes()
+        dtypes = CPU_DTYPES
     return [
         Case(op, provider, N, K, M, dtype)
         for dtype in dtypes

@@ -268,3 +268,15 @@ def test_a_kernel_that_faults_fails_instead_of_skipping_as_refused(session, monk
     raised[0] = RuntimeError("sparse24_gemm_sm90: N must be a multiple of 8")
     with pytest.raises(pytest.skip.Exception, match="refused"):
         session.measure(CASE)
+
+
+def test_cpu_sizes_are_chosen_by_the_environment(monkeypatch):
+    monkeypatch.delenv(common.CPU_SIZES_ENV, raising=False)
+    assert {(c.N, c.K) for c in common.cases("cpu")} == set(common.CPU_SHAPES)
+    monkeypatch.setenv(common.CPU_SIZES_ENV, "llm")
+    llm = common.cases("cpu")
+    assert {(c.N, c.K) for c in llm} == set(common.CPU_LLM_SHAPES)
+    assert {c.M for c in llm} == set(common.CPU_LLM_M)
+    monkeypatch.setenv(common.CPU_SIZES_ENV, "huge")
+    with pytest.raises(ValueError, match="SLIMSTACK_BENCH_CPU='huge': choose small"):
+        common.cases("cpu")

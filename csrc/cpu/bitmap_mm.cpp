@@ -39,14 +39,14 @@ void decompress_bitmap_row(const T* values, const uint8_t* bitmask, int64_t Kp, 
 // Mask byte -> for each of its 8 columns, the slot among the byte's compacted values that
 // holds it, and an all-ones lane where the bit is set (a clear bit's lane is zeroed).
 struct ExpandTable {
-  std::array<std::array<int32_t, 8>, 256> slots{};
-  std::array<std::array<int32_t, 8>, 256> set{};
+  std::array<std::array<uint8_t, 8>, 256> slots{};
+  std::array<std::array<int8_t, 8>, 256> set{};
 };
 const ExpandTable kExpand = [] {
   ExpandTable table;
   for (int b = 0; b < 256; ++b) {
     for (int c = 0; c < 8; ++c) {
-      table.slots[b][c] = __builtin_popcount(b & ((1 << c) - 1));
+      table.slots[b][c] = static_cast<uint8_t>(__builtin_popcount(b & ((1 << c) - 1)));
       table.set[b][c] = (b >> c & 1) ? -1 : 0;
     }
   }
@@ -66,10 +66,8 @@ SLIMSTACK_AVX2 inline __m256 expand8(const T* v, int64_t available, unsigned byt
     for (int64_t i = 0; i < available; ++i) tail[i] = v[i];
     raw = load8_as_float(tail);
   }
-  const auto* slots = reinterpret_cast<const __m256i*>(kExpand.slots[byte].data());
-  const auto* set = reinterpret_cast<const float*>(kExpand.set[byte].data());
-  return _mm256_and_ps(_mm256_permutevar8x32_ps(raw, _mm256_loadu_si256(slots)),
-                       _mm256_loadu_ps(set));
+  const __m256 placed = _mm256_permutevar8x32_ps(raw, load8_u8(kExpand.slots[byte].data()));
+  return _mm256_and_ps(placed, _mm256_castsi256_ps(load8_i8(kExpand.set[byte].data())));
 }
 
 // out[m, n] for MB rows of x and one weight row (its values from v, `available` readable

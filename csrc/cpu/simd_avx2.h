@@ -25,6 +25,16 @@ SLIMSTACK_AVX2 inline __m256 load8_as_float(const c10::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(widened, 16));  // bf16 is fp32's top half
 }
 
+// Eight bytes at p as int32 lanes, zero- or sign-extended: the lookup tables of the
+// kernels are bytes (a 256-entry table of 8 lanes is 2 KiB, not 8, and L1 is 32 KiB).
+SLIMSTACK_AVX2 inline __m256i load8_u8(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
+SLIMSTACK_AVX2 inline __m256i load8_i8(const int8_t* p) {
+  return _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+
 SLIMSTACK_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));

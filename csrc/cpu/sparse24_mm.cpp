@@ -29,20 +29,19 @@ void decompress_sparse24_row(const T* values, const uint8_t* meta, int64_t Kp, f
 #ifdef SLIMSTACK_X86
 // Meta byte -> for each of its 8 columns, the lane of its value in a vector holding the
 // byte's 4 stored values in lanes 0..3 and zeros in lanes 4..7 (a pruned column reads 4).
-const std::array<std::array<int32_t, 8>, 256> kLanes = [] {
-  std::array<std::array<int32_t, 8>, 256> table{};
+const std::array<std::array<uint8_t, 8>, 256> kLanes = [] {
+  std::array<std::array<uint8_t, 8>, 256> table{};
   for (int b = 0; b < 256; ++b) {
     table[b].fill(4);
     const int columns[4] = {b & 3, (b >> 2) & 3, 4 + ((b >> 4) & 3), 4 + (b >> 6)};
-    for (int s = 0; s < 4; ++s) table[b][columns[s]] = s;
+    for (int s = 0; s < 4; ++s) table[b][columns[s]] = static_cast<uint8_t>(s);
   }
   return table;
 }();
 
 // The 8 dense columns of meta byte `byte` as fp32 lanes, from its 4 values and 4 zeros.
 SLIMSTACK_AVX2 inline __m256 expand8(__m256 values_and_zeros, unsigned byte) {
-  const auto* lanes = reinterpret_cast<const __m256i*>(kLanes[byte].data());
-  return _mm256_permutevar8x32_ps(values_and_zeros, _mm256_loadu_si256(lanes));
+  return _mm256_permutevar8x32_ps(values_and_zeros, load8_u8(kLanes[byte].data()));
 }
 
 // out[m, n] for MB rows of x and weight row n: each 16 columns (8 stored values) are
