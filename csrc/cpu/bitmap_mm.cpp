@@ -106,16 +106,10 @@ int64_t bitmap_avx2(const T* x, const T* values, int64_t values_numel, const uin
       if (!row_fits(bits, Kp, start, row_offsets[n + 1], values_numel)) return n;
       const T* v = values + start;
       const int64_t available = values_numel - start;
-      for (int64_t m = 0; m < mb; m += 4) {
-        const float* xm = xb + m * Kp;
-        T* y = ob + m * N + n;
-        switch (std::min<int64_t>(4, mb - m)) {
-          case 1: bitmap_row_avx2<T, 1>(xm, Kp, v, available, bits, y, N); break;
-          case 2: bitmap_row_avx2<T, 2>(xm, Kp, v, available, bits, y, N); break;
-          case 3: bitmap_row_avx2<T, 3>(xm, Kp, v, available, bits, y, N); break;
-          default: bitmap_row_avx2<T, 4>(xm, Kp, v, available, bits, y, N); break;
-        }
-      }
+      in_steps_of_four_rows(mb, [&](auto rows, int64_t m) {
+        bitmap_row_avx2<T, decltype(rows)::value>(xb + m * Kp, Kp, v, available, bits,
+                                                  ob + m * N + n, N);
+      });
     }
     return int64_t{-1};
   });

@@ -81,6 +81,20 @@ std::vector<float> padded_fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp
 constexpr int64_t kTileRows = 32;
 constexpr int64_t kTileM = 32;
 
+// step(rows, m) for x rows m.. of 0..mb in steps of up to 4, `rows` the step's row count as
+// a compile-time constant (the AVX2 row kernels keep one register pair per x row).
+template <typename Step>
+inline void in_steps_of_four_rows(int64_t mb, const Step& step) {
+  for (int64_t m = 0; m < mb; m += 4) {
+    switch (std::min<int64_t>(4, mb - m)) {
+      case 1: step(std::integral_constant<int, 1>{}, m); break;
+      case 2: step(std::integral_constant<int, 2>{}, m); break;
+      case 3: step(std::integral_constant<int, 3>{}, m); break;
+      default: step(std::integral_constant<int, 4>{}, m); break;
+    }
+  }
+}
+
 template <typename T, typename Rows>
 int64_t rowwise_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K, const Rows& rows) {
   const int64_t Kp = padded_k(K);

@@ -75,16 +75,9 @@ void sparse24_avx2(const T* x, const T* values, const uint8_t* meta, T* out, int
     for (int64_t n = n0; n < n1; ++n) {  // a packed row stays in L1 while the x rows meet it
       const T* v = values + n * (Kp / 2);
       const uint8_t* mt = meta + n * (Kp / 8);
-      for (int64_t m = 0; m < mb; m += 4) {
-        const float* xm = xb + m * Kp;
-        T* y = ob + m * N + n;
-        switch (std::min<int64_t>(4, mb - m)) {
-          case 1: sparse24_row_avx2<T, 1>(xm, Kp, v, mt, y, N); break;
-          case 2: sparse24_row_avx2<T, 2>(xm, Kp, v, mt, y, N); break;
-          case 3: sparse24_row_avx2<T, 3>(xm, Kp, v, mt, y, N); break;
-          default: sparse24_row_avx2<T, 4>(xm, Kp, v, mt, y, N); break;
-        }
-      }
+      in_steps_of_four_rows(mb, [&](auto rows, int64_t m) {
+        sparse24_row_avx2<T, decltype(rows)::value>(xb + m * Kp, Kp, v, mt, ob + m * N + n, N);
+      });
     }
     return int64_t{-1};
   });
