@@ -72,15 +72,6 @@ std::vector<float> padded_fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp
   return buf;
 }
 
-// The AVX2 strategy's driver: x as fp32 [M, Kp] (zero past K), weight rows split over
-// threads and walked in tiles of kTileRows; each tile meets x kTileM rows at a time, so the
-// tile's packed rows and those x rows stay in L2 (a long prefill would otherwise stream all
-// of x from memory once per weight row). rows(x_block, m_count, out_block, n0, n1) writes
-// out_block[0:m_count, n0:n1] and returns -1, or its smallest malformed row. Returns -1, or
-// the smallest malformed row.
-constexpr int64_t kTileRows = 32;
-constexpr int64_t kTileM = 32;
-
 // step(rows, m) for x rows m.. of 0..mb in steps of up to 4, `rows` the step's row count as
 // a compile-time constant (the AVX2 row kernels keep one register pair per x row).
 template <typename Step>
@@ -94,6 +85,15 @@ inline void in_steps_of_four_rows(int64_t mb, const Step& step) {
     }
   }
 }
+
+// The AVX2 strategy's driver: x as fp32 [M, Kp] (zero past K), weight rows split over
+// threads and walked in tiles of kTileRows; each tile meets x kTileM rows at a time, so the
+// tile's packed rows and those x rows stay in L2 (a long prefill would otherwise stream all
+// of x from memory once per weight row). rows(x_block, m_count, out_block, n0, n1) writes
+// out_block[0:m_count, n0:n1] and returns -1, or its smallest malformed row. Returns -1, or
+// the smallest malformed row.
+constexpr int64_t kTileRows = 32;
+constexpr int64_t kTileM = 32;
 
 template <typename T, typename Rows>
 int64_t rowwise_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K, const Rows& rows) {
