@@ -44,7 +44,7 @@ inline T from_float(float v) {
 void dense_block_mm(const float* x, int64_t ldx, const float* w, int64_t rows, int64_t M,
                     int64_t Kp, float* acc);
 
-// Whether the AVX2 kernels are selected (the default where the CPU has AVX2, FMA and F16C,
+// Whether the AVX2 kernels are selected (the default where the CPU has AVX2 and FMA,
 // unless a test chose the portable baseline).
 bool avx2_active();
 
