@@ -53,13 +53,13 @@ const ExpandTable kExpand = [] {
   return table;
 }();
 
-// Columns c..c+7 of a row as fp32 lanes: the byte's values (at v, `available` of them
-// readable) moved to their set bits, zeros at clear bits. A full 8-value load needs 8
-// readable values; near the end of `values` the rest is read through a zeroed copy.
-template <typename T>
+// Columns c..c+7 of a row as fp32 lanes: the byte's values (at v) moved to their set bits,
+// zeros at clear bits. A full 8-value load reads up to 8 values past the byte's own; near
+// the end of `values` (NearEnd: only `available` readable) the rest comes from a zeroed copy.
+template <typename T, bool NearEnd>
 SLIMSTACK_AVX2 inline __m256 expand8(const T* v, int64_t available, unsigned byte) {
   __m256 raw;
-  if (available >= 8) {
+  if (!NearEnd || available >= 8) {
     raw = load8_as_float(v);
   } else {
     T tail[8] = {};
@@ -72,7 +72,7 @@ SLIMSTACK_AVX2 inline __m256 expand8(const T* v, int64_t available, unsigned byt
 
 // out[m, n] for MB rows of x and one weight row (its values from v, `available` readable
 // up to the end of `values`); 16 columns per step, two accumulators per x row.
-template <typename T, int MB>
+template <typename T, int MB, bool NearEnd>
 SLIMSTACK_AVX2 void bitmap_row_avx2(const float* x, int64_t Kp, const T* v, int64_t available,
                                     const uint8_t* bits, T* out, int64_t N) {
   __m256 acc[MB][2];
@@ -80,9 +80,9 @@ SLIMSTACK_AVX2 void bitmap_row_avx2(const float* x, int64_t Kp, const T* v, int6
   int64_t used = 0;
   for (int64_t c = 0; c < Kp; c += 16) {
     const unsigned b0 = bits[c / 8], b1 = bits[c / 8 + 1];
-    const __m256 w0 = expand8(v + used, available - used, b0);
+    const __m256 w0 = expand8<T, NearEnd>(v + used, available - used, b0);
     used += __builtin_popcount(b0);
-    const __m256 w1 = expand8(v + used, available - used, b1);
+    const __m256 w1 = expand8<T, NearEnd>(v + used, available - used, b1);
     used += __builtin_popcount(b1);
     for (int m = 0; m < MB; ++m) {
       const float* xm = x + m * Kp + c;
@@ -106,9 +106,17 @@ int64_t bitmap_avx2(const T* x, const T* values, int64_t values_numel, const uin
       if (!row_fits(bits, Kp, start, row_offsets[n + 1], values_numel)) return n;
       const T* v = values + start;
       const int64_t available = values_numel - start;
+      // a load reads at most 8 values past the row's last kept one: only the last rows of
+      // `values` need the checked path
+      const bool near_end = row_offsets[n + 1] + 8 > values_numel;
       in_steps_of_four_rows(mb, [&](auto rows, int64_t m) {
-        bitmap_row_avx2<T, decltype(rows)::value>(xb + m * Kp, Kp, v, available, bits,
-                                                  ob + m * N + n, N);
+        constexpr int R = decltype(rows)::value;
+        const float* xm = xb + m * Kp;
+        T* y = ob + m * N + n;
+        if (near_end)
+          bitmap_row_avx2<T, R, true>(xm, Kp, v, available, bits, y, N);
+        else
+          bitmap_row_avx2<T, R, false>(xm, Kp, v, available, bits, y, N);
       });
     }
     return int64_t{-1};
