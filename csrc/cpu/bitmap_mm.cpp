@@ -71,7 +71,7 @@ SLIMSTACK_AVX2 inline __m256 expand8(const T* v, int64_t available, unsigned byt
 }
 
 // out[m, n] for MB rows of x and one weight row (its values from v, `available` readable
-// up to the end of `values`); 16 columns per step, two accumulators per x row.
+// up to the end of `values`); 16 columns per step.
 template <typename T, int MB, bool NearEnd>
 SLIMSTACK_AVX2 void bitmap_row_avx2(const float* x, int64_t Kp, const T* v, int64_t available,
                                     const uint8_t* bits, T* out, int64_t N) {
@@ -84,14 +84,9 @@ SLIMSTACK_AVX2 void bitmap_row_avx2(const float* x, int64_t Kp, const T* v, int6
     used += __builtin_popcount(b0);
     const __m256 w1 = expand8<T, NearEnd>(v + used, available - used, b1);
     used += __builtin_popcount(b1);
-    for (int m = 0; m < MB; ++m) {
-      const float* xm = x + m * Kp + c;
-      acc[m][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xm + 8), acc[m][1]);
-    }
+    fma16<MB>(acc, w0, w1, x + c, Kp);
   }
-  for (int m = 0; m < MB; ++m)
-    out[m * N] = from_float<T>(hsum(_mm256_add_ps(acc[m][0], acc[m][1])));
+  store_sums<T, MB>(acc, out, N);
 }
 
 template <typename T>

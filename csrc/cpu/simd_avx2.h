@@ -42,5 +42,23 @@ SLIMSTACK_AVX2 inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Two accumulators per x row (they hide the FMA latency): acc[m] += lo * x[m, 0:8] and
+// hi * x[m, 8:16] for the MB rows of x at stride ldx, given 16 expanded weight columns.
+template <int MB>
+SLIMSTACK_AVX2 inline void fma16(__m256 (&acc)[MB][2], __m256 lo, __m256 hi, const float* x,
+                                 int64_t ldx) {
+  for (int m = 0; m < MB; ++m) {
+    acc[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(x + m * ldx), acc[m][0]);
+    acc[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(x + m * ldx + 8), acc[m][1]);
+  }
+}
+
+// out[m * ldo] = the sum of x row m's accumulators, rounded once to T.
+template <typename T, int MB>
+SLIMSTACK_AVX2 inline void store_sums(const __m256 (&acc)[MB][2], T* out, int64_t ldo) {
+  for (int m = 0; m < MB; ++m)
+    out[m * ldo] = from_float<T>(hsum(_mm256_add_ps(acc[m][0], acc[m][1])));
+}
+
 }  // namespace slimstack::cpu
 #endif  // SLIMSTACK_X86

@@ -45,8 +45,7 @@ SLIMSTACK_AVX2 inline __m256 expand8(__m256 values_and_zeros, unsigned byte) {
 }
 
 // out[m, n] for MB rows of x and weight row n: each 16 columns (8 stored values) are
-// expanded once in registers to two dense vectors, a permute each, and meet the MB x rows;
-// two accumulators per x row hide the FMA latency.
+// expanded once in registers to two dense vectors, a permute each, and meet the MB x rows.
 template <typename T, int MB>
 SLIMSTACK_AVX2 void sparse24_row_avx2(const float* x, int64_t Kp, const T* v, const uint8_t* meta,
                                       T* out, int64_t N) {
@@ -56,15 +55,9 @@ SLIMSTACK_AVX2 void sparse24_row_avx2(const float* x, int64_t Kp, const T* v, co
     const __m256 w = load8_as_float(v + c / 2);
     const __m256 first = _mm256_blend_ps(w, _mm256_setzero_ps(), 0xF0);  // v0..v3, zeros
     const __m256 second = _mm256_permute2f128_ps(w, w, 0x81);            // v4..v7, zeros
-    const __m256 lo = expand8(first, meta[c / 8]), hi = expand8(second, meta[c / 8 + 1]);
-    for (int m = 0; m < MB; ++m) {
-      const float* xm = x + m * Kp + c;
-      acc[m][0] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xm), acc[m][0]);
-      acc[m][1] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xm + 8), acc[m][1]);
-    }
+    fma16<MB>(acc, expand8(first, meta[c / 8]), expand8(second, meta[c / 8 + 1]), x + c, Kp);
   }
-  for (int m = 0; m < MB; ++m)
-    out[m * N] = from_float<T>(hsum(_mm256_add_ps(acc[m][0], acc[m][1])));
+  store_sums<T, MB>(acc, out, N);
 }
 
 template <typename T>
