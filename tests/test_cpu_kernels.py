@@ -234,3 +234,25 @@ def test_corrupt_bitmap_names_the_row(make_weight) -> None:
     past_end[-1] += 8  # the last row claims values that do not exist
     with pytest.raises(ValueError, match="row 7"):
         _C.bitmap_mm_cpu(x, p.values, p.bitmask, past_end, 8, 64)
+
+
+@pytest.mark.parametrize("name", _C.cpu_isas())
+@pytest.mark.parametrize("m", [1, 6, 17])
+def test_bitmap_slots_with_nan_slack_never_reach_the_output(isa, name: str, m: int) -> None:
+    """A row's slot may be longer than its kept count (row_offsets leave gaps). The AVX2
+    kernel loads 8 values at a time, past a row's last kept value into the gap and the next
+    row, and must mask all of them: NaN-filled gaps leave every output finite and exact."""
+    _C.select_cpu_isa(name)
+    n, k, gap = 43, 172, 5
+    dense = torch.randn(n, k, generator=gen(40)) * (torch.rand(n, k, generator=gen(41)) > 0.5)
+    packed = pack_bitmap(dense)
+    counts = (packed.row_offsets[1:] - packed.row_offsets[:-1]).tolist()
+    offsets = torch.zeros(n + 1, dtype=torch.long)
+    offsets[1:] = torch.cumsum(torch.tensor(counts) + gap, 0)
+    values = torch.full((int(offsets[-1]) + 3,), float("nan"))
+    for row, count in enumerate(counts):
+        start = int(packed.row_offsets[row])
+        values[int(offsets[row]) : int(offsets[row]) + count] = packed.values[start : start + count]
+    x = torch.randn(m, k, generator=gen(42))
+    y = _C.bitmap_mm_cpu(x, values, packed.bitmask, offsets, n, k, None)
+    assert_matches_reference(y, x, dense)
