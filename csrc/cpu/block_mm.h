@@ -72,6 +72,17 @@ std::vector<float> padded_fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp
   return buf;
 }
 
+// x as fp32 [M, Kp]: x itself when it already is (fp32, K tile-aligned), else a padded
+// copy in `buf`.
+template <typename T>
+const float* fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (K == Kp) return x;
+  }
+  buf = padded_fp32_rows(x, M, K, Kp);
+  return buf.data();
+}
+
 // step(rows, m) for x rows m.. of 0..mb in steps of up to 4, `rows` the step's row count as
 // a compile-time constant (the AVX2 row kernels keep one register pair per x row).
 template <typename Step>
@@ -99,14 +110,7 @@ template <typename T, typename Rows>
 int64_t rowwise_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K, const Rows& rows) {
   const int64_t Kp = padded_k(K);
   std::vector<float> x_buf;
-  const float* x32 = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    if (K == Kp) x32 = x;
-  }
-  if (x32 == nullptr) {
-    x_buf = padded_fp32_rows(x, M, K, Kp);
-    x32 = x_buf.data();
-  }
+  const float* x32 = fp32_rows(x, M, K, Kp, x_buf);
   std::atomic<int64_t> first_bad{N};
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (Kp * std::max<int64_t>(M, 1)));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
@@ -134,14 +138,7 @@ int64_t block_sparse_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K,
                         const DecompressRow& decompress_row) {
   const int64_t Kp = padded_k(K);
   std::vector<float> x_buf;
-  const float* x32 = nullptr;
-  if constexpr (std::is_same_v<T, float>) {
-    if (K == Kp) x32 = x;  // already fp32 and tile-aligned: no copy needed
-  }
-  if (x32 == nullptr) {
-    x_buf = padded_fp32_rows(x, M, K, Kp);
-    x32 = x_buf.data();
-  }
+  const float* x32 = fp32_rows(x, M, K, Kp, x_buf);
   const int64_t block = rows_per_task(N);
   const int64_t num_blocks = (N + block - 1) / block;
   std::atomic<int64_t> first_bad{N};
