@@ -573,3 +573,23 @@ def test_an_input_shared_on_one_batch_only_is_an_error() -> None:
     inputs.observe("a", torch.randn(4, 8))
     with pytest.raises(RuntimeError, match="b: its input is shared on some batches"):
         inputs.observe("b", torch.randn(4, 8))
+
+
+def test_the_inverse_hessian_factor_is_computed_once_per_input() -> None:
+    """Linears that share an input (q/k/v) share its SparseGPT factor; more tokens, or
+    another damping, compute a new one."""
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(3))
+    stats = _stats(x, hessian=True)
+    factor, dead = stats.inverse_hessian_factor(0.01)
+    assert stats.inverse_hessian_factor(0.01)[0] is factor
+    hessian = 2.0 * x.double().t() @ x.double() / 64
+    hessian += 0.01 * torch.diag(hessian).mean() * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(factor.double().t() @ factor.double(), torch.linalg.inv(hessian),
+                               rtol=1e-4, atol=1e-6)  # fmt: skip
+    assert not dead.any()
+    damped_more = stats.inverse_hessian_factor(0.1)[0]
+    assert damped_more is not factor
+    stats.update(x)  # twice the tokens of the same x: the same H, but a new factor
+    again = stats.inverse_hessian_factor(0.1)[0]
+    assert again is not damped_more
+    torch.testing.assert_close(again, damped_more)

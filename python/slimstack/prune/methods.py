@@ -27,8 +27,13 @@ class InputStats:
     tokens: int = 0
     sq_norms: torch.Tensor | None = None  # [in]: sum over tokens of x_j^2
     hessian: torch.Tensor | None = field(default=None, repr=False)  # [in, in]: sum of x x^T
+    # (percdamp, factor, dead) of inverse_hessian_factor, until the next update
+    _inverse: tuple[float, torch.Tensor, torch.Tensor] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def update(self, x: torch.Tensor) -> None:
+        self._inverse = None
         x = x.reshape(-1, self.features).float()
         if self.sq_norms is None:
             self.sq_norms = torch.zeros(self.features, device=x.device)
@@ -38,6 +43,22 @@ class InputStats:
         if self.hessian is not None:
             self.hessian.addmm_(x.t(), x)
         self.tokens += x.shape[0]
+
+    def inverse_hessian_factor(self, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """SparseGPT's upper Cholesky factor of the damped inverse of H = 2 X X^T / tokens,
+        and the dead inputs (never nonzero; their diagonal is set to 1). Computed once per
+        input: the linears that share it (q/k/v, gate/up) take the same factor."""
+        if self.hessian is None:
+            raise ValueError("sparsegpt needs the input Hessian (InputStats(want_hessian=True))")
+        if self._inverse is None or self._inverse[0] != percdamp:
+            hessian = 2.0 * self.hessian / max(self.tokens, 1)
+            dead = torch.diag(hessian) == 0
+            hessian[dead, dead] = 1.0
+            damp = percdamp * torch.diag(hessian).mean()
+            hessian += damp * torch.eye(self.features, device=hessian.device)
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(hessian))
+            self._inverse = (percdamp, torch.linalg.cholesky(inverse, upper=True), dead)
+        return self._inverse[1], self._inverse[2]
 
 
 class LayerInputs:
@@ -114,17 +135,10 @@ def sparsegpt_prune(
     spread its pruning error over the columns not yet visited using the inverse Hessian of
     the layer's reconstruction loss; columns are processed in blocks with lazy updates.
     Masks are chosen adaptively per block (per row, from w^2 / [H^-1]_jj^2)."""
-    if stats.hessian is None:
-        raise ValueError("sparsegpt needs the input Hessian (InputStats(want_hessian=True))")
+    hinv, dead = stats.inverse_hessian_factor(percdamp)
     w = weight.detach().clone().float()
-    rows, cols = w.shape
-    hessian = 2.0 * stats.hessian / max(stats.tokens, 1)
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1.0
+    cols = w.shape[1]
     w[:, dead] = 0.0
-    damp = percdamp * torch.diag(hessian).mean()
-    hessian += damp * torch.eye(cols, device=w.device)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)
 
     if isinstance(pattern, NMPattern):
         blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)
