@@ -201,7 +201,7 @@ class SparseLinear(nn.Module):
             prefix + n in state_dict for n in container.TENSORS
         ):
             # an nn.Linear's (or a pruned checkpoint's) dense weight: pack it in this format
-            problem = self._pack_into(state_dict, prefix, dense, container)
+            problem = self._pack_into(state_dict, prefix, dense)
             if problem:
                 errors.append(f"{prefix or 'SparseLinear'}: {problem}")
                 return
@@ -217,9 +217,7 @@ class SparseLinear(nn.Module):
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
 
-    def _pack_into(
-        self, state_dict: dict, prefix: str, dense: Tensor, container: type[PackedWeight]
-    ) -> str | None:
+    def _pack_into(self, state_dict: dict, prefix: str, dense: Tensor) -> str | None:
         """Replace the dense ``weight`` entry by its packed tensors; why not, if it cannot be."""
         if tuple(dense.shape) != self.shape:
             return f"the incoming dense weight is {list(dense.shape)}, this layer is {list(self.shape)}"
@@ -228,7 +226,7 @@ class SparseLinear(nn.Module):
         except ValueError as error:
             return f"the incoming dense weight cannot be packed as {self.format}: {error}"
         del state_dict[prefix + "weight"]
-        for name in container.TENSORS:
+        for name in packed.TENSORS:
             state_dict[prefix + name] = getattr(packed, name)
         return None
 
