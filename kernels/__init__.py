@@ -7,21 +7,22 @@ Under that name this module steps aside and loads the installed ``kernels`` in i
 transformers never sees slimstack's folder.
 """
 
-if __name__ == "kernels":
+
+def _load_the_installed_kernels() -> None:
     import importlib.machinery
     import importlib.util
     import os
     import sys
 
-    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != _checkout]
-    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is None or _spec.loader is None:
-        raise ImportError(
-            "no package 'kernels' is installed; the folder kernels/ of this checkout is "
-            "slimstack's Triton kernels, imported as slimstack.kernels",
-            name="kernels",
-        )
-    _module = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _module  # the import statement returns what sys.modules holds
-    _spec.loader.exec_module(_module)
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    elsewhere = [p for p in sys.path if os.path.abspath(p or os.curdir) != checkout]
+    spec = importlib.machinery.PathFinder.find_spec("kernels", elsewhere)
+    if spec is None or spec.loader is None:
+        return  # none installed: stay an empty module (transformers' probe must not fail)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["kernels"] = module  # the import statement returns what sys.modules holds
+    spec.loader.exec_module(module)
+
+
+if __name__ == "kernels":
+    _load_the_installed_kernels()
