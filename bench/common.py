@@ -67,7 +67,9 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    provider: str  # triton(_dot) | cuda(_reduce_kernel) | cuda_sm90 | torch | cpu | auto
+    provider: (
+        str  # triton(_dot|_k128|_unpack) | cuda(_reduce_kernel) | cuda_sm90 | torch | cpu | auto
+    )
     N: int
     K: int
     M: int
@@ -94,7 +96,10 @@ def cases(device_type: str) -> list[Case]:
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("sparse24_gemm", ("triton", "cuda", "cuda_sm90"), lambda m: m > GEMV_MAX_M),
             ("sparse24_mm", ("torch", "auto"), lambda m: True),
-            ("bitmap_mm", ("auto",), lambda m: m <= GEMV_MAX_M),
+            ("bitmap_mm", ("auto",), lambda m: True),
+            # W unpacked by Triton, then cuBLAS: the triton backend past decode, and at decode
+            # the bound a bitmap GEMV must beat
+            ("bitmap_mm", ("triton_unpack",), lambda m: True),
         ]
         shapes, ms, dtypes = LLM_SHAPES, GPU_M, GPU_DTYPES
     else:
@@ -223,6 +228,12 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
             "bitmap_gemv": bitmap_gemv.bitmap_gemv,
         }
         return lambda x, ws: kernel[case.op](x, *_packed_args(ws), N, K)
+    if case.provider == "triton_unpack":
+        try:
+            from slimstack.kernels import bitmap_unpack
+        except ImportError as err:
+            raise Unavailable(f"triton kernels unavailable: {err}") from err
+        return lambda x, ws: bitmap_unpack.bitmap_mm_unpacked(x, *_packed_args(ws), N, K)
     if case.provider == "cuda_sm90":  # CUTLASS sparse tensor cores: meta reordered once
         fn = _ext_function(("sparse24_gemm_sm90_cuda",))
         reorder = _ext_function(("sparse24_sm90_reorder_meta_cuda",))

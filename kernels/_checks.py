@@ -54,6 +54,31 @@ def check_packed(
         raise ValueError(f"{op}: {name} must be contiguous (packed tensors are)")
 
 
+def check_bitmap_packed(
+    op: str,
+    values: torch.Tensor,
+    bitmask: torch.Tensor,
+    row_offsets: torch.Tensor,
+    N: int,
+    K: int,
+    dtype: torch.dtype,
+) -> None:
+    """The three tensors of a bitmap-packed [N, K] weight (slimstack/formats/bitmap.py)."""
+    Kp = padded_k(K)
+    check_packed(op, "bitmask", bitmask, (N, Kp // 8), torch.uint8)
+    check_packed(op, "row_offsets", row_offsets, (N + 1,), torch.int64)
+    if not isinstance(values, torch.Tensor):
+        raise TypeError(f"{op}: values must be a torch.Tensor, got {type(values).__name__}")
+    check_packed(op, "values", values, (values.numel(),), dtype)  # 1-D
+    if row_offsets.device.type == "cpu":  # free to check here; on CUDA it would cost a sync
+        end = int(row_offsets[-1])
+        if int(row_offsets[0]) != 0 or end > values.numel():
+            raise ValueError(
+                f"{op}: row_offsets must start at 0 and end within values "
+                f"(ends at {end}, values holds {values.numel()})"
+            )
+
+
 def check_int32_offsets(op: str, *numels: int) -> None:
     """The kernels index with int32: every tensor they address stays below 2**31 elements."""
     if max(numels) >= 2**31:

@@ -54,7 +54,7 @@ def _precision(dt: str) -> str:
 
 
 def _gemv_variants(dt: str) -> list[Variant]:
-    from slimstack.kernels import bitmap_gemv, sparse24_gemv
+    from slimstack.kernels import bitmap_gemv, bitmap_unpack, sparse24_gemv
 
     out = []
     for m in (1, 16):
@@ -82,6 +82,16 @@ def _gemv_variants(dt: str) -> list[Variant]:
                 cfg.num_warps, cfg.num_stages, frozenset({"M"}),
             )
         )  # fmt: skip
+    unpack = bitmap_unpack.UnpackConfig()
+    out.append(
+        Variant(
+            f"bitmap_unpack[{dt}]", "bitmap_unpack", "_bitmap_unpack_kernel", "gemv",
+            {"values_ptr": f"*{dt}", "mask_ptr": "*i32", "row_offsets_ptr": "*i64",
+             "out_ptr": f"*{dt}"},
+            dict(BLOCK_N=unpack.block_n, BLOCK_K=unpack.block_k, EVEN_K=True, HW_POPC=True),
+            unpack.num_warps, unpack.num_stages,
+        )
+    )  # fmt: skip
     cfg = sparse24_gemv.default_config(1)
     out.append(
         Variant(
@@ -160,7 +170,7 @@ def _odd_k_variants(made: list[Variant]) -> list[Variant]:
     kp = (ODD_K + 63) // 64 * 64
     out = []
     for v in made:
-        if v.module not in ("sparse24_gemv", "sparse24_gemm", "bitmap_gemv"):
+        if v.module not in ("sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "bitmap_unpack"):
             continue
         if v.module == "sparse24_gemm" and v.constexprs["BLOCK_M"] > MAX_UNALIGNED_BLOCK_M:
             continue  # default_config keeps unaligned shapes on 64-row tiles
@@ -168,7 +178,7 @@ def _odd_k_variants(made: list[Variant]) -> list[Variant]:
         evens = {"EVEN_K": kp % block_k == 0}
         if "EVEN_X" in v.constexprs:
             evens["EVEN_X"] = ODD_K % block_k == 0
-        unaligned = v.unaligned | {"N", "K", "stride_xm", "stride_om"}
+        unaligned = v.unaligned | {"N", "K", "stride_xm", "stride_om", "stride_out"}
         out.append(
             replace(v, name=f"{v.name[:-1]},odd-K]", constexprs={**v.constexprs, **evens},
                     unaligned=unaligned)

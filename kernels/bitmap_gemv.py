@@ -19,15 +19,15 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra import libdevice
 
+from slimstack.kernels._bitmap_tile import bitmap_dense_tile, kept_before
 from slimstack.kernels._checks import (
     addressed_elements,
     as_int32_words,
     check_activation,
+    check_bitmap_packed,
     check_config,
     check_int32_offsets,
-    check_packed,
     check_runnable,
     check_same_device,
     check_size,
@@ -43,88 +43,6 @@ from slimstack.kernels.sparse24_gemv import (
 from slimstack.kernels.splitk_sum import splitk_sum
 
 _MAX_SPLIT_K = 4
-
-
-@triton.jit
-def _popcount32(words, HW_POPC: tl.constexpr):
-    """Bits set per int32 word: the POPC instruction when compiled, SWAR arithmetic in the
-    interpreter (which has no libdevice). Shifts are arithmetic; the masks drop the sign fill."""
-    if HW_POPC:
-        return libdevice.popc(words)
-    c = words - ((words >> 1) & 0x55555555)
-    c = (c & 0x33333333) + ((c >> 2) & 0x33333333)
-    c = (c + (c >> 4)) & 0x0F0F0F0F
-    c = c + (c >> 8)
-    c = c + (c >> 16)
-    return c & 0x3F
-
-
-@triton.jit
-def _kept_before(
-    mask_ptr,
-    rows,
-    row_mask,
-    KW,
-    stride_mask,
-    t_start,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    HW_POPC: tl.constexpr,
-):
-    """Per row, how many values the K tiles [0, t_start) keep."""
-    WORDS: tl.constexpr = BLOCK_K // 32
-    count = tl.zeros([BLOCK_N], dtype=tl.int64)
-    for t in range(0, t_start):
-        wcols = t * WORDS + tl.arange(0, WORDS)
-        words = tl.load(
-            mask_ptr + rows[:, None] * stride_mask + wcols[None, :],
-            mask=row_mask[:, None] & (wcols[None, :] < KW),
-            other=0,
-        )
-        count += tl.sum(_popcount32(words, HW_POPC), axis=1).to(tl.int64)
-    return count
-
-
-@triton.jit
-def _bitmap_dense_tile(
-    values_ptr,
-    mask_ptr,
-    rows,
-    row_mask,
-    next_value,
-    k0,
-    KW,
-    stride_mask,
-    BLOCK_N: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    EVEN_K: tl.constexpr,
-    HW_POPC: tl.constexpr,
-):
-    """Dense W[rows, k0:k0+BLOCK_K] and each row's next value index after the tile.
-
-    A kept column's value index is the row's running count, plus the kept bits of the words
-    before its own in this tile (a scan over BLOCK_K/32 word counts), plus the kept bits
-    below it in its word (a popcount). No scan runs over single columns: in Triton that
-    costs a warp-shuffle ladder per element.
-    """
-    WORDS: tl.constexpr = BLOCK_K // 32
-    wcols = k0 // 32 + tl.arange(0, WORDS)
-    m_ptrs = mask_ptr + rows[:, None] * stride_mask + wcols[None, :]
-    if EVEN_K:
-        words = tl.load(m_ptrs, mask=row_mask[:, None], other=0)
-    else:
-        words = tl.load(m_ptrs, mask=row_mask[:, None] & (wcols[None, :] < KW), other=0)
-    per_word = _popcount32(words, HW_POPC)
-    word_start = tl.cumsum(per_word, axis=1) - per_word
-    bit = tl.arange(0, 32)[None, None, :]
-    kept = (words[:, :, None] >> bit) & 1
-    below = _popcount32(words[:, :, None] & ~(-1 << bit), HW_POPC)
-    # 64-bit row start once per row, 32-bit offsets per column: one address add each.
-    row_values = values_ptr + next_value
-    offset = tl.reshape(word_start[:, :, None] + below, [BLOCK_N, BLOCK_K])
-    kept = tl.reshape(kept, [BLOCK_N, BLOCK_K])
-    w = tl.load(row_values[:, None] + offset, mask=kept != 0, other=0.0)
-    return w, next_value + tl.sum(per_word, axis=1).to(tl.int64)
 
 
 @triton.jit
@@ -162,7 +80,7 @@ def _bitmap_gemv_kernel(
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
     next_value = tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
-    next_value += _kept_before(
+    next_value += kept_before(
         mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N, BLOCK_K, HW_POPC
     )
 
@@ -170,7 +88,7 @@ def _bitmap_gemv_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for t in range(t_start, t_end):
             k0 = t * BLOCK_K
-            w, next_value = _bitmap_dense_tile(
+            w, next_value = bitmap_dense_tile(
                 values_ptr, mask_ptr, rows, row_mask, next_value, k0, KW, stride_mask,
                 BLOCK_N, BLOCK_K, EVEN_K, HW_POPC,
             )  # fmt: skip
@@ -186,7 +104,7 @@ def _bitmap_gemv_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         for t in range(t_start, t_end):
             k0 = t * BLOCK_K
-            w, next_value = _bitmap_dense_tile(
+            w, next_value = bitmap_dense_tile(
                 values_ptr, mask_ptr, rows, row_mask, next_value, k0, KW, stride_mask,
                 BLOCK_N, BLOCK_K, EVEN_K, HW_POPC,
             )  # fmt: skip
@@ -216,22 +134,10 @@ def _validate(x, values, bitmask, row_offsets, N, K, config) -> int:
         "slimstack.ops.sparse_linear, which runs any M on another backend"
     )
     M = check_activation(op, x, K, max_m=MAX_M, larger=larger)
-    Kp = padded_k(K)
-    check_packed(op, "bitmask", bitmask, (N, Kp // 8), torch.uint8)
-    check_packed(op, "row_offsets", row_offsets, (N + 1,), torch.int64)
-    if not isinstance(values, torch.Tensor):
-        raise TypeError(f"{op}: values must be a torch.Tensor, got {type(values).__name__}")
-    check_packed(op, "values", values, (values.numel(),), x.dtype)  # 1-D
+    check_bitmap_packed(op, values, bitmask, row_offsets, N, K, x.dtype)
     check_same_device(op, x, values=values, bitmask=bitmask, row_offsets=row_offsets)
     check_runnable(op, _bitmap_gemv_kernel, x.device)
     check_int32_offsets(op, addressed_elements(x), values.numel(), M * N)
-    if row_offsets.device.type == "cpu":  # free to check here; on CUDA it would cost a sync
-        end = int(row_offsets[-1])
-        if int(row_offsets[0]) != 0 or end > values.numel():
-            raise ValueError(
-                f"{op}: row_offsets must start at 0 and end within values "
-                f"(ends at {end}, values holds {values.numel()})"
-            )
     if config is not None:
         check_config(op, config)
     return M

@@ -107,6 +107,18 @@ def test_gemv_rows_do_not_leak_into_gemm_ranges():
     assert rule["order"][0] == "triton" and "cuda 5.00x" not in rule["note"]
 
 
+def test_bitmap_unpack_rows_rank_triton_past_decode_only():
+    # W unpacked + cuBLAS is the triton backend past M = 16; at decode the GEMV speaks for it
+    rows = [_row("bitmap_gemv", "cuda", 1, 1.1), _row("bitmap_gemv", "triton", 1, 0.4),
+            _row("bitmap_mm", "triton_unpack", 1, 0.45),
+            _row("bitmap_mm", "triton_unpack", 2048, 0.85)]  # fmt: skip
+    table = rules_from_results(_doc(rows))
+    assert _order_for(table, "cuda", "bitmap", "bfloat16", 1)[:2] == ["cuda", "triton"]
+    assert _order_for(table, "cuda", "bitmap", "bfloat16", 2048)[0] == "triton"
+    rule = next(r for r in table["rules"] if r.get("format") == "bitmap" and r.get("m_min", 0) > 1)
+    assert "0.45" not in rule["note"]
+
+
 def test_results_without_backend_rows_are_refused():
     with pytest.raises(ValueError, match="no rows a backend speaks for"):
         rules_from_results(_doc([_row("sparse24_mm", "auto", 1, 1.5)]))

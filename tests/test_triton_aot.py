@@ -26,7 +26,8 @@ pytestmark = pytest.mark.slow
 DTYPES = ("fp16", "bf16", "fp32")
 HALF = ("fp16", "bf16")  # the serving dtypes: tiles are sized for them
 MODULES = (
-    "sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "splitk_sum", "rmsnorm", "rope", "swiglu",
+    "sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "bitmap_unpack", "splitk_sum", "rmsnorm",
+    "rope", "swiglu",
 )  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,6 +92,19 @@ def test_streaming_loads_are_128_bit(reports):
     """The packed values (and the fused kernels' rows) move in 16-byte loads per thread."""
     wide = ("LDG.E.128", "LDGSTS.E.BYPASS.128", "LDGSTS.E.128")
     for r in reports:
-        if r["module"] == "bitmap_gemv":
-            continue  # its values are gathered per kept column (see bitmap_gemv.py)
+        if r["module"] in ("bitmap_gemv", "bitmap_unpack"):
+            continue  # their values are gathered per kept column (see _bitmap_tile.py)
         assert _has_prefix(r["opcodes"], *wide), f"{r['name']}: no 128-bit global loads"
+
+
+def test_bitmap_unpack_writes_the_dense_weight_in_128_bit_stores(reports):
+    """Where K keeps rows 16-byte aligned (every 7B / 13B shape); odd K stores 2 bytes."""
+    unpack = [
+        r
+        for r in reports
+        if r["module"] == "bitmap_unpack" and r["dtype"] in HALF and "odd-K" not in r["name"]
+    ]
+    assert unpack
+    for r in unpack:
+        stores = {op: n for op, n in r["opcodes"].items() if op.startswith("STG")}
+        assert set(stores) == {"STG.E.128"}, f"{r['name']}: stores {stores}"

@@ -35,6 +35,7 @@ import triton.language as tl  # noqa: E402
 from slimstack.formats import pack_bitmap, pack_sparse24  # noqa: E402
 from slimstack.kernels import (  # noqa: E402
     bitmap_gemv,
+    bitmap_unpack,
     rmsnorm,
     rope,
     sparse24_gemm,
@@ -315,6 +316,67 @@ def test_bitmap_gemv_all_zero_weight(poisoned, M):
     assert y.shape == (M, 43) and torch.equal(y, torch.zeros_like(y))
 
 
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("N,K", SHAPES + [(40, 1000)])
+def test_bitmap_unpack_is_exact(poisoned, make_unstructured, dtype, N, K):
+    """Bit for bit the weight that was packed (padding columns dropped), every split of K."""
+    w = _bitmap_weight(make_unstructured, N, K, dtype, seed=N + K)
+    p = pack_bitmap(w).to(DEVICE)
+    for split_k in (None, 1, 2, 3, 4):
+        config = bitmap_unpack.UnpackConfig(split_k=split_k)
+        dense = bitmap_unpack.bitmap_unpack(p.values, p.bitmask, p.row_offsets, N, K, config=config)
+        assert dense.shape == (N, K) and dense.dtype == dtype
+        assert torch.equal(dense.cpu(), w), f"split_k={split_k}"
+
+
+@runs_here
+@pytest.mark.parametrize("block_n,block_k,num_warps", [(1, 64, 1), (32, 128, 4), (8, 512, 8)])
+def test_bitmap_unpack_configs(poisoned, make_unstructured, block_n, block_k, num_warps):
+    N, K = 43, 300
+    w = _bitmap_weight(make_unstructured, N, K, torch.float32, seed=21)
+    p = pack_bitmap(w).to(DEVICE)
+    config = bitmap_unpack.UnpackConfig(block_n, block_k, num_warps)
+    dense = bitmap_unpack.bitmap_unpack(p.values, p.bitmask, p.row_offsets, N, K, config=config)
+    assert torch.equal(dense.cpu(), w)
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("M", GEMM_M)
+def test_bitmap_mm_unpacked_matches_float64(poisoned, make_unstructured, dtype, M):
+    N, K = 43, 172
+    w = _bitmap_weight(make_unstructured, N, K, dtype, seed=M)
+    p = pack_bitmap(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=M + 5)
+    y = bitmap_unpack.bitmap_mm_unpacked(x, p.values, p.bitmask, p.row_offsets, N, K)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
+def test_bitmap_unpack_all_zero_weight_and_bad_input(make_unstructured):
+    p = pack_bitmap(torch.zeros(43, 172, dtype=torch.float16)).to(DEVICE)
+    dense = bitmap_unpack.bitmap_unpack(p.values, p.bitmask, p.row_offsets, 43, 172)
+    assert dense.shape == (43, 172) and torch.equal(dense, torch.zeros_like(dense))
+    p = pack_bitmap(_bitmap_weight(make_unstructured, 43, 172, torch.float16, seed=2)).to(DEVICE)
+    with pytest.raises(ValueError, match=r"bitmask must have shape \[43, 24\]"):
+        bitmap_unpack.bitmap_unpack(p.values, p.bitmask[:, :-1], p.row_offsets, 43, 172)
+    with pytest.raises(TypeError, match="row_offsets must have dtype torch.int64"):
+        bitmap_unpack.bitmap_unpack(p.values, p.bitmask, p.row_offsets.int(), 43, 172)
+    with pytest.raises(TypeError, match="values must be a float tensor"):
+        bitmap_unpack.bitmap_unpack(p.values.view(torch.int16), p.bitmask, p.row_offsets, 43, 172)
+    with pytest.raises(ValueError, match="N must be >= 1"):
+        bitmap_unpack.bitmap_unpack(p.values, p.bitmask, p.row_offsets, 0, 172)
+    with pytest.raises(ValueError, match="block_k must be a multiple of 64"):
+        bitmap_unpack.bitmap_unpack(
+            p.values, p.bitmask, p.row_offsets, 43, 172,
+            config=bitmap_unpack.UnpackConfig(block_k=96),
+        )  # fmt: skip
+    x = _activations(17, 172, torch.float32, seed=3)
+    with pytest.raises(TypeError, match="x is torch.float32 but the weight is torch.float16"):
+        bitmap_unpack.bitmap_mm_unpacked(x, p.values, p.bitmask, p.row_offsets, 43, 172)
+
+
 # ---------------------------------------------------------------- launcher policy ----
 
 
@@ -373,10 +435,15 @@ def _packed24(make_sparse24, N=43, K=172, dtype=torch.float16):
 def _gemv_call(make_sparse24, **change):
     """Keyword arguments of a valid sparse24_gemv call with some of them replaced."""
     values, meta = _packed24(make_sparse24)
+
+    def on_device(v):
+        return v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
+
     args = dict(x=torch.randn(2, 172).half(), values=values, meta=meta, N=43, K=172)
-    args.update({k: v(args) if callable(v) else v for k, v in change.items()})
-    return {k: v.to(DEVICE) if isinstance(v, torch.Tensor) and v.device.type == "cpu" else v
-            for k, v in args.items()}  # fmt: skip
+    args = {k: on_device(v) for k, v in args.items()}
+    # changes apply on the device: moving a strided tensor there would make it contiguous
+    args.update({k: v(args) if callable(v) else on_device(v) for k, v in change.items()})
+    return args
 
 
 BAD_GEMV_CALLS = {

@@ -6,7 +6,7 @@ the reason, so that a forced backend fails with a message a user can act on.
 
 - ``cuda``: slimstack._C's CUDA kernels (fp16/bf16; bitmap only for decode, M <= 16)
 - ``triton``: slimstack.kernels (CUDA tensors; CPU tensors only when forced under
-  TRITON_INTERPRET=1; bitmap only for M <= 16)
+  TRITON_INTERPRET=1; bitmap past M = 16 unpacks W for a dense matmul)
 - ``torch``: PyTorch's semi-structured sparse matmul (to_sparse_semi_structured; sparse24
   on CUDA, fp16/bf16, N a multiple of 32, sm_80+)
 - ``cpu``: slimstack._C's CPU kernels (fp32/fp16/bf16)
@@ -139,7 +139,7 @@ def _triton_unsupported(fmt, device, dtype, m, forced) -> str | None:
             f"the triton backend runs on CUDA tensors (CPU tensors only with "
             f"TRITON_INTERPRET=1 and SLIMSTACK_BACKEND=triton), got {device}"
         )
-    return _dtype_in(dtype, ALL_DTYPES, "triton") or _decode_only(fmt, m, "triton")
+    return _dtype_in(dtype, ALL_DTYPES, "triton")
 
 
 def _torch_unsupported(fmt, device, dtype, m, forced) -> str | None:

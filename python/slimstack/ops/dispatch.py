@@ -31,11 +31,22 @@ TABLE_PATH = Path(__file__).with_name("dispatch_table.json")
 FORCE_ENV = "SLIMSTACK_BACKEND"
 TABLE_ENV = "SLIMSTACK_DISPATCH_TABLE"
 
-# Used when no table file exists: the preference order, the same for every M.
+# Used when no table file exists: the preference order, except where an H200 run
+# (bench/results/2026-12-04-nvidia-h200-kernels*.json) measured otherwise. PyTorch's
+# semi-structured matmul, ahead of CUDA past M = 2048 on some shapes there, stays behind it:
+# it keeps a second copy of every weight it touches.
 DEFAULT_TABLE: dict[str, Any] = {
     "version": TABLE_VERSION,
     "rules": [
         {"device": "cuda", "format": "sparse24", "order": ["cuda", "triton", "torch", "reference"]},
+        {
+            "device": "cuda",
+            "format": "bitmap",
+            "m_min": 5,
+            "order": ["triton", "cuda", "reference"],
+            "note": "H200 bf16 geomean vs dense, M=8: triton 0.25x, cuda 0.15x; past M=16 "
+            "only triton runs bitmap (W unpacked, then cuBLAS)",
+        },
         {"device": "cuda", "format": "bitmap", "order": ["cuda", "triton", "reference"]},
         {"device": "cpu", "order": ["cpu", "reference"]},
         {"order": ["reference"]},

@@ -4,7 +4,8 @@ one opaque node with a known output shape instead of tracing into kernel launche
 - ``slimstack::sparse24_mm`` / ``slimstack::bitmap_mm``: the native extension, its CPU
   kernel on CPU tensors and its CUDA kernels on CUDA tensors.
 - ``slimstack::sparse24_mm_triton`` / ``slimstack::bitmap_mm_triton``: the Triton launchers
-  in ``slimstack.kernels`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+  in ``slimstack.kernels`` (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1); bitmap
+  past decode unpacks W with a Triton kernel for one dense matmul.
 
 All take x [M, K] (contiguous, the packed weight's dtype) and return y [M, N] in x's dtype.
 Which op runs is decided by ``slimstack.ops.dispatch``; nothing here chooses a backend.
@@ -155,8 +156,12 @@ def sparse24_mm_triton(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) 
 def bitmap_mm_triton(
     x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
 ) -> Tensor:
-    """y = x @ W^T for a bitmap-packed W (M <= 16): Triton GEMV."""
-    return _triton_kernel("bitmap_gemv", "bitmap_gemv")(x, values, bitmask, row_offsets, N, K)
+    """y = x @ W^T for a bitmap-packed W: Triton GEMV for decode; past it, W unpacked by a
+    Triton kernel and one dense matmul (prefill is compute-bound: the tensor cores win)."""
+    if x.shape[0] <= GEMV_MAX_M:
+        return _triton_kernel("bitmap_gemv", "bitmap_gemv")(x, values, bitmask, row_offsets, N, K)
+    mm = _triton_kernel("bitmap_unpack", "bitmap_mm_unpacked")
+    return mm(x, values, bitmask, row_offsets, N, K)
 
 
 # ----------------------------------------------------------------------------- fake

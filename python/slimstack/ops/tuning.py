@@ -47,6 +47,7 @@ _ROW_BACKEND: dict[tuple[str, str], tuple[str, str, str]] = {
     ("sparse24_mm", "cpu"): ("sparse24", "cpu", "any"),
     ("bitmap_gemv", "cuda"): ("bitmap", "cuda", "gemv"),
     ("bitmap_gemv", "triton"): ("bitmap", "triton", "gemv"),
+    ("bitmap_mm", "triton_unpack"): ("bitmap", "triton", "gemm"),  # W unpacked, then cuBLAS
     ("bitmap_mm", "cpu"): ("bitmap", "cpu", "any"),
 }
 

@@ -1,0 +1,97 @@
+"""Decode one tile of a bitmap-packed weight into a dense register tile (Triton device
+functions), shared by ``bitmap_gemv`` (decode) and ``bitmap_unpack`` (prefill: the dense weight
+for a dense matmul), so both read the one packed copy described in slimstack/formats/bitmap.py.
+
+The mask is read as int32 words [N, Kp/32]: bit j of word w is column 32w + j. A row's kept
+values sit in column order from ``row_offsets[n]``, so a kept column's value index is the
+row's running count plus the kept bits before it: popcounts per word, a scan over the words of
+a tile, a popcount below the column within its word.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.language.extra import libdevice
+
+
+@triton.jit
+def popcount32(words, HW_POPC: tl.constexpr):
+    """Bits set per int32 word: the POPC instruction when compiled, SWAR arithmetic in the
+    interpreter (which has no libdevice). Shifts are arithmetic; the masks drop the sign fill."""
+    if HW_POPC:
+        return libdevice.popc(words)
+    c = words - ((words >> 1) & 0x55555555)
+    c = (c & 0x33333333) + ((c >> 2) & 0x33333333)
+    c = (c + (c >> 4)) & 0x0F0F0F0F
+    c = c + (c >> 8)
+    c = c + (c >> 16)
+    return c & 0x3F
+
+
+@triton.jit
+def kept_before(
+    mask_ptr,
+    rows,
+    row_mask,
+    KW,
+    stride_mask,
+    t_start,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HW_POPC: tl.constexpr,
+):
+    """Per row, how many values the K tiles [0, t_start) keep."""
+    WORDS: tl.constexpr = BLOCK_K // 32
+    count = tl.zeros([BLOCK_N], dtype=tl.int64)
+    for t in range(0, t_start):
+        wcols = t * WORDS + tl.arange(0, WORDS)
+        words = tl.load(
+            mask_ptr + rows[:, None] * stride_mask + wcols[None, :],
+            mask=row_mask[:, None] & (wcols[None, :] < KW),
+            other=0,
+        )
+        count += tl.sum(popcount32(words, HW_POPC), axis=1).to(tl.int64)
+    return count
+
+
+@triton.jit
+def bitmap_dense_tile(
+    values_ptr,
+    mask_ptr,
+    rows,
+    row_mask,
+    next_value,
+    k0,
+    KW,
+    stride_mask,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    HW_POPC: tl.constexpr,
+):
+    """Dense W[rows, k0:k0+BLOCK_K] and each row's next value index after the tile.
+
+    A kept column's value index is the row's running count, plus the kept bits of the words
+    before its own in this tile (a scan over BLOCK_K/32 word counts), plus the kept bits
+    below it in its word (a popcount). No scan runs over single columns: in Triton that
+    costs a warp-shuffle ladder per element.
+    """
+    WORDS: tl.constexpr = BLOCK_K // 32
+    wcols = k0 // 32 + tl.arange(0, WORDS)
+    m_ptrs = mask_ptr + rows[:, None] * stride_mask + wcols[None, :]
+    if EVEN_K:
+        words = tl.load(m_ptrs, mask=row_mask[:, None], other=0)
+    else:
+        words = tl.load(m_ptrs, mask=row_mask[:, None] & (wcols[None, :] < KW), other=0)
+    per_word = popcount32(words, HW_POPC)
+    word_start = tl.cumsum(per_word, axis=1) - per_word
+    bit = tl.arange(0, 32)[None, None, :]
+    kept = (words[:, :, None] >> bit) & 1
+    below = popcount32(words[:, :, None] & ~(-1 << bit), HW_POPC)
+    # 64-bit row start once per row, 32-bit offsets per column: one address add each.
+    row_values = values_ptr + next_value
+    offset = tl.reshape(word_start[:, :, None] + below, [BLOCK_N, BLOCK_K])
+    kept = tl.reshape(kept, [BLOCK_N, BLOCK_K])
+    w = tl.load(row_values[:, None] + offset, mask=kept != 0, other=0.0)
+    return w, next_value + tl.sum(per_word, axis=1).to(tl.int64)
