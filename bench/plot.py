@@ -31,12 +31,38 @@ def _panels(rows: list[dict]) -> dict[tuple[int, int], dict[str, list[tuple[int,
     return panels
 
 
-def plot_results(results_json: Path) -> list[Path]:
-    """Writes <stem>-<dtype>.png beside the JSON for each dtype present; returns the paths."""
-    doc = json.loads(Path(results_json).read_text())
+_OP_STYLE = {"gemv": "-", "gemm": "--", "mm": ":"}  # the op's kind: decode, prefill, any M
+_MARKERS = "osD^v<>pPX*h"
+
+
+def _style(label: str, index: int) -> dict:
+    """One color and marker per line (tab20: the suite draws up to ~16 lines per panel), the
+    line style by op kind, so neighbouring providers stay apart."""
+    kind = label.split(" / ")[0].rsplit("_", 1)[-1]
+    return {
+        "color": plt.get_cmap("tab20")(index % 20),
+        "marker": _MARKERS[index % len(_MARKERS)],
+        "linestyle": _OP_STYLE.get(kind, "-"),
+    }
+
+
+def plot_results(results_json: Path, *more: Path, out_stem: Path | None = None) -> list[Path]:
+    """Writes <stem>-<dtype>.png beside the JSON for each dtype present; returns the paths.
+    With more files (runs of one GPU, e.g. a lease's two calls), their rows share the
+    figures, written as <out_stem>-<dtype>.png."""
+    docs = [json.loads(Path(p).read_text()) for p in (results_json, *more)]
+    doc = docs[0]
+    gpus = {d["gpu"] for d in docs}
+    if len(gpus) > 1:
+        raise ValueError(f"results from different GPUs cannot share a plot: {sorted(gpus)}")
+    commits = ", ".join(dict.fromkeys(d["commit"][:12] for d in docs))
+    stem = out_stem or Path(results_json).with_name(Path(results_json).stem)
     by_dtype: dict[str, list[dict]] = defaultdict(list)
-    for row in doc["rows"]:
-        by_dtype[row["dtype"]].append(row)
+    for d in docs:
+        for row in d["rows"]:
+            by_dtype[row["dtype"]].append(row)
+    labels_all = sorted({f"{r['op']} / {r['provider']}" for d in docs for r in d["rows"]})
+    styles = {label: _style(label, i) for i, label in enumerate(labels_all)}
     written = []
     for dtype, rows in sorted(by_dtype.items()):
         panels = _panels(rows)
@@ -48,7 +74,7 @@ def plot_results(results_json: Path) -> list[Path]:
         for ax, ((N, K), lines) in zip(axes.flat, sorted(panels.items())):
             for label, points in sorted(lines.items()):
                 ms, speedups = zip(*points)
-                ax.plot(ms, speedups, marker="o", markersize=3, label=label)
+                ax.plot(ms, speedups, markersize=3, linewidth=1.1, label=label, **styles[label])
             ax.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
             ax.set_xscale("log", base=2)
             ax.set_title(f"N={N}, K={K}", fontsize=9)
@@ -58,11 +84,18 @@ def plot_results(results_json: Path) -> list[Path]:
             ax.set_visible(False)
         for ax in axes[:, 0]:
             ax.set_ylabel(f"speedup vs {rows[0]['baseline']}")
-        handles, labels = axes.flat[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8)
-        fig.suptitle(f"{doc['gpu']}, {dtype}, commit {doc['commit'][:12]}", fontsize=10)
-        fig.tight_layout(rect=(0, 0.08, 1, 0.95))
-        out = Path(results_json).with_name(f"{Path(results_json).stem}-{dtype}.png")
+        legend = {}  # every panel's lines: the first panel may lack some providers
+        for ax in axes.flat[: len(panels)]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                legend.setdefault(label, handle)
+        labels = sorted(legend)
+        fig.legend(
+            [legend[k] for k in labels], labels, loc="lower center", ncol=min(4, len(labels)),
+            fontsize=8,
+        )  # fmt: skip
+        fig.suptitle(f"{doc['gpu']}, {dtype}, commit {commits}", fontsize=10)
+        fig.tight_layout(rect=(0, 0.1, 1, 0.95))
+        out = stem.with_name(f"{stem.name}-{dtype}.png")
         fig.savefig(out, dpi=110)
         plt.close(fig)
         written.append(out)
@@ -72,9 +105,19 @@ def plot_results(results_json: Path) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", type=Path, nargs="+", help="results JSON file(s)")
-    for path in parser.parse_args(argv).results:
-        for png in plot_results(path):
-            print(png)
+    parser.add_argument(
+        "--combine",
+        type=Path,
+        metavar="STEM",
+        help="draw all files' rows together as STEM-<dtype>.png (runs of one GPU)",
+    )
+    args = parser.parse_args(argv)
+    if args.combine:
+        written = plot_results(*args.results, out_stem=args.combine)
+    else:
+        written = [png for path in args.results for png in plot_results(path)]
+    for png in written:
+        print(png)
     return 0
 
 

@@ -125,6 +125,33 @@ def test_rotation_streams_more_than_twice_l2_for_the_packed_weight(l2_mib: int):
     assert common.rotation_sets(10**9, l2) == 2
 
 
+def test_plot_combines_the_runs_of_one_gpu_and_refuses_two_gpus(tmp_path, monkeypatch):
+    first = common.write_results(_document(_rows(("bfloat16",))), tmp_path / "a-kernels.json")
+    bitmap = [dict(r, op="bitmap_mm", provider="triton_unpack") for r in _rows(("bfloat16",))]
+    second = common.write_results(_document(bitmap), tmp_path / "a-kernels-2.json")
+    drawn = []
+    real_plot = plot.plt.Axes.plot
+    monkeypatch.setattr(
+        plot.plt.Axes,
+        "plot",
+        lambda ax, *a, **k: drawn.append(k["label"]) or real_plot(ax, *a, **k),
+    )
+    pngs = plot.plot_results(first, second, out_stem=tmp_path / "a-kernels-all")
+    assert [p.name for p in pngs] == ["a-kernels-all-bfloat16.png"]
+    assert pngs[0].read_bytes().startswith(PNG_MAGIC)
+    # 3 shapes x (the first run's 2 providers + the second run's 1)
+    assert sorted(set(drawn)) == [
+        "bitmap_mm / triton_unpack", "sparse24_gemv / cuda", "sparse24_gemv / triton",
+    ]  # fmt: skip
+    assert len(drawn) == 3 * 3
+    doc = json.loads(second.read_text())
+    doc["gpu"] = "NVIDIA H200"
+    other = common.write_results(doc, tmp_path / "b-kernels.json")
+    with pytest.raises(ValueError, match="different GPUs"):
+        plot.plot_results(first, other, out_stem=tmp_path / "mixed")
+    assert not list(tmp_path.glob("mixed*"))
+
+
 def test_plot_draws_one_png_per_dtype(tmp_path):
     path = common.write_results(_document(_rows()), tmp_path / "2026-11-23-h100-kernels.json")
     pngs = plot.plot_results(path)

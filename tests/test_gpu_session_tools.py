@@ -97,7 +97,8 @@ def test_results_are_filed_without_overwriting_an_earlier_call(tmp_path: Path) -
     first = json.loads((results / f"{DAY}-kernels.json").read_text())
     second = json.loads((results / f"{DAY}-kernels-2.json").read_text())
     assert first["rows"][0]["speedup"] == 1.6 and second["rows"][0]["speedup"] == 1.7
-    for stem in (f"{DAY}-kernels", f"{DAY}-kernels-2"):  # plotted from the filed JSON
+    for stem in (f"{DAY}-kernels", f"{DAY}-kernels-2", f"{DAY}-kernels-all"):
+        # each filed JSON plotted, and the day's two drawn together
         assert (results / f"{stem}-bfloat16.png").read_bytes()[:4] == b"\x89PNG"
     merged = json.loads((results / f"{DAY}-e2e.json").read_text())
     assert sorted(r["variant"] for r in merged["rows"]) == ["2:4-32L", "dense-32L"]

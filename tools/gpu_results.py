@@ -3,7 +3,8 @@
     python tools/gpu_results.py FILES_AT [--results bench/results] [--logs DIR]
 
 - kernel results JSON: copied into the results folder under a name no earlier run holds
-  (a second call on the same day gets -2, ...), then plotted there (bench/plot.py);
+  (a second call on the same day gets -2, ...), then plotted there (bench/plot.py), and
+  with a second call's file the day's files drawn together too (<day>-kernels-all-*.png);
 - e2e results JSON: its rows merged into that day's e2e file, as the suite itself merges
   (bench/e2e_helpers.write_results), then plotted (bench/plot_e2e.py);
 - rest.tar.gz (logs, the call's own plots, its dispatch table) and the logs: unpacked into
@@ -62,6 +63,11 @@ def file_kernels(src: Path, results: Path) -> Path:
     dest = common.unused_path(results / _dated_name(src))
     common.write_results(doc, dest)
     plot.plot_results(dest)
+    # a lease's calls each bring a file (-2, -3, ...): the day's sweep drawn as one, too
+    base = results / _dated_name(src)
+    runs = [base] + sorted(results.glob(f"{base.stem}-[0-9]*.json"))
+    if dest != base and all(p.exists() for p in runs):
+        plot.plot_results(*runs, out_stem=base.with_name(f"{base.stem}-all"))
     return dest
 
 
