@@ -76,6 +76,9 @@ def test_run_and_results_file(checkpoints, tmp_path: Path) -> None:
     )
     peak = e2e.measure_peaks(device)
     assert peak["hbm_gbps"] > 0 and peak["dense_tflops"] > 0
+    # decode kernels only read: the peak is the faster of a read stream and a copy
+    assert peak["hbm_gbps"] == max(peak["hbm_read_gbps"], peak["hbm_copy_gbps"]) > 0
+    assert min(peak["hbm_read_gbps"], peak["hbm_copy_gbps"]) > 0
     e2e.write_results(path, env, {"hbm_gbps": 100.0, "dense_tflops": 1.0}, rows[:1])
     e2e.write_results(path, env, {"hbm_gbps": 0.0}, rows[1:])  # a second command merges
     data = json.loads(path.read_text())
