@@ -9,9 +9,10 @@
 //   warp). popc + a warp scan give each lane where its kept values start in the row's value
 //   list; the lane reads them as the aligned 8-element chunks that cover them and pairs each
 //   value with its column by popping set bits of its mask word.
-//   x lives in shared memory as [column][token] so one kept value needs one vector load for all
-//   M tokens; it is staged per "window" of columns that fits the budget (all of K for small M,
-//   so one staging per block), zero at and beyond K.
+//   x lives in shared memory with a column's M tokens together (XLayout: units of up to 8
+//   tokens, arranged so that the 32 lanes' loads never share a bank) so one kept value needs
+//   one or two vector loads for all M tokens; it is staged per "window" of columns that fits
+//   the budget (all of K for small M, so one staging per block), zero at and beyond K.
 //   When one window holds all of K, a block makes several passes over row groups so the staging
 //   is amortised over more rows.
 //
@@ -72,32 +73,55 @@ struct BitmapParams {
   bool x_vec_ok;
 };
 
-// Load the kMaxM token values of one column from shared memory as floats.
+// M > 1: x's window in shared memory, tokens of a column in "units" of kUnit elements (4, 8 or
+// 16 bytes; a column of 16 tokens is two units). A lane reads one column of its 32 at a time,
+// the one of its next kept value, so the columns the 32 lanes read at once are 32L + b_L with an
+// arbitrary b_L each. Stored column after column ([column][token]), the unit of lane L would sit
+// at bank (8 b_L) mod 32 for 16 tokens: 8 lanes of a quarter-warp phase in 4 bank groups, 3 to 4
+// wavefronts per 16-byte load where 1 suffices. So within each 1024-column sub-tile, unit j of
+// column 32L + b is unit (b * kUnitsPerCol + j) * 32 + L: the 32 lanes' units are consecutive,
+// whatever their columns, and every load is conflict-free.
+template <int kMaxM>
+struct XLayout {
+  static constexpr int kUnit = kMaxM < 8 ? kMaxM : 8;        // elements per unit
+  static constexpr int kUnitsPerCol = kMaxM / kUnit;         // 1, or 2 for 16 tokens
+  static constexpr int kSubTileElems = 1024 * kMaxM;
+  // Element of token m of window-local column c.
+  static __device__ __forceinline__ int elem(int c, int m) {
+    const int lane = (c >> 5) & 31, b = c & 31;
+    return (c >> 10) * kSubTileElems +
+           ((b * kUnitsPerCol + m / kUnit) * 32 + lane) * kUnit + m % kUnit;
+  }
+  // The lane's unit 0 of its column 0 in the sub-tile holding window-local column col_base.
+  static __device__ __forceinline__ int lane_base(int col_base) {
+    return (col_base >> 10) * kSubTileElems + ((col_base >> 5) & 31) * kUnit;
+  }
+};
+
+// Load the kMaxM token values of column b of the lane's 32 (lane_x: XLayout::lane_base) as
+// floats.
 template <typename T, int kMaxM>
-__device__ __forceinline__ void load_tokens(const T* src, float (&out)[kMaxM]) {
-  if constexpr (kMaxM == 1) {
-    out[0] = ElemTraits<T>::to_float(src[0]);
-  } else {
-    // kMaxM * 2 bytes, aligned to that size (the column stride is kMaxM elements).
-    constexpr int kWords = kMaxM / 2;
-    uint32_t w[kWords];
-    if constexpr (kWords == 1) {
-      w[0] = *reinterpret_cast<const uint32_t*>(src);
-    } else if constexpr (kWords == 2) {
+__device__ __forceinline__ void load_tokens(const T* lane_x, int b, float (&out)[kMaxM]) {
+  using L = XLayout<kMaxM>;
+  uint32_t w[kMaxM / 2];
+#pragma unroll
+  for (int j = 0; j < L::kUnitsPerCol; ++j) {
+    const T* src = lane_x + (b * L::kUnitsPerCol + j) * 32 * L::kUnit;
+    uint32_t* dst = w + j * (L::kUnit / 2);
+    if constexpr (L::kUnit == 2) {
+      dst[0] = *reinterpret_cast<const uint32_t*>(src);
+    } else if constexpr (L::kUnit == 4) {
       const uint2 v = *reinterpret_cast<const uint2*>(src);
-      w[0] = v.x; w[1] = v.y;
+      dst[0] = v.x; dst[1] = v.y;
     } else {
-#pragma unroll
-      for (int i = 0; i < kWords / 4; ++i) {
-        const uint4 v = reinterpret_cast<const uint4*>(src)[i];
-        w[4 * i] = v.x; w[4 * i + 1] = v.y; w[4 * i + 2] = v.z; w[4 * i + 3] = v.w;
-      }
+      const uint4 v = *reinterpret_cast<const uint4*>(src);
+      dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
     }
+  }
 #pragma unroll
-    for (int i = 0; i < kWords; ++i) {
-      out[2 * i] = ElemTraits<T>::to_float(ElemTraits<T>::from_bits(static_cast<uint16_t>(w[i] & 0xFFFFu)));
-      out[2 * i + 1] = ElemTraits<T>::to_float(ElemTraits<T>::from_bits(static_cast<uint16_t>(w[i] >> 16)));
-    }
+  for (int i = 0; i < kMaxM / 2; ++i) {
+    out[2 * i] = ElemTraits<T>::to_float(ElemTraits<T>::from_bits(static_cast<uint16_t>(w[i] & 0xFFFFu)));
+    out[2 * i + 1] = ElemTraits<T>::to_float(ElemTraits<T>::from_bits(static_cast<uint16_t>(w[i] >> 16)));
   }
 }
 
@@ -130,11 +154,14 @@ __device__ void stage_window(const BitmapParams& p, T* xs, int col0, int ncols) 
     }
   }
   if (p.x_vec_ok) {
+    // Thread i takes token i % kMaxM of 8 columns: the threads of a warp write the tokens of
+    // the same columns, next to each other in a unit (a 2-to-4-way conflict per store, where
+    // token-major threads all hit one bank).
     const int groups = ncols / 8;  // ncols is a multiple of 64
     const int total = kMaxM * groups;
     for (int i = threadIdx.x; i < total; i += kW * 32) {
-      const int m = i / groups;
-      const int c = (i - m * groups) * 8;
+      const int m = i % kMaxM;
+      const int c = (i / kMaxM) * 8;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (m < p.M && col0 + c < p.K) {  // K % 8 == 0 on this path
         v = __ldg(reinterpret_cast<const uint4*>(static_cast<const T*>(p.x) + m * p.ldx + col0 + c));
@@ -143,7 +170,7 @@ __device__ void stage_window(const BitmapParams& p, T* xs, int col0, int ncols) 
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
         const uint16_t bits = static_cast<uint16_t>((w[e >> 1] >> (16 * (e & 1))) & 0xFFFFu);
-        xs[(c + e) * kMaxM + m] = ElemTraits<T>::from_bits(bits);
+        xs[XLayout<kMaxM>::elem(c + e, m)] = ElemTraits<T>::from_bits(bits);
       }
     }
   } else {
@@ -156,7 +183,7 @@ __device__ void stage_window(const BitmapParams& p, T* xs, int col0, int ncols) 
       if constexpr (kMaxM == 1) {
         xs[x_slot(c)] = (m < p.M && col < p.K) ? x[m * p.ldx + col] : zero;
       } else {
-        xs[c * kMaxM + m] = (m < p.M && col < p.K) ? x[m * p.ldx + col] : zero;
+        xs[XLayout<kMaxM>::elem(c, m)] = (m < p.M && col < p.K) ? x[m * p.ldx + col] : zero;
       }
     }
   }
@@ -242,7 +269,8 @@ __device__ __forceinline__ void accumulate_tile(const uint4* ring, const T* xs, 
   uint32_t mask = t.mask;
   const int start = t.start;
   const int end = start + __popc(mask);
-  const T* xl = xs + col_base * kMaxM;  // the lane's 32 columns
+  static_assert(kMaxM > 1, "M = 1 reads x in column order (accumulate_cols)");
+  const T* xl = xs + XLayout<kMaxM>::lane_base(col_base);  // the lane's 32 columns
   for (int chunk = start >> 3; chunk <= (end - 1) >> 3; ++chunk) {
     const uint4 v = chunk < kRingChunks ? ring[chunk] : __ldg(t.chunks + chunk);
     // Elements [lo, hi) of the chunk are the lane's (0 <= lo < hi <= 8 here).
@@ -255,7 +283,7 @@ __device__ __forceinline__ void accumulate_tile(const uint4* ring, const T* xs, 
       const int bit = __ffs(mask) - 1;
       mask &= mask - 1;
       float xv[kMaxM];
-      load_tokens<T, kMaxM>(xl + bit * kMaxM, xv);
+      load_tokens<T, kMaxM>(xl, bit, xv);
       const float w = value_at<T>(v, j);
 #pragma unroll
       for (int m = 0; m < kMaxM; ++m) acc[m] = fmaf(w, xv[m], acc[m]);
@@ -460,8 +488,11 @@ cudaError_t launch_typed(BitmapParams p, int sms, cudaStream_t stream, int devic
   }
   const int64_t blocks = detail::ceil_div(row_groups, p.passes);
   // x window (a multiple of 128 bytes, so the rings start 16-byte aligned), then the rings.
-  p.ring_offset = std::min<int>(p.window_cols, static_cast<int>(detail::round_up(p.Kp, 64))) *
-                  bytes_per_col;
+  // M > 1 lays x out in whole 1024-column sub-tiles (XLayout): a window of a short K
+  // still spans one.
+  const int staged_cols = std::min<int>(
+      p.window_cols, static_cast<int>(detail::round_up(p.Kp, kMaxM == 1 ? 64 : kSubTileCols)));
+  p.ring_offset = staged_cols * bytes_per_col;
   const int smem = p.ring_offset + ring_bytes<kW>();
   if (smem > kSmemDefault) {
     // The opt-in (x windows of 32 KB: 16 tokens, or K > 14336 with fewer), once per device,
