@@ -408,6 +408,22 @@ def test_sparse24_gemm_sm90_matches_reference(dtype, shape, m, make_sparse24) ->
     _check(y, x, dense)
 
 
+@pytest.mark.parametrize("m", [64, 512, 2048])
+def test_sparse24_gemm_sm90_both_schedules(m, make_sparse24) -> None:
+    """N = 4096: M = 64 and 512 leave fewer than two 128 x 128 output tiles per SM (stream-K,
+    partial sums reduced in the workspace), M = 2048 does not (data-parallel). Stream-K's
+    reduction runs in a fixed order: a second call gives the same bits."""
+    _sm90_or_skip()
+    n, k, dtype = 4096, 512, torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
+    x = _x(m, k, dtype, seed=2100 + m)
+    y = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k, out=_poisoned(m, n, dtype))
+    _check(y, x, dense)
+    again = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k)
+    assert torch.equal(y, again)
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_sm90_meta_reorder_matches_python_reference(shape, make_sparse24) -> None:
     n, k = shape

@@ -45,9 +45,15 @@ using namespace cute;
 
 using ProblemShape = Shape<int, int, int, int>;  // (M', N', K', L) = (N, M, Kp, 1)
 
-// One kernel configuration per element type. The tile K (128) fixes the metadata layout: every
+// Kernel configurations per element type. The tile K (128) fixes the metadata layout: every
 // configuration that reads a reordered meta buffer must use the same min(tile K, 128).
-template <typename Element>
+// - data-parallel (the default scheduler): one output tile per CTA, clusters of 2 along the
+//   tokens sharing the weight tile by multicast; for prefill with many tiles.
+// - stream-K (StreamKScheduler, no cluster): where the output tiles cannot fill the SMs (small
+//   M: M = 64 on N = 4096 is 32 tiles of 128 x 128 for 132 SMs, 0.45x dense on the H200 with
+//   the data-parallel kernel), the tiles' K loops are split across the SMs and the partial
+//   sums reduced in a workspace, in a fixed order (deterministic).
+template <typename Element, class ClusterShape_ = Shape<_1, _2, _1>, class TileScheduler = void>
 struct Sm90Sparse24 {
   using LayoutTagA = cutlass::layout::RowMajor;     // W [N, Kp]
   using LayoutTagB = cutlass::layout::ColumnMajor;  // x as K x M, K contiguous
@@ -55,7 +61,7 @@ struct Sm90Sparse24 {
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
   using Accumulator = float;
   using TileShape = Shape<_128, _128, _128>;
-  using ClusterShape = Shape<_1, _2, _1>;
+  using ClusterShape = ClusterShape_;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassSparseTensorOp, TileShape, ClusterShape,
@@ -72,7 +78,7 @@ struct Sm90Sparse24 {
       cutlass::gemm::collective::KernelScheduleAuto>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<ProblemShape, CollectiveMainloop,
-                                                      CollectiveEpilogue>;
+                                                      CollectiveEpilogue, TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   using LayoutA = typename CollectiveMainloop::LayoutA;
@@ -91,6 +97,19 @@ static_assert(std::is_same_v<decltype(get<1>(HalfCfg::StrideB{})), cute::_1>,
 static_assert(std::is_same_v<decltype(get<0>(HalfCfg::StrideD{})), cute::_1>,
               "D (y^T) must be column-major");
 using Bf16Cfg = Sm90Sparse24<cutlass::bfloat16_t>;
+using HalfStreamK = Sm90Sparse24<cutlass::half_t, Shape<_1, _1, _1>, cutlass::gemm::StreamKScheduler>;
+using Bf16StreamK =
+    Sm90Sparse24<cutlass::bfloat16_t, Shape<_1, _1, _1>, cutlass::gemm::StreamKScheduler>;
+static_assert(std::is_same_v<HalfCfg::LayoutE, HalfStreamK::LayoutE> &&
+                  std::is_same_v<Bf16Cfg::LayoutE, Bf16StreamK::LayoutE>,
+              "both schedules must read the same reordered metadata");
+
+// Stream-K where the data-parallel grid would leave SMs idle: fewer output tiles than two per
+// SM (M <= 512 on N = 4096 at 132 SMs). The same tile shape either way.
+bool use_stream_k(int64_t M, int64_t N, int sms) {
+  const int64_t tiles = detail::ceil_div(N, 128) * detail::ceil_div(M, 128);
+  return tiles < 2 * static_cast<int64_t>(sms);
+}
 
 // The reordered metadata is shared by both element types.
 static_assert(std::is_same_v<HalfCfg::LayoutE, Bf16Cfg::LayoutE>,
@@ -357,12 +376,14 @@ size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DTyp
     cudaGetLastError();
     return 0;
   }
-  if (dtype == DType::kBFloat16) {
-    return Bf16Cfg::Gemm::get_workspace_size(
-        make_arguments<Bf16Cfg>(nullptr, Kp, nullptr, nullptr, nullptr, N, M, N, Kp, device, sms));
-  }
-  return HalfCfg::Gemm::get_workspace_size(
-      make_arguments<HalfCfg>(nullptr, Kp, nullptr, nullptr, nullptr, N, M, N, Kp, device, sms));
+  auto bytes = [&](auto cfg) {
+    using Cfg = decltype(cfg);
+    return Cfg::Gemm::get_workspace_size(
+        make_arguments<Cfg>(nullptr, Kp, nullptr, nullptr, nullptr, N, M, N, Kp, device, sms));
+  };
+  const bool stream_k = use_stream_k(M, N, sms);
+  if (dtype == DType::kBFloat16) return stream_k ? bytes(Bf16StreamK{}) : bytes(Bf16Cfg{});
+  return stream_k ? bytes(HalfStreamK{}) : bytes(HalfCfg{});
 }
 
 bool sparse24_gemm_sm90_available(int device) {
@@ -394,11 +415,22 @@ cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
   SLIMSTACK_REQUIRE(detail::is_aligned(x, 16) && detail::is_aligned(values, 16) &&
                     detail::is_aligned(meta_sm90, 16) && detail::is_aligned(y, 16));
   SLIMSTACK_CUDA_TRY(require_sm90a());
+  int device = 0;
+  SLIMSTACK_CUDA_TRY(cudaGetDevice(&device));
+  int sms = 0;
+  SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
+  const bool stream_k = use_stream_k(M, N, sms);  // as sparse24_gemm_sm90_workspace_bytes
   switch (dtype) {
     case DType::kFloat16:
-      return run_gemm<HalfCfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N, Kp, stream);
+      return stream_k ? run_gemm<HalfStreamK>(x, ldx, values, meta_sm90, y, ldy, workspace, M,
+                                              N, Kp, stream)
+                      : run_gemm<HalfCfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N,
+                                          Kp, stream);
     case DType::kBFloat16:
-      return run_gemm<Bf16Cfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N, Kp, stream);
+      return stream_k ? run_gemm<Bf16StreamK>(x, ldx, values, meta_sm90, y, ldy, workspace, M,
+                                              N, Kp, stream)
+                      : run_gemm<Bf16Cfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N,
+                                          Kp, stream);
   }
   return cudaErrorInvalidValue;
 }
