@@ -151,6 +151,21 @@ def _fused_variants(dt: str) -> list[Variant]:
             unaligned=frozenset({"split"}),
         ),
         Variant(
+            f"decode_attention[G=4,D=128,{dt}]", "decode_attention",
+            "_decode_attention_split_kernel", "gemm",
+            {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "mask_ptr": "*u8",
+             "acc_ptr": "*fp32", "stats_ptr": "*fp32", "sm_scale": "fp32"},
+            {"BLOCK_G": 16, "BLOCK_T": 64, "BLOCK_D": 128, "INPUT_PRECISION": _precision(dt)}, 4,
+            unaligned=frozenset({"HKV", "G", "T", "TILES_PER_SPLIT", "stride_mb"}),
+        ),
+        Variant(
+            f"decode_attention_merge[D=128,{dt}]", "decode_attention",
+            "_decode_attention_merge_kernel", "elementwise",
+            {"acc_ptr": "*fp32", "stats_ptr": "*fp32", "out_ptr": f"*{dt}"},
+            {"BLOCK_G": 16, "BLOCK_D": 128}, 4,
+            unaligned=frozenset({"HKV", "G", "NUM_SPLITS"}),
+        ),
+        Variant(
             f"swiglu[{dt}]", "swiglu", "_swiglu_kernel", "elementwise",
             {"gate_ptr": f"*{dt}", "up_ptr": f"*{dt}", "out_ptr": f"*{dt}"},
             {"BLOCK": 1024}, 4,

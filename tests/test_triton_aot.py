@@ -27,7 +27,7 @@ DTYPES = ("fp16", "bf16", "fp32")
 HALF = ("fp16", "bf16")  # the serving dtypes: tiles are sized for them
 MODULES = (
     "sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "bitmap_unpack", "splitk_sum", "rmsnorm",
-    "rope", "swiglu",
+    "rope", "swiglu", "decode_attention",
 )  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,6 +36,7 @@ from slimstack.formats import pack_bitmap, pack_sparse24  # noqa: E402
 from slimstack.kernels import (  # noqa: E402
     bitmap_gemv,
     bitmap_unpack,
+    decode_attention,
     rmsnorm,
     rope,
     sparse24_gemm,
@@ -543,6 +544,89 @@ def test_empty_batch_returns_empty(make_sparse24, M):
     x = torch.randn(M, 172).half().to(DEVICE)
     assert sparse24_gemv.sparse24_gemv(x, values, meta, 43, 172).shape == (0, 43)
     assert sparse24_gemm.sparse24_gemm(x, values, meta, 43, 172).shape == (0, 43)
+
+
+# ------------------------------------------------------------------ decode attention ----
+
+
+def _decode_mask(batch: int, length: int, slot: int, window: int | None, seed: int):
+    """The engine's decode mask: slots up to the current one, minus each row's left padding
+    (row 0 unpadded), within the window."""
+    pads = torch.randint(0, max(1, slot), (batch,), generator=_gen(seed))
+    pads[0] = 0
+    t = torch.arange(length)
+    allowed = (t[None, :] <= slot) & (t[None, :] >= pads[:, None])
+    if window is not None:
+        allowed &= slot - t[None, :] < window
+    return allowed
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=ids)
+@pytest.mark.parametrize(
+    "B,Hkv,G,D,T,slot,window",
+    [(1, 2, 4, 64, 200, 150, None), (3, 1, 7, 80, 17, 16, None), (2, 2, 1, 8, 300, 299, 100),
+     (1, 1, 16, 128, 64, 0, None), (2, 3, 2, 32, 129, 70, 8)],
+)  # fmt: skip
+def test_decode_attention_matches_float64(poisoned, dtype, B, Hkv, G, D, T, slot, window):
+    torch.manual_seed(B * 1000 + T)
+    q = torch.randn(B, Hkv, G, D).to(dtype).to(DEVICE)
+    k = torch.randn(B, Hkv, T, D).to(dtype)
+    v = torch.randn(B, Hkv, T, D).to(dtype)
+    k[:, :, slot + 1 :] = float("nan")  # slots after the current one: never read
+    v[:, :, slot + 1 :] = float("nan")
+    allowed = _decode_mask(B, T, slot, window, seed=T).to(DEVICE)
+    k, v = k.to(DEVICE), v.to(DEVICE)
+    ref = decode_attention.decode_attention_reference(
+        q, k.nan_to_num(0.0), v.nan_to_num(0.0), allowed
+    )
+    for splits in (None, 1, 3):
+        y = decode_attention.decode_attention(q, k, v, allowed[:, None, None], splits=splits)
+        _assert_matches(y, ref.double(), dtype)
+
+
+@runs_here
+def test_decode_attention_matches_sdpa_on_strided_grouped_q():
+    """q as the engine makes it: the q part of a fused q/k/v projection [B, 1, (H + 2 Hkv) D],
+    viewed [B, H, 1, D] and regrouped: rows a whole projection apart."""
+    B, H, Hkv, D, T = 2, 8, 2, 16, 40
+    qkv = torch.randn(B, 1, (H + 2 * Hkv) * D, generator=_gen(5)).to(DEVICE)
+    q = qkv[..., : H * D].view(B, 1, H, D).transpose(1, 2).reshape(B, Hkv, H // Hkv, D)
+    assert not q.is_contiguous() and q.stride(0) == (H + 2 * Hkv) * D
+    k, v = (torch.randn(B, Hkv, T, D, generator=_gen(s)).to(DEVICE) for s in (6, 7))
+    allowed = _decode_mask(B, T, 30, None, seed=8).to(DEVICE)
+    y = decode_attention.decode_attention(q, k, v, allowed)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, attn_mask=allowed[:, None, None]
+    )
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+
+
+@runs_here
+def test_decode_attention_rejects_bad_input():
+    q = torch.randn(1, 2, 4, 16).to(DEVICE)
+    k = torch.randn(1, 2, 10, 16).to(DEVICE)
+    ok = torch.ones(1, 10, dtype=torch.bool, device=DEVICE)
+    with pytest.raises(ValueError, match=r"k and v must be \[B=1, Hkv=2, T, D=16\]"):
+        decode_attention.decode_attention(q, k[:, :1], k[:, :1], ok)
+    with pytest.raises(ValueError, match=r"mask must be bool \[B=1, T=10\]"):
+        decode_attention.decode_attention(q, k, k, ok.float())
+    with pytest.raises(TypeError, match="must share a dtype"):
+        decode_attention.decode_attention(q.half(), k, k, ok)
+    with pytest.raises(ValueError, match="at most 64 query heads"):
+        decode_attention.decode_attention(
+            torch.randn(1, 1, 65, 16).to(DEVICE), k[:, :1], k[:, :1], ok
+        )
+
+
+def test_decode_attention_split_plan():
+    # Mistral-7B at batch 1 on 132 SMs: 8 heads -> 33 runs wanted, T = 2176 is 34 tiles
+    assert decode_attention.plan_splits(8, 34, 132) == (34, 1)
+    assert decode_attention.plan_splits(64, 34, 132) == (6, 6)  # batch 8: >= 2 programs per SM
+    assert decode_attention.plan_splits(300, 4, 132) == (1, 4)  # enough heads: no split
+    for heads, tiles in ((1, 1), (8, 3), (3, 1000)):
+        splits, per = decode_attention.plan_splits(heads, tiles, 132)
+        assert splits * per >= tiles and (splits - 1) * per < tiles  # no empty split
 
 
 # ------------------------------------------------------------------ fused pieces ----

@@ -1,7 +1,8 @@
-"""Which implementation of RMSNorm / RoPE / SwiGLU a model runs with.
+"""Which implementation of RMSNorm / RoPE / SwiGLU / decode attention a model runs with.
 
 CUDA gets the fused Triton kernels from `slimstack.kernels` (one pass over memory each,
-each residual add inside the RMSNorm after it, RoPE rotating q and k in place); CPU, and
+each residual add inside the RMSNorm after it, RoPE rotating q and k in place, decode
+attention with the KV cache split across the SMs); CPU, and
 torch.compile (whose inductor fuses the torch ops itself), get the torch references in
 `engine.model`.
 """
@@ -10,12 +11,18 @@ from __future__ import annotations
 
 import torch
 
-from slimstack.engine.model import REFERENCE_KERNELS, Kernels, swiglu_reference
+from slimstack.engine.model import (
+    REFERENCE_KERNELS,
+    Kernels,
+    decode_attention_reference,
+    swiglu_reference,
+)
 
 BACKENDS = ("auto", "torch", "triton")
 
 
 def triton_kernels() -> Kernels:
+    from slimstack.kernels.decode_attention import MAX_GROUP, MAX_HEAD_DIM, decode_attention
     from slimstack.kernels.rmsnorm import add_rmsnorm, rmsnorm
     from slimstack.kernels.rope import apply_rope_
     from slimstack.kernels.swiglu import swiglu
@@ -31,7 +38,15 @@ def triton_kernels() -> Kernels:
             return swiglu(gate, up)
         return swiglu_reference(gate, up)
 
-    return Kernels("triton", rmsnorm, add_rmsnorm, rotary_in_place, swiglu_any_layout)
+    def attention_split_kv(q, k, v, mask):
+        # flash-decoding (the cache split along T): SDPA runs one program per head at decode
+        if q.shape[2] <= MAX_GROUP and q.shape[3] <= MAX_HEAD_DIM:
+            return decode_attention(q, k, v, mask)
+        return decode_attention_reference(q, k, v, mask)
+
+    return Kernels(
+        "triton", rmsnorm, add_rmsnorm, rotary_in_place, swiglu_any_layout, attention_split_kv
+    )
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto") -> Kernels:

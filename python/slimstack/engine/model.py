@@ -55,6 +55,14 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def decode_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """q [B, Hkv, G, D] (the G query heads of each key/value head) over the cache k, v
+    [B, Hkv, T, D], mask bool [B, 1, 1, T]."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 def _drop_decoders(model: DecoderModel, incompatible_keys: Any) -> None:
     # A captured graph replays the addresses it saw: derived weight copies are rebuilt and a
     # bitmap layer's values may be resized by a load, so decoders are captured again.
@@ -72,10 +80,17 @@ class Kernels:
     # q [B, S, H, D], k [B, S, Hkv, D], cos/sin [B, S, D] -> rotated q, k
     rotary: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # (q [B, Hkv, G, D], k, v [B, Hkv, T, D], mask [B, 1, 1, T]) -> [B, Hkv, G, D]
+    decode_attention: Callable[..., torch.Tensor]
 
 
 REFERENCE_KERNELS = Kernels(
-    "torch", rms_norm_reference, add_rms_norm_reference, rotary_reference, swiglu_reference
+    "torch",
+    rms_norm_reference,
+    add_rms_norm_reference,
+    rotary_reference,
+    swiglu_reference,
+    decode_attention_reference,
 )
 
 
@@ -169,7 +184,7 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin, kernels)
         cache.write_at(slot, k, v)
         q = q.reshape(batch, self.num_kv_heads, -1, self.head_dim)
-        out = F.scaled_dot_product_attention(q, cache.k, cache.v, attn_mask=mask)
+        out = kernels.decode_attention(q, cache.k, cache.v, mask)
         return self.o_proj(out.reshape(batch, 1, -1))
 
 
