@@ -16,11 +16,15 @@ _BLOCK = 1024
 
 
 @triton.jit
-def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, n_elements, BLOCK: tl.constexpr):
+def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, n_elements, width, stride_row, BLOCK: tl.constexpr):
+    """Rows of `width` elements, `stride_row` apart in gate and up (the two halves of a fused
+    gate/up projection are 2 x width apart), contiguous in out."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
-    gate = tl.load(gate_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(up_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    row = offs // width
+    src = row * stride_row + (offs - row * width)
+    gate = tl.load(gate_ptr + src, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(up_ptr + src, mask=mask, other=0.0).to(tl.float32)
     silu = gate / (1.0 + tl.exp(-gate))
     tl.store(out_ptr + offs, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -40,14 +44,32 @@ def _validate(gate: torch.Tensor, up: torch.Tensor) -> None:
     check_runnable(op, _swiglu_kernel, gate.device)
 
 
+def _as_rows(gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate and up as [rows, width] views with one row stride (contiguous copies if not)."""
+    width = gate.shape[-1] if gate.dim() else 1
+    try:
+        g, u = gate.view(-1, width), up.view(-1, width)
+    except RuntimeError:  # leading dims that do not collapse into one stride
+        g, u = gate.reshape(-1, width).contiguous(), up.reshape(-1, width).contiguous()
+    if g.stride(-1) != 1 or u.stride(-1) != 1 or (g.shape[0] > 1 and g.stride(0) != u.stride(0)):
+        g, u = g.contiguous(), u.contiguous()
+    return g, u
+
+
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up elementwise; a new tensor of gate's shape and dtype."""
+    """silu(gate) * up elementwise; a new contiguous tensor of gate's shape and dtype. Rows
+    of gate and up may be strided alike (the halves of one fused gate/up output): read in
+    place, no copies."""
     _validate(gate, up)
-    gate, up = gate.contiguous(), up.contiguous()
-    out = torch.empty_like(gate)
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     n = gate.numel()
     if n:
-        _swiglu_kernel[(triton.cdiv(n, _BLOCK),)](gate, up, out, n, BLOCK=_BLOCK, num_warps=4)
+        g, u = _as_rows(gate, up)
+        width = g.shape[1]
+        stride = g.stride(0) if g.shape[0] > 1 else width
+        _swiglu_kernel[(triton.cdiv(n, _BLOCK),)](
+            g, u, out, n, width, stride, BLOCK=_BLOCK, num_warps=4
+        )
     return out
 
 

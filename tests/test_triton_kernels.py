@@ -685,6 +685,22 @@ def test_add_rmsnorm_reads_strided_rows_and_refuses_mismatches():
 
 
 @runs_here
+def test_swiglu_reads_the_halves_of_a_fused_output_in_place(monkeypatch):
+    """The MLP's gate/up are views into one [..., 2I] projection: no copy, one kernel."""
+    fused = torch.randn(2, 3, 2 * 40, generator=_gen(24)).to(DEVICE)
+    gate, up = fused.chunk(2, dim=-1)
+    copies = []
+    real = torch.Tensor.contiguous
+    monkeypatch.setattr(
+        torch.Tensor, "contiguous", lambda t, *a, **k: copies.append(t.shape) or real(t, *a, **k)
+    )
+    y = swiglu.swiglu(gate, up)
+    assert copies == []
+    torch.testing.assert_close(y, torch.nn.functional.silu(gate) * up, atol=1e-6, rtol=1e-5)
+    assert y.is_contiguous()
+
+
+@runs_here
 @pytest.mark.parametrize("dtype", DTYPES, ids=ids)
 @pytest.mark.parametrize("shape", [(7, 43), (2, 3, 172), (0, 5)])
 @pytest.mark.parametrize("layout", ["contiguous", "halves"])

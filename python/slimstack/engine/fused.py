@@ -11,12 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from slimstack.engine.model import (
-    REFERENCE_KERNELS,
-    Kernels,
-    decode_attention_reference,
-    swiglu_reference,
-)
+from slimstack.engine.model import REFERENCE_KERNELS, Kernels, decode_attention_reference
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -31,22 +26,13 @@ def triton_kernels() -> Kernels:
         apply_rope_(q, k, cos, sin)
         return q, k
 
-    def swiglu_any_layout(gate, up):
-        # gate/up are halves of the fused gate_up_proj output (strided views): the Triton
-        # kernel would first copy both, torch's two elementwise kernels read them in place
-        if gate.is_contiguous() and up.is_contiguous():
-            return swiglu(gate, up)
-        return swiglu_reference(gate, up)
-
     def attention_split_kv(q, k, v, mask):
         # flash-decoding (the cache split along T): SDPA runs one program per head at decode
         if q.shape[2] <= MAX_GROUP and q.shape[3] <= MAX_HEAD_DIM:
             return decode_attention(q, k, v, mask)
         return decode_attention_reference(q, k, v, mask)
 
-    return Kernels(
-        "triton", rmsnorm, add_rmsnorm, rotary_in_place, swiglu_any_layout, attention_split_kv
-    )
+    return Kernels("triton", rmsnorm, add_rmsnorm, rotary_in_place, swiglu, attention_split_kv)
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto") -> Kernels:
