@@ -95,3 +95,32 @@ def bitmap_dense_tile(
     kept = tl.reshape(kept, [BLOCK_N, BLOCK_K])
     w = tl.load(row_values[:, None] + offset, mask=kept != 0, other=0.0)
     return w, next_value + tl.sum(per_word, axis=1).to(tl.int64)
+
+
+@triton.jit
+def split_rows_and_tiles(
+    mask_ptr,
+    row_offsets_ptr,
+    N,
+    KW,
+    stride_mask,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HW_POPC: tl.constexpr,
+):
+    """For a grid (row blocks, K splits): this program's rows (and which exist), its run of
+    K tiles [t_start, t_end), and per row the index of the run's first value."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    split_k = tl.num_programs(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_mask = rows < N
+    num_tiles = tl.cdiv(32 * KW, BLOCK_K)
+    tiles_per_split = tl.cdiv(num_tiles, split_k)
+    t_start = pid_k * tiles_per_split
+    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
+    next_value = tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
+    next_value += kept_before(
+        mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N, BLOCK_K, HW_POPC
+    )
+    return rows, row_mask, t_start, t_end, next_value

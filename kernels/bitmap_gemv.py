@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slimstack.kernels._bitmap_tile import bitmap_dense_tile, kept_before
+from slimstack.kernels._bitmap_tile import bitmap_dense_tile, split_rows_and_tiles
 from slimstack.kernels._checks import (
     addressed_elements,
     as_int32_words,
@@ -67,22 +67,11 @@ def _bitmap_gemv_kernel(
     HW_POPC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    split_k = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
+    rows, row_mask, t_start, t_end, next_value = split_rows_and_tiles(
+        mask_ptr, row_offsets_ptr, N, KW, stride_mask, BLOCK_N, BLOCK_K, HW_POPC
+    )
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-
-    num_tiles = tl.cdiv(32 * KW, BLOCK_K)
-    tiles_per_split = tl.cdiv(num_tiles, split_k)
-    t_start = pid_k * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
-    next_value = tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
-    next_value += kept_before(
-        mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N, BLOCK_K, HW_POPC
-    )
 
     if USE_DOT:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
@@ -113,7 +102,7 @@ def _bitmap_gemv_kernel(
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)[None, :]
 
-    out_ptrs = out_ptr + pid_k * stride_split + offs_m[:, None] * N + rows[None, :]
+    out_ptrs = out_ptr + tl.program_id(1) * stride_split + offs_m[:, None] * N + rows[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & row_mask[None, :])
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slimstack.kernels._bitmap_tile import bitmap_dense_tile, kept_before
+from slimstack.kernels._bitmap_tile import bitmap_dense_tile, split_rows_and_tiles
 from slimstack.kernels._checks import (
     as_int32_words,
     check_bitmap_packed,
@@ -63,19 +63,8 @@ def _bitmap_unpack_kernel(
     EVEN_K: tl.constexpr,
     HW_POPC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    split_k = tl.num_programs(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_mask = rows < N
-
-    num_tiles = tl.cdiv(32 * KW, BLOCK_K)
-    tiles_per_split = tl.cdiv(num_tiles, split_k)
-    t_start = pid_k * tiles_per_split
-    t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
-    next_value = tl.load(row_offsets_ptr + rows, mask=row_mask, other=0)
-    next_value += kept_before(
-        mask_ptr, rows, row_mask, KW, stride_mask, t_start, BLOCK_N, BLOCK_K, HW_POPC
+    rows, row_mask, t_start, t_end, next_value = split_rows_and_tiles(
+        mask_ptr, row_offsets_ptr, N, KW, stride_mask, BLOCK_N, BLOCK_K, HW_POPC
     )
     out_rows = out_ptr + rows.to(tl.int64)[:, None] * stride_out
     for t in range(t_start, t_end):
