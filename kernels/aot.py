@@ -146,6 +146,13 @@ def _fused_variants(dt: str) -> list[Variant]:
             unaligned=frozenset({"S", "H"}),
         ),
         Variant(
+            f"rope_to_cache[D=128,{dt}]", "rope", "_rope_to_cache_kernel", "elementwise",
+            {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "cos_ptr": f"*{dt}",
+             "sin_ptr": f"*{dt}", "kc_ptr": f"*{dt}", "vc_ptr": f"*{dt}", "slot_ptr": "*i64"},
+            {"HALF": 64, "BLOCK_H": 32, "BLOCK_HALF": 64}, 4,
+            unaligned=frozenset({"HQ", "HK"}),
+        ),
+        Variant(
             f"splitk_sum[{dt}]", "splitk_sum", "_splitk_sum_kernel", "elementwise",
             {"partial_ptr": "*fp32", "out_ptr": f"*{dt}"}, {"BLOCK": 1024}, 4,
             unaligned=frozenset({"split"}),

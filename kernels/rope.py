@@ -130,3 +130,122 @@ def apply_rope_reference(
     s = sin.float().reshape(-1, *sin.shape[-2:]).unsqueeze(2)
     rotated = [(t.float() * c + rotate_half(t.float()) * s).to(t.dtype) for t in (q, k)]
     return rotated[0], rotated[1]
+
+
+@triton.jit
+def _rope_to_cache_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    cos_ptr,
+    sin_ptr,
+    kc_ptr,
+    vc_ptr,
+    slot_ptr,
+    HQ,
+    HK,
+    stride_qb,
+    stride_qh,
+    stride_kb,
+    stride_kh,
+    stride_vb,
+    stride_vh,
+    stride_cb,
+    stride_cache_b,
+    stride_cache_h,
+    stride_cache_t,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    b = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_ptr).to(tl.int64)
+    heads = tl.arange(0, BLOCK_H)
+    dims = tl.arange(0, BLOCK_HALF)
+    dmask = dims < HALF
+    c_row = b * stride_cb
+    cos1 = tl.load(cos_ptr + c_row + dims, mask=dmask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + c_row + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + c_row + dims, mask=dmask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + c_row + HALF + dims, mask=dmask, other=0.0).to(tl.float32)
+
+    # q: rotated in place
+    q1_ptr = q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :]
+    q_mask = (heads[:, None] < HQ) & dmask[None, :]
+    q1 = tl.load(q1_ptr, mask=q_mask, other=0.0).to(tl.float32)
+    q2 = tl.load(q1_ptr + HALF, mask=q_mask, other=0.0).to(tl.float32)
+    tl.store(
+        q1_ptr, (q1 * cos1[None, :] - q2 * sin1[None, :]).to(q_ptr.dtype.element_ty), mask=q_mask
+    )
+    tl.store(
+        q1_ptr + HALF, (q2 * cos2[None, :] + q1 * sin2[None, :]).to(q_ptr.dtype.element_ty),
+        mask=q_mask,
+    )  # fmt: skip
+
+    # k: rotated into the cache at the slot; v: copied there
+    kv_mask = (heads[:, None] < HK) & dmask[None, :]
+    cache_at = b * stride_cache_b + heads[:, None] * stride_cache_h + slot * stride_cache_t
+    k1_ptr = k_ptr + b * stride_kb + heads[:, None] * stride_kh + dims[None, :]
+    k1 = tl.load(k1_ptr, mask=kv_mask, other=0.0).to(tl.float32)
+    k2 = tl.load(k1_ptr + HALF, mask=kv_mask, other=0.0).to(tl.float32)
+    kc1_ptr = kc_ptr + cache_at + dims[None, :]
+    tl.store(
+        kc1_ptr, (k1 * cos1[None, :] - k2 * sin1[None, :]).to(kc_ptr.dtype.element_ty), mask=kv_mask
+    )
+    tl.store(
+        kc1_ptr + HALF, (k2 * cos2[None, :] + k1 * sin2[None, :]).to(kc_ptr.dtype.element_ty),
+        mask=kv_mask,
+    )  # fmt: skip
+    v1_ptr = v_ptr + b * stride_vb + heads[:, None] * stride_vh + dims[None, :]
+    vc1_ptr = vc_ptr + cache_at + dims[None, :]
+    tl.store(vc1_ptr, tl.load(v1_ptr, mask=kv_mask, other=0.0), mask=kv_mask)
+    tl.store(vc1_ptr + HALF, tl.load(v1_ptr + HALF, mask=kv_mask, other=0.0), mask=kv_mask)
+
+
+def rope_to_cache_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+) -> None:
+    """One decode step's RoPE and KV-cache write in one launch: q [B, 1, Hq, D] rotated in
+    place, k [B, 1, Hk, D] rotated into k_cache [B, Hk, T, D] at ``slot`` (a device tensor
+    [1], read by the kernel: no host sync), v copied into v_cache there. The same roundings
+    as apply_rope_ followed by the cache's index_copy_."""
+    op = "rope_to_cache_"
+    table_strides, (B, S, D) = _validate(q, k, cos, sin)
+    if S != 1:
+        raise ValueError(f"{op}: one token per sequence (decode), got S={S}")
+    hk = k.shape[2]
+    if tuple(v.shape) != tuple(k.shape) or v.dtype != k.dtype or v.stride(-1) != 1:
+        raise ValueError(f"{op}: v must be like k {list(k.shape)}, got {list(v.shape)} {v.dtype}")
+    want = (B, hk, k_cache.shape[2] if k_cache.dim() == 4 else -1, D)
+    for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if cache.dim() != 4 or tuple(cache.shape) != want or cache.dtype != k.dtype:
+            raise ValueError(
+                f"{op}: {name} must be {k.dtype} [B={B}, Hk={hk}, T, D={D}], got "
+                f"{cache.dtype} {list(cache.shape)}"
+            )
+        if cache.stride(-1) != 1:
+            raise ValueError(f"{op}: {name} needs a unit stride in its last dim")
+    if k_cache.stride() != v_cache.stride():
+        raise ValueError(f"{op}: k_cache and v_cache must have the same strides")
+    if slot.dtype != torch.int64 or slot.numel() != 1:
+        raise ValueError(
+            f"{op}: slot must be one int64 element, got {slot.dtype} {list(slot.shape)}"
+        )
+    check_same_device(op, q, v=v, k_cache=k_cache, v_cache=v_cache, slot=slot)
+    if B == 0:
+        return
+    half = D // 2
+    _rope_to_cache_kernel[(B,)](
+        q, k, v, cos, sin, k_cache, v_cache, slot, q.shape[2], hk,
+        q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
+        table_strides[0], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        HALF=half, BLOCK_H=triton.next_power_of_2(max(q.shape[2], hk)),
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4,
+    )  # fmt: skip

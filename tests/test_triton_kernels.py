@@ -754,6 +754,52 @@ def test_rope_in_place_matches_float64(dtype, form, B, S, Hq, Hk, D):
 
 
 @runs_here
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=ids)
+@pytest.mark.parametrize("B,Hq,Hk,D,T", [(3, 8, 2, 64, 20), (1, 4, 4, 10, 5), (2, 6, 1, 128, 9)])
+def test_rope_to_cache_is_rope_then_the_cache_write(dtype, B, Hq, Hk, D, T):
+    """Bit for bit apply_rope_ on the fused q/k/v views followed by index_copy_ into the
+    caches; every other slot of the caches untouched."""
+    qkv = torch.randn(B, 1, (Hq + 2 * Hk) * D, generator=_gen(B + D)).to(dtype).to(DEVICE)
+    pos = torch.randint(0, 50, (B, 1), generator=_gen(T))
+    inv = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    angles = torch.cat([pos[..., None] * inv] * 2, dim=-1)  # [B, 1, D]
+    cos, sin = angles.cos().to(dtype).to(DEVICE), angles.sin().to(dtype).to(DEVICE)
+    slot = torch.tensor([T // 2], device=DEVICE)
+    caches = [torch.randn(B, Hk, T, D, generator=_gen(s)).to(dtype).to(DEVICE) for s in (1, 2)]
+
+    def views(buf):
+        q, k, v = buf.split([Hq * D, Hk * D, Hk * D], dim=-1)
+        return q.view(B, 1, Hq, D), k.view(B, 1, Hk, D), v.view(B, 1, Hk, D)
+
+    ref_buf, ref_k, ref_v = qkv.clone(), caches[0].clone(), caches[1].clone()
+    q_ref, k_ref, v_ref = views(ref_buf)
+    rope.apply_rope_(q_ref, k_ref, cos, sin)
+    ref_k.index_copy_(2, slot, k_ref.transpose(1, 2))
+    ref_v.index_copy_(2, slot, v_ref.transpose(1, 2))
+
+    q, k, v = views(qkv)
+    rope.rope_to_cache_(q, k, v, cos, sin, caches[0], caches[1], slot)
+    assert torch.equal(q, q_ref)
+    assert torch.equal(caches[0], ref_k) and torch.equal(caches[1], ref_v)
+
+
+@runs_here
+def test_rope_to_cache_rejects_bad_input():
+    q, k = torch.randn(2, 1, 4, 8).to(DEVICE), torch.randn(2, 1, 2, 8).to(DEVICE)
+    cos = sin = torch.ones(2, 1, 8).to(DEVICE)
+    cache = torch.zeros(2, 2, 6, 8).to(DEVICE)
+    slot = torch.tensor([1], device=DEVICE)
+    with pytest.raises(ValueError, match="one token per sequence"):
+        rope.rope_to_cache_(q.expand(2, 2, 4, 8), k.expand(2, 2, 2, 8), k.expand(2, 2, 2, 8),
+                            torch.ones(2, 2, 8).to(DEVICE), torch.ones(2, 2, 8).to(DEVICE),
+                            cache, cache, slot)  # fmt: skip
+    with pytest.raises(ValueError, match=r"k_cache must be torch.float32 \[B=2, Hk=2, T, D=8\]"):
+        rope.rope_to_cache_(q, k, k, cos, sin, cache[:, :1], cache, slot)
+    with pytest.raises(ValueError, match="slot must be one int64 element"):
+        rope.rope_to_cache_(q, k, k, cos, sin, cache, cache, slot.int())
+
+
+@runs_here
 def test_rope_agrees_with_transformers():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 

@@ -19,12 +19,16 @@ BACKENDS = ("auto", "torch", "triton")
 def triton_kernels() -> Kernels:
     from slimstack.kernels.decode_attention import MAX_GROUP, MAX_HEAD_DIM, decode_attention
     from slimstack.kernels.rmsnorm import add_rmsnorm, rmsnorm
-    from slimstack.kernels.rope import apply_rope_
+    from slimstack.kernels.rope import apply_rope_, rope_to_cache_
     from slimstack.kernels.swiglu import swiglu
 
     def rotary_in_place(q, k, cos, sin):
         apply_rope_(q, k, cos, sin)
         return q, k
+
+    def rotary_to_cache(q, k, v, cos, sin, k_cache, v_cache, slot):
+        rope_to_cache_(q, k, v, cos, sin, k_cache, v_cache, slot)  # one launch, not four
+        return q
 
     def attention_split_kv(q, k, v, mask):
         # flash-decoding (the cache split along T): SDPA runs one program per head at decode
@@ -32,7 +36,10 @@ def triton_kernels() -> Kernels:
             return decode_attention(q, k, v, mask)
         return decode_attention_reference(q, k, v, mask)
 
-    return Kernels("triton", rmsnorm, add_rmsnorm, rotary_in_place, swiglu, attention_split_kv)
+    return Kernels(
+        "triton", rmsnorm, add_rmsnorm, rotary_in_place, swiglu, attention_split_kv,
+        rotary_to_cache,
+    )  # fmt: skip
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto") -> Kernels:

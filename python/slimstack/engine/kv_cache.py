@@ -31,11 +31,6 @@ class LayerCache(nn.Module):
         self.k[:, :, :length].copy_(k)
         self.v[:, :, :length].copy_(v)
 
-    def write_at(self, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store keys/values [B, Hkv, S, D] at the slots given as a device tensor [S]."""
-        self.k.index_copy_(2, slots, k)
-        self.v.index_copy_(2, slots, v)
-
 
 class KVCache(nn.Module):
     """One LayerCache per layer position (shared layer weights still get their own cache)."""

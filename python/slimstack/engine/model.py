@@ -55,6 +55,24 @@ def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def rotary_to_cache_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot: torch.Tensor,
+) -> torch.Tensor:
+    """Decode: q, k, v [B, 1, H, D]; returns q rotated, writes k rotated and v into the
+    caches [B, Hkv, T, D] at `slot` (a device tensor [1])."""
+    q, k = rotary_reference(q, k, cos, sin)
+    k_cache.index_copy_(2, slot, k.transpose(1, 2))
+    v_cache.index_copy_(2, slot, v.transpose(1, 2))
+    return q
+
+
 def decode_attention_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 ) -> torch.Tensor:
@@ -82,6 +100,9 @@ class Kernels:
     swiglu: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     # (q [B, Hkv, G, D], k, v [B, Hkv, T, D], mask [B, 1, 1, T]) -> [B, Hkv, G, D]
     decode_attention: Callable[..., torch.Tensor]
+    # decode: (q, k, v [B, 1, H, D], cos, sin, k_cache, v_cache, slot) -> rotated q, with
+    # rotated k and v written into the caches at slot
+    rotary_to_cache: Callable[..., torch.Tensor]
 
 
 REFERENCE_KERNELS = Kernels(
@@ -91,6 +112,7 @@ REFERENCE_KERNELS = Kernels(
     rotary_reference,
     swiglu_reference,
     decode_attention_reference,
+    rotary_to_cache_reference,
 )
 
 
@@ -130,6 +152,12 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kernels: Kernels
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q [B, H, S, D], k/v [B, Hkv, S, D] with rotary applied to q and k."""
+        q, k, v = self.heads(x)
+        q, k = kernels.rotary(q, k, cos, sin)  # on [B, S, H, D]: the fused kernel works in place
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [B, S, H, D], k/v [B, S, Hkv, D]: views of the projections, no rotary yet."""
         batch, seq, _ = x.shape
         if self.qkv_proj is not None:
             q, k, v = self.qkv_proj(x).split(self.split_sizes, dim=-1)
@@ -138,8 +166,7 @@ class Attention(nn.Module):
         q = q.view(batch, seq, self.num_heads, self.head_dim)
         k = k.view(batch, seq, self.num_kv_heads, self.head_dim)
         v = v.view(batch, seq, self.num_kv_heads, self.head_dim)
-        q, k = kernels.rotary(q, k, cos, sin)  # on [B, S, H, D]: the fused kernel works in place
-        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        return q, k, v
 
     def prefill(
         self,
@@ -181,9 +208,9 @@ class Attention(nn.Module):
         them, so grouped-query attention needs no copy of the cache.
         """
         batch = x.shape[0]
-        q, k, v = self.project(x, cos, sin, kernels)
-        cache.write_at(slot, k, v)
-        q = q.reshape(batch, self.num_kv_heads, -1, self.head_dim)
+        q, k, v = self.heads(x)
+        q = kernels.rotary_to_cache(q, k, v, cos, sin, cache.k, cache.v, slot)
+        q = q.transpose(1, 2).reshape(batch, self.num_kv_heads, -1, self.head_dim)
         out = kernels.decode_attention(q, cache.k, cache.v, mask)
         return self.o_proj(out.reshape(batch, 1, -1))
 
