@@ -52,9 +52,12 @@ def gemv_candidates(m: int) -> list[Any]:
         return [GemvConfig(n, k, num_warps=w) for n, k, w in grid]
     # H200 2026-12-04: the default (64 x 128) ran 0.5-0.75x dense at every M = 2..16, with
     # N = 4096 giving only 64 row blocks (2 programs per SM after split-K): block_n 16 and 32
-    # (mma.sync instead of wgmma) quadruple / double the programs
-    grid = itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (2, 3))
-    return [GemvConfig(n, k, num_warps=w, num_stages=s) for n, k, w, s in grid]
+    # (mma.sync instead of wgmma) quadruple / double the programs; split_k 8 puts ~4 programs
+    # on each SM where the planned split aims at 2
+    grid = itertools.product((16, 32, 64, 128), (64, 128, 256), (4, 8), (2, 3), (None, 8))
+    return [
+        GemvConfig(n, k, num_warps=w, num_stages=s, split_k=split) for n, k, w, s, split in grid
+    ]
 
 
 def gemm_candidates(m: int) -> list[Any]:
