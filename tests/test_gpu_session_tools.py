@@ -109,6 +109,23 @@ def test_results_are_filed_without_overwriting_an_earlier_call(tmp_path: Path) -
     assert not (results / "gpu-tests.log").exists(), "logs are not results"
 
 
+def test_decode_profiles_come_back_and_are_filed_with_their_table(tmp_path: Path) -> None:
+    out, results = tmp_path / "out", tmp_path / "results"
+    _call_output(out, 1.6, e2e.Variant(32, "2:4"))
+    stem = f"{DAY}-decode-profile-24-8L-b1-p128"
+    profile = {"suite": "decode-profile", "gpu": "NVIDIA H200", "rows": []}
+    (out / f"{stem}.json").write_text(json.dumps(profile))
+    (out / f"{stem}.md").write_text("| kernel | calls/step |\n")
+    _pack(out)
+    kept = {p.name for p in out.iterdir()}
+    assert f"{stem}.md" in kept and f"{stem}.json" not in kept and len(kept) <= 8
+    assert (
+        gpu_results.main([str(out), "--results", str(results), "--logs", str(tmp_path / "l")]) == 0
+    )
+    assert json.loads((results / f"{stem}.json").read_text())["suite"] == "decode-profile"
+    assert (results / f"{stem}.md").read_text() == "| kernel | calls/step |\n"
+
+
 def test_invalid_results_are_refused_and_nothing_is_filed(tmp_path: Path) -> None:
     out, results = tmp_path / "out", tmp_path / "results"
     out.mkdir()

@@ -8,7 +8,8 @@
 - e2e results JSON: its rows merged into that day's e2e file, as the suite itself merges
   (bench/e2e_helpers.write_results), then plotted (bench/plot_e2e.py);
 - rest.tar.gz (logs, the call's own plots, its dispatch table) and the logs: unpacked into
-  the logs folder, to read rather than commit;
+  the logs folder, to read rather than commit, except decode profiles (bench/profile_decode.py),
+  whose JSON and table go to the results folder;
 - prints what it filed, the session log and the summary.
 
 Every file it writes is complete or absent: results are validated before they are copied.
@@ -83,6 +84,21 @@ def file_e2e(src: Path, results: Path) -> Path:
     return dest
 
 
+def file_profiles(logs: Path, results: Path) -> list[Path]:
+    """bench/profile_decode.py's JSON and table (packed in the archive): copied as they are."""
+    filed = []
+    for src in sorted(logs.glob("*-decode-profile-*.json")):
+        if json.loads(src.read_text()).get("suite") != "decode-profile":
+            raise ValueError(f"{src} is not a decode profile")
+        for path in (src, src.with_suffix(".md")):
+            if path.exists():
+                dest = results / path.name
+                shutil.copyfile(path, dest.with_name(dest.name + ".tmp"))
+                dest.with_name(dest.name + ".tmp").replace(dest)
+                filed.append(dest)
+    return filed
+
+
 def _dated_name(src: Path) -> str:
     """The call's own name without a -N suffix it may have picked on the machine."""
     stem = src.stem
@@ -114,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             filed.append(file_kernels(src, args.results))
         elif src.is_file():
             shutil.copy2(src, logs / src.name)
+    filed += file_profiles(logs, args.results)  # the archive and the kept table both unpacked
     for path in filed:
         print(f"filed {path}")
         if path.name.endswith("-e2e.json"):

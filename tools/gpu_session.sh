@@ -8,8 +8,9 @@
 #                                              # kernel cases, GPU tests, core e2e variants,
 #                                              # compute-sanitizer
 #   tools/gpu_session.sh lease-rest            # call 2, at once while the machine is warm
-#                                              # (~3.5 min): the other decode M values, the e2e
-#                                              # variants lease left out
+#                                              # (~3.5 min): the other decode M values, a
+#                                              # decode-step profile (bench/profile_decode.py),
+#                                              # the e2e variants lease left out
 #   tools/gpu_session.sh check                 # tests (GPU + compiled Triton), compute-sanitizer,
 #                                              # then the headline kernel cases while time remains
 #   tools/gpu_session.sh bench-kernels [EXPR]  # kernel suite (pytest -k EXPR, e.g. bfloat16)
@@ -139,6 +140,11 @@ e2e_bench() {  # e2e_bench SECONDS [-k EXPR]; knobs: SLIMSTACK_E2E_* (bench/test
   for json in "$OUT"/*-e2e.json; do [ -f "$json" ] && python3 bench/plot_e2e.py "$json"; done
 }
 
+profile_decode() {  # profile_decode SECONDS VARIANT: one decode step, kernel by kernel (8 layers)
+  run_for "$1" python3 bench/profile_decode.py --variant "$2" --layers 8 --out "$OUT" 2>&1 \
+    | tee -a "$OUT/profile.log" | tail -n 30
+}
+
 # The device tool brings back 8 files of $OUT at most: keep the results JSON, the summary and
 # the session log as they are, and pack everything else (logs, plots, dispatch table) into one
 # archive that tools/gpu_results.py unpacks.
@@ -148,6 +154,7 @@ pack_out() {
     [ -f "$f" ] || continue
     case "$(basename "$f")" in
       session.log|summary.md|*-kernels.json|*-kernels-[0-9]*.json|*-e2e.json) keep+=("$f") ;;
+      *-decode-profile-*.md) keep+=("$f") ;;  # the table, to read at once (JSON in the archive)
       *) rest+=("$(basename "$f")") ;;
     esac
   done
@@ -179,8 +186,9 @@ case "${1:-}" in
     ;;
   lease-rest)
     extension
-    log "the other decode M values (bf16), the e2e variants lease left out, batch 8"
-    kernel_bench "$(cap 80 100)" -k "bfloat16 and (M2- or M4- or M8- or M64- or M8192-)"
+    log "the other decode M values (bf16), a decode-step profile, the e2e variants lease left out"
+    kernel_bench "$(cap 70 130)" -k "bfloat16 and (M2- or M4- or M8- or M64- or M8192-)"
+    profile_decode "$(cap 45 85)" 2:4
     SLIMSTACK_E2E_CONFIGS=1x128,8x128 SLIMSTACK_E2E_NEW_TOKENS=128 SLIMSTACK_E2E_HF=0 \
       e2e_bench "$(cap 240 15)" -k "32L and not dense and not 2:4 or dense-24L"
     ;;

@@ -1,0 +1,55 @@
+"""bench/profile_decode.py: per-step kernel rows from two profiled generate() calls."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def _load():
+    sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(
+        "slimstack_bench_profile", BENCH / "profile_decode.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+profile_decode = _load()
+
+
+def test_decode_rows_keep_only_what_the_extra_steps_ran():
+    long = {"gemv": (4 + 40, 2.0 + 400.0), "prefill_gemm": (4, 900.0), "norm": (2 + 20, 1 + 100.0)}
+    short = {"gemv": (4, 2.0), "prefill_gemm": (4, 900.0), "norm": (2, 1.0)}
+    rows = profile_decode.decode_rows(long, short, steps=10)
+    assert [r["name"] for r in rows] == ["gemv", "norm"]  # the prefill-only kernel drops out
+    assert rows[0]["calls_per_step"] == 4 and rows[0]["us_per_step"] == pytest.approx(40.0)
+    assert rows[1]["calls_per_step"] == 2 and rows[1]["us_per_step"] == pytest.approx(10.0)
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    assert "50.0 us of kernels per decode step" in profile_decode.table(rows, "t")
+
+
+def test_cpu_profile_of_a_packed_model_counts_its_linears(tmp_path):
+    layers = 2
+    assert profile_decode.main(
+        ["--spec", "tiny", "--variant", "2:4", "--layers", str(layers), "--steps", "3",
+         "--prompt", "8", "--device", "cpu", "--out", str(tmp_path)]
+    ) == 0  # fmt: skip
+    [json_path] = tmp_path.glob("*-decode-profile-24-2L-b1-p8.json")
+    doc = json.loads(json_path.read_text())
+    calls = {r["name"]: r["calls_per_step"] for r in doc["rows"]}
+    # fused q/k/v and gate/up: 4 packed linears per layer, then the dense lm_head
+    assert calls["slimstack::sparse24_mm"] == 4 * layers
+    assert calls["aten::linear"] == 1
+    assert calls["aten::index_copy_"] == 2 * layers  # the torch bundle's cache writes
+    assert sum(r["share"] for r in doc["rows"]) == pytest.approx(1.0)
+    assert doc["variant"] == "2:4-2L" and doc["steps"] == 3
+    assert json_path.with_suffix(".md").read_text().startswith("**cpu, 2:4-2L")
+    assert not list(tmp_path.glob("*.tmp"))
