@@ -89,11 +89,13 @@ def cases(device_type: str) -> list[Case]:
     if device_type == "cuda":
         plan = [
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
-            ("sparse24_gemv", ("triton_dot", "triton_k128"), lambda m: m == 1),
+            ("sparse24_gemv", ("triton_dot", "triton_n8"), lambda m: m == 1),
+            ("sparse24_gemv", ("triton_n16",), lambda m: m == GEMV_MAX_M),
             # the CUDA GEMV with its split-K partials summed by a second kernel, next to the
             # default (a cluster reduction on Hopper) at the two ends of the decode range
             ("sparse24_gemv", ("cuda_reduce_kernel",), lambda m: m in (1, GEMV_MAX_M)),
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
+            ("bitmap_gemv", ("triton_n8",), lambda m: m == 1),
             ("sparse24_gemm", ("triton", "cuda", "cuda_sm90"), lambda m: m > GEMV_MAX_M),
             ("sparse24_mm", ("torch", "auto"), lambda m: True),
             ("bitmap_mm", ("auto",), lambda m: True),
@@ -207,27 +209,17 @@ def _packed_args(ws: WeightSet) -> tuple:
 def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tensor]:
     """fn(x, weights) -> y for this case's provider, or Unavailable."""
     N, K = case.N, case.K
-    if case.provider in ("triton", "triton_dot", "triton_k128"):
+    if case.provider in ("triton", "triton_dot", "triton_n8", "triton_n16"):
         try:
             from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
         except ImportError as err:
             raise Unavailable(f"triton kernels unavailable: {err}") from err
+        cfg = _triton_variant(case, sparse24_gemv, bitmap_gemv)
         if case.op == "sparse24_gemv":
-            cfg = None
-            if case.provider == "triton_dot":
-                base = sparse24_gemv.default_config(16)
-                cfg = sparse24_gemv.GemvConfig(base.block_n, base.block_k, use_dot=True)
-            elif case.provider == "triton_k128":
-                # the M = 1 gather GEMV with 128-column K steps (gpu_notes, "x gathers"): a
-                # warp spans 4 rows x 8 threads, so a gather of x touches 2 cache lines, not
-                # the default 512-column step's 8 (1 row x 32 threads); 8 KB per step both
-                cfg = sparse24_gemv.GemvConfig(64, 128, num_warps=8)
             return lambda x, ws: sparse24_gemv.sparse24_gemv(x, *_packed_args(ws), N, K, config=cfg)
-        kernel = {
-            "sparse24_gemm": sparse24_gemm.sparse24_gemm,
-            "bitmap_gemv": bitmap_gemv.bitmap_gemv,
-        }
-        return lambda x, ws: kernel[case.op](x, *_packed_args(ws), N, K)
+        if case.op == "bitmap_gemv":
+            return lambda x, ws: bitmap_gemv.bitmap_gemv(x, *_packed_args(ws), N, K, config=cfg)
+        return lambda x, ws: sparse24_gemm.sparse24_gemm(x, *_packed_args(ws), N, K)
     if case.provider == "triton_unpack":
         try:
             from slimstack.kernels import bitmap_unpack
@@ -264,6 +256,26 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
             raise Unavailable(f"slimstack.ops.sparse_linear unavailable: {err}") from err
         return lambda x, ws: sparse_linear(x, ws.packed, None)
     raise Unavailable(f"unknown provider {case.provider!r}")
+
+
+def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
+    """The GemvConfig a Triton provider names (None: the launcher's default).
+
+    - triton_dot: M = 1 on the tensor cores (the M >= 2 path).
+    - triton_n8 / triton_n16: the default's K step with fewer rows per program. H200
+      2026-12-04: N = 4096 gave 256 programs of 4 warps at M = 1 (2 per SM, 8 warps: little to
+      hide the mask -> value -> x gather chain behind) and 64 x 4 split-K programs at
+      M = 16; half / a quarter of the rows doubles / quadruples the programs.
+    """
+    if case.provider == "triton":
+        return None
+    module = sparse24_gemv if case.op == "sparse24_gemv" else bitmap_gemv
+    base = module.default_config(case.M)
+    if case.provider == "triton_dot":
+        return sparse24_gemv.GemvConfig(base.block_n, base.block_k, use_dot=True)
+    if case.provider == "triton_n8":
+        return sparse24_gemv.GemvConfig(8, base.block_k, num_warps=base.num_warps)
+    return sparse24_gemv.GemvConfig(16, base.block_k, num_warps=base.num_warps)  # triton_n16
 
 
 def _torch_semi_structured_call() -> Callable:

@@ -3,9 +3,9 @@
     pytest bench/test_bench_kernels.py --benchmark-only            # all cases for this device
     SLIMSTACK_BENCH_RESULTS=bench/results pytest bench/ --benchmark-only -k "M1-"
 
-On CUDA: the LLM shapes of the issue, M = 1..8192, bf16 and fp16; providers triton (and at
-M = 1 the tensor-core variant triton_dot and triton_k128, the gather GEMV with 128-column K
-steps), cuda (the extension, when built; cuda_sm90 for the
+On CUDA: the LLM shapes of the issue, M = 1..8192, bf16 and fp16; providers triton (and its
+variants: triton_dot, M = 1 on the tensor cores; triton_n8 / triton_n16, fewer rows per
+program at M = 1 / 16; triton_unpack, bitmap W unpacked then cuBLAS), cuda (the extension, when built; cuda_sm90 for the
 CUTLASS Hopper GEMM; cuda_reduce_kernel, the GEMV with split-K summed by a second kernel
 instead of a cluster reduction), torch
 (to_sparse_semi_structured) and auto (slimstack.ops.sparse_linear); baseline cuBLAS dense.
