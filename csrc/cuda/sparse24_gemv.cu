@@ -471,9 +471,15 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   SLIMSTACK_CUDA_TRY(cudaGetDevice(&current));
   const bool clusters = current == device && cluster_reduce_available();
 
-  int64_t split = split_k_request > 0
-                      ? split_k_request
-                      : detail::ceil_div(static_cast<int64_t>(kBlocksPerSmTarget) * sms, row_blocks);
+  // About kBlocksPerSmTarget blocks per SM. The two-row-tile variants take 122-128 registers:
+  // exactly that many fit an SM, so a grid past it runs a tail wave, and clusters of an odd
+  // size fill the slots worse still (H200 2026-12-04: 13824x5120 at M = 1 made 108 x 5 = 540
+  // blocks for 528 slots, 1.13x dense, the worst shape); round the split down there. The
+  // one-tile variants (80-84 registers) fit more blocks per SM than the target.
+  const int64_t wave = static_cast<int64_t>(kBlocksPerSmTarget) * sms;
+  int64_t split = split_k_request > 0 ? split_k_request
+                  : row_tiles == 2    ? std::max<int64_t>(1, wave / row_blocks)
+                                      : detail::ceil_div(wave, row_blocks);
   // Few rows (1024x4096 wants 16 slices): on Hopper stay within one cluster when x allows it.
   // The second launch a larger split needs costs more than its weight traffic at that size;
   // reduce='kernel' keeps the larger split (the benchmark's comparison).
