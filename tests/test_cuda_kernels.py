@@ -185,6 +185,17 @@ def test_sparse24_gemv_plan_is_consistent(n, k, m) -> None:
         assert forced["split_k"] == 16, "the SM heuristic alone asks 16 slices of 64 rows"
 
 
+@pytest.mark.parametrize("n,k", [(13824, 5120), (28672, 4096), (14336, 4096)])
+def test_sparse24_gemv_plan_of_two_row_tiles_fits_one_wave(n, k) -> None:
+    """N >= 8192 runs two 16-row tiles per warp (4 blocks per SM): the grid stays within
+    4 x SMs (the H200's 13824x5120 plan made 540 blocks for 528 slots)."""
+    device = torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    plan = _C.sparse24_gemv_plan_cuda(1, n, k, device, 0)
+    row_blocks = -(-n // 128)
+    assert plan["split_k"] >= 1 and row_blocks * plan["split_k"] <= max(4 * sms, row_blocks)
+
+
 def test_sparse24_gemv_rejects_unknown_reduce(make_sparse24) -> None:
     with pytest.raises(ValueError, match="'auto', 'kernel' or 'cluster'"):
         _C.sparse24_gemv_plan_cuda(1, 64, 64, torch.cuda.current_device(), 0, "atomic")
