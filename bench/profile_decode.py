@@ -7,7 +7,10 @@ only the S decode steps remain (the prefill and warm-up cancel out).
 
 On CUDA the rows are device kernels (CUPTI sees inside the replayed CUDA graph), on CPU the
 top-level ops (aten and slimstack's custom ones). Writes <out>/<date>-<gpu>-decode-profile-<variant>-b<batch>-p<prompt>.json (rows: name, calls
-per step, us per step, share of the step) and .md (the table, largest first), and prints it. Per-layer costs
+per step, us per step, share of the step; prefill_rows: the one-token run, i.e. the prefill)
+and .md (the tables, largest first), and prints them. (The H200 run of 2026-12-04 took 44 ms
+to prefill 128 tokens on 32 layers, ~10x its FLOP and byte floors: the prefill table is there
+to say where that goes.) Per-layer costs
 do not depend on depth, so a few layers of the 7B shapes tell what 32 would.
 """
 
@@ -100,7 +103,7 @@ def decode_rows(
 def table(rows: list[dict[str, Any]], title: str, most: int = 40) -> str:
     total = sum(r["us_per_step"] for r in rows)
     lines = [
-        f"**{title}**: {total:.1f} us of kernels per decode step",
+        f"**{title}**: {total:.1f} us of kernels per step",
         "",
         "| kernel | calls/step | us/step | share |",
         "|---|---|---|---|",
@@ -138,6 +141,8 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     rows = decode_rows(long, short, args.steps)
+    # the one-token run is the prefill (and one sampled token): its kernels as they are
+    prefill = decode_rows(short, {}, 1)
     env = e2e_helpers.environment(device)
     return {
         "suite": "decode-profile",
@@ -150,6 +155,7 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
         "mode": args.mode,
         "unit": "device kernels" if device.type == "cuda" else "top-level ops (CPU)",
         "rows": rows,
+        "prefill_rows": prefill,
     }
 
 
@@ -179,8 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{time.strftime('%Y-%m-%d')}-{common.gpu_slug(doc['gpu'])}-decode-profile-"
         f"{doc['variant'].replace(':', '')}-b{args.batch}-p{args.prompt}"
     )
-    text = table(doc["rows"], f"{doc['gpu']}, {doc['variant']}, batch {args.batch}, "
-                 f"prompt {args.prompt} ({doc['unit']})")  # fmt: skip
+    title = f"{doc['gpu']}, {doc['variant']}, batch {args.batch}, prompt {args.prompt}"
+    text = (
+        table(doc["rows"], f"{title}, decode ({doc['unit']})")
+        + "\n"
+        + table(doc["prefill_rows"], f"{title}, prefill + first token", most=25)
+    )
     args.out.mkdir(parents=True, exist_ok=True)
     for suffix, content in ((".json", json.dumps(doc, indent=1) + "\n"), (".md", text)):
         path = args.out / f"{stem}{suffix}"

@@ -33,7 +33,7 @@ def test_decode_rows_keep_only_what_the_extra_steps_ran():
     assert rows[0]["calls_per_step"] == 4 and rows[0]["us_per_step"] == pytest.approx(40.0)
     assert rows[1]["calls_per_step"] == 2 and rows[1]["us_per_step"] == pytest.approx(10.0)
     assert sum(r["share"] for r in rows) == pytest.approx(1.0)
-    assert "50.0 us of kernels per decode step" in profile_decode.table(rows, "t")
+    assert "50.0 us of kernels per step" in profile_decode.table(rows, "t")
 
 
 def test_cpu_profile_of_a_packed_model_counts_its_linears(tmp_path):
@@ -51,5 +51,7 @@ def test_cpu_profile_of_a_packed_model_counts_its_linears(tmp_path):
     assert calls["aten::index_copy_"] == 2 * layers  # the torch bundle's cache writes
     assert sum(r["share"] for r in doc["rows"]) == pytest.approx(1.0)
     assert doc["variant"] == "2:4-2L" and doc["steps"] == 3
+    prefill = {r["name"]: r["calls_per_step"] for r in doc["prefill_rows"]}
+    assert prefill["slimstack::sparse24_mm"] >= 4 * layers  # the prompt's pass over every layer
     assert json_path.with_suffix(".md").read_text().startswith("**cpu, 2:4-2L")
     assert not list(tmp_path.glob("*.tmp"))
