@@ -22,6 +22,12 @@ from slimstack.kernels._checks import FLOAT_DTYPES, check_runnable, check_same_d
 
 
 @triton.jit
+def _rotate_halves(t1, t2, cos1, cos2, sin1, sin2):
+    """HF's rotate_half form on the two halves of head vectors (fp32)."""
+    return t1 * cos1[None, :] - t2 * sin1[None, :], t2 * cos2[None, :] + t1 * sin2[None, :]
+
+
+@triton.jit
 def _rope_kernel(
     t_ptr,
     cos_ptr,
@@ -53,8 +59,7 @@ def _rope_kernel(
     mask = (heads[:, None] < H) & dmask[None, :]
     t1 = tl.load(ptr1, mask=mask, other=0.0).to(tl.float32)
     t2 = tl.load(ptr1 + HALF, mask=mask, other=0.0).to(tl.float32)
-    out1 = t1 * cos1[None, :] - t2 * sin1[None, :]
-    out2 = t2 * cos2[None, :] + t1 * sin2[None, :]
+    out1, out2 = _rotate_halves(t1, t2, cos1, cos2, sin1, sin2)
     tl.store(ptr1, out1.to(t_ptr.dtype.element_ty), mask=mask)
     tl.store(ptr1 + HALF, out2.to(t_ptr.dtype.element_ty), mask=mask)
 
@@ -174,13 +179,9 @@ def _rope_to_cache_kernel(
     q_mask = (heads[:, None] < HQ) & dmask[None, :]
     q1 = tl.load(q1_ptr, mask=q_mask, other=0.0).to(tl.float32)
     q2 = tl.load(q1_ptr + HALF, mask=q_mask, other=0.0).to(tl.float32)
-    tl.store(
-        q1_ptr, (q1 * cos1[None, :] - q2 * sin1[None, :]).to(q_ptr.dtype.element_ty), mask=q_mask
-    )
-    tl.store(
-        q1_ptr + HALF, (q2 * cos2[None, :] + q1 * sin2[None, :]).to(q_ptr.dtype.element_ty),
-        mask=q_mask,
-    )  # fmt: skip
+    out1, out2 = _rotate_halves(q1, q2, cos1, cos2, sin1, sin2)
+    tl.store(q1_ptr, out1.to(q_ptr.dtype.element_ty), mask=q_mask)
+    tl.store(q1_ptr + HALF, out2.to(q_ptr.dtype.element_ty), mask=q_mask)
 
     # k: rotated into the cache at the slot; v: copied there
     kv_mask = (heads[:, None] < HK) & dmask[None, :]
@@ -189,13 +190,9 @@ def _rope_to_cache_kernel(
     k1 = tl.load(k1_ptr, mask=kv_mask, other=0.0).to(tl.float32)
     k2 = tl.load(k1_ptr + HALF, mask=kv_mask, other=0.0).to(tl.float32)
     kc1_ptr = kc_ptr + cache_at + dims[None, :]
-    tl.store(
-        kc1_ptr, (k1 * cos1[None, :] - k2 * sin1[None, :]).to(kc_ptr.dtype.element_ty), mask=kv_mask
-    )
-    tl.store(
-        kc1_ptr + HALF, (k2 * cos2[None, :] + k1 * sin2[None, :]).to(kc_ptr.dtype.element_ty),
-        mask=kv_mask,
-    )  # fmt: skip
+    out1, out2 = _rotate_halves(k1, k2, cos1, cos2, sin1, sin2)
+    tl.store(kc1_ptr, out1.to(kc_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(kc1_ptr + HALF, out2.to(kc_ptr.dtype.element_ty), mask=kv_mask)
     v1_ptr = v_ptr + b * stride_vb + heads[:, None] * stride_vh + dims[None, :]
     vc1_ptr = vc_ptr + cache_at + dims[None, :]
     tl.store(vc1_ptr, tl.load(v1_ptr, mask=kv_mask, other=0.0), mask=kv_mask)
