@@ -26,7 +26,14 @@ from torch import Tensor
 
 from slimstack.formats import BitmapWeight, Sparse24Weight
 from slimstack.ops.derived import DerivedCache
-from slimstack.ops.library import GEMV_MAX_M, native_extension  # registers the custom ops
+from slimstack.ops.library import (  # importing it registers the custom ops
+    GEMV_MAX_M,
+    native_extension,
+    run_bitmap_mm,
+    run_bitmap_mm_triton,
+    run_sparse24_mm,
+    run_sparse24_mm_triton,
+)
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -208,31 +215,23 @@ def _no_bitmap(*args) -> Tensor:
     raise RuntimeError("the torch backend has no bitmap kernel")
 
 
+# The native and Triton backends run their custom ops (library.run_*: the op itself under
+# torch.compile, fake tensors or autograd; its implementation directly otherwise).
 BACKENDS: dict[str, Backend] = {
     "cuda": Backend(
-        "cuda",
-        _cuda_extension_missing,
-        _cuda_unsupported,
-        lambda *a: torch.ops.slimstack.sparse24_mm(*a),
-        lambda *a: torch.ops.slimstack.bitmap_mm(*a),
+        "cuda", _cuda_extension_missing, _cuda_unsupported, run_sparse24_mm, run_bitmap_mm
     ),
     "triton": Backend(
         "triton",
         _triton_missing,
         _triton_unsupported,
-        lambda *a: torch.ops.slimstack.sparse24_mm_triton(*a),
-        lambda *a: torch.ops.slimstack.bitmap_mm_triton(*a),
-    ),
+        run_sparse24_mm_triton,
+        run_bitmap_mm_triton,
+    ),  # fmt: skip
     "torch": Backend(
         "torch", _torch_semi_structured_missing, _torch_unsupported, _torch_sparse24, _no_bitmap
     ),
-    "cpu": Backend(
-        "cpu",
-        _cpu_extension_missing,
-        _cpu_unsupported,
-        lambda *a: torch.ops.slimstack.sparse24_mm(*a),
-        lambda *a: torch.ops.slimstack.bitmap_mm(*a),
-    ),
+    "cpu": Backend("cpu", _cpu_extension_missing, _cpu_unsupported, run_sparse24_mm, run_bitmap_mm),
     "reference": Backend(
         "reference", _never_missing, _reference_unsupported, _reference_sparse24, _reference_bitmap
     ),

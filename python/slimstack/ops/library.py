@@ -55,18 +55,24 @@ def _aligned16(x: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- native
 
 
-@torch.library.custom_op("slimstack::sparse24_mm", mutates_args=(), device_types="cpu")
-def sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
+def _sparse24_mm_cpu(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
     """y = x @ W^T for a sparse24-packed W, native kernels."""
     return _require_native("sparse24_mm").sparse24_mm_cpu(x, values, meta, N, K)
 
 
-@torch.library.custom_op("slimstack::bitmap_mm", mutates_args=(), device_types="cpu")
-def bitmap_mm(
+def _bitmap_mm_cpu(
     x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
 ) -> Tensor:
     """y = x @ W^T for a bitmap-packed W, native kernels."""
     return _require_native("bitmap_mm").bitmap_mm_cpu(x, values, bitmask, row_offsets, N, K)
+
+
+sparse24_mm = torch.library.custom_op(
+    "slimstack::sparse24_mm", mutates_args=(), device_types="cpu"
+)(_sparse24_mm_cpu)
+bitmap_mm = torch.library.custom_op("slimstack::bitmap_mm", mutates_args=(), device_types="cpu")(
+    _bitmap_mm_cpu
+)
 
 
 # The Hopper GEMM reads the metadata in CUTLASS's order: reorder once per weight and keep it
@@ -144,16 +150,14 @@ def _triton_kernel(module: str, name: str):
     return getattr(importlib.import_module(f"slimstack.kernels.{module}"), name)
 
 
-@torch.library.custom_op("slimstack::sparse24_mm_triton", mutates_args=())
-def sparse24_mm_triton(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
+def _sparse24_mm_triton(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
     """y = x @ W^T for a sparse24-packed W: Triton GEMV for decode, tiled GEMM otherwise."""
     if x.shape[0] <= GEMV_MAX_M:
         return _triton_kernel("sparse24_gemv", "sparse24_gemv")(x, values, meta, N, K)
     return _triton_kernel("sparse24_gemm", "sparse24_gemm")(x, values, meta, N, K)
 
 
-@torch.library.custom_op("slimstack::bitmap_mm_triton", mutates_args=())
-def bitmap_mm_triton(
+def _bitmap_mm_triton(
     x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
 ) -> Tensor:
     """y = x @ W^T for a bitmap-packed W: Triton GEMV for decode; past it, W unpacked by a
@@ -162,6 +166,60 @@ def bitmap_mm_triton(
         return _triton_kernel("bitmap_gemv", "bitmap_gemv")(x, values, bitmask, row_offsets, N, K)
     mm = _triton_kernel("bitmap_unpack", "bitmap_mm_unpacked")
     return mm(x, values, bitmask, row_offsets, N, K)
+
+
+sparse24_mm_triton = torch.library.custom_op("slimstack::sparse24_mm_triton", mutates_args=())(
+    _sparse24_mm_triton
+)
+bitmap_mm_triton = torch.library.custom_op("slimstack::bitmap_mm_triton", mutates_args=())(
+    _bitmap_mm_triton
+)
+
+
+# ----------------------------------------------------------------------------- eager calls
+
+
+def eager_direct(x: Tensor) -> bool:
+    """Whether a call may skip the custom op and run its implementation directly: a plain
+    tensor (no fake or functional subclass), nothing tracing, no gradient to record. The
+    dispatch through torch.library costs ~20 us of host time per call (its autograd and
+    backend-select layers), which eager prefill and CPU decode pay for every linear."""
+    return (
+        type(x) is Tensor
+        and not torch.compiler.is_compiling()
+        and not (x.requires_grad and torch.is_grad_enabled())
+    )
+
+
+def run_sparse24_mm(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
+    """slimstack::sparse24_mm, or its implementation for x's device where eager_direct."""
+    if eager_direct(x):
+        return (_sparse24_mm_cuda if x.is_cuda else _sparse24_mm_cpu)(x, values, meta, N, K)
+    return sparse24_mm(x, values, meta, N, K)
+
+
+def run_bitmap_mm(
+    x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
+) -> Tensor:
+    """slimstack::bitmap_mm, or its implementation for x's device where eager_direct."""
+    if eager_direct(x):
+        impl = _bitmap_mm_cuda if x.is_cuda else _bitmap_mm_cpu
+        return impl(x, values, bitmask, row_offsets, N, K)
+    return bitmap_mm(x, values, bitmask, row_offsets, N, K)
+
+
+def run_sparse24_mm_triton(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -> Tensor:
+    if eager_direct(x):
+        return _sparse24_mm_triton(x, values, meta, N, K)
+    return sparse24_mm_triton(x, values, meta, N, K)
+
+
+def run_bitmap_mm_triton(
+    x: Tensor, values: Tensor, bitmask: Tensor, row_offsets: Tensor, N: int, K: int
+) -> Tensor:
+    if eager_direct(x):
+        return _bitmap_mm_triton(x, values, bitmask, row_offsets, N, K)
+    return bitmap_mm_triton(x, values, bitmask, row_offsets, N, K)
 
 
 # ----------------------------------------------------------------------------- fake
