@@ -511,18 +511,25 @@ cudaError_t launch_typed(BitmapParams p, int sms, cudaStream_t stream, int devic
   return cudaGetLastError();
 }
 
-// Warps per block. M > 1: always kWarps. M = 1 (the x window is one copy of x's row, cheap to
-// stage per block): the size that puts the fewest rows on the busiest SM when N is small
-// (fewer than 16 rows per SM leave SMs idle with 8-warp blocks), ties to the larger block; each
-// row stays with one warp, walked in the same order, so outputs do not depend on it.
+// Warps per block. M > 1: always kWarps. M = 1: the size with the least work on the busiest
+// SM (blocks dealt round-robin), counting what each block moves: its rows' values and masks
+// (~1.1 Kp bytes a row at 50%) and the x row it stages (2 Kp bytes, read from L2: weighed at
+// half). Smaller blocks cover the SMs when N is small (fewer than 16 rows per SM leave SMs
+// idle with 8-warp blocks) but stage x more often: counting rows alone chose 2-warp blocks for
+// 13824x5120 (108 rows on the busiest SM instead of 112, for 4x the x staging; 0.60x dense on
+// the H200, the worst shape). Ties go to the larger block. Each row stays with one warp,
+// walked in the same order, so outputs do not depend on the choice.
 template <typename T, int kMaxM>
 cudaError_t launch_warps(const BitmapParams& p, int device, cudaStream_t stream) {
   int sms = 0;
   SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
   if constexpr (kMaxM == 1) {
-    auto busiest = [&](int warps) {  // rows on the busiest SM, blocks dealt round-robin
+    const int64_t row_bytes = p.Kp + p.Kp / 8;  // values (2 bytes, ~half kept) + mask bits
+    const int64_t x_bytes = 2 * static_cast<int64_t>(p.Kp);
+    auto busiest = [&](int warps) {  // bytes-equivalent of the busiest SM's blocks
       const int64_t rows = static_cast<int64_t>(warps) * kRowsPerWarp;
-      return detail::ceil_div(detail::ceil_div(p.N, rows), sms) * rows;
+      const int64_t blocks = detail::ceil_div(detail::ceil_div(p.N, rows), sms);
+      return blocks * (x_bytes / 2 + rows * row_bytes);
     };
     const int64_t b8 = busiest(kWarps), b4 = busiest(4), b2 = busiest(2);
     if (b2 < b4 && b2 < b8) return launch_typed<T, kMaxM, 2>(p, sms, stream, device);
