@@ -181,13 +181,15 @@ bitmap_mm_triton = torch.library.custom_op("slimstack::bitmap_mm_triton", mutate
 
 def eager_direct(x: Tensor) -> bool:
     """Whether a call may skip the custom op and run its implementation directly: a plain
-    tensor (no fake or functional subclass), nothing tracing, no gradient to record. The
-    dispatch through torch.library costs ~20 us of host time per call (its autograd and
-    backend-select layers), which eager prefill and CPU decode pay for every linear."""
+    tensor (no fake or functional subclass), nothing tracing, no gradient to record, no
+    profiler (which names each op: bench/profile_decode.py counts them). The dispatch through
+    torch.library costs ~20 us of host time per call (its autograd and backend-select
+    layers), which eager prefill and CPU decode pay for every linear."""
     return (
         type(x) is Tensor
         and not torch.compiler.is_compiling()
         and not (x.requires_grad and torch.is_grad_enabled())
+        and not torch._C._autograd._profiler_enabled()
     )
 
 
