@@ -10,9 +10,30 @@ a tile, a popcount below the column within its word.
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
+
+from slimstack.kernels._checks import padded_k
+from slimstack.kernels.sparse24_gemv import choose_split_k, sm_count
+
+# A split of K first skips the tiles before it by popcounts of their mask words: capped, so
+# that extra mask traffic stays small.
+MAX_SPLIT_K = 4
+
+
+def plan_grid(
+    N: int, K: int, block_n: int, block_k: int, split_k: int | None, device: torch.device
+) -> tuple[int, int, int]:
+    """(Kp, row blocks, K splits) of a (row blocks, K splits) launch over a bitmap weight:
+    split only where the row blocks cannot fill the SMs, at most MAX_SPLIT_K ways (or as
+    `split_k` asks), never more splits than K tiles."""
+    Kp = padded_k(K)
+    k_tiles = triton.cdiv(Kp, block_k)
+    n_blocks = triton.cdiv(N, block_n)
+    planned = min(choose_split_k(n_blocks, k_tiles, sm_count(device)), MAX_SPLIT_K)
+    return Kp, n_blocks, min(split_k or planned, k_tiles)
 
 
 @triton.jit

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slimstack.kernels._bitmap_tile import bitmap_dense_tile, split_rows_and_tiles
+from slimstack.kernels._bitmap_tile import bitmap_dense_tile, plan_grid, split_rows_and_tiles
 from slimstack.kernels._checks import (
     addressed_elements,
     as_int32_words,
@@ -31,18 +31,13 @@ from slimstack.kernels._checks import (
     check_runnable,
     check_same_device,
     check_size,
-    padded_k,
 )
 from slimstack.kernels.sparse24_gemv import (
     MAX_M,
     GemvConfig,
     block_m_for,
-    choose_split_k,
-    sm_count,
 )
 from slimstack.kernels.splitk_sum import splitk_sum
-
-_MAX_SPLIT_K = 4
 
 
 @triton.jit
@@ -152,12 +147,7 @@ def bitmap_gemv(
         x = x.contiguous()
     cfg = config or default_config(M)
     block_m = block_m_for(M, cfg.use_dot)
-    Kp = padded_k(K)
-    k_tiles = triton.cdiv(Kp, cfg.block_k)
-    n_blocks = triton.cdiv(N, cfg.block_n)
-    planned = min(choose_split_k(n_blocks, k_tiles, sm_count(x.device)), _MAX_SPLIT_K)
-    split = cfg.split_k or planned
-    split = min(split, k_tiles)
+    Kp, n_blocks, split = plan_grid(N, K, cfg.block_n, cfg.block_k, cfg.split_k, x.device)
 
     words = as_int32_words("bitmap_gemv", "bitmask", bitmask)
     if split == 1:

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from slimstack.kernels._bitmap_tile import bitmap_dense_tile, split_rows_and_tiles
+from slimstack.kernels._bitmap_tile import bitmap_dense_tile, plan_grid, split_rows_and_tiles
 from slimstack.kernels._checks import (
     as_int32_words,
     check_bitmap_packed,
@@ -29,11 +29,7 @@ from slimstack.kernels._checks import (
     check_int32_offsets,
     check_runnable,
     check_size,
-    padded_k,
 )
-from slimstack.kernels.sparse24_gemv import choose_split_k, sm_count
-
-_MAX_SPLIT_K = 4
 
 
 @dataclass(frozen=True)
@@ -109,11 +105,7 @@ def bitmap_unpack(
     if values.numel() == 0:  # an all-zero weight: nothing to load (and a null pointer)
         return values.new_zeros((N, K))
     cfg = config or UnpackConfig()
-    Kp = padded_k(K)
-    k_tiles = triton.cdiv(Kp, cfg.block_k)
-    n_blocks = triton.cdiv(N, cfg.block_n)
-    planned = min(choose_split_k(n_blocks, k_tiles, sm_count(values.device)), _MAX_SPLIT_K)
-    split = min(cfg.split_k or planned, k_tiles)
+    Kp, n_blocks, split = plan_grid(N, K, cfg.block_n, cfg.block_k, cfg.split_k, values.device)
     words = as_int32_words("bitmap_unpack", "bitmask", bitmask)
     out = torch.empty((N, K), dtype=values.dtype, device=values.device)
     _bitmap_unpack_kernel[(n_blocks, split)](
