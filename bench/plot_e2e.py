@@ -67,7 +67,12 @@ def plot(path: Path) -> Path:
     settings = _settings(rows)
     labels = sorted(
         {(r["provider"], r["variant"]) for r in rows},
-        key=lambda pv: (pv[0] != "transformers", -int(pv[1].split("-")[-1][:-1]), pv[1]),
+        key=lambda pv: (  # transformers, then deeper first, dense before 2:4 before 50%
+            pv[0] != "transformers",
+            -int(pv[1].split("-")[-1][:-1]),
+            {"dense": 0, "2:4": 1, "50%": 2}.get(pv[1].split("-")[0], 3),
+            pv[1],
+        ),
     )
     fig, axes = plt.subplots(2, 1, figsize=(max(8, 2.2 * len(settings)), 8))
     width = 0.8 / max(len(labels), 1)
