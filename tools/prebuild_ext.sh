@@ -13,7 +13,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${1:-/tmp/slimstack-device-venv}
 TORCH_PIN=${TORCH_PIN:-2.11.0}
-PY312=${PY312:-$(command -v python3.12 || echo "$HOME/.pyenv/versions/3.12.1/bin/python")}
+# A Python 3.12 that runs: a pyenv shim named python3.12 exists here but fails unless 3.12 is
+# the selected version, so each candidate is tried, not just found.
+PY312=${PY312:-}
+if [ -z "$PY312" ]; then
+  for candidate in python3.12 "$HOME"/.pyenv/versions/3.12.*/bin/python; do
+    if "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null; then
+      PY312=$candidate
+      break
+    fi
+  done
+fi
+[ -n "$PY312" ] || { echo "prebuild_ext.sh: no Python 3.12 found (set PY312)" >&2; exit 1; }
 
 if [ ! -x "$VENV/bin/python" ]; then
   "$PY312" -m venv "$VENV"
