@@ -124,10 +124,13 @@ def check_config(op: str, config: object) -> None:
         raise ValueError(f"{op}: config.num_warps must be at most 32, got {config.num_warps}")
 
 
-def check_same_device(op: str, x: torch.Tensor, **others: torch.Tensor) -> None:
+def check_same_device(
+    op: str, x: torch.Tensor, *, first: str = "x", **others: torch.Tensor
+) -> None:
+    """Every tensor of `others` on x's device; `first` is x's name in the message."""
     for name, t in others.items():
         if t.device != x.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but {first} is on {x.device}")
 
 
 def check_runnable(op: str, kernel: object, device: torch.device) -> None:

@@ -28,6 +28,7 @@ from slimstack.kernels._checks import (
     check_config,
     check_int32_offsets,
     check_runnable,
+    check_same_device,
     check_size,
 )
 
@@ -82,9 +83,7 @@ def _validate(values, bitmask, row_offsets, N, K, config) -> None:
             f"{op}: values must be a float tensor, got {getattr(values, 'dtype', values)}"
         )
     check_bitmap_packed(op, values, bitmask, row_offsets, N, K, values.dtype)
-    for name, t in (("bitmask", bitmask), ("row_offsets", row_offsets)):
-        if t.device != values.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but values is on {values.device}")
+    check_same_device(op, values, first="values", bitmask=bitmask, row_offsets=row_offsets)
     check_runnable(op, _bitmap_unpack_kernel, values.device)
     check_int32_offsets(op, values.numel())  # the dense output is addressed with int64 rows
     if config is not None:
@@ -134,12 +133,3 @@ def bitmap_mm_unpacked(
     if x.device.type == "cpu":  # the interpreter's tensors: accumulate in fp32, as the GPU does
         return (x.float() @ dense.float().t()).to(x.dtype)
     return x @ dense.t()
-
-
-def bitmap_unpack_reference(
-    values: torch.Tensor, bitmask: torch.Tensor, row_offsets: torch.Tensor, N: int, K: int
-) -> torch.Tensor:
-    """The format's own pure-PyTorch unpack (slimstack/formats/bitmap.py)."""
-    from slimstack.formats import BitmapWeight
-
-    return BitmapWeight(values, bitmask, row_offsets, (N, K), values.dtype).unpack()

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from slimstack.kernels._checks import FLOAT_DTYPES, check_same_device
 from slimstack.kernels.sparse24_gemv import sm_count
 
 MAX_GROUP = 64  # query heads per key/value head the kernel takes (BLOCK_G registers)
@@ -165,7 +166,7 @@ def _check(q, k, v, allowed) -> torch.Tensor:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"{op}: {name} must be a 4-D tensor, got {getattr(t, 'shape', t)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {t.dtype}")
         if t.stride(-1) != 1:
             raise ValueError(f"{op}: {name} must have a contiguous last dimension")
@@ -188,9 +189,7 @@ def _check(q, k, v, allowed) -> torch.Tensor:
             f"{op}: the mask must be bool [B={batch}, T={k.shape[2]}] (or [B, 1, 1, T]), got "
             f"{allowed.dtype} {tuple(allowed.shape)}"
         )
-    devices = {t.device for t in (q, k, v, allowed)}
-    if len(devices) != 1:
-        raise ValueError(f"{op}: tensors are on different devices: {sorted(map(str, devices))}")
+    check_same_device(op, q, first="q", k=k, v=v, mask=allowed)
     return allowed
 
 

@@ -76,8 +76,7 @@ def _table_strides(op: str, name: str, table: torch.Tensor, B: int, S: int, D: i
     )
 
 
-def _validate(q, k, cos, sin) -> tuple[tuple, tuple]:
-    op = "apply_rope_"
+def _validate(q, k, cos, sin, op: str = "apply_rope_") -> tuple[tuple, tuple]:
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -97,7 +96,7 @@ def _validate(q, k, cos, sin) -> tuple[tuple, tuple]:
             raise ValueError(f"{op}: {name} needs a unit stride in its last dim (head_dim)")
     if cos.shape != sin.shape or cos.stride() != sin.stride():
         raise ValueError(f"{op}: cos and sin must have the same shape and strides")
-    check_same_device(op, q, k=k, cos=cos, sin=sin)
+    check_same_device(op, q, first="q", k=k, cos=cos, sin=sin)
     check_runnable(op, _rope_kernel, q.device)
     return _table_strides(op, "cos", cos, B, S, D), (B, S, D)
 
@@ -214,7 +213,7 @@ def rope_to_cache_(
     [1], read by the kernel: no host sync), v copied into v_cache there. The same roundings
     as apply_rope_ followed by the cache's index_copy_."""
     op = "rope_to_cache_"
-    table_strides, (B, S, D) = _validate(q, k, cos, sin)
+    table_strides, (B, S, D) = _validate(q, k, cos, sin, op)
     if S != 1:
         raise ValueError(f"{op}: one token per sequence (decode), got S={S}")
     hk = k.shape[2]
@@ -235,7 +234,7 @@ def rope_to_cache_(
         raise ValueError(
             f"{op}: slot must be one int64 element, got {slot.dtype} {list(slot.shape)}"
         )
-    check_same_device(op, q, v=v, k_cache=k_cache, v_cache=v_cache, slot=slot)
+    check_same_device(op, q, first="q", v=v, k_cache=k_cache, v_cache=v_cache, slot=slot)
     if B == 0:
         return
     half = D // 2

@@ -40,7 +40,7 @@ def _validate(gate: torch.Tensor, up: torch.Tensor) -> None:
         raise ValueError(f"{op}: gate {list(gate.shape)} and up {list(up.shape)} differ in shape")
     if gate.dtype != up.dtype:
         raise TypeError(f"{op}: gate is {gate.dtype} but up is {up.dtype}")
-    check_same_device(op, gate, up=up)
+    check_same_device(op, gate, first="gate", up=up)
     check_runnable(op, _swiglu_kernel, gate.device)
 
 
