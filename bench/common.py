@@ -67,9 +67,8 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    provider: (
-        str  # triton(_dot|_k128|_unpack) | cuda(_reduce_kernel) | cuda_sm90 | torch | cpu | auto
-    )
+    # triton(_dot|_n8|_n16|_unpack) | cuda(_reduce_kernel) | cuda_sm90 | torch | cpu | auto
+    provider: str
     N: int
     K: int
     M: int
