@@ -67,7 +67,8 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_dot|_n8|_n16|_unpack) | cuda(_reduce_kernel) | cuda_sm90 | torch | cpu | auto
+    # triton(_dot|_n8|_n16|_unpack) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on)
+    # | cuda_sm90(_swizzle1) | torch | cpu | auto
     provider: str
     N: int
     K: int
@@ -93,9 +94,17 @@ def cases(device_type: str) -> list[Case]:
             # the CUDA GEMV with its split-K partials summed by a second kernel, next to the
             # default (a cluster reduction on Hopper) at the two ends of the decode range
             ("sparse24_gemv", ("cuda_reduce_kernel",), lambda m: m in (1, GEMV_MAX_M)),
+            # the weight prefetch (two quad iterations in flight per warp, the default) against
+            # the 2026-12-04 kernel (one), and forced on at M = 16, where auto keeps it off on
+            # N >= 8192
+            ("sparse24_gemv", ("cuda_prefetch_off",), lambda m: m in (1, 8, GEMV_MAX_M)),
+            ("sparse24_gemv", ("cuda_prefetch_on",), lambda m: m == GEMV_MAX_M),
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("bitmap_gemv", ("triton_n8",), lambda m: m == 1),
             ("sparse24_gemm", ("triton", "cuda", "cuda_sm90"), lambda m: m > GEMV_MAX_M),
+            # the Hopper GEMM in CUTLASS's default tile order (the 2026-12-04 kernel) against
+            # the default swizzled groups of 8 tiles
+            ("sparse24_gemm", ("cuda_sm90_swizzle1",), lambda m: m >= 512),
             ("sparse24_mm", ("torch", "auto"), lambda m: True),
             ("bitmap_mm", ("auto",), lambda m: True),
             # W unpacked by Triton, then cuBLAS: the triton backend past decode, and at decode
@@ -225,19 +234,25 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         except ImportError as err:
             raise Unavailable(f"triton kernels unavailable: {err}") from err
         return lambda x, ws: bitmap_unpack.bitmap_mm_unpacked(x, *_packed_args(ws), N, K)
-    if case.provider == "cuda_sm90":  # CUTLASS sparse tensor cores: meta reordered once
+    if case.provider in ("cuda_sm90", "cuda_sm90_swizzle1"):
+        # CUTLASS sparse tensor cores: meta reordered once
         fn = _ext_function(("sparse24_gemm_sm90_cuda",))
         reorder = _ext_function(("sparse24_sm90_reorder_meta_cuda",))
+        swizzle = 1 if case.provider == "cuda_sm90_swizzle1" else 0
 
         def sm90(x: torch.Tensor, ws: WeightSet) -> torch.Tensor:
             if "sm90_meta" not in ws.extras:
                 ws.extras["sm90_meta"] = reorder(ws.packed.meta, N, K)
-            return fn(x, ws.packed.values, ws.extras["sm90_meta"], N, K)
+            return fn(x, ws.packed.values, ws.extras["sm90_meta"], N, K, None, swizzle)
 
         return sm90
     if case.provider == "cuda_reduce_kernel":
         fn = _ext_function(("sparse24_gemv_cuda",))
         return lambda x, ws: fn(x, *_packed_args(ws), N, K, 0, None, "kernel")
+    if case.provider in ("cuda_prefetch_off", "cuda_prefetch_on"):
+        fn = _ext_function(("sparse24_gemv_cuda",))
+        prefetch = case.provider.removeprefix("cuda_prefetch_")
+        return lambda x, ws: fn(x, *_packed_args(ws), N, K, 0, None, "auto", prefetch)
     if case.provider in ("cuda", "cpu"):
         names = {
             "sparse24_gemm": ("sparse24_gemm_sm80_cuda",),

@@ -187,13 +187,80 @@ def test_sparse24_gemv_plan_is_consistent(n, k, m) -> None:
 
 @pytest.mark.parametrize("n,k", [(13824, 5120), (28672, 4096), (14336, 4096)])
 def test_sparse24_gemv_plan_of_two_row_tiles_fits_one_wave(n, k) -> None:
-    """N >= 8192 runs two 16-row tiles per warp (4 blocks per SM): the grid stays within
-    4 x SMs (the H200's 13824x5120 plan made 540 blocks for 528 slots)."""
+    """Without prefetch, N >= 8192 runs two 16-row tiles per warp (4 blocks per SM): the grid
+    stays within 4 x SMs (the H200's 13824x5120 plan made 540 blocks for 528 slots)."""
     device = torch.cuda.current_device()
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    plan = _C.sparse24_gemv_plan_cuda(1, n, k, device, 0)
+    plan = _C.sparse24_gemv_plan_cuda(1, n, k, device, 0, "auto", "off")
+    assert plan["row_tiles_per_warp"] == 2
     row_blocks = -(-n // 128)
     assert plan["split_k"] >= 1 and row_blocks * plan["split_k"] <= max(4 * sms, row_blocks)
+
+
+# K slices of 1 partial (Kp 192: 12 chunks), 3 and 5 + 1 partial quad iterations (the prefetch
+# loop runs its iterations in pairs: odd counts end after the first of a pair), 4 iterations,
+# and N >= 8192 (where prefetch 'off' switches to two row tiles per warp).
+PREFETCH_SHAPES = [(43, 172), (72, 768), (64, 1344), (72, 1000), (4096, 4096), (8320, 1344)]
+
+
+@pytest.mark.parametrize("split_k", [0, 1, 2, 3])
+@pytest.mark.parametrize("shape", PREFETCH_SHAPES, ids=_shape_id)
+def test_sparse24_gemv_prefetch_matches_reference(shape, split_k, make_sparse24) -> None:
+    """The prefetch kernel (two quad iterations in flight) is right for every slice length, and
+    at the same split gives the bits of the one-iteration kernel: only load timing differs."""
+    n, k = shape
+    dtype = torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    device = torch.cuda.current_device()
+    for m in (1, 9, 16):
+        x = _x(m, k, dtype, seed=300 + m)
+        results = {}
+        for prefetch in ("on", "off"):
+            plan = _C.sparse24_gemv_plan_cuda(m, n, k, device, split_k, "kernel", prefetch)
+            assert plan["prefetch"] == (prefetch == "on")
+            y = _C.sparse24_gemv_cuda(x, packed.values, packed.meta, n, k, split_k,
+                                      _poisoned(m, n, dtype), "kernel", prefetch)  # fmt: skip
+            _check(y, x, dense)
+            results[prefetch] = (plan["split_k"], y)
+        (split_on, y_on), (split_off, y_off) = results["on"], results["off"]
+        if split_on == split_off:
+            assert torch.equal(y_on, y_off), f"m={m}: prefetch changed the bits at split {split_on}"
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k"),
+    [
+        (1, 4096, 4096),
+        (1, 14336, 4096),
+        (8, 13824, 5120),
+        (16, 4096, 14336),
+        (16, 14336, 4096),
+        (1, 1024, 4096),
+    ],
+)
+def test_sparse24_gemv_prefetch_plan(m, n, k) -> None:
+    device = torch.cuda.current_device()
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    auto = _C.sparse24_gemv_plan_cuda(m, n, k, device, 0)
+    off = _C.sparse24_gemv_plan_cuda(m, n, k, device, 0, "auto", "off")
+    on = _C.sparse24_gemv_plan_cuda(m, n, k, device, 0, "auto", "on")
+    assert not off["prefetch"] and on["prefetch"] and on["row_tiles_per_warp"] == 1
+    assert off["row_tiles_per_warp"] == (2 if n >= 8192 else 1), "'off' is the 2026-12-04 plan"
+    # auto prefetches except where x re-reads favour two row tiles (M > 8 on N >= 8192)
+    assert auto["prefetch"] == (n < 8192 or m <= 8)
+    assert auto == (on if auto["prefetch"] else off)
+    # the prefetch kernel (128 registers: 4 blocks per SM) keeps its grid within one wave,
+    # unless x's shared memory (48 KB per block) forces more slices
+    row_blocks = -(-n // 64)
+    chunks = padded_k(k) // 16
+    max_slice = max(16, ((48 * 1024 // (m * 4) - 16) // 8) // 16 * 16)
+    min_split = -(-chunks // max_slice)
+    assert row_blocks * on["split_k"] <= max(4 * sms, row_blocks * min_split, row_blocks)
+
+
+def test_sparse24_gemv_rejects_unknown_prefetch() -> None:
+    with pytest.raises(ValueError, match="prefetch must be 'auto', 'on' or 'off'"):
+        _C.sparse24_gemv_plan_cuda(1, 64, 64, torch.cuda.current_device(), 0, "auto", "yes")
 
 
 def test_sparse24_gemv_rejects_unknown_reduce(make_sparse24) -> None:
@@ -433,6 +500,31 @@ def test_sparse24_gemm_sm90_both_schedules(m, make_sparse24) -> None:
     _check(y, x, dense)
     again = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k)
     assert torch.equal(y, again)
+
+
+@pytest.mark.parametrize("m", [64, 2048])
+@pytest.mark.parametrize("swizzle", [1, 2, 4, 8])
+def test_sparse24_gemm_sm90_tile_swizzle(swizzle, m, make_sparse24) -> None:
+    """Every tile order (stream-K at M = 64, data-parallel at 2048) covers every output tile
+    once: right against the reference, and each tile's sum is the same whichever CTA runs it."""
+    _sm90_or_skip()
+    n, k, dtype = 4096, 512, torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
+    x = _x(m, k, dtype, seed=2200 + m)
+    y = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k, _poisoned(m, n, dtype),
+                                   swizzle)  # fmt: skip
+    _check(y, x, dense)
+    if m == 2048:
+        assert torch.equal(y, _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k))
+
+
+def test_sparse24_gemm_sm90_rejects_bad_swizzle(make_sparse24) -> None:
+    n, k = 64, 64
+    _, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)
+    with pytest.raises(ValueError, match="swizzle must be 0 .automatic., 1, 2, 4 or 8"):
+        _C.sparse24_gemm_sm90_cuda(_x(64, k, torch.float16, 1), packed.values,
+                                   packed.meta, n, k, swizzle=3)  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)

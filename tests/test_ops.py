@@ -525,7 +525,9 @@ def _fake_cuda_extension(calls: list[str]):
         assert max_m is None or x.shape[0] <= max_m
         assert values.shape[0] == n or values.dim() == 1
 
-    def sparse24_gemv_cuda(x, values, meta, N, K, split_k=0, out=None, reduce="auto"):
+    def sparse24_gemv_cuda(
+        x, values, meta, N, K, split_k=0, out=None, reduce="auto", prefetch="auto"
+    ):
         calls.append("gemv")
         check_x(x, values, N, K, max_m=16)
         return cpu.sparse24_mm_cpu(x, values, meta, N, K)
@@ -546,7 +548,7 @@ def _fake_cuda_extension(calls: list[str]):
         assert isinstance(device, int)
         return True
 
-    def sparse24_gemm_sm90_cuda(x, values, meta_sm90, N, K, out=None):
+    def sparse24_gemm_sm90_cuda(x, values, meta_sm90, N, K, out=None, swizzle=0):
         calls.append("sm90")
         check_x(x, values, N, K)
         assert N % 8 == 0, "the glue refuses N % 8 != 0"

@@ -134,13 +134,23 @@ const char* reduce_name(sc::SplitKReduce reduce) {
   }
 }
 
+sc::WeightPrefetch parse_prefetch(const std::string& op, const std::string& prefetch) {
+  if (prefetch == "auto") return sc::WeightPrefetch::kAuto;
+  if (prefetch == "on") return sc::WeightPrefetch::kOn;
+  TORCH_CHECK_VALUE(prefetch == "off", op, ": prefetch must be 'auto', 'on' or 'off', got '",
+                    prefetch, "'");
+  return sc::WeightPrefetch::kOff;
+}
+
 // A plan for this problem on `device`; a forced cluster reduction that cannot run there says why.
 sc::Sparse24GemvPlan gemv_plan(const std::string& op, int64_t M, int64_t N, int64_t Kp,
-                               int device, int64_t split_k, const std::string& reduce) {
+                               int device, int64_t split_k, const std::string& reduce,
+                               const std::string& prefetch) {
   const sc::SplitKReduce request = parse_reduce(op, reduce);
+  const sc::WeightPrefetch prefetch_request = parse_prefetch(op, prefetch);
   sc::Sparse24GemvPlan plan;
   const cudaError_t err = sc::sparse24_gemv_plan(M, N, Kp, device, static_cast<int>(split_k),
-                                                 request, &plan);
+                                                 request, prefetch_request, &plan);
   TORCH_CHECK(err != cudaErrorNotSupported || request != sc::SplitKReduce::kCluster, op,
               ": reduce='cluster' needs an sm_90 GPU, this extension's sm_90 image and a split of "
               "at most ", sc::kMaxClusterSplit, " K slices (use reduce='auto' or 'kernel')");
@@ -153,7 +163,8 @@ sc::Sparse24GemvPlan gemv_plan(const std::string& op, int64_t M, int64_t N, int6
 
 at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& meta, int64_t N, int64_t K, int64_t split_k,
-                              const std::optional<at::Tensor>& out, const std::string& reduce) {
+                              const std::optional<at::Tensor>& out, const std::string& reduce,
+                              const std::string& prefetch) {
   const std::string op = "sparse24_gemv_cuda";
   check_x(op, x, N, K);
   const int64_t M = x.size(0);
@@ -170,7 +181,8 @@ at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
   if (M == 0) return y;
 
   c10::cuda::CUDAGuard guard(x.device());
-  const sc::Sparse24GemvPlan plan = gemv_plan(op, M, N, Kp, x.device().index(), split_k, reduce);
+  const sc::Sparse24GemvPlan plan =
+      gemv_plan(op, M, N, Kp, x.device().index(), split_k, reduce, prefetch);
   at::Tensor workspace;
   if (plan.workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes / sizeof(float))},
@@ -184,7 +196,8 @@ at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
 }
 
 pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t device,
-                                       int64_t split_k, const std::string& reduce) {
+                                       int64_t split_k, const std::string& reduce,
+                                       const std::string& prefetch) {
   const std::string op = "sparse24_gemv_plan_cuda";
   TORCH_CHECK_VALUE(M >= 1 && M <= sc::kSparse24GemvMaxM && N > 0 && K > 0, op,
                     ": need 1 <= M <= ", sc::kSparse24GemvMaxM, ", N > 0, K > 0; got M=", M,
@@ -198,11 +211,12 @@ pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t 
                     " CUDA devices");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const sc::Sparse24GemvPlan plan =
-      gemv_plan(op, M, N, padded_k(K), static_cast<int>(device), split_k, reduce);
+      gemv_plan(op, M, N, padded_k(K), static_cast<int>(device), split_k, reduce, prefetch);
   pybind11::dict d;
   d["split_k"] = plan.split_k;
   d["slice_chunks"] = plan.slice_chunks;
   d["row_tiles_per_warp"] = plan.row_tiles_per_warp;
+  d["prefetch"] = plan.prefetch;
   d["reduce"] = reduce_name(plan.reduce);
   d["workspace_bytes"] = plan.workspace_bytes;
   return d;
@@ -289,9 +303,11 @@ bool sparse24_gemm_sm90_available(int64_t device) {
 
 at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values,
                                    const at::Tensor& meta_sm90, int64_t N, int64_t K,
-                                   const std::optional<at::Tensor>& out) {
+                                   const std::optional<at::Tensor>& out, int64_t swizzle) {
   const std::string op = "sparse24_gemm_sm90_cuda";
   check_x(op, x, N, K);
+  TORCH_CHECK_VALUE(swizzle == 0 || swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8,
+                    op, ": swizzle must be 0 (automatic), 1, 2, 4 or 8, got ", swizzle);
   const int64_t M = x.size(0);
   const int64_t Kp = padded_k(K);
   TORCH_CHECK_VALUE(N % 8 == 0, op, ": N must be a multiple of 8 (TMA stores y^T columns), got N=",
@@ -310,7 +326,8 @@ at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values
   // CUTLASS reads exactly Kp columns of x through TMA: pad when K != Kp.
   const at::Tensor xg = x_for_gemm(x, K, Kp);
   const sc::DType dtype = kernel_dtype(op, x);
-  const size_t ws_bytes = sc::sparse24_gemm_sm90_workspace_bytes(M, N, Kp, dtype);
+  const int tile_swizzle = static_cast<int>(swizzle);
+  const size_t ws_bytes = sc::sparse24_gemm_sm90_workspace_bytes(M, N, Kp, dtype, tile_swizzle);
   at::Tensor workspace;
   if (ws_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
@@ -318,7 +335,8 @@ at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values
   check_sm90_launch(op, sc::sparse24_gemm_sm90(xg.data_ptr(), Kp, values.data_ptr(),
                                                meta_sm90.data_ptr<uint8_t>(), y.data_ptr(), N,
                                                workspace.defined() ? workspace.data_ptr() : nullptr,
-                                               M, N, Kp, dtype, current_stream(x)));
+                                               M, N, Kp, dtype, tile_swizzle,
+                                               current_stream(x)));
   return y;
 }
 
@@ -375,11 +393,11 @@ void register_cuda(pybind11::module_& m) {
   m.def("sparse24_gemv_cuda", &sparse24_gemv_cuda,
         "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed sparse24, mma.sp", py::arg("x"),
         py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"), py::arg("split_k") = 0,
-        py::arg("out") = py::none(), py::arg("reduce") = "auto");
+        py::arg("out") = py::none(), py::arg("reduce") = "auto", py::arg("prefetch") = "auto");
   m.def("sparse24_gemv_plan_cuda", &sparse24_gemv_plan_cuda,
         "the split-K / tile plan sparse24_gemv_cuda would use (dict)", py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("device") = 0, py::arg("split_k") = 0,
-        py::arg("reduce") = "auto");
+        py::arg("reduce") = "auto", py::arg("prefetch") = "auto");
   m.def("bitmap_gemv_cuda", &bitmap_gemv_cuda,
         "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed bitmap", py::arg("x"),
         py::arg("values"), py::arg("bitmask"), py::arg("row_offsets"), py::arg("N"),
@@ -399,7 +417,7 @@ void register_cuda(pybind11::module_& m) {
   m.def("sparse24_gemm_sm90_cuda", &sparse24_gemm_sm90_cuda,
         "prefill y = x @ W^T on Hopper sparse tensor cores (CUTLASS), W = (values, meta_sm90)",
         py::arg("x"), py::arg("values"), py::arg("meta_sm90"), py::arg("N"), py::arg("K"),
-        py::arg("out") = py::none());
+        py::arg("out") = py::none(), py::arg("swizzle") = 0);
   m.def("mma_sp_probe_cuda", &mma_sp_probe_cuda,
         "test hook: one mma.sp m16n8k32 on per-lane fragments a, b [32, 4], e [32] (int32)",
         py::arg("a"), py::arg("b"), py::arg("e"), py::arg("dtype"), py::arg("selector") = 0);

@@ -46,10 +46,16 @@ enum class SplitKReduce : int { kAuto = 0, kNone = 1, kKernel = 2, kCluster = 3 
 constexpr int kMaxClusterSplit = 8;  // the portable cluster size
 constexpr int kSparse24GemvMaxSplit = 65535;  // K slices are grid.y
 
+// Whether each warp keeps the weights of two quad iterations (256 columns of its 16 rows) in
+// flight instead of one: twice the bytes in flight per warp for ~36 more registers, so only
+// with one 16-row tile per warp. kAuto: on, except at M > 8 on N >= 8192 (two row tiles).
+enum class WeightPrefetch : int { kAuto = 0, kOff = 1, kOn = 2 };
+
 struct Sparse24GemvPlan {
   int split_k = 1;             // number of K slices (grid.y)
   int slice_chunks = 0;        // 16-column chunks per K slice (a multiple of 16)
   int row_tiles_per_warp = 1;  // 16-row tiles per warp (1 or 2)
+  bool prefetch = false;       // two quad iterations in flight (row_tiles_per_warp == 1 only)
   SplitKReduce reduce = SplitKReduce::kNone;  // kNone iff split_k == 1
   size_t workspace_bytes = 0;  // split_k * M * N * sizeof(float) for kKernel, else 0
 };
@@ -57,9 +63,11 @@ struct Sparse24GemvPlan {
 // Chooses the split-K factor and tile config. split_k_request > 0 forces a split (clamped to
 // what the problem allows); 0 picks one from the SM count of `device`. reduce_request kKernel
 // or kCluster forces that reduction when K is split; kCluster where it cannot run (not sm_90,
-// no sm_90 image, split > kMaxClusterSplit) is cudaErrorNotSupported.
+// no sm_90 image, split > kMaxClusterSplit) is cudaErrorNotSupported. prefetch_request kOn or
+// kOff forces the weight prefetch (kOn means one row tile per warp).
 cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int split_k_request,
-                               SplitKReduce reduce_request, Sparse24GemvPlan* plan);
+                               SplitKReduce reduce_request, WeightPrefetch prefetch_request,
+                               Sparse24GemvPlan* plan);
 
 // x: [M, K] (ldx >= K), values/meta: packed, y: [M, N] (ldy >= N), workspace: plan.workspace_bytes
 // of device memory (may be null when the plan needs none).
@@ -106,15 +114,22 @@ size_t sparse24_sm90_meta_bytes(int64_t N, int64_t Kp);
 cudaError_t sparse24_sm90_reorder_meta(const uint8_t* meta, uint8_t* meta_sm90, int64_t N,
                                        int64_t Kp, cudaStream_t stream);
 
+// The output tiles are visited in swizzled groups of `swizzle` tiles (CUTLASS's
+// max_swizzle_size: 1, 2, 4 or 8; 0 = kSparse24GemmSm90DefaultSwizzle), so that a wave of CTAs
+// shares tile rows and columns of both operands in L2. 1 is CUTLASS's default order.
+constexpr int kSparse24GemmSm90DefaultSwizzle = 8;
+
 // Workspace CUTLASS asks for (tile scheduler); usually 0.
-size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DType dtype);
+size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DType dtype,
+                                          int swizzle);
 
 // True when this build contains the sm_90a kernel and `device` is compute capability 9.0.
 bool sparse24_gemm_sm90_available(int device);
 
 cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
                                const uint8_t* meta_sm90, void* y, int64_t ldy, void* workspace,
-                               int64_t M, int64_t N, int64_t Kp, DType dtype, cudaStream_t stream);
+                               int64_t M, int64_t N, int64_t Kp, DType dtype, int swizzle,
+                               cudaStream_t stream);
 
 // Why the last sparse24_gemm_sm90 / sparse24_sm90_compress_dense call of this host thread
 // failed inside CUTLASS: the step (can_implement, initialize, run), CUTLASS's status string and

@@ -198,7 +198,7 @@ template <class Cfg>
 typename Cfg::Gemm::Arguments make_arguments(const void* x, int64_t ldx, const void* values,
                                              const uint8_t* meta_sm90, void* y, int64_t ldy,
                                              int64_t M, int64_t N, int64_t Kp, int device,
-                                             int sms) {
+                                             int sms, int swizzle) {
   using Element = typename Cfg::Gemm::ElementA;
   const ProblemShape problem = problem_of(M, N, Kp);
   auto layout_a = Cfg::SparseConfig::fill_layoutA(problem);
@@ -221,18 +221,25 @@ typename Cfg::Gemm::Arguments make_arguments(const void* x, int64_t ldx, const v
        reinterpret_cast<const typename Cfg::ElementE*>(meta_sm90), layout_e},
       {{1.0f, 0.0f}, nullptr, typename Cfg::StrideC{}, static_cast<Element*>(y), stride_d},
       hw};
+  // Tile order: CUTLASS's default (swizzle 1) walks whole rows of output tiles, so on
+  // 14336x4096 at M = 8192 (112 x 64 tiles, rastered along the tokens) every wave of 132 CTAs
+  // re-reads all of x (67 MB, more than L2) for two weight tile rows: 744 TFLOP/s on the H200
+  // where 4096x4096 (rastered along the weight rows, W in L2) ran 892. Swizzled groups of
+  // `swizzle` tiles keep a wave on a few tile rows and columns of both operands.
+  args.scheduler.max_swizzle_size = swizzle;
   return args;
 }
 
 template <class Cfg>
 cudaError_t run_gemm(const void* x, int64_t ldx, const void* values, const uint8_t* meta_sm90,
                      void* y, int64_t ldy, void* workspace, int64_t M, int64_t N, int64_t Kp,
-                     cudaStream_t stream) {
+                     int swizzle, cudaStream_t stream) {
   int device = 0;
   SLIMSTACK_CUDA_TRY(cudaGetDevice(&device));
   int sms = 0;
   SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
-  auto args = make_arguments<Cfg>(x, ldx, values, meta_sm90, y, ldy, M, N, Kp, device, sms);
+  auto args =
+      make_arguments<Cfg>(x, ldx, values, meta_sm90, y, ldy, M, N, Kp, device, sms, swizzle);
   typename Cfg::Gemm gemm;
   cutlass::Status status = gemm.can_implement(args);
   if (status != cutlass::Status::kSuccess) {
@@ -368,8 +375,10 @@ cudaError_t sparse24_sm90_reorder_meta(const uint8_t* meta, uint8_t* meta_sm90, 
   return cudaGetLastError();
 }
 
-size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DType dtype) {
+size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DType dtype,
+                                          int swizzle) {
   if (M < 1 || N < 1 || Kp < 64) return 0;
+  swizzle = swizzle == 0 ? kSparse24GemmSm90DefaultSwizzle : swizzle;
   int device = 0;
   int sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess || detail::sm_count(device, &sms) != cudaSuccess) {
@@ -379,7 +388,8 @@ size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DTyp
   auto bytes = [&](auto cfg) {
     using Cfg = decltype(cfg);
     return Cfg::Gemm::get_workspace_size(
-        make_arguments<Cfg>(nullptr, Kp, nullptr, nullptr, nullptr, N, M, N, Kp, device, sms));
+        make_arguments<Cfg>(nullptr, Kp, nullptr, nullptr, nullptr, N, M, N, Kp, device, sms,
+                            swizzle));
   };
   const bool stream_k = use_stream_k(M, N, sms);
   if (dtype == DType::kBFloat16) return stream_k ? bytes(Bf16StreamK{}) : bytes(Bf16Cfg{});
@@ -404,10 +414,12 @@ bool sparse24_gemm_sm90_available(int device) {
 
 cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
                                const uint8_t* meta_sm90, void* y, int64_t ldy, void* workspace,
-                               int64_t M, int64_t N, int64_t Kp, DType dtype,
+                               int64_t M, int64_t N, int64_t Kp, DType dtype, int swizzle,
                                cudaStream_t stream) {
   last_error().clear();  // a refusal below must not show an earlier call's CUTLASS message
   SLIMSTACK_REQUIRE(x != nullptr && values != nullptr && meta_sm90 != nullptr && y != nullptr);
+  SLIMSTACK_REQUIRE(swizzle == 0 || swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8);
+  swizzle = swizzle == 0 ? kSparse24GemmSm90DefaultSwizzle : swizzle;
   SLIMSTACK_REQUIRE(M >= 1 && M <= INT32_MAX && N >= 1 && N <= INT32_MAX);
   SLIMSTACK_REQUIRE(Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX);
   // TMA: 16-byte aligned base addresses and strides.
@@ -423,14 +435,14 @@ cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
   switch (dtype) {
     case DType::kFloat16:
       return stream_k ? run_gemm<HalfStreamK>(x, ldx, values, meta_sm90, y, ldy, workspace, M,
-                                              N, Kp, stream)
+                                              N, Kp, swizzle, stream)
                       : run_gemm<HalfCfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N,
-                                          Kp, stream);
+                                          Kp, swizzle, stream);
     case DType::kBFloat16:
       return stream_k ? run_gemm<Bf16StreamK>(x, ldx, values, meta_sm90, y, ldy, workspace, M,
-                                              N, Kp, stream)
+                                              N, Kp, swizzle, stream)
                       : run_gemm<Bf16Cfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N,
-                                          Kp, stream);
+                                          Kp, swizzle, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -461,10 +473,10 @@ size_t sparse24_sm90_meta_bytes(int64_t, int64_t) { return 0; }
 cudaError_t sparse24_sm90_reorder_meta(const uint8_t*, uint8_t*, int64_t, int64_t, cudaStream_t) {
   return cudaErrorNotSupported;
 }
-size_t sparse24_gemm_sm90_workspace_bytes(int64_t, int64_t, int64_t, DType) { return 0; }
+size_t sparse24_gemm_sm90_workspace_bytes(int64_t, int64_t, int64_t, DType, int) { return 0; }
 bool sparse24_gemm_sm90_available(int) { return false; }
 cudaError_t sparse24_gemm_sm90(const void*, int64_t, const void*, const uint8_t*, void*, int64_t,
-                               void*, int64_t, int64_t, int64_t, DType, cudaStream_t) {
+                               void*, int64_t, int64_t, int64_t, DType, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }
 cudaError_t sparse24_sm90_compress_dense(const void*, void*, uint8_t*, int64_t, int64_t, DType,

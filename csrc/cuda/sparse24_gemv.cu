@@ -191,8 +191,11 @@ __device__ __forceinline__ void cluster_reduce_store(const GemvParams& p,
 #endif
 }
 
-template <typename T, int kNT, int kRT, bool kClusterReduce>
-__global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParams p) {
+// The prefetch variants are held to 128 registers: 4 blocks (16 warps, 2 x 4.6 KB of weights
+// in flight each) per SM, the occupancy the split plan is built for.
+template <typename T, int kNT, int kRT, bool kClusterReduce, bool kPrefetch>
+__global__ void __launch_bounds__(kThreads, kPrefetch ? kBlocksPerSmTarget : 0)
+    sparse24_gemv_kernel(const GemvParams p) {
 #ifdef SLIMSTACK_NEEDS_SM80
   __trap();
 #else
@@ -210,10 +213,11 @@ __global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParam
   const int64_t meta_row = p.Kp / 64;    // uint2 per meta row
   const int first_tile = (blockIdx.x * kWarps + warp) * kRT;
 
-  // Issue every weight load of one quad iteration (8 x 16 B + 2 x 8 B per row tile) into w, mw.
-  uint4 w[kRT][4][2];
-  uint2 mw[kRT][2];
-  auto load_weights = [&](int base) {
+  using WeightRegs = uint4[kRT][4][2];  // one quad iteration's values: 8 x 16 B per row tile
+  using MetaRegs = uint2[kRT][2];       // and its meta: 2 x 8 B per row tile
+
+  // Issue every weight load of the quad iteration at chunk `base` into w, mw.
+  auto load_weights = [&](WeightRegs& w, MetaRegs& mw, int base) {
     // Chunk rows u with base + 4u < chunk_end (warp-uniform; chunk counts are multiples of 4).
     const int n_u = min(4, (chunk_end - base) >> 2);
 #pragma unroll
@@ -237,12 +241,6 @@ __global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParam
     }
   };
 
-  // First weights in flight before x is staged: their latency hides the x round trip (a split
-  // block often runs only ~2 iterations).
-  load_weights(chunk_begin);
-  stage_x<T>(p, xs, chunk_begin, chunk_end - chunk_begin);
-  __syncthreads();
-
   float acc[kRT][kNT][4];
 #pragma unroll
   for (int r = 0; r < kRT; ++r)
@@ -251,12 +249,9 @@ __global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParam
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[r][j][i] = 0.f;
 
-  // The next iteration's loads follow the last use of w, mw, so they are never live across the
-  // back edge (a load guarded at the top of the loop cost up to 25 registers).
-  for (int base = chunk_begin;;) {
+  // The mma.sp of the quad iteration at chunk `base`, from w, mw and the staged x.
+  auto compute = [&](const WeightRegs& w, const MetaRegs& mw, int base) {
     const int n_u = min(4, (chunk_end - base) >> 2);  // as in load_weights
-
-    // ---- compute ----
 #pragma unroll
     for (int u = 0; u < 4; ++u) {
       if (u >= n_u) break;  // warp-uniform
@@ -296,9 +291,49 @@ __global__ void __launch_bounds__(kThreads) sparse24_gemv_kernel(const GemvParam
         }
       }
     }
-    base += kChunksPerIter;
-    if (base >= chunk_end) break;
-    load_weights(base);
+  };
+
+  WeightRegs w0;
+  MetaRegs mw0;
+  if constexpr (kPrefetch) {
+    // Two quad iterations in flight: w1 streams in while w0 is multiplied, and each buffer
+    // is reloaded right after its last use (so neither is live across a load of itself).
+    // A split block often runs 2 iterations: both are requested before x is staged.
+    WeightRegs w1;
+    MetaRegs mw1;
+    load_weights(w0, mw0, chunk_begin);
+    if (chunk_begin + kChunksPerIter < chunk_end) {
+      load_weights(w1, mw1, chunk_begin + kChunksPerIter);
+    }
+    stage_x<T>(p, xs, chunk_begin, chunk_end - chunk_begin);
+    __syncthreads();
+    for (int base = chunk_begin;; base += 2 * kChunksPerIter) {
+      // Here w0 holds `base` and w1 (if it exists) `base + kChunksPerIter`.
+      compute(w0, mw0, base);
+      if (base + 2 * kChunksPerIter < chunk_end) {
+        load_weights(w0, mw0, base + 2 * kChunksPerIter);
+      }
+      if (base + kChunksPerIter >= chunk_end) break;
+      compute(w1, mw1, base + kChunksPerIter);
+      if (base + 3 * kChunksPerIter < chunk_end) {
+        load_weights(w1, mw1, base + 3 * kChunksPerIter);
+      }
+      if (base + 2 * kChunksPerIter >= chunk_end) break;
+    }
+  } else {
+    // One quad iteration in flight (the two-row-tile variants have no registers for two).
+    // The first weights are requested before x is staged: their latency hides the x round
+    // trip. The next iteration's loads follow the last use of w0, mw0, so they are never live
+    // across the back edge (a load guarded at the top of the loop cost up to 25 registers).
+    load_weights(w0, mw0, chunk_begin);
+    stage_x<T>(p, xs, chunk_begin, chunk_end - chunk_begin);
+    __syncthreads();
+    for (int base = chunk_begin;;) {
+      compute(w0, mw0, base);
+      base += kChunksPerIter;
+      if (base >= chunk_end) break;
+      load_weights(w0, mw0, base);
+    }
   }
 
   if constexpr (kClusterReduce) {
@@ -359,7 +394,7 @@ bool cluster_reduce_available() {
     bool ok =
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
             cudaSuccess &&
-        cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true>) == cudaSuccess;
+        cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true, false>) == cudaSuccess;
     ok = ok && major >= 9 && attr.ptxVersion >= 90;
     if (ok) {
       // And a cluster of the largest split, with the heaviest variant (most registers) and the
@@ -378,7 +413,7 @@ bool cluster_reduce_available() {
       config.attrs = cluster_attr;
       config.numAttrs = 1;
       int clusters = 0;
-      ok = cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 2, true>,
+      ok = cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 2, true, false>,
                                           &config) == cudaSuccess &&
            clusters > 0;
     }
@@ -387,7 +422,7 @@ bool cluster_reduce_available() {
   });
 }
 
-template <typename T, int kNT, int kRT>
+template <typename T, int kNT, int kRT, bool kPrefetch>
 cudaError_t launch_typed(const GemvParams& p, int split, SplitKReduce reduce,
                          cudaStream_t stream) {
   const int rows_per_block = kWarps * kRT * 16;
@@ -409,10 +444,10 @@ cudaError_t launch_typed(const GemvParams& p, int split, SplitKReduce reduce,
     config.stream = stream;
     config.attrs = attr;
     config.numAttrs = 1;
-    SLIMSTACK_CUDA_TRY(cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, true>, p));
+    SLIMSTACK_CUDA_TRY(cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch>, p));
     return cudaGetLastError();
   }
-  sparse24_gemv_kernel<T, kNT, kRT, false><<<grid, kThreads, smem, stream>>>(p);
+  sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch><<<grid, kThreads, smem, stream>>>(p);
   SLIMSTACK_CUDA_TRY(cudaGetLastError());
   if (reduce == SplitKReduce::kKernel) {
     const int64_t total = static_cast<int64_t>(p.M) * p.N;
@@ -431,18 +466,55 @@ cudaError_t launch_for_type(const GemvParams& p, const Sparse24GemvPlan& plan,
   const int split = plan.split_k;
   const SplitKReduce reduce = plan.reduce;
   if (plan.row_tiles_per_warp == 2) {
-    return two_token_tiles ? launch_typed<T, 2, 2>(p, split, reduce, stream)
-                           : launch_typed<T, 1, 2>(p, split, reduce, stream);
+    return two_token_tiles ? launch_typed<T, 2, 2, false>(p, split, reduce, stream)
+                           : launch_typed<T, 1, 2, false>(p, split, reduce, stream);
   }
-  return two_token_tiles ? launch_typed<T, 2, 1>(p, split, reduce, stream)
-                         : launch_typed<T, 1, 1>(p, split, reduce, stream);
+  if (plan.prefetch) {
+    return two_token_tiles ? launch_typed<T, 2, 1, true>(p, split, reduce, stream)
+                           : launch_typed<T, 1, 1, true>(p, split, reduce, stream);
+  }
+  return two_token_tiles ? launch_typed<T, 2, 1, false>(p, split, reduce, stream)
+                         : launch_typed<T, 1, 1, false>(p, split, reduce, stream);
+}
+
+// Blocks of the one-row-tile prefetch kernel that fit an SM by registers (and threads) alone;
+// the x slice's shared memory is checked against the plan afterwards. Asks the current device
+// (the occupancy API has no device argument); cached per device and token-tile count (the two
+// variants differ by a few registers).
+int prefetch_blocks_per_sm(int device, bool two_token_tiles) {
+  static signed char cache[2][detail::kMaxDevices] = {{0}};
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess || current != device || device < 0 ||
+      device >= detail::kMaxDevices) {
+    cudaGetLastError();
+    return kBlocksPerSmTarget;  // what the register budget (<= 128 per thread) promises
+  }
+  signed char& slot = cache[two_token_tiles ? 1 : 0][device];
+  if (slot > 0) return slot;
+  int blocks = 0;
+  const cudaError_t err =
+      two_token_tiles
+          ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 2, 1, false, true>, kThreads, 0)
+          : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 1, 1, false, true>, kThreads, 0);
+  if (err != cudaSuccess || blocks <= 0) {
+    cudaGetLastError();
+    return kBlocksPerSmTarget;
+  }
+  slot = static_cast<signed char>(std::min(blocks, 64));
+  return slot;
 }
 
 }  // namespace
 
 cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int split_k_request,
-                               SplitKReduce reduce_request, Sparse24GemvPlan* plan) {
+                               SplitKReduce reduce_request, WeightPrefetch prefetch_request,
+                               Sparse24GemvPlan* plan) {
   SLIMSTACK_REQUIRE(plan != nullptr);
+  SLIMSTACK_REQUIRE(prefetch_request == WeightPrefetch::kAuto ||
+                    prefetch_request == WeightPrefetch::kOff ||
+                    prefetch_request == WeightPrefetch::kOn);
   SLIMSTACK_REQUIRE(reduce_request == SplitKReduce::kAuto ||
                     reduce_request == SplitKReduce::kKernel ||
                     reduce_request == SplitKReduce::kCluster);
@@ -455,8 +527,13 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
 
   // Two 16-row tiles per warp once there are plenty of rows: halves the x re-reads per byte of
-  // weight; with few rows, one tile keeps more blocks in the grid.
-  const int row_tiles = N >= 8192 ? 2 : 1;
+  // weight; with few rows, one tile keeps more blocks in the grid. One tile per warp has the
+  // registers to prefetch the next quad iteration (two in flight per warp); two tiles do not.
+  // Auto: prefetch, except at M > 8 on N >= 8192, where x re-reads (M / 36 of the weight bytes
+  // per 64-row block) favour two tiles. Off: the plan measured on the H200 on 2026-12-04.
+  const bool prefetch = prefetch_request == WeightPrefetch::kOn ||
+                        (prefetch_request == WeightPrefetch::kAuto && (N < 8192 || M <= 8));
+  const int row_tiles = !prefetch && N >= 8192 ? 2 : 1;
   const int64_t rows_per_block = kWarps * 16 * row_tiles;
   const int64_t row_blocks = detail::ceil_div(N, rows_per_block);
   const int64_t num_chunks = Kp / kChunkCols;
@@ -480,6 +557,13 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   int64_t split = split_k_request > 0 ? split_k_request
                   : row_tiles == 2    ? std::max<int64_t>(1, wave / row_blocks)
                                       : detail::ceil_div(wave, row_blocks);
+  if (prefetch && split_k_request == 0) {
+    // The prefetch kernel's occupancy comes from the device: the largest split whose grid
+    // fits one wave (a tail wave of a few blocks would cost a whole extra latency).
+    const int64_t prefetch_wave =
+        static_cast<int64_t>(prefetch_blocks_per_sm(device, M > 8)) * sms;
+    split = std::max<int64_t>(1, prefetch_wave / row_blocks);
+  }
   // Few rows (1024x4096 wants 16 slices): on Hopper stay within one cluster when x allows it.
   // The second launch a larger split needs costs more than its weight traffic at that size;
   // reduce='kernel' keeps the larger split (the benchmark's comparison).
@@ -506,6 +590,7 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   plan->split_k = static_cast<int>(split);
   plan->slice_chunks = static_cast<int>(slice);
   plan->row_tiles_per_warp = row_tiles;
+  plan->prefetch = prefetch;
   plan->reduce = reduce;
   plan->workspace_bytes =
       reduce == SplitKReduce::kKernel ? static_cast<size_t>(split * M * N) * sizeof(float) : 0;
@@ -531,6 +616,7 @@ cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const 
   SLIMSTACK_REQUIRE(plan.split_k <= kMaxGridY);
   SLIMSTACK_REQUIRE(smem_bytes(static_cast<int>(M), plan.slice_chunks) <= kSmemBudget);
   SLIMSTACK_REQUIRE(plan.row_tiles_per_warp == 1 || plan.row_tiles_per_warp == 2);
+  SLIMSTACK_REQUIRE(!plan.prefetch || plan.row_tiles_per_warp == 1);
   SLIMSTACK_REQUIRE((plan.split_k == 1) == (plan.reduce == SplitKReduce::kNone));
   SLIMSTACK_REQUIRE(plan.reduce != SplitKReduce::kKernel || workspace != nullptr);
   if (plan.reduce == SplitKReduce::kCluster &&
