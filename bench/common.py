@@ -95,10 +95,8 @@ def cases(device_type: str) -> list[Case]:
             # default (a cluster reduction on Hopper) at the two ends of the decode range
             ("sparse24_gemv", ("cuda_reduce_kernel",), lambda m: m in (1, GEMV_MAX_M)),
             # the weight prefetch (two quad iterations in flight per warp, the default) against
-            # the 2026-12-04 kernel (one), and forced on at M = 16, where auto keeps it off on
-            # N >= 8192
+            # the 2026-12-04 kernel and plan (one)
             ("sparse24_gemv", ("cuda_prefetch_off",), lambda m: m in (1, 8, GEMV_MAX_M)),
-            ("sparse24_gemv", ("cuda_prefetch_on",), lambda m: m == GEMV_MAX_M),
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("bitmap_gemv", ("triton_n8",), lambda m: m == 1),
             ("sparse24_gemm", ("triton", "cuda", "cuda_sm90"), lambda m: m > GEMV_MAX_M),

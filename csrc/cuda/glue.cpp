@@ -217,6 +217,7 @@ pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t 
   d["slice_chunks"] = plan.slice_chunks;
   d["row_tiles_per_warp"] = plan.row_tiles_per_warp;
   d["prefetch"] = plan.prefetch;
+  d["warps_per_block"] = plan.warps_per_block;
   d["reduce"] = reduce_name(plan.reduce);
   d["workspace_bytes"] = plan.workspace_bytes;
   return d;

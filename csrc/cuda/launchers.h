@@ -48,7 +48,7 @@ constexpr int kSparse24GemvMaxSplit = 65535;  // K slices are grid.y
 
 // Whether each warp keeps the weights of two quad iterations (256 columns of its 16 rows) in
 // flight instead of one: twice the bytes in flight per warp for ~36 more registers, so only
-// with one 16-row tile per warp. kAuto: on, except at M > 8 on N >= 8192 (two row tiles).
+// with one 16-row tile per warp (and 8 warps per block at M > 8). kAuto: on.
 enum class WeightPrefetch : int { kAuto = 0, kOff = 1, kOn = 2 };
 
 struct Sparse24GemvPlan {
@@ -56,6 +56,7 @@ struct Sparse24GemvPlan {
   int slice_chunks = 0;        // 16-column chunks per K slice (a multiple of 16)
   int row_tiles_per_warp = 1;  // 16-row tiles per warp (1 or 2)
   bool prefetch = false;       // two quad iterations in flight (row_tiles_per_warp == 1 only)
+  int warps_per_block = 4;     // 8 for the prefetch kernel at M > 8, else 4
   SplitKReduce reduce = SplitKReduce::kNone;  // kNone iff split_k == 1
   size_t workspace_bytes = 0;  // split_k * M * N * sizeof(float) for kKernel, else 0
 };

@@ -6,7 +6,8 @@
 // selection in hardware and feeds x from registers, so the kernel stays memory bound for every M.
 //
 // Work split
-//   block  = 4 warps; a warp owns kRT tiles of 16 rows; grid = (row blocks, K slices).
+//   block  = 4 warps (8 for the prefetch kernel at M > 8: block_warps); a warp owns kRT tiles
+//            of 16 rows; grid = (row blocks, K slices).
 //   K slice: blockIdx.y covers `slice_chunks` 16-column chunks. With more than one slice the
 //            fp32 partials are summed in slice order (deterministic), on Hopper inside the
 //            kernel: the slices of a row block are one thread-block cluster that adds them up
@@ -31,6 +32,12 @@
 //   * meta: a lane with p = t % 2 needs nibble (2s + p) of the 16-bit meta word of each c_q;
 //     the four words of a chunk row are 8 contiguous bytes that lane u of the quad loaded,
 //     fetched with 4 shuffles per chunk row (both rows, both steps).
+//
+// Loads in flight (plan.prefetch). A warp's quad iteration is 4.6 KB of weights. Without
+// prefetch a warp requests one, waits, multiplies, requests the next: a split block that runs
+// 2 iterations pays two loaded latencies back to back. The prefetch kernel holds two in
+// registers (both requested before x is staged; each reloaded right after its last use), which
+// needs ~36 more registers: one row tile per warp, 128 registers, 16 warps per SM.
 #include "cuda/common.cuh"
 
 #include <cooperative_groups.h>
@@ -41,16 +48,30 @@ namespace {
 
 using detail::ElemTraits;
 
-constexpr int kWarps = 4;
+constexpr int kWarps = 4;  // warps per block, except the prefetch kernel at M > 8 (8)
 constexpr int kThreads = kWarps * 32;
 constexpr int kChunkCols = 16;        // logical columns per 16-byte chunk of stored values
 constexpr int kChunksPerIter = 16;    // chunks per quad iteration (4 u-steps x 4 lanes)
 constexpr int kTokenPadWords = 16;    // 64 B pad per token row keeps the B loads conflict free
 constexpr int kSmemBudget = 48 * 1024;  // default dynamic smem limit: no opt-in, 4+ blocks/SM
+// The 8-warp prefetch kernel (2 blocks per SM) opts in to twice that: a 16-token x slice of
+// 2816 columns, so K = 14336 at M = 16 needs 6 slices (one cluster) instead of 12 (and a
+// second launch to add them).
+constexpr int kSmemBudgetWide = 96 * 1024;
 constexpr int kBlocksPerSmTarget = 4;   // enough resident warps to keep ~32 KB/SM in flight
 constexpr int64_t kMaxGridY = kSparse24GemvMaxSplit;  // K slices are grid.y
-constexpr int64_t kMaxN = INT32_MAX - 2 * kWarps * 16;  // rows of the last block fit an int
+constexpr int64_t kMaxN = INT32_MAX - 2 * kWarps * 16;  // rows of the last block (<= 128) fit
+
 static_assert(kMaxRowsN <= kMaxN, "the glue's N limit must be one this kernel takes");
+
+// Warps per block. At M > 8 every block re-reads its x slice from L2 (M x 2 bytes per column
+// against 1.125 per column and row of weight: M / 36 of the weight bytes with 64-row blocks,
+// 0.44 at M = 16), so the prefetch kernel there runs 8 warps, 128 rows per block (2 blocks of
+// 128 registers per SM: the same 16 warps). The other kernels keep 4.
+template <int kNT, bool kPrefetch>
+constexpr int block_warps() {
+  return kPrefetch && kNT == 2 ? 8 : 4;
+}
 
 struct GemvParams {
   const void* x;
@@ -82,14 +103,14 @@ __device__ __forceinline__ uint32_t gather_nibbles(uint32_t lo, uint32_t hi, int
 // Stage x[:, chunk_begin*16 : (chunk_begin + chunk_count)*16] into shared memory, zero at and
 // beyond K. Per token, chunk lc occupies words [lc*8, lc*8 + 8): words 0..3 hold the column
 // pairs {0,1},{4,5},{8,9},{12,13}, words 4..7 the pairs {2,3},{6,7},{10,11},{14,15}.
-template <typename T>
+template <typename T, int kBlockThreads>
 __device__ void stage_x(const GemvParams& p, uint32_t* xs, int chunk_begin, int chunk_count) {
   const int tsw = p.token_stride_words;
   if (p.x_vec_ok) {
     const T* x = static_cast<const T*>(p.x);
     const int halves = chunk_count * 2;  // 8-column halves per token
     const int total = p.M * halves;
-    for (int i = threadIdx.x; i < total; i += kThreads) {
+    for (int i = threadIdx.x; i < total; i += kBlockThreads) {
       const int m = i / halves;
       const int hc = i - m * halves;
       const int lc = hc >> 1;
@@ -109,7 +130,7 @@ __device__ void stage_x(const GemvParams& p, uint32_t* xs, int chunk_begin, int 
     const uint16_t* x = static_cast<const uint16_t*>(p.x);
     const int pairs = chunk_count * 8;
     const int total = p.M * pairs;
-    for (int i = threadIdx.x; i < total; i += kThreads) {
+    for (int i = threadIdx.x; i < total; i += kBlockThreads) {
       const int m = i / pairs;
       const int pr = i - m * pairs;
       const int lc = pr >> 3;
@@ -148,13 +169,13 @@ __device__ __forceinline__ void for_each_accumulator(const float (&acc)[kRT][kNT
 // blocks of one cluster. Each parks its fp32 partials [M][rows] in its own shared memory (the x
 // slice is no longer needed), then every block sums a 1/split share of the block's outputs over
 // all slices' shared memory, in slice order (the additions splitk_reduce_kernel makes).
-template <typename T, int kNT, int kRT>
+template <typename T, int kNT, int kRT, int kBlockWarps>
 __device__ __forceinline__ void cluster_reduce_store(const GemvParams& p,
                                                      const float (&acc)[kRT][kNT][4],
                                                      uint32_t* xs) {
 #if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
   namespace cg = cooperative_groups;
-  constexpr int kRows = kWarps * kRT * 16;  // rows of this block
+  constexpr int kRows = kBlockWarps * kRT * 16;  // rows of this block
   const cg::cluster_group cluster = cg::this_cluster();
   float* parked = reinterpret_cast<float*>(xs);  // [M][kRows]; fits: see launch_typed
   __syncthreads();  // every warp has read its last x
@@ -169,7 +190,7 @@ __device__ __forceinline__ void cluster_reduce_store(const GemvParams& p,
   const int begin = static_cast<int>(cluster.block_rank()) * share;
   const int end = min(total, begin + share);
   const int first_row = blockIdx.x * kRows;
-  for (int e = begin + threadIdx.x; e < end; e += kThreads) {
+  for (int e = begin + threadIdx.x; e < end; e += kBlockWarps * 32) {
     const int token = e / kRows;
     const int row = first_row + (e - token * kRows);
     float sum = 0.f;
@@ -194,7 +215,8 @@ __device__ __forceinline__ void cluster_reduce_store(const GemvParams& p,
 // The prefetch variants are held to 128 registers: 4 blocks (16 warps, 2 x 4.6 KB of weights
 // in flight each) per SM, the occupancy the split plan is built for.
 template <typename T, int kNT, int kRT, bool kClusterReduce, bool kPrefetch>
-__global__ void __launch_bounds__(kThreads, kPrefetch ? kBlocksPerSmTarget : 0)
+__global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
+                                  kPrefetch ? 16 / block_warps<kNT, kPrefetch>() : 0)
     sparse24_gemv_kernel(const GemvParams p) {
 #ifdef SLIMSTACK_NEEDS_SM80
   __trap();
@@ -211,7 +233,9 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? kBlocksPerSmTarget : 0)
   const int tsw = p.token_stride_words;
   const int64_t values_row = p.Kp / 16;  // uint4 per values row
   const int64_t meta_row = p.Kp / 64;    // uint2 per meta row
-  const int first_tile = (blockIdx.x * kWarps + warp) * kRT;
+  constexpr int kBlockWarps = block_warps<kNT, kPrefetch>();
+  constexpr int kBlockThreads = kBlockWarps * 32;
+  const int first_tile = (blockIdx.x * kBlockWarps + warp) * kRT;
 
   using WeightRegs = uint4[kRT][4][2];  // one quad iteration's values: 8 x 16 B per row tile
   using MetaRegs = uint2[kRT][2];       // and its meta: 2 x 8 B per row tile
@@ -305,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? kBlocksPerSmTarget : 0)
     if (chunk_begin + kChunksPerIter < chunk_end) {
       load_weights(w1, mw1, chunk_begin + kChunksPerIter);
     }
-    stage_x<T>(p, xs, chunk_begin, chunk_end - chunk_begin);
+    stage_x<T, kBlockThreads>(p, xs, chunk_begin, chunk_end - chunk_begin);
     __syncthreads();
     for (int base = chunk_begin;; base += 2 * kChunksPerIter) {
       // Here w0 holds `base` and w1 (if it exists) `base + kChunksPerIter`.
@@ -326,7 +350,7 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? kBlocksPerSmTarget : 0)
     // trip. The next iteration's loads follow the last use of w0, mw0, so they are never live
     // across the back edge (a load guarded at the top of the loop cost up to 25 registers).
     load_weights(w0, mw0, chunk_begin);
-    stage_x<T>(p, xs, chunk_begin, chunk_end - chunk_begin);
+    stage_x<T, kBlockThreads>(p, xs, chunk_begin, chunk_end - chunk_begin);
     __syncthreads();
     for (int base = chunk_begin;;) {
       compute(w0, mw0, base);
@@ -337,12 +361,12 @@ __global__ void __launch_bounds__(kThreads, kPrefetch ? kBlocksPerSmTarget : 0)
   }
 
   if constexpr (kClusterReduce) {
-    cluster_reduce_store<T, kNT, kRT>(p, acc, xs);
+    cluster_reduce_store<T, kNT, kRT, kBlockWarps>(p, acc, xs);
     return;
   }
   // ---- epilogue: the output, or this slice's fp32 partials for splitk_reduce_kernel ----
   const bool final_output = gridDim.y == 1;
-  const int first_row = blockIdx.x * kWarps * kRT * 16;
+  const int first_row = blockIdx.x * kBlockWarps * kRT * 16;
   for_each_accumulator<kNT, kRT>(acc, [&](int local_row, int token, float value) {
     const int row = first_row + local_row;
     if (row >= p.N || token >= p.M) return;
@@ -375,6 +399,11 @@ __global__ void __launch_bounds__(256) splitk_reduce_kernel(const float* __restr
 
 int smem_bytes(int M, int slice_chunks) {
   return M * (slice_chunks * 8 + kTokenPadWords) * static_cast<int>(sizeof(uint32_t));
+}
+
+// The x slice's shared-memory budget of the kernel a plan runs.
+int smem_budget(int64_t M, bool prefetch) {
+  return prefetch && M > 8 ? kSmemBudgetWide : kSmemBudget;
 }
 
 // Whether the cluster epilogue can run on the current device: compute capability 9.x, and the
@@ -416,17 +445,49 @@ bool cluster_reduce_available() {
       ok = cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 2, true, false>,
                                           &config) == cudaSuccess &&
            clusters > 0;
+      // and the 8-warp prefetch kernel's clusters (two blocks per SM at most)
+      config.blockDim = dim3(block_warps<2, true>() * 32);
+      config.dynamicSmemBytes = kSmemBudgetWide;
+      ok = ok && cudaFuncSetAttribute(sparse24_gemv_kernel<__half, 2, 1, true, true>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      kSmemBudgetWide) == cudaSuccess;
+      clusters = 0;
+      ok = ok &&
+           cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 1, true, true>,
+                                          &config) == cudaSuccess &&
+           clusters > 0;
     }
     cudaGetLastError();  // leave no error behind for the next launch check
     return ok;
   });
 }
 
+// Raise a kernel's dynamic shared-memory limit to kSmemBudgetWide, once per kernel and device
+// (the engine's eager warm-up does it before a CUDA graph captures the launch). The kernel is
+// a template argument: every instantiation has its own flags.
+template <auto kernel>
+cudaError_t opt_in_wide_smem() {
+  static signed char done[detail::kMaxDevices] = {0};
+  int device = 0;
+  SLIMSTACK_CUDA_TRY(cudaGetDevice(&device));
+  const bool cached = device >= 0 && device < detail::kMaxDevices;
+  if (cached && done[device]) return cudaSuccess;
+  SLIMSTACK_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          kSmemBudgetWide));
+  if (cached) done[device] = 1;
+  return cudaSuccess;
+}
+
 template <typename T, int kNT, int kRT, bool kPrefetch>
 cudaError_t launch_typed(const GemvParams& p, int split, SplitKReduce reduce,
                          cudaStream_t stream) {
-  const int rows_per_block = kWarps * kRT * 16;
+  constexpr int kBlockThreads = block_warps<kNT, kPrefetch>() * 32;
+  const int rows_per_block = block_warps<kNT, kPrefetch>() * kRT * 16;
   const int smem = smem_bytes(p.M, p.slice_chunks);
+  if (smem > kSmemBudget) {  // only the 8-warp prefetch kernel's plans (smem_budget)
+    SLIMSTACK_CUDA_TRY((opt_in_wide_smem<sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch>>()));
+    SLIMSTACK_CUDA_TRY((opt_in_wide_smem<sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch>>()));
+  }
   const dim3 grid(static_cast<unsigned>(detail::ceil_div(p.N, rows_per_block)),
                   static_cast<unsigned>(split));
   if (reduce == SplitKReduce::kCluster) {
@@ -439,7 +500,7 @@ cudaError_t launch_typed(const GemvParams& p, int split, SplitKReduce reduce,
     attr[0].val.clusterDim.z = 1;
     cudaLaunchConfig_t config = {};
     config.gridDim = grid;
-    config.blockDim = dim3(kThreads);
+    config.blockDim = dim3(kBlockThreads);
     config.dynamicSmemBytes = static_cast<size_t>(smem);
     config.stream = stream;
     config.attrs = attr;
@@ -447,7 +508,7 @@ cudaError_t launch_typed(const GemvParams& p, int split, SplitKReduce reduce,
     SLIMSTACK_CUDA_TRY(cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch>, p));
     return cudaGetLastError();
   }
-  sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch><<<grid, kThreads, smem, stream>>>(p);
+  sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch><<<grid, kBlockThreads, smem, stream>>>(p);
   SLIMSTACK_CUDA_TRY(cudaGetLastError());
   if (reduce == SplitKReduce::kKernel) {
     const int64_t total = static_cast<int64_t>(p.M) * p.N;
@@ -477,17 +538,19 @@ cudaError_t launch_for_type(const GemvParams& p, const Sparse24GemvPlan& plan,
                          : launch_typed<T, 1, 1, false>(p, split, reduce, stream);
 }
 
-// Blocks of the one-row-tile prefetch kernel that fit an SM by registers (and threads) alone;
+// Blocks of the prefetch kernel (one row tile per warp) that fit an SM by registers alone;
 // the x slice's shared memory is checked against the plan afterwards. Asks the current device
 // (the occupancy API has no device argument); cached per device and token-tile count (the two
 // variants differ by a few registers).
 int prefetch_blocks_per_sm(int device, bool two_token_tiles) {
   static signed char cache[2][detail::kMaxDevices] = {{0}};
+  // What the register budget (__launch_bounds__: 16 warps of <= 128 registers) promises.
+  const int promised = 16 / (two_token_tiles ? block_warps<2, true>() : block_warps<1, true>());
   int current = -1;
   if (cudaGetDevice(&current) != cudaSuccess || current != device || device < 0 ||
       device >= detail::kMaxDevices) {
     cudaGetLastError();
-    return kBlocksPerSmTarget;  // what the register budget (<= 128 per thread) promises
+    return promised;
   }
   signed char& slot = cache[two_token_tiles ? 1 : 0][device];
   if (slot > 0) return slot;
@@ -495,12 +558,14 @@ int prefetch_blocks_per_sm(int device, bool two_token_tiles) {
   const cudaError_t err =
       two_token_tiles
           ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 2, 1, false, true>, kThreads, 0)
+                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 2, 1, false, true>,
+                block_warps<2, true>() * 32, 0)
           : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 1, 1, false, true>, kThreads, 0);
+                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 1, 1, false, true>,
+                block_warps<1, true>() * 32, 0);
   if (err != cudaSuccess || blocks <= 0) {
     cudaGetLastError();
-    return kBlocksPerSmTarget;
+    return promised;
   }
   slot = static_cast<signed char>(std::min(blocks, 64));
   return slot;
@@ -526,21 +591,22 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   int sms = 0;
   SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
 
-  // Two 16-row tiles per warp once there are plenty of rows: halves the x re-reads per byte of
-  // weight; with few rows, one tile keeps more blocks in the grid. One tile per warp has the
-  // registers to prefetch the next quad iteration (two in flight per warp); two tiles do not.
-  // Auto: prefetch, except at M > 8 on N >= 8192, where x re-reads (M / 36 of the weight bytes
-  // per 64-row block) favour two tiles. Off: the plan measured on the H200 on 2026-12-04.
-  const bool prefetch = prefetch_request == WeightPrefetch::kOn ||
-                        (prefetch_request == WeightPrefetch::kAuto && (N < 8192 || M <= 8));
+  // Prefetch (auto, on): one 16-row tile per warp, which leaves the registers for the next quad
+  // iteration (two in flight per warp), in blocks of 4 warps, or 8 at M > 8 (block_warps: the
+  // x re-reads). Off, the plan measured on the H200 on 2026-12-04: one iteration in flight, two
+  // row tiles per warp once there are plenty of rows (halving the x re-reads per byte of
+  // weight), one with few rows to keep more blocks in the grid.
+  const bool prefetch = prefetch_request != WeightPrefetch::kOff;
   const int row_tiles = !prefetch && N >= 8192 ? 2 : 1;
-  const int64_t rows_per_block = kWarps * 16 * row_tiles;
+  const int block_warps_here = prefetch && M > 8 ? block_warps<2, true>() : kWarps;
+  const int64_t rows_per_block = block_warps_here * 16 * row_tiles;
   const int64_t row_blocks = detail::ceil_div(N, rows_per_block);
   const int64_t num_chunks = Kp / kChunkCols;
   const int64_t max_split = detail::ceil_div(num_chunks, kChunksPerIter);
 
   // Largest slice whose x fits the shared-memory budget (a multiple of 16 chunks, >= 16).
-  int64_t max_slice = (kSmemBudget / (static_cast<int64_t>(M) * 4) - kTokenPadWords) / 8;
+  const int budget = smem_budget(M, prefetch);
+  int64_t max_slice = (budget / (static_cast<int64_t>(M) * 4) - kTokenPadWords) / 8;
   max_slice = std::max<int64_t>(kChunksPerIter, max_slice / kChunksPerIter * kChunksPerIter);
   const int64_t min_split = detail::ceil_div(num_chunks, max_slice);
 
@@ -575,7 +641,7 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   const int64_t slice = detail::round_up(detail::ceil_div(num_chunks, split), kChunksPerIter);
   split = detail::ceil_div(num_chunks, slice);
   // Only for K in the tens of millions: grid.y caps the split, and x no longer fits.
-  if (smem_bytes(static_cast<int>(M), static_cast<int>(slice)) > kSmemBudget) {
+  if (smem_bytes(static_cast<int>(M), static_cast<int>(slice)) > budget) {
     return cudaErrorNotSupported;
   }
 
@@ -591,6 +657,7 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   plan->slice_chunks = static_cast<int>(slice);
   plan->row_tiles_per_warp = row_tiles;
   plan->prefetch = prefetch;
+  plan->warps_per_block = block_warps_here;
   plan->reduce = reduce;
   plan->workspace_bytes =
       reduce == SplitKReduce::kKernel ? static_cast<size_t>(split * M * N) * sizeof(float) : 0;
@@ -614,9 +681,11 @@ cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const 
   SLIMSTACK_REQUIRE(plan.slice_chunks >= kChunksPerIter && plan.slice_chunks % kChunksPerIter == 0);
   SLIMSTACK_REQUIRE(plan.split_k == detail::ceil_div(num_chunks, plan.slice_chunks));
   SLIMSTACK_REQUIRE(plan.split_k <= kMaxGridY);
-  SLIMSTACK_REQUIRE(smem_bytes(static_cast<int>(M), plan.slice_chunks) <= kSmemBudget);
+  SLIMSTACK_REQUIRE(smem_bytes(static_cast<int>(M), plan.slice_chunks) <=
+                    smem_budget(M, plan.prefetch));
   SLIMSTACK_REQUIRE(plan.row_tiles_per_warp == 1 || plan.row_tiles_per_warp == 2);
   SLIMSTACK_REQUIRE(!plan.prefetch || plan.row_tiles_per_warp == 1);
+  SLIMSTACK_REQUIRE(plan.warps_per_block == (plan.prefetch && M > 8 ? 8 : 4));
   SLIMSTACK_REQUIRE((plan.split_k == 1) == (plan.reduce == SplitKReduce::kNone));
   SLIMSTACK_REQUIRE(plan.reduce != SplitKReduce::kKernel || workspace != nullptr);
   if (plan.reduce == SplitKReduce::kCluster &&
