@@ -67,7 +67,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_dot|_n8|_n16|_unpack) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on)
+    # triton(_dot|_n8|_n16|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on)
     # | cuda_sm90(_swizzle1) | torch | cpu | auto
     provider: str
     N: int
@@ -103,6 +103,8 @@ def cases(device_type: str) -> list[Case]:
             # the Hopper GEMM in CUTLASS's default tile order (the 2026-12-04 kernel) against
             # the default swizzled groups of 8 tiles
             ("sparse24_gemm", ("cuda_sm90_swizzle1",), lambda m: m >= 512),
+            # the Triton GEMM's 2026-12-04 tiles (W as A, one CTA per SM) against the default
+            ("sparse24_gemm", ("triton_w_as_a",), lambda m: m >= 512),
             ("sparse24_mm", ("torch", "auto"), lambda m: True),
             ("bitmap_mm", ("auto",), lambda m: True),
             # W unpacked by Triton, then cuBLAS: the triton backend past decode, and at decode
@@ -215,6 +217,15 @@ def _packed_args(ws: WeightSet) -> tuple:
 def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tensor]:
     """fn(x, weights) -> y for this case's provider, or Unavailable."""
     N, K = case.N, case.K
+    if case.provider == "triton_w_as_a":
+        try:
+            from slimstack.kernels import sparse24_gemm
+        except ImportError as err:
+            raise Unavailable(f"triton kernels unavailable: {err}") from err
+        gemm_cfg = previous_gemm_config(case.M, N, sparse24_gemm)
+        return lambda x, ws: sparse24_gemm.sparse24_gemm(
+            x, *_packed_args(ws), N, K, config=gemm_cfg
+        )
     if case.provider in ("triton", "triton_dot", "triton_n8", "triton_n16"):
         try:
             from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
@@ -268,6 +279,16 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
             raise Unavailable(f"slimstack.ops.sparse_linear unavailable: {err}") from err
         return lambda x, ws: sparse_linear(x, ws.packed, None)
     raise Unavailable(f"unknown provider {case.provider!r}")
+
+
+def previous_gemm_config(M: int, N: int, sparse24_gemm: Any) -> Any:
+    """The Triton GEMM tile of the 2026-12-04 run for M > 64 (W as the A operand, one CTA per
+    SM): 256 x 128 where those tiles fill the SMs, else 128 x 128."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    tiles = -(-M // 256) * -(-N // 128)
+    if tiles >= sms:
+        return sparse24_gemm.PREVIOUS_LARGE_M_CONFIG
+    return sparse24_gemm.GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
 def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:

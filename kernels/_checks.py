@@ -109,10 +109,15 @@ def _is_power_of_two(value: object) -> bool:
     )
 
 
+def _is_register_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 24 <= value <= 255
+
+
 def check_config(op: str, config: object) -> None:
     """A launch config Triton can compile: block sizes are powers of two (tl.arange needs
     them), block_k covers whole packed K tiles, num_warps is 1..32 (a power of two),
-    num_stages and group_n are >= 1, split_k is None (planned) or >= 1."""
+    num_stages and group_n are >= 1, split_k is None (planned) or >= 1, maxnreg is None or a
+    register count ptxas accepts."""
     check_block_k(op, config.block_k)
     for field, value in vars(config).items():
         if field.startswith("block_") or field == "num_warps":
@@ -120,6 +125,11 @@ def check_config(op: str, config: object) -> None:
                 raise ValueError(f"{op}: config.{field} must be a power of two, got {value!r}")
         elif field in ("num_stages", "group_n") or (field == "split_k" and value is not None):
             check_size(op, f"config.{field}", value)
+        elif field == "maxnreg" and value is not None and not _is_register_count(value):
+            raise ValueError(
+                f"{op}: config.maxnreg must be None or an int in 24..255 (registers per "
+                f"thread), got {value!r}"
+            )
     if config.num_warps > 32:
         raise ValueError(f"{op}: config.num_warps must be at most 32, got {config.num_warps}")
 

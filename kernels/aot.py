@@ -47,6 +47,7 @@ class Variant:
     num_stages: int = 3
     unaligned: frozenset[str] = field(default_factory=frozenset)  # ints not assumed % 16
     dtype: str = ""  # set by variants()
+    maxnreg: int | None = None  # the launcher's register cap, when its config sets one
 
 
 def _precision(dt: str) -> str:
@@ -118,8 +119,9 @@ def _gemm_variants(dt: str) -> list[Variant]:
                 {"x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "meta_ptr": "*i32",
                  "out_ptr": f"*{dt}"},
                 dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-                     GROUP_N=cfg.group_n, EVEN_K=True, INPUT_PRECISION=_precision(dt)),
-                cfg.num_warps, cfg.num_stages, frozenset({"M"}),
+                     GROUP_N=cfg.group_n, EVEN_K=True, INPUT_PRECISION=_precision(dt),
+                     W_AS_A=cfg.w_as_a),
+                cfg.num_warps, cfg.num_stages, frozenset({"M"}), maxnreg=cfg.maxnreg,
             )
         )  # fmt: skip
     return out
@@ -253,6 +255,20 @@ def opcode_counts(sass: str) -> dict[str, int]:
     return dict(Counter(ops))
 
 
+def loop_local_ops(sass: str) -> int:
+    """LDL / STL instructions inside loops: between a label and a later branch back to it."""
+    lines = sass.splitlines()
+    labels = {
+        m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))
+    }
+    inside: set[int] = set()
+    for i, line in enumerate(lines):
+        m = re.search(r"\bBRA\b[^;]*?(\.L_x_\d+)", line)
+        if m and labels.get(m.group(1), i) < i:
+            inside.update(range(labels[m.group(1)], i))
+    return sum(1 for i in inside if re.search(r"\b(LDL|STL)\b", lines[i]))
+
+
 def compile_variant(v: Variant, arch: int = 90, sass_dir: Path | None = None) -> dict[str, Any]:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -264,7 +280,11 @@ def compile_variant(v: Variant, arch: int = 90, sass_dir: Path | None = None) ->
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": v.num_warps, "num_stages": v.num_stages},
+        options={
+            "num_warps": v.num_warps,
+            "num_stages": v.num_stages,
+            **({} if v.maxnreg is None else {"maxnreg": v.maxnreg}),
+        },
     )
     cubin = compiled.asm["cubin"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -295,6 +315,8 @@ def compile_variant(v: Variant, arch: int = 90, sass_dir: Path | None = None) ->
         "shared_bytes": compiled.metadata.shared,
         **parse_resources(res),
         "opcodes": opcode_counts(sass),
+        "loop_local_ops": loop_local_ops(sass),
+        "maxnreg": v.maxnreg,
     }
 
 

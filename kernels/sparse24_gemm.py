@@ -1,12 +1,22 @@
 """sparse24_gemm: y = x @ W^T for prefill (M >= 17) with a packed 2:4 weight.
 
 Triton has no sparse tensor-core instruction, so each program decodes its [BLOCK_N, BLOCK_K]
-slice of W into a dense register tile (kernels/_sparse24_tile.py) and feeds tl.dot. The
-product is computed transposed, acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T, so the decoded
-weight is the dot's A operand: on Hopper wgmma takes A straight from registers, and only x^T
-(a plain load the pipeliner can stage) goes through shared memory. The decode costs ALU work
-per weight element, amortised over BLOCK_M rows of x, which is why large-M tiles use
-BLOCK_M = 128. Programs are grouped along N so neighbouring programs share x tiles in L2.
+slice of W into a dense register tile (kernels/_sparse24_tile.py) and feeds tl.dot, in one of
+two orientations (the W_AS_A constexpr):
+
+- W as the A operand, acc[BLOCK_N, BLOCK_M] = W_tile @ x_tile^T: the tokens are wgmma's N, so
+  small M pads nothing (used up to M = 64). A from registers still needs the dot-operand
+  layout: the decoded tile goes through shared memory in pieces, 5 barriers per K step.
+- W as the B operand, acc[BLOCK_M, BLOCK_N] = x_tile @ W_tile^T (large M): the decoded tile is
+  stored once into wgmma's shared-memory layout (3 barriers per K step, no ldmatrix).
+
+Why the large tiles are 256 x 64 on 8 warps, held to 128 registers (sm_90 SASS, triton 3.6,
+per K step of one CTA): the decode issues ~450 cycles against ~512 of wgmma, and at 128
+registers two CTAs share an SM, so one's decode runs under the other's wgmma. The previous
+256 x 128 W-as-A tile (232 registers, one CTA per SM) issued ~778 against ~1024 with nothing to
+overlap them: ~0.57 of the tensor-core peak at best, and 0.40-0.52x of cuBLAS measured on the
+H200 (2026-12-04). The decode's ALU work per weight element is amortised over BLOCK_M rows of
+x. Programs are grouped along N so neighbouring programs share x tiles in L2.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ def _sparse24_gemm_kernel(
     GROUP_N: tl.constexpr,
     EVEN_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    W_AS_A: tl.constexpr,
 ):
     # Grouped order: GROUP_N consecutive programs walk down N for one M block, so the x tile
     # they share stays in L2 while each weight tile is read once per M block.
@@ -71,27 +82,47 @@ def _sparse24_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
 
-    acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, 2 * KV, BLOCK_K):
-        w = sparse24_dense_tile(
-            values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
-            BLOCK_N, BLOCK_K, EVEN_K,
-        )  # fmt: skip
-        cols = k0 + tl.arange(0, BLOCK_K)
-        x_t = tl.load(
-            x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
-            mask=m_mask[None, :] & (cols[:, None] < K),
-            other=0.0,
-        )
-        acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
-
-    out_ptrs = out_ptr + offs_m[None, :] * stride_om + rows[:, None]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :] & row_mask[:, None])
+    if W_AS_A:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, 2 * KV, BLOCK_K):
+            w = sparse24_dense_tile(
+                values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
+                BLOCK_N, BLOCK_K, EVEN_K,
+            )  # fmt: skip
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x_t = tl.load(
+                x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
+                mask=m_mask[None, :] & (cols[:, None] < K),
+                other=0.0,
+            )
+            acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + rows[:, None]
+        out_mask = m_mask[None, :] & row_mask[:, None]
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, 2 * KV, BLOCK_K):
+            w = sparse24_dense_tile(
+                values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
+                BLOCK_N, BLOCK_K, EVEN_K,
+            )  # fmt: skip
+            cols = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(
+                x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
+                mask=m_mask[:, None] & (cols[None, :] < K),
+                other=0.0,
+            )
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+        out_ptrs = out_ptr + offs_m[:, None] * stride_om + rows[None, :]
+        out_mask = m_mask[:, None] & row_mask[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @dataclass(frozen=True)
 class GemmConfig:
-    """Tile shape and launch shape; block_k is a multiple of 64 (the packed K tile)."""
+    """Tile shape and launch shape; block_k is a multiple of 64 (the packed K tile).
+
+    w_as_a: the decoded weight is the dot's A operand (else B; see the module docstring).
+    maxnreg: registers per thread that ptxas may use (None: its own choice)."""
 
     block_m: int
     block_n: int
@@ -99,10 +130,16 @@ class GemmConfig:
     group_n: int = 8
     num_warps: int = 4
     num_stages: int = 3
+    w_as_a: bool = True
+    maxnreg: int | None = None
 
 
 ALIGN_ELEMENTS = 8  # 16 bytes of a 16-bit type: what vectorised x loads and stores need
 MAX_UNALIGNED_BLOCK_M = 64
+
+
+# The 2026-12-04 large-M tile (W as A, one CTA per SM): the benchmark's triton_w_as_a rows.
+PREVIOUS_LARGE_M_CONFIG = GemmConfig(block_m=256, block_n=128, num_warps=8, num_stages=3)
 
 
 def default_config(
@@ -110,20 +147,22 @@ def default_config(
 ) -> GemmConfig:
     """Tiles by problem size (from SASS: per K step, decode issue cycles vs wgmma cycles).
 
-    Small M: narrow x tiles, fewer padded rows. Large M: 256 x-rows per tile halve the decode
-    work per FLOP (the 128x128 tile issues ~716 cycles per K step for ~490 of wgmma; 256x128
-    issues ~764 for ~980), used once there are enough tiles to fill every SM. When K or N is
-    not a multiple of 8 (``aligned`` False), x moves in scalar loads whose addresses cost
-    registers: the 128- and 256-row tiles then spill (32 and 800 bytes of stack on sm_90),
-    so those shapes stay on 64-row tiles.
+    Small M: W as A, narrow x tiles, fewer padded rows. Large M: W as B in 256 x 64 tiles at
+    128 registers, two CTAs per SM (module docstring), once they fill two per SM; below that
+    128 x 64 tiles on 4 warps (170 registers, three CTAs per SM; ~366 issue cycles per K step
+    for ~256 of wgmma). When K or N is not a multiple of 8 (``aligned`` False), x moves in
+    scalar loads whose addresses cost registers: the big tiles then spill, so those shapes stay
+    on 64-row tiles.
     """
     if M <= 32:
         return GemmConfig(block_m=32, block_n=64, num_warps=4, num_stages=4)
     if M <= 64 or not aligned:
         return GemmConfig(block_m=64, block_n=64, num_warps=4, num_stages=4)
-    if N is not None and triton.cdiv(M, 256) * triton.cdiv(N, 128) >= sm_count:
-        return GemmConfig(block_m=256, block_n=128, num_warps=8, num_stages=3)
-    return GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
+    if N is not None and triton.cdiv(M, 256) * triton.cdiv(N, 64) >= 2 * sm_count:
+        return GemmConfig(
+            block_m=256, block_n=64, num_warps=8, num_stages=3, w_as_a=False, maxnreg=128
+        )
+    return GemmConfig(block_m=128, block_n=64, num_warps=4, num_stages=3, w_as_a=False)
 
 
 def _validate(x, values, meta, N, K, config) -> int:
@@ -171,7 +210,9 @@ def sparse24_gemm(
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_N=cfg.group_n,
         EVEN_K=Kp % cfg.block_k == 0,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+        W_AS_A=cfg.w_as_a,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({} if cfg.maxnreg is None else {"maxnreg": cfg.maxnreg}),
     )  # fmt: skip
     return out
 

@@ -73,6 +73,14 @@ def test_no_register_spills(reports):
     half = [r for r in reports if r["dtype"] in HALF]
     assert any("odd-K" in r["name"] for r in half)
     for r in half:
+        if r["maxnreg"] is not None:
+            # A register cap (two CTAs per SM) may park a few values outside the loops
+            # (triton 3.9: 8 bytes around the epilogue of the 256 x 64 GEMM tile), none inside.
+            assert r["stack"] <= 16 and r["local"] == 0 and r["loop_local_ops"] == 0, (
+                f"{r['name']} (maxnreg {r['maxnreg']}) spills: {r['stack']} B stack, "
+                f"{r['loop_local_ops']} local-memory ops in loops"
+            )
+            continue
         assert r["stack"] == 0 and r["local"] == 0, (
             f"{r['name']} spills: {r['stack']} B stack, {r['local']} B local"
         )
@@ -108,3 +116,35 @@ def test_bitmap_unpack_writes_the_dense_weight_in_128_bit_stores(reports):
     for r in unpack:
         stores = {op: n for op, n in r["opcodes"].items() if op.startswith("STG")}
         assert set(stores) == {"STG.E.128"}, f"{r['name']}: stores {stores}"
+
+
+def test_large_prefill_tile_is_capped_for_two_ctas_per_sm(reports):
+    """The 256-row GEMM tile keeps to 128 registers and the shared memory of half an SM
+    (16-bit types: fp32 is a correctness path)."""
+    big = [
+        r
+        for r in reports
+        if r["module"] == "sparse24_gemm" and "BLOCK_M=256" in r["name"] and r["dtype"] in HALF
+    ]
+    assert big
+    for r in big:
+        assert r["maxnreg"] == 128 and r["reg"] <= 128, r["name"]
+        assert 2 * (r["shared_bytes"] + 1024) <= 228 * 1024, f"{r['name']}: {r['shared_bytes']} B"
+
+
+def test_loop_local_ops_counts_only_loop_bodies():
+    from slimstack.kernels.aot import loop_local_ops
+
+    sass = """
+        /*0000*/   STL [R1], R3 ;
+.L_x_0:
+        /*0010*/   STL [R1+0x4], R2 ;
+        /*0020*/   LDL R2, [R1+0x4] ;
+        /*0030*/   @P0 BRA `(.L_x_0) ;
+        /*0040*/   LDL R3, [R1] ;
+        /*0050*/   BRA `(.L_x_1) ;
+.L_x_1:
+        /*0060*/   EXIT ;
+"""
+    assert loop_local_ops(sass) == 2
+    assert loop_local_ops(sass.replace("@P0 BRA `(.L_x_0)", "NOP")) == 0

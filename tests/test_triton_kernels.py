@@ -193,6 +193,48 @@ def test_sparse24_gemm_grouped_tiles(poisoned, make_sparse24):
     _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
 
 
+GEMM_CONFIGS = [
+    # W as the B operand (the large-M tiles), small enough for the interpreter; the 256 x 64
+    # tile itself with a register cap (ignored by the interpreter, honoured by ptxas)
+    pytest.param(dict(block_m=32, block_n=16, w_as_a=False), id="w-as-b-32x16"),
+    pytest.param(dict(block_m=16, block_n=32, group_n=2, w_as_a=False), id="w-as-b-grouped"),
+    pytest.param(
+        dict(block_m=256, block_n=64, num_warps=8, w_as_a=False, maxnreg=128), id="w-as-b-256x64"
+    ),
+    pytest.param(dict(block_m=32, block_n=16, w_as_a=True), id="w-as-a-32x16"),
+]
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=ids)
+@pytest.mark.parametrize("cfg", GEMM_CONFIGS)
+def test_sparse24_gemm_orientations(poisoned, make_sparse24, dtype, cfg):
+    """Both operand orientations on odd N and K, a partial last M tile and several N blocks,
+    against the float64 product; the same answer either way."""
+    N, K, M = 43, 172, 40
+    w = make_sparse24(N, K, dtype, generator=_gen(21))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=22)
+    config = sparse24_gemm.GemmConfig(**cfg)
+    y = sparse24_gemm.sparse24_gemm(x, packed.values, packed.meta, N, K, config=config)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+def test_sparse24_gemm_default_tiles():
+    """W as A up to M = 64 and for unaligned shapes; W as B past it: 256 x 64 at 128 registers
+    once those tiles fill two per SM, 128 x 64 below."""
+    small = sparse24_gemm.default_config(64, 4096)
+    assert small.w_as_a and small.maxnreg is None
+    big = sparse24_gemm.default_config(2048, 4096, sm_count=132)  # 8 x 64 = 512 tiles
+    assert (big.block_m, big.block_n, big.num_warps, big.w_as_a, big.maxnreg) == (
+        256, 64, 8, False, 128
+    )  # fmt: skip
+    mid = sparse24_gemm.default_config(512, 4096, sm_count=132)  # 2 x 64 = 128 < 264
+    assert (mid.block_m, mid.block_n, mid.w_as_a, mid.maxnreg) == (128, 64, False, None)
+    assert sparse24_gemm.default_config(8192, 4096, aligned=False).w_as_a
+    assert sparse24_gemm.PREVIOUS_LARGE_M_CONFIG.w_as_a
+
+
 @runs_here
 def test_sparse24_gemm_large_m_tile(poisoned, make_sparse24):
     """The 256 x 128 tile that large prefills use, with a partial M tile and N < BLOCK_N."""
@@ -517,6 +559,10 @@ def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
     with pytest.raises(ValueError, match="group_n must be >= 1, got 0"):
         sparse24_gemm.sparse24_gemm(
             x, values, meta, 43, 172, config=sparse24_gemm.GemmConfig(64, 64, group_n=0)
+        )
+    with pytest.raises(ValueError, match=r"maxnreg must be None or an int in 24\.\.255"):
+        sparse24_gemm.sparse24_gemm(
+            x, values, meta, 43, 172, config=sparse24_gemm.GemmConfig(64, 64, maxnreg=512)
         )
     with pytest.raises(TypeError, match="meta must have dtype torch.uint8"):
         sparse24_gemm.sparse24_gemm(x, values, meta.to(torch.int8), 43, 172)
