@@ -9,7 +9,8 @@ program at M = 1 / 16; triton_unpack, bitmap W unpacked then cuBLAS; triton_w_as
 GEMM's 2026-12-04 tiles), cuda (the extension, when built; cuda_sm90 for the CUTLASS Hopper
 GEMM, cuda_sm90_swizzle1 in CUTLASS's default tile order; cuda_reduce_kernel, the GEMV with
 split-K summed by a second kernel instead of a cluster reduction; cuda_prefetch_off / _on, the
-GEMV with its weight prefetch forced off or on), torch (to_sparse_semi_structured) and auto
+GEMV with its weight prefetch forced off or on; cuda_pdl, with programmatic dependent launch,
+which back to back overlaps calls: the other GEMV rows run without), torch (to_sparse_semi_structured) and auto
 (slimstack.ops.sparse_linear); baseline cuBLAS dense.
 The device time of each row comes from CUDA-graph replays timed with events (bench/common.py);
 pytest-benchmark's own table shows synchronised host wall time of single calls.

@@ -267,6 +267,57 @@ def test_sparse24_gemv_prefetch_plan(m, n, k) -> None:
         assert on["split_k"] <= 8 and off["split_k"] == 12
 
 
+def _sm90_image_runs() -> bool:
+    plan = _C.sparse24_gemv_plan_cuda(1, 64, 64, torch.cuda.current_device(), 0)
+    return plan["pdl"]
+
+
+def test_sparse24_gemv_pdl_plan() -> None:
+    """Programmatic dependent launch where the sm_90 image runs (it holds the wait), never
+    elsewhere; forcing it there is a clear error."""
+    device = torch.cuda.current_device()
+    hopper = torch.cuda.get_device_capability(device)[0] == 9
+    assert hopper or not _sm90_image_runs(), "PDL planned off Hopper"
+    if _cluster_reduce_runs_here():  # the sm_90 image runs here
+        assert _sm90_image_runs()
+    off = _C.sparse24_gemv_plan_cuda(1, 4096, 4096, device, 0, "auto", "auto", "off")
+    assert not off["pdl"]
+    if _sm90_image_runs():
+        assert _C.sparse24_gemv_plan_cuda(1, 4096, 4096, device, 0, "auto", "auto", "on")["pdl"]
+    else:
+        with pytest.raises(RuntimeError, match="pdl='on' needs an sm_90 GPU"):
+            _C.sparse24_gemv_plan_cuda(1, 4096, 4096, device, 0, "auto", "auto", "on")
+
+
+@pytest.mark.parametrize("m", [1, 16])
+def test_sparse24_gemv_pdl_waits_for_the_kernel_that_writes_x(m, make_sparse24) -> None:
+    """Back to back in one stream: a kernel writes x, the GEMV (launched as its programmatic
+    dependent) reads it. A GEMV that read x before its griddepcontrol.wait would see the
+    previous x in some blocks. The same bits as without PDL."""
+    n, k = 4096, 4096
+    dtype = torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    xs = [_x(m, k, dtype, seed=400 + i) for i in range(12)]
+    x = torch.empty_like(xs[0])
+    filler = torch.empty(64 * 1024 * 1024, device="cuda")  # a slow kernel before each write
+    outs = {}
+    for pdl in ("auto", "off"):
+        ys = []
+        for fresh in xs:
+            filler.mul_(1.0)
+            x.copy_(fresh)
+            ys.append(
+                _C.sparse24_gemv_cuda(
+                    x, packed.values, packed.meta, n, k, 0, None, "auto", "auto", pdl
+                )  # fmt: skip
+            )
+        torch.cuda.synchronize()
+        outs[pdl] = ys
+    for fresh, y, y_off in zip(xs, outs["auto"], outs["off"]):
+        _check(y, fresh, dense)
+        assert torch.equal(y, y_off)
+
+
 def test_sparse24_gemv_rejects_unknown_prefetch() -> None:
     with pytest.raises(ValueError, match="prefetch must be 'auto', 'on' or 'off'"):
         _C.sparse24_gemv_plan_cuda(1, 64, 64, torch.cuda.current_device(), 0, "auto", "yes")

@@ -526,7 +526,7 @@ def _fake_cuda_extension(calls: list[str]):
         assert values.shape[0] == n or values.dim() == 1
 
     def sparse24_gemv_cuda(
-        x, values, meta, N, K, split_k=0, out=None, reduce="auto", prefetch="auto"
+        x, values, meta, N, K, split_k=0, out=None, reduce="auto", prefetch="auto", pdl="auto"
     ):
         calls.append("gemv")
         check_x(x, values, N, K, max_m=16)

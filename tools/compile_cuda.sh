@@ -154,6 +154,19 @@ if [ "$failed" -ne 0 ]; then
   exit 1
 fi
 
+# The GEMV's programmatic dependent launch is safe only if nothing but weights is read before
+# its griddepcontrol.wait (tools/check_gemv_sass.py): check the sm_90a object's SASS.
+gemv_obj="$OUT_DIR/sparse24_gemv.sm90a.o"
+if [ -f "$gemv_obj" ]; then
+  echo
+  sass_status=0
+  "$PYTHON" "$ROOT/tools/check_gemv_sass.py" "$gemv_obj" || sass_status=$?
+  if [ "$sass_status" -eq 1 ]; then
+    echo "compile_cuda.sh: the sm_90a GEMV reads more than its weights before waiting" >&2
+    exit 1
+  fi
+fi
+
 if [ "$CHECK_GLUE" -eq 1 ]; then
   echo
   if ! TORCH_INC="$("$PYTHON" -c 'import torch.utils.cpp_extension as c; print(" ".join("-I" + p for p in c.include_paths()))' 2>/dev/null)"; then

@@ -119,6 +119,16 @@ __device__ __forceinline__ uint2 ld_stream_v2(const void* ptr) {
   return r;
 }
 
+// Programmatic dependent launch (sm_90): wait until the kernel before this one in the stream
+// has finished and its writes are visible. Returns at once for a kernel launched without the
+// programmatic-serialization attribute; compiled out before sm_90, where no launch sets it
+// (a launcher must only set it for a kernel whose sm_90 image runs).
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }

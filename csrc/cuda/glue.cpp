@@ -134,24 +134,36 @@ const char* reduce_name(sc::SplitKReduce reduce) {
   }
 }
 
-sc::WeightPrefetch parse_prefetch(const std::string& op, const std::string& prefetch) {
-  if (prefetch == "auto") return sc::WeightPrefetch::kAuto;
-  if (prefetch == "on") return sc::WeightPrefetch::kOn;
-  TORCH_CHECK_VALUE(prefetch == "off", op, ": prefetch must be 'auto', 'on' or 'off', got '",
-                    prefetch, "'");
-  return sc::WeightPrefetch::kOff;
+sc::Choice parse_choice(const std::string& op, const char* name, const std::string& value) {
+  if (value == "auto") return sc::Choice::kAuto;
+  if (value == "on") return sc::Choice::kOn;
+  TORCH_CHECK_VALUE(value == "off", op, ": ", name, " must be 'auto', 'on' or 'off', got '",
+                    value, "'");
+  return sc::Choice::kOff;
 }
 
-// A plan for this problem on `device`; a forced cluster reduction that cannot run there says why.
+// The GEMV's options as given to the Python entry points.
+struct GemvOptions {
+  int64_t split_k = 0;
+  std::string reduce = "auto";
+  std::string prefetch = "auto";
+  std::string pdl = "auto";
+};
+
+// A plan for this problem on `device`; a forced feature that cannot run there says why.
 sc::Sparse24GemvPlan gemv_plan(const std::string& op, int64_t M, int64_t N, int64_t Kp,
-                               int device, int64_t split_k, const std::string& reduce,
-                               const std::string& prefetch) {
-  const sc::SplitKReduce request = parse_reduce(op, reduce);
-  const sc::WeightPrefetch prefetch_request = parse_prefetch(op, prefetch);
+                               int device, const GemvOptions& options) {
+  sc::Sparse24GemvRequest request;
+  request.split_k = static_cast<int>(options.split_k);
+  request.reduce = parse_reduce(op, options.reduce);
+  request.prefetch = parse_choice(op, "prefetch", options.prefetch);
+  request.pdl = parse_choice(op, "pdl", options.pdl);
   sc::Sparse24GemvPlan plan;
-  const cudaError_t err = sc::sparse24_gemv_plan(M, N, Kp, device, static_cast<int>(split_k),
-                                                 request, prefetch_request, &plan);
-  TORCH_CHECK(err != cudaErrorNotSupported || request != sc::SplitKReduce::kCluster, op,
+  const cudaError_t err = sc::sparse24_gemv_plan(M, N, Kp, device, request, &plan);
+  TORCH_CHECK(err != cudaErrorNotSupported || request.pdl != sc::Choice::kOn, op,
+              ": pdl='on' needs an sm_90 GPU and this extension's sm_90 image (use pdl='auto' "
+              "or 'off')");
+  TORCH_CHECK(err != cudaErrorNotSupported || request.reduce != sc::SplitKReduce::kCluster, op,
               ": reduce='cluster' needs an sm_90 GPU, this extension's sm_90 image and a split of "
               "at most ", sc::kMaxClusterSplit, " K slices (use reduce='auto' or 'kernel')");
   TORCH_CHECK_VALUE(err != cudaErrorNotSupported, op, ": K=", Kp, " (padded) is too long for the ",
@@ -164,7 +176,7 @@ sc::Sparse24GemvPlan gemv_plan(const std::string& op, int64_t M, int64_t N, int6
 at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& meta, int64_t N, int64_t K, int64_t split_k,
                               const std::optional<at::Tensor>& out, const std::string& reduce,
-                              const std::string& prefetch) {
+                              const std::string& prefetch, const std::string& pdl) {
   const std::string op = "sparse24_gemv_cuda";
   check_x(op, x, N, K);
   const int64_t M = x.size(0);
@@ -182,7 +194,7 @@ at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
 
   c10::cuda::CUDAGuard guard(x.device());
   const sc::Sparse24GemvPlan plan =
-      gemv_plan(op, M, N, Kp, x.device().index(), split_k, reduce, prefetch);
+      gemv_plan(op, M, N, Kp, x.device().index(), {split_k, reduce, prefetch, pdl});
   at::Tensor workspace;
   if (plan.workspace_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(plan.workspace_bytes / sizeof(float))},
@@ -197,7 +209,7 @@ at::Tensor sparse24_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
 
 pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t device,
                                        int64_t split_k, const std::string& reduce,
-                                       const std::string& prefetch) {
+                                       const std::string& prefetch, const std::string& pdl) {
   const std::string op = "sparse24_gemv_plan_cuda";
   TORCH_CHECK_VALUE(M >= 1 && M <= sc::kSparse24GemvMaxM && N > 0 && K > 0, op,
                     ": need 1 <= M <= ", sc::kSparse24GemvMaxM, ", N > 0, K > 0; got M=", M,
@@ -211,13 +223,14 @@ pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t 
                     " CUDA devices");
   c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
   const sc::Sparse24GemvPlan plan =
-      gemv_plan(op, M, N, padded_k(K), static_cast<int>(device), split_k, reduce, prefetch);
+      gemv_plan(op, M, N, padded_k(K), static_cast<int>(device), {split_k, reduce, prefetch, pdl});
   pybind11::dict d;
   d["split_k"] = plan.split_k;
   d["slice_chunks"] = plan.slice_chunks;
   d["row_tiles_per_warp"] = plan.row_tiles_per_warp;
   d["prefetch"] = plan.prefetch;
   d["warps_per_block"] = plan.warps_per_block;
+  d["pdl"] = plan.pdl;
   d["reduce"] = reduce_name(plan.reduce);
   d["workspace_bytes"] = plan.workspace_bytes;
   return d;
@@ -394,11 +407,12 @@ void register_cuda(pybind11::module_& m) {
   m.def("sparse24_gemv_cuda", &sparse24_gemv_cuda,
         "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed sparse24, mma.sp", py::arg("x"),
         py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"), py::arg("split_k") = 0,
-        py::arg("out") = py::none(), py::arg("reduce") = "auto", py::arg("prefetch") = "auto");
+        py::arg("out") = py::none(), py::arg("reduce") = "auto", py::arg("prefetch") = "auto",
+        py::arg("pdl") = "auto");
   m.def("sparse24_gemv_plan_cuda", &sparse24_gemv_plan_cuda,
         "the split-K / tile plan sparse24_gemv_cuda would use (dict)", py::arg("M"),
         py::arg("N"), py::arg("K"), py::arg("device") = 0, py::arg("split_k") = 0,
-        py::arg("reduce") = "auto", py::arg("prefetch") = "auto");
+        py::arg("reduce") = "auto", py::arg("prefetch") = "auto", py::arg("pdl") = "auto");
   m.def("bitmap_gemv_cuda", &bitmap_gemv_cuda,
         "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed bitmap", py::arg("x"),
         py::arg("values"), py::arg("bitmask"), py::arg("row_offsets"), py::arg("N"),

@@ -46,10 +46,28 @@ enum class SplitKReduce : int { kAuto = 0, kNone = 1, kKernel = 2, kCluster = 3 
 constexpr int kMaxClusterSplit = 8;  // the portable cluster size
 constexpr int kSparse24GemvMaxSplit = 65535;  // K slices are grid.y
 
-// Whether each warp keeps the weights of two quad iterations (256 columns of its 16 rows) in
-// flight instead of one: twice the bytes in flight per warp for ~36 more registers, so only
-// with one 16-row tile per warp (and 8 warps per block at M > 8). kAuto: on.
-enum class WeightPrefetch : int { kAuto = 0, kOff = 1, kOn = 2 };
+// A feature the plan may use: kAuto lets it decide, kOn forces it (cudaErrorNotSupported where
+// it cannot run), kOff keeps it out.
+enum class Choice : int { kAuto = 0, kOff = 1, kOn = 2 };
+
+// What a caller asks of the plan (the defaults: everything automatic).
+//   split_k:  > 0 forces that many K slices (clamped to what the problem allows); 0 picks one
+//             from the SM count.
+//   reduce:   kKernel or kCluster forces that reduction of a split K; kCluster where it cannot
+//             run (not sm_90, no sm_90 image, split > kMaxClusterSplit) is cudaErrorNotSupported.
+//   prefetch: each warp keeps the weights of two quad iterations (256 columns of its 16 rows)
+//             in flight instead of one: twice the bytes in flight per warp for ~36 more
+//             registers, so one 16-row tile per warp (and 8 warps per block at M > 8). Auto: on.
+//   pdl:      programmatic dependent launch (sm_90): the GEMV may start while the kernel before
+//             it in the stream finishes, issuing its first weight loads (they depend on nothing)
+//             and waiting (griddepcontrol.wait) only before it reads x. Auto: on where the
+//             kernel's sm_90 image runs; on elsewhere is cudaErrorNotSupported.
+struct Sparse24GemvRequest {
+  int split_k = 0;
+  SplitKReduce reduce = SplitKReduce::kAuto;
+  Choice prefetch = Choice::kAuto;
+  Choice pdl = Choice::kAuto;
+};
 
 struct Sparse24GemvPlan {
   int split_k = 1;             // number of K slices (grid.y)
@@ -57,18 +75,14 @@ struct Sparse24GemvPlan {
   int row_tiles_per_warp = 1;  // 16-row tiles per warp (1 or 2)
   bool prefetch = false;       // two quad iterations in flight (row_tiles_per_warp == 1 only)
   int warps_per_block = 4;     // 8 for the prefetch kernel at M > 8, else 4
+  bool pdl = false;            // launched as a programmatic dependent of the previous kernel
   SplitKReduce reduce = SplitKReduce::kNone;  // kNone iff split_k == 1
   size_t workspace_bytes = 0;  // split_k * M * N * sizeof(float) for kKernel, else 0
 };
 
-// Chooses the split-K factor and tile config. split_k_request > 0 forces a split (clamped to
-// what the problem allows); 0 picks one from the SM count of `device`. reduce_request kKernel
-// or kCluster forces that reduction when K is split; kCluster where it cannot run (not sm_90,
-// no sm_90 image, split > kMaxClusterSplit) is cudaErrorNotSupported. prefetch_request kOn or
-// kOff forces the weight prefetch (kOn means one row tile per warp).
-cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int split_k_request,
-                               SplitKReduce reduce_request, WeightPrefetch prefetch_request,
-                               Sparse24GemvPlan* plan);
+// Chooses the split-K factor and tile config for `request` on `device`.
+cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device,
+                               const Sparse24GemvRequest& request, Sparse24GemvPlan* plan);
 
 // x: [M, K] (ldx >= K), values/meta: packed, y: [M, N] (ldy >= N), workspace: plan.workspace_bytes
 // of device memory (may be null when the plan needs none).

@@ -329,6 +329,7 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
     if (chunk_begin + kChunksPerIter < chunk_end) {
       load_weights(w1, mw1, chunk_begin + kChunksPerIter);
     }
+    detail::wait_for_previous_grid();  // x is the previous kernel's output
     stage_x<T, kBlockThreads>(p, xs, chunk_begin, chunk_end - chunk_begin);
     __syncthreads();
     for (int base = chunk_begin;; base += 2 * kChunksPerIter) {
@@ -350,6 +351,7 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
     // trip. The next iteration's loads follow the last use of w0, mw0, so they are never live
     // across the back edge (a load guarded at the top of the loop cost up to 25 registers).
     load_weights(w0, mw0, chunk_begin);
+    detail::wait_for_previous_grid();
     stage_x<T, kBlockThreads>(p, xs, chunk_begin, chunk_end - chunk_begin);
     __syncthreads();
     for (int base = chunk_begin;;) {
@@ -406,11 +408,10 @@ int smem_budget(int64_t M, bool prefetch) {
   return prefetch && M > 8 ? kSmemBudgetWide : kSmemBudget;
 }
 
-// Whether the cluster epilogue can run on the current device: compute capability 9.x, and the
-// image the runtime loaded for this kernel was compiled for sm_90 (an sm_80 cubin or a JIT of
-// compute_80 PTX holds only the __trap() stub), and a cluster of kMaxClusterSplit blocks fits.
-// Cached per device.
-bool cluster_reduce_available() {
+// Whether the current device is compute capability 9.x and the image the runtime loaded for
+// these kernels was compiled for sm_90 (an sm_80 cubin or a JIT of compute_80 PTX holds only
+// the __trap() stubs of the cluster epilogue and no griddepcontrol.wait). Cached per device.
+bool sm90_image_runs() {
   static signed char cache[detail::kMaxDevices] = {0};
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) {
@@ -420,11 +421,28 @@ bool cluster_reduce_available() {
   return detail::cached_device_flag(device, cache, [device] {
     int major = 0;
     cudaFuncAttributes attr{};
-    bool ok =
+    const bool ok =
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
             cudaSuccess &&
-        cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true, false>) == cudaSuccess;
-    ok = ok && major >= 9 && attr.ptxVersion >= 90;
+        cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true, false>) ==
+            cudaSuccess &&
+        major >= 9 && attr.ptxVersion >= 90;
+    cudaGetLastError();
+    return ok;
+  });
+}
+
+// Whether the cluster epilogue can run on the current device: the sm_90 image runs, and a
+// cluster of kMaxClusterSplit blocks fits. Cached per device.
+bool cluster_reduce_available() {
+  static signed char cache[detail::kMaxDevices] = {0};
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return detail::cached_device_flag(device, cache, [] {
+    bool ok = sm90_image_runs();
     if (ok) {
       // And a cluster of the largest split, with the heaviest variant (most registers) and the
       // whole shared-memory budget, can be resident here (a partitioned or shared GPU may say
@@ -479,42 +497,53 @@ cudaError_t opt_in_wide_smem() {
 }
 
 template <typename T, int kNT, int kRT, bool kPrefetch>
-cudaError_t launch_typed(const GemvParams& p, int split, SplitKReduce reduce,
-                         cudaStream_t stream) {
+cudaError_t launch_typed(const GemvParams& p, const Sparse24GemvPlan& plan, cudaStream_t stream) {
   constexpr int kBlockThreads = block_warps<kNT, kPrefetch>() * 32;
   const int rows_per_block = block_warps<kNT, kPrefetch>() * kRT * 16;
   const int smem = smem_bytes(p.M, p.slice_chunks);
+  const bool cluster = plan.reduce == SplitKReduce::kCluster;
   if (smem > kSmemBudget) {  // only the 8-warp prefetch kernel's plans (smem_budget)
     SLIMSTACK_CUDA_TRY((opt_in_wide_smem<sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch>>()));
     SLIMSTACK_CUDA_TRY((opt_in_wide_smem<sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch>>()));
   }
-  const dim3 grid(static_cast<unsigned>(detail::ceil_div(p.N, rows_per_block)),
-                  static_cast<unsigned>(split));
-  if (reduce == SplitKReduce::kCluster) {
-    // The parked partials [M][rows_per_block] fp32 reuse the x slice (>= 16 chunks per token).
-    SLIMSTACK_REQUIRE(p.M * rows_per_block * static_cast<int>(sizeof(float)) <= smem);
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = 1;
-    attr[0].val.clusterDim.y = static_cast<unsigned>(split);
-    attr[0].val.clusterDim.z = 1;
-    cudaLaunchConfig_t config = {};
-    config.gridDim = grid;
-    config.blockDim = dim3(kBlockThreads);
-    config.dynamicSmemBytes = static_cast<size_t>(smem);
-    config.stream = stream;
-    config.attrs = attr;
-    config.numAttrs = 1;
-    SLIMSTACK_CUDA_TRY(cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch>, p));
+  // The parked partials [M][rows_per_block] fp32 reuse the x slice (>= 16 chunks per token).
+  if (cluster) SLIMSTACK_REQUIRE(p.M * rows_per_block * static_cast<int>(sizeof(float)) <= smem);
+
+  cudaLaunchAttribute attrs[2];
+  int num_attrs = 0;
+  if (cluster) {
+    attrs[num_attrs].id = cudaLaunchAttributeClusterDimension;
+    attrs[num_attrs].val.clusterDim.x = 1;
+    attrs[num_attrs].val.clusterDim.y = static_cast<unsigned>(plan.split_k);
+    attrs[num_attrs].val.clusterDim.z = 1;
+    ++num_attrs;
+  }
+  if (plan.pdl) {
+    attrs[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[num_attrs].val.programmaticStreamSerializationAllowed = 1;
+    ++num_attrs;
+  }
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(detail::ceil_div(p.N, rows_per_block)),
+                        static_cast<unsigned>(plan.split_k));
+  config.blockDim = dim3(kBlockThreads);
+  config.dynamicSmemBytes = static_cast<size_t>(smem);
+  config.stream = stream;
+  config.attrs = num_attrs > 0 ? attrs : nullptr;
+  config.numAttrs = static_cast<unsigned>(num_attrs);
+  if (cluster) {
+    SLIMSTACK_CUDA_TRY(
+        cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch>, p));
     return cudaGetLastError();
   }
-  sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch><<<grid, kBlockThreads, smem, stream>>>(p);
+  SLIMSTACK_CUDA_TRY(
+      cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch>, p));
   SLIMSTACK_CUDA_TRY(cudaGetLastError());
-  if (reduce == SplitKReduce::kKernel) {
+  if (plan.reduce == SplitKReduce::kKernel) {
     const int64_t total = static_cast<int64_t>(p.M) * p.N;
     const int blocks = static_cast<int>(std::min<int64_t>(detail::ceil_div(total, 256), 4096));
     splitk_reduce_kernel<T><<<blocks, 256, 0, stream>>>(p.partial, static_cast<T*>(p.y), p.ldy,
-                                                        p.M, p.N, split);
+                                                        p.M, p.N, plan.split_k);
     SLIMSTACK_CUDA_TRY(cudaGetLastError());
   }
   return cudaSuccess;
@@ -524,18 +553,16 @@ template <typename T>
 cudaError_t launch_for_type(const GemvParams& p, const Sparse24GemvPlan& plan,
                             cudaStream_t stream) {
   const bool two_token_tiles = p.M > 8;
-  const int split = plan.split_k;
-  const SplitKReduce reduce = plan.reduce;
   if (plan.row_tiles_per_warp == 2) {
-    return two_token_tiles ? launch_typed<T, 2, 2, false>(p, split, reduce, stream)
-                           : launch_typed<T, 1, 2, false>(p, split, reduce, stream);
+    return two_token_tiles ? launch_typed<T, 2, 2, false>(p, plan, stream)
+                           : launch_typed<T, 1, 2, false>(p, plan, stream);
   }
   if (plan.prefetch) {
-    return two_token_tiles ? launch_typed<T, 2, 1, true>(p, split, reduce, stream)
-                           : launch_typed<T, 1, 1, true>(p, split, reduce, stream);
+    return two_token_tiles ? launch_typed<T, 2, 1, true>(p, plan, stream)
+                           : launch_typed<T, 1, 1, true>(p, plan, stream);
   }
-  return two_token_tiles ? launch_typed<T, 2, 1, false>(p, split, reduce, stream)
-                         : launch_typed<T, 1, 1, false>(p, split, reduce, stream);
+  return two_token_tiles ? launch_typed<T, 2, 1, false>(p, plan, stream)
+                         : launch_typed<T, 1, 1, false>(p, plan, stream);
 }
 
 // Blocks of the prefetch kernel (one row tile per warp) that fit an SM by registers alone;
@@ -571,15 +598,18 @@ int prefetch_blocks_per_sm(int device, bool two_token_tiles) {
   return slot;
 }
 
+bool valid_choice(Choice c) {
+  return c == Choice::kAuto || c == Choice::kOff || c == Choice::kOn;
+}
+
 }  // namespace
 
-cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int split_k_request,
-                               SplitKReduce reduce_request, WeightPrefetch prefetch_request,
-                               Sparse24GemvPlan* plan) {
+cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device,
+                               const Sparse24GemvRequest& request, Sparse24GemvPlan* plan) {
+  const int split_k_request = request.split_k;
+  const SplitKReduce reduce_request = request.reduce;
   SLIMSTACK_REQUIRE(plan != nullptr);
-  SLIMSTACK_REQUIRE(prefetch_request == WeightPrefetch::kAuto ||
-                    prefetch_request == WeightPrefetch::kOff ||
-                    prefetch_request == WeightPrefetch::kOn);
+  SLIMSTACK_REQUIRE(valid_choice(request.prefetch) && valid_choice(request.pdl));
   SLIMSTACK_REQUIRE(reduce_request == SplitKReduce::kAuto ||
                     reduce_request == SplitKReduce::kKernel ||
                     reduce_request == SplitKReduce::kCluster);
@@ -596,7 +626,7 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   // x re-reads). Off, the plan measured on the H200 on 2026-12-04: one iteration in flight, two
   // row tiles per warp once there are plenty of rows (halving the x re-reads per byte of
   // weight), one with few rows to keep more blocks in the grid.
-  const bool prefetch = prefetch_request != WeightPrefetch::kOff;
+  const bool prefetch = request.prefetch != Choice::kOff;
   const int row_tiles = !prefetch && N >= 8192 ? 2 : 1;
   const int block_warps_here = prefetch && M > 8 ? block_warps<2, true>() : kWarps;
   const int64_t rows_per_block = block_warps_here * 16 * row_tiles;
@@ -613,6 +643,8 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   int current = -1;
   SLIMSTACK_CUDA_TRY(cudaGetDevice(&current));
   const bool clusters = current == device && cluster_reduce_available();
+  const bool pdl_runs = current == device && sm90_image_runs();
+  if (request.pdl == Choice::kOn && !pdl_runs) return cudaErrorNotSupported;
 
   // About kBlocksPerSmTarget blocks per SM. The two-row-tile variants take 122-128 registers:
   // exactly that many fit an SM, so a grid past it runs a tail wave, and clusters of an odd
@@ -658,6 +690,7 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device, int
   plan->row_tiles_per_warp = row_tiles;
   plan->prefetch = prefetch;
   plan->warps_per_block = block_warps_here;
+  plan->pdl = request.pdl != Choice::kOff && pdl_runs;
   plan->reduce = reduce;
   plan->workspace_bytes =
       reduce == SplitKReduce::kKernel ? static_cast<size_t>(split * M * N) * sizeof(float) : 0;
@@ -686,6 +719,8 @@ cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const 
   SLIMSTACK_REQUIRE(plan.row_tiles_per_warp == 1 || plan.row_tiles_per_warp == 2);
   SLIMSTACK_REQUIRE(!plan.prefetch || plan.row_tiles_per_warp == 1);
   SLIMSTACK_REQUIRE(plan.warps_per_block == (plan.prefetch && M > 8 ? 8 : 4));
+  // PDL only where the kernel waits for its input (griddepcontrol.wait is in the sm_90 image).
+  if (plan.pdl && !sm90_image_runs()) return cudaErrorNotSupported;
   SLIMSTACK_REQUIRE((plan.split_k == 1) == (plan.reduce == SplitKReduce::kNone));
   SLIMSTACK_REQUIRE(plan.reduce != SplitKReduce::kKernel || workspace != nullptr);
   if (plan.reduce == SplitKReduce::kCluster &&

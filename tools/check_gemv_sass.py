@@ -1,0 +1,97 @@
+"""Check the sm_90a SASS of the CUDA 2:4 GEMV for what its programmatic dependent launch needs.
+
+A GEMV launched with programmatic stream serialization (plan.pdl) may start while the kernel
+before it still runs, so before its one griddepcontrol.wait (SASS ACQBULK) it may only read the
+weights (streamed with ld.global.nc.L1::no_allocate: LDG.E.NA), never x, y or the workspace.
+ptxas is free to move the wait earlier (then the overlap is lost, not the answer), but a global
+access of any other kind above it would race with the previous kernel.
+
+    python tools/check_gemv_sass.py OBJECT_OR_SASS [--cuobjdump PATH]
+
+Exit 0 when every sparse24_gemv_kernel has exactly one wait and only weight loads above it;
+1 with one line per violation otherwise; 2 when no cuobjdump is found (nothing checked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+_FUNCTION = re.compile(r"Function : (\S+)")
+_GLOBAL_ACCESS = re.compile(r"\b(LDG|STG|ATOM|ATOMG|RED|LDGSTS)(\.[A-Z0-9_.]+)?\b")
+
+
+def check(sass: str) -> tuple[int, list[str]]:
+    """(number of GEMV kernels checked, violations) for a cuobjdump -sass listing."""
+    kernels: dict[str, list[str]] = {}
+    name = None
+    for line in sass.splitlines():
+        if m := _FUNCTION.search(line):
+            name = m.group(1)
+            kernels[name] = []
+        elif name is not None:
+            kernels[name].append(line)
+    problems = []
+    checked = 0
+    for name, lines in kernels.items():
+        if "sparse24_gemv_kernel" not in name:
+            continue
+        checked += 1
+        waits = [i for i, line in enumerate(lines) if re.search(r"\bACQBULK\b", line)]
+        if len(waits) != 1:
+            problems.append(f"{name}: {len(waits)} griddepcontrol.wait (ACQBULK), expected 1")
+            continue
+        for line in lines[: waits[0]]:
+            m = _GLOBAL_ACCESS.search(line)
+            if m and not m.group(0).startswith("LDG.E.NA."):
+                problems.append(f"{name}: {m.group(0)} before the wait: {line.strip()}")
+    return checked, problems
+
+
+def _cuobjdump(explicit: str | None) -> str | None:
+    if explicit:
+        return explicit
+    try:
+        import triton.backends.nvidia as nvidia  # ships cuobjdump
+
+        bundled = Path(nvidia.__file__).parent / "bin" / "cuobjdump"
+        if bundled.exists():
+            return str(bundled)
+    except ImportError:
+        pass
+    return shutil.which("cuobjdump")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="sm_90a object / cubin, or a .sass listing")
+    parser.add_argument("--cuobjdump", help="cuobjdump to use (default: triton's, then PATH)")
+    args = parser.parse_args(argv)
+    if args.path.suffix == ".sass":
+        sass = args.path.read_text()
+    else:
+        tool = _cuobjdump(args.cuobjdump)
+        if tool is None:
+            print(
+                "check_gemv_sass: no cuobjdump (triton's or on PATH); not checked", file=sys.stderr
+            )
+            return 2
+        sass = subprocess.run(
+            [tool, "-sass", str(args.path)], capture_output=True, text=True, check=True
+        ).stdout
+    checked, problems = check(sass)
+    if checked == 0:
+        problems.append("no sparse24_gemv_kernel in the SASS")
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if not problems:
+        print(f"check_gemv_sass: {checked} GEMV kernels wait before touching x, y or workspace")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
