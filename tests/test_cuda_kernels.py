@@ -292,7 +292,7 @@ def test_sparse24_gemv_pdl_plan() -> None:
 @pytest.mark.parametrize("m", [1, 16])
 def test_sparse24_gemv_pdl_waits_for_the_kernel_that_writes_x(m, make_sparse24) -> None:
     """Back to back in one stream: a kernel writes x, the GEMV (launched as its programmatic
-    dependent) reads it. A GEMV that read x before its griddepcontrol.wait would see the
+    dependent: PDL pairs kernels only, so not a memcpy) reads it. A GEMV that read x before its griddepcontrol.wait would see the
     previous x in some blocks. The same bits as without PDL."""
     n, k = 4096, 4096
     dtype = torch.bfloat16
@@ -305,7 +305,7 @@ def test_sparse24_gemv_pdl_waits_for_the_kernel_that_writes_x(m, make_sparse24) 
         ys = []
         for fresh in xs:
             filler.mul_(1.0)
-            x.copy_(fresh)
+            torch.mul(fresh, 1.0, out=x)  # a kernel (copy_ would be a memcpy, not a primary)
             ys.append(
                 _C.sparse24_gemv_cuda(
                     x, packed.values, packed.meta, n, k, 0, None, "auto", "auto", pdl
