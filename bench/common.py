@@ -67,7 +67,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_dot|_n8|_n16|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
+    # triton(_dot|_n8|_n16|_split2x|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
     # |_pdl)
     # | cuda_sm90(_swizzle1) | torch | cpu | auto
     provider: str
@@ -91,7 +91,7 @@ def cases(device_type: str) -> list[Case]:
         plan = [
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("sparse24_gemv", ("triton_dot", "triton_n8"), lambda m: m == 1),
-            ("sparse24_gemv", ("triton_n16",), lambda m: m == GEMV_MAX_M),
+            ("sparse24_gemv", ("triton_n16", "triton_split2x"), lambda m: m == GEMV_MAX_M),
             # the CUDA GEMV with its split-K partials summed by a second kernel, next to the
             # default (a cluster reduction on Hopper) at the two ends of the decode range
             ("sparse24_gemv", ("cuda_reduce_kernel",), lambda m: m in (1, GEMV_MAX_M)),
@@ -242,7 +242,7 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         return lambda x, ws: sparse24_gemm.sparse24_gemm(
             x, *_packed_args(ws), N, K, config=gemm_cfg
         )
-    if case.provider in ("triton", "triton_dot", "triton_n8", "triton_n16"):
+    if case.provider in ("triton", "triton_dot", "triton_n8", "triton_n16", "triton_split2x"):
         try:
             from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
         except ImportError as err:
@@ -304,14 +304,21 @@ def previous_gemm_config(M: int, N: int, sparse24_gemm: Any) -> Any:
     return sparse24_gemm.GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
     """The GemvConfig a Triton provider names (None: the launcher's default).
 
     - triton_dot: M = 1 on the tensor cores (the M >= 2 path).
-    - triton_n8 / triton_n16: the default's K step with fewer rows per program. H200
-      2026-12-04: N = 4096 gave 256 programs of 4 warps at M = 1 (2 per SM, 8 warps: little to
-      hide the mask -> value -> x gather chain behind) and 64 x 4 split-K programs at
-      M = 16; half / a quarter of the rows doubles / quadruples the programs.
+    - triton_n8 / triton_n16: the default's K step (and K split) with fewer rows per program.
+      H200 2026-12-04: N = 4096 gave 256 programs of 4 warps at M = 1 (2 per SM, 8 warps:
+      little to hide the mask -> value -> x gather chain behind) and 64 x 4 split-K programs
+      at M = 16; half / a quarter of the rows doubles / quadruples the programs.
+    - triton_split2x (M = 16): the default tile with twice the default K split, the other way
+      to double the programs (the decode of a 64 x 128 tile is ~700 instructions per warp,
+      latency-bound at 8 warps per SM).
     """
     if case.provider == "triton":
         return None
@@ -319,9 +326,18 @@ def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
     base = module.default_config(case.M)
     if case.provider == "triton_dot":
         return sparse24_gemv.GemvConfig(base.block_n, base.block_k, use_dot=True)
+    sms = sparse24_gemv.sm_count(torch.device("cuda"))
+    k_tiles = _cdiv(_cdiv(case.K, 64) * 64, base.block_k)  # K tiles of the padded K
+    default_split = sparse24_gemv.choose_split_k(_cdiv(case.N, base.block_n), k_tiles, sms)
     if case.provider == "triton_n8":
         return sparse24_gemv.GemvConfig(8, base.block_k, num_warps=base.num_warps)
-    return sparse24_gemv.GemvConfig(16, base.block_k, num_warps=base.num_warps)  # triton_n16
+    if case.provider == "triton_split2x":
+        split = min(2 * default_split, k_tiles)
+        return sparse24_gemv.GemvConfig(base.block_n, base.block_k, base.num_warps, split_k=split)
+    # triton_n16: a quarter of the rows at the default's split
+    return sparse24_gemv.GemvConfig(
+        16, base.block_k, num_warps=base.num_warps, split_k=default_split
+    )
 
 
 def _torch_semi_structured_call() -> Callable:

@@ -5,13 +5,14 @@
 
 On CUDA: the LLM shapes of the issue, M = 1..8192, bf16 and fp16; providers triton (and its
 variants: triton_dot, M = 1 on the tensor cores; triton_n8 / triton_n16, fewer rows per
-program at M = 1 / 16; triton_unpack, bitmap W unpacked then cuBLAS; triton_w_as_a, the
-GEMM's 2026-12-04 tiles), cuda (the extension, when built; cuda_sm90 for the CUTLASS Hopper
-GEMM, cuda_sm90_swizzle1 in CUTLASS's default tile order; cuda_reduce_kernel, the GEMV with
-split-K summed by a second kernel instead of a cluster reduction; cuda_prefetch_off / _on, the
-GEMV with its weight prefetch forced off or on; cuda_pdl, with programmatic dependent launch,
-which back to back overlaps calls: the other GEMV rows run without), torch (to_sparse_semi_structured) and auto
-(slimstack.ops.sparse_linear); baseline cuBLAS dense.
+program at M = 1 / 16; triton_split2x, twice the K split at M = 16; triton_unpack, bitmap W
+unpacked then cuBLAS; triton_w_as_a, the GEMM's 2026-12-04 tiles), cuda (the extension, when
+built; cuda_sm90 for the CUTLASS Hopper GEMM, cuda_sm90_swizzle1 in CUTLASS's default tile
+order; cuda_reduce_kernel, the GEMV with split-K summed by a second kernel instead of a cluster
+reduction; cuda_prefetch_off / _on, the GEMV with its weight prefetch forced off or on;
+cuda_pdl, with programmatic dependent launch, which back to back overlaps calls: the other
+GEMV rows run without), torch (to_sparse_semi_structured) and auto (slimstack.ops.sparse_linear);
+baseline cuBLAS dense.
 The device time of each row comes from CUDA-graph replays timed with events (bench/common.py);
 pytest-benchmark's own table shows synchronised host wall time of single calls.
 On CPU: the extension's CPU kernels and auto at small sizes against torch's dense matmul, so
