@@ -82,36 +82,31 @@ def _sparse24_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
 
-    if W_AS_A:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, 2 * KV, BLOCK_K):
-            w = sparse24_dense_tile(
-                values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
-                BLOCK_N, BLOCK_K, EVEN_K,
-            )  # fmt: skip
-            cols = k0 + tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_M] if W_AS_A else [BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, 2 * KV, BLOCK_K):
+        w = sparse24_dense_tile(
+            values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
+            BLOCK_N, BLOCK_K, EVEN_K,
+        )  # fmt: skip
+        cols = k0 + tl.arange(0, BLOCK_K)
+        if W_AS_A:  # acc[BLOCK_N, BLOCK_M] = W @ x^T
             x_t = tl.load(
                 x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
                 mask=m_mask[None, :] & (cols[:, None] < K),
                 other=0.0,
             )
             acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
-        out_ptrs = out_ptr + offs_m[None, :] * stride_om + rows[:, None]
-        out_mask = m_mask[None, :] & row_mask[:, None]
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, 2 * KV, BLOCK_K):
-            w = sparse24_dense_tile(
-                values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
-                BLOCK_N, BLOCK_K, EVEN_K,
-            )  # fmt: skip
-            cols = k0 + tl.arange(0, BLOCK_K)
+        else:  # acc[BLOCK_M, BLOCK_N] = x @ W^T
             x = tl.load(
                 x_ptr + offs_m[:, None] * stride_xm + cols[None, :],
                 mask=m_mask[:, None] & (cols[None, :] < K),
                 other=0.0,
             )
             acc = tl.dot(x, tl.trans(w), acc, input_precision=INPUT_PRECISION)
+    if W_AS_A:
+        out_ptrs = out_ptr + offs_m[None, :] * stride_om + rows[:, None]
+        out_mask = m_mask[None, :] & row_mask[:, None]
+    else:
         out_ptrs = out_ptr + offs_m[:, None] * stride_om + rows[None, :]
         out_mask = m_mask[:, None] & row_mask[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=out_mask)
