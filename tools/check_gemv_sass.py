@@ -1,15 +1,17 @@
 """Check the sm_90a SASS of the CUDA 2:4 GEMV for what its programmatic dependent launch needs.
 
-A GEMV launched with programmatic stream serialization (plan.pdl) may start while the kernel
-before it still runs, so before its one griddepcontrol.wait (SASS ACQBULK) it may only read the
-weights (streamed with ld.global.nc.L1::no_allocate: LDG.E.NA), never x, y or the workspace.
-ptxas is free to move the wait earlier (then the overlap is lost, not the answer), but a global
-access of any other kind above it would race with the previous kernel.
+A GEMV launched with programmatic stream serialization (the kernels with kPdl = true, the last
+bool of their template arguments) may start while the kernel before it still runs. Before its
+one griddepcontrol.wait (SASS ACQBULK) it must not touch global memory through loads or
+stores at all, not x, not y, not the workspace, and not the weights either (a kernel may have
+just written them: a GPU pack, an in-place update); it may only ask L2 for weight lines
+(prefetch.global.L2: CCTL.E.PF2), and it should, or the early start gains little. The
+kernels launched without the attribute (kPdl = false) have no wait at all.
 
     python tools/check_gemv_sass.py OBJECT_OR_SASS [--cuobjdump PATH]
 
-Exit 0 when every sparse24_gemv_kernel has exactly one wait and only weight loads above it;
-1 with one line per violation otherwise; 2 when no cuobjdump is found (nothing checked).
+Exit 0 when every sparse24_gemv_kernel keeps to that; 1 with one line per violation
+otherwise; 2 when no cuobjdump is found (nothing checked).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import sys
 from pathlib import Path
 
 _FUNCTION = re.compile(r"Function : (\S+)")
-_GLOBAL_ACCESS = re.compile(r"\b(LDG|STG|ATOM|ATOMG|RED|LDGSTS)(\.[A-Z0-9_.]+)?\b")
+_GLOBAL_ACCESS = re.compile(r"\b(LD|ST|LDG|STG|ATOM|ATOMG|RED|LDGSTS)(\.[A-Z0-9_.]+)?\b")
+
+
+_PDL_FLAG = re.compile(r"Lb([01])ELb([01])ELb([01])EE")  # cluster, prefetch, pdl
 
 
 def check(sass: str) -> tuple[int, list[str]]:
@@ -41,14 +46,24 @@ def check(sass: str) -> tuple[int, list[str]]:
         if "sparse24_gemv_kernel" not in name:
             continue
         checked += 1
+        flags = _PDL_FLAG.search(name)
+        if flags is None:
+            problems.append(f"{name}: no (cluster, prefetch, pdl) template flags in the name")
+            continue
         waits = [i for i, line in enumerate(lines) if re.search(r"\bACQBULK\b", line)]
+        if flags.group(3) == "0":
+            if waits:
+                problems.append(f"{name}: launched without PDL but has {len(waits)} wait(s)")
+            continue
         if len(waits) != 1:
             problems.append(f"{name}: {len(waits)} griddepcontrol.wait (ACQBULK), expected 1")
             continue
-        for line in lines[: waits[0]]:
-            m = _GLOBAL_ACCESS.search(line)
-            if m and not m.group(0).startswith("LDG.E.NA."):
+        above = lines[: waits[0]]
+        for line in above:
+            if m := _GLOBAL_ACCESS.search(line):
                 problems.append(f"{name}: {m.group(0)} before the wait: {line.strip()}")
+        if not any("CCTL.E.PF2" in line for line in above):
+            problems.append(f"{name}: no L2 prefetch before the wait (nothing overlaps)")
     return checked, problems
 
 
@@ -89,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(problem, file=sys.stderr)
     if not problems:
-        print(f"check_gemv_sass: {checked} GEMV kernels wait before touching x, y or workspace")
+        print(f"check_gemv_sass: {checked} GEMV kernels: PDL ones only prefetch before the wait")
     return 1 if problems else 0
 
 

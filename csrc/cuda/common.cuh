@@ -111,6 +111,13 @@ __device__ __forceinline__ uint4 ld_stream_v4(const void* ptr) {
   return r;
 }
 
+// Ask L2 to fetch the line holding ptr; nothing comes back to the thread and nothing lands in
+// L1, so it is safe even while another kernel may still be writing that line (L2 is where
+// global memory is coherent).
+__device__ __forceinline__ void prefetch_l2(const void* ptr) {
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(ptr));
+}
+
 __device__ __forceinline__ uint2 ld_stream_v2(const void* ptr) {
   uint2 r;
   asm volatile("ld.global.nc.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n"

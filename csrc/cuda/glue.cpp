@@ -158,11 +158,12 @@ sc::Sparse24GemvPlan gemv_plan(const std::string& op, int64_t M, int64_t N, int6
   request.reduce = parse_reduce(op, options.reduce);
   request.prefetch = parse_choice(op, "prefetch", options.prefetch);
   request.pdl = parse_choice(op, "pdl", options.pdl);
-  sc::Sparse24GemvPlan plan;
-  const cudaError_t err = sc::sparse24_gemv_plan(M, N, Kp, device, request, &plan);
-  TORCH_CHECK(err != cudaErrorNotSupported || request.pdl != sc::Choice::kOn, op,
+  // The callers hold a device guard for `device`, so "current" is the planned device.
+  TORCH_CHECK(request.pdl != sc::Choice::kOn || sc::sparse24_gemv_pdl_available(), op,
               ": pdl='on' needs an sm_90 GPU and this extension's sm_90 image (use pdl='auto' "
               "or 'off')");
+  sc::Sparse24GemvPlan plan;
+  const cudaError_t err = sc::sparse24_gemv_plan(M, N, Kp, device, request, &plan);
   TORCH_CHECK(err != cudaErrorNotSupported || request.reduce != sc::SplitKReduce::kCluster, op,
               ": reduce='cluster' needs an sm_90 GPU, this extension's sm_90 image and a split of "
               "at most ", sc::kMaxClusterSplit, " K slices (use reduce='auto' or 'kernel')");

@@ -80,6 +80,10 @@ struct Sparse24GemvPlan {
   size_t workspace_bytes = 0;  // split_k * M * N * sizeof(float) for kKernel, else 0
 };
 
+// Whether the GEMV can be launched as a programmatic dependent on the current device (compute
+// capability 9.x running this extension's sm_90 image, which holds griddepcontrol.wait).
+bool sparse24_gemv_pdl_available();
+
 // Chooses the split-K factor and tile config for `request` on `device`.
 cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device,
                                const Sparse24GemvRequest& request, Sparse24GemvPlan* plan);

@@ -378,6 +378,7 @@ cudaError_t sparse24_sm90_reorder_meta(const uint8_t* meta, uint8_t* meta_sm90, 
 size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DType dtype,
                                           int swizzle) {
   if (M < 1 || N < 1 || Kp < 64) return 0;
+  if (swizzle != 0 && swizzle != 1 && swizzle != 2 && swizzle != 4 && swizzle != 8) return 0;
   swizzle = swizzle == 0 ? kSparse24GemmSm90DefaultSwizzle : swizzle;
   int device = 0;
   int sms = 0;

@@ -214,7 +214,7 @@ __device__ __forceinline__ void cluster_reduce_store(const GemvParams& p,
 
 // The prefetch variants are held to 128 registers: 4 blocks (16 warps, 2 x 4.6 KB of weights
 // in flight each) per SM, the occupancy the split plan is built for.
-template <typename T, int kNT, int kRT, bool kClusterReduce, bool kPrefetch>
+template <typename T, int kNT, int kRT, bool kClusterReduce, bool kPrefetch, bool kPdl>
 __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
                                   kPrefetch ? 16 / block_warps<kNT, kPrefetch>() : 0)
     sparse24_gemv_kernel(const GemvParams p) {
@@ -261,6 +261,29 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
                                                                          meta_row +
                                                                (base >> 2) + t)
                                        : make_uint2(detail::kPadMeta32, detail::kPadMeta32);
+      }
+    }
+  };
+
+  // Launched as a programmatic dependent (kPdl), the kernel may run while the previous kernel
+  // in the stream finishes. Before griddepcontrol.wait it touches nothing that kernel could
+  // write, x and y, and not even the weights through the load path (a weight written by a
+  // kernel just before, a GPU pack or an in-place update, would be read stale): it only asks
+  // L2 for the first quad iterations' weight lines, which the loads after the wait then hit.
+  auto prefetch_weights = [&](int base) {
+    const int n_u = min(4, (chunk_end - base) >> 2);
+#pragma unroll
+    for (int r = 0; r < kRT; ++r) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = (first_tile + r) * 16 + g + 8 * h;
+        if (row >= p.N) continue;
+        const uint4* vrow = p.values + static_cast<int64_t>(row) * values_row;
+#pragma unroll
+        for (int u = 0; u < 4; ++u) {
+          if (u < n_u) detail::prefetch_l2(vrow + base + 4 * u + t);
+        }
+        if (t < n_u) detail::prefetch_l2(p.meta + static_cast<int64_t>(row) * meta_row + (base >> 2) + t);
       }
     }
   };
@@ -325,11 +348,14 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
     // A split block often runs 2 iterations: both are requested before x is staged.
     WeightRegs w1;
     MetaRegs mw1;
-    load_weights(w0, mw0, chunk_begin);
-    if (chunk_begin + kChunksPerIter < chunk_end) {
-      load_weights(w1, mw1, chunk_begin + kChunksPerIter);
+    const bool two = chunk_begin + kChunksPerIter < chunk_end;
+    if constexpr (kPdl) {
+      prefetch_weights(chunk_begin);
+      if (two) prefetch_weights(chunk_begin + kChunksPerIter);
+      detail::wait_for_previous_grid();  // x (and anything else) is safe to read from here
     }
-    detail::wait_for_previous_grid();  // x is the previous kernel's output
+    load_weights(w0, mw0, chunk_begin);
+    if (two) load_weights(w1, mw1, chunk_begin + kChunksPerIter);
     stage_x<T, kBlockThreads>(p, xs, chunk_begin, chunk_end - chunk_begin);
     __syncthreads();
     for (int base = chunk_begin;; base += 2 * kChunksPerIter) {
@@ -350,8 +376,11 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
     // The first weights are requested before x is staged: their latency hides the x round
     // trip. The next iteration's loads follow the last use of w0, mw0, so they are never live
     // across the back edge (a load guarded at the top of the loop cost up to 25 registers).
+    if constexpr (kPdl) {
+      prefetch_weights(chunk_begin);
+      detail::wait_for_previous_grid();
+    }
     load_weights(w0, mw0, chunk_begin);
-    detail::wait_for_previous_grid();
     stage_x<T, kBlockThreads>(p, xs, chunk_begin, chunk_end - chunk_begin);
     __syncthreads();
     for (int base = chunk_begin;;) {
@@ -424,7 +453,7 @@ bool sm90_image_runs() {
     const bool ok =
         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
             cudaSuccess &&
-        cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true, false>) ==
+        cudaFuncGetAttributes(&attr, sparse24_gemv_kernel<__half, 1, 1, true, false, true>) ==
             cudaSuccess &&
         major >= 9 && attr.ptxVersion >= 90;
     cudaGetLastError();
@@ -460,18 +489,18 @@ bool cluster_reduce_available() {
       config.attrs = cluster_attr;
       config.numAttrs = 1;
       int clusters = 0;
-      ok = cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 2, true, false>,
+      ok = cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 2, true, false, false>,
                                           &config) == cudaSuccess &&
            clusters > 0;
       // and the 8-warp prefetch kernel's clusters (two blocks per SM at most)
       config.blockDim = dim3(block_warps<2, true>() * 32);
       config.dynamicSmemBytes = kSmemBudgetWide;
-      ok = ok && cudaFuncSetAttribute(sparse24_gemv_kernel<__half, 2, 1, true, true>,
+      ok = ok && cudaFuncSetAttribute(sparse24_gemv_kernel<__half, 2, 1, true, true, false>,
                                       cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       kSmemBudgetWide) == cudaSuccess;
       clusters = 0;
       ok = ok &&
-           cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 1, true, true>,
+           cudaOccupancyMaxActiveClusters(&clusters, sparse24_gemv_kernel<__half, 2, 1, true, true, false>,
                                           &config) == cudaSuccess &&
            clusters > 0;
     }
@@ -496,15 +525,17 @@ cudaError_t opt_in_wide_smem() {
   return cudaSuccess;
 }
 
-template <typename T, int kNT, int kRT, bool kPrefetch>
+template <typename T, int kNT, int kRT, bool kPrefetch, bool kPdl>
 cudaError_t launch_typed(const GemvParams& p, const Sparse24GemvPlan& plan, cudaStream_t stream) {
   constexpr int kBlockThreads = block_warps<kNT, kPrefetch>() * 32;
   const int rows_per_block = block_warps<kNT, kPrefetch>() * kRT * 16;
   const int smem = smem_bytes(p.M, p.slice_chunks);
   const bool cluster = plan.reduce == SplitKReduce::kCluster;
   if (smem > kSmemBudget) {  // only the 8-warp prefetch kernel's plans (smem_budget)
-    SLIMSTACK_CUDA_TRY((opt_in_wide_smem<sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch>>()));
-    SLIMSTACK_CUDA_TRY((opt_in_wide_smem<sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch>>()));
+    SLIMSTACK_CUDA_TRY(
+        (opt_in_wide_smem<sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch, kPdl>>()));
+    SLIMSTACK_CUDA_TRY(
+        (opt_in_wide_smem<sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch, kPdl>>()));
   }
   // The parked partials [M][rows_per_block] fp32 reuse the x slice (>= 16 chunks per token).
   if (cluster) SLIMSTACK_REQUIRE(p.M * rows_per_block * static_cast<int>(sizeof(float)) <= smem);
@@ -518,7 +549,7 @@ cudaError_t launch_typed(const GemvParams& p, const Sparse24GemvPlan& plan, cuda
     attrs[num_attrs].val.clusterDim.z = 1;
     ++num_attrs;
   }
-  if (plan.pdl) {
+  if constexpr (kPdl) {
     attrs[num_attrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[num_attrs].val.programmaticStreamSerializationAllowed = 1;
     ++num_attrs;
@@ -533,11 +564,11 @@ cudaError_t launch_typed(const GemvParams& p, const Sparse24GemvPlan& plan, cuda
   config.numAttrs = static_cast<unsigned>(num_attrs);
   if (cluster) {
     SLIMSTACK_CUDA_TRY(
-        cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch>, p));
+        cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, true, kPrefetch, kPdl>, p));
     return cudaGetLastError();
   }
   SLIMSTACK_CUDA_TRY(
-      cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch>, p));
+      cudaLaunchKernelEx(&config, sparse24_gemv_kernel<T, kNT, kRT, false, kPrefetch, kPdl>, p));
   SLIMSTACK_CUDA_TRY(cudaGetLastError());
   if (plan.reduce == SplitKReduce::kKernel) {
     const int64_t total = static_cast<int64_t>(p.M) * p.N;
@@ -549,20 +580,27 @@ cudaError_t launch_typed(const GemvParams& p, const Sparse24GemvPlan& plan, cuda
   return cudaSuccess;
 }
 
+template <typename T, bool kPdl>
+cudaError_t launch_variant(const GemvParams& p, const Sparse24GemvPlan& plan,
+                           cudaStream_t stream) {
+  const bool two_token_tiles = p.M > 8;
+  if (plan.row_tiles_per_warp == 2) {
+    return two_token_tiles ? launch_typed<T, 2, 2, false, kPdl>(p, plan, stream)
+                           : launch_typed<T, 1, 2, false, kPdl>(p, plan, stream);
+  }
+  if (plan.prefetch) {
+    return two_token_tiles ? launch_typed<T, 2, 1, true, kPdl>(p, plan, stream)
+                           : launch_typed<T, 1, 1, true, kPdl>(p, plan, stream);
+  }
+  return two_token_tiles ? launch_typed<T, 2, 1, false, kPdl>(p, plan, stream)
+                         : launch_typed<T, 1, 1, false, kPdl>(p, plan, stream);
+}
+
 template <typename T>
 cudaError_t launch_for_type(const GemvParams& p, const Sparse24GemvPlan& plan,
                             cudaStream_t stream) {
-  const bool two_token_tiles = p.M > 8;
-  if (plan.row_tiles_per_warp == 2) {
-    return two_token_tiles ? launch_typed<T, 2, 2, false>(p, plan, stream)
-                           : launch_typed<T, 1, 2, false>(p, plan, stream);
-  }
-  if (plan.prefetch) {
-    return two_token_tiles ? launch_typed<T, 2, 1, true>(p, plan, stream)
-                           : launch_typed<T, 1, 1, true>(p, plan, stream);
-  }
-  return two_token_tiles ? launch_typed<T, 2, 1, false>(p, plan, stream)
-                         : launch_typed<T, 1, 1, false>(p, plan, stream);
+  return plan.pdl ? launch_variant<T, true>(p, plan, stream)
+                  : launch_variant<T, false>(p, plan, stream);
 }
 
 // Blocks of the prefetch kernel (one row tile per warp) that fit an SM by registers alone;
@@ -585,10 +623,10 @@ int prefetch_blocks_per_sm(int device, bool two_token_tiles) {
   const cudaError_t err =
       two_token_tiles
           ? cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 2, 1, false, true>,
+                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 2, 1, false, true, false>,
                 block_warps<2, true>() * 32, 0)
           : cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 1, 1, false, true>,
+                &blocks, sparse24_gemv_kernel<__nv_bfloat16, 1, 1, false, true, false>,
                 block_warps<1, true>() * 32, 0);
   if (err != cudaSuccess || blocks <= 0) {
     cudaGetLastError();
@@ -598,11 +636,28 @@ int prefetch_blocks_per_sm(int device, bool two_token_tiles) {
   return slot;
 }
 
+// Shared memory per SM of `device` (bytes; 0 when the runtime does not say). Cached per device.
+int64_t smem_per_sm(int device) {
+  static int cache[detail::kMaxDevices] = {0};
+  const bool cached = device >= 0 && device < detail::kMaxDevices;
+  if (cached && cache[device] > 0) return cache[device];
+  int bytes = 0;
+  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
+      cudaSuccess) {
+    cudaGetLastError();
+    return 0;
+  }
+  if (cached) cache[device] = bytes;
+  return bytes;
+}
+
 bool valid_choice(Choice c) {
   return c == Choice::kAuto || c == Choice::kOff || c == Choice::kOn;
 }
 
 }  // namespace
+
+bool sparse24_gemv_pdl_available() { return sm90_image_runs(); }
 
 cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device,
                                const Sparse24GemvRequest& request, Sparse24GemvPlan* plan) {
@@ -655,23 +710,35 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device,
   int64_t split = split_k_request > 0 ? split_k_request
                   : row_tiles == 2    ? std::max<int64_t>(1, wave / row_blocks)
                                       : detail::ceil_div(wave, row_blocks);
-  if (prefetch && split_k_request == 0) {
-    // The prefetch kernel's occupancy comes from the device: the largest split whose grid
-    // fits one wave (a tail wave of a few blocks would cost a whole extra latency).
-    const int64_t prefetch_wave =
-        static_cast<int64_t>(prefetch_blocks_per_sm(device, M > 8)) * sms;
-    split = std::max<int64_t>(1, prefetch_wave / row_blocks);
-  }
   // Few rows (1024x4096 wants 16 slices): on Hopper stay within one cluster when x allows it.
   // The second launch a larger split needs costs more than its weight traffic at that size;
   // reduce='kernel' keeps the larger split (the benchmark's comparison).
-  if (split_k_request == 0 && reduce_request != SplitKReduce::kKernel && clusters &&
-      min_split <= kMaxClusterSplit) {
-    split = std::min<int64_t>(split, kMaxClusterSplit);
+  const bool cap_at_cluster = split_k_request == 0 && reduce_request != SplitKReduce::kKernel &&
+                              clusters && min_split <= kMaxClusterSplit;
+  // The split a wanted one becomes, and its slice: within the cluster cap, at least what x's
+  // shared memory needs, at most one slice per quad iteration, whole quad iterations per slice.
+  int64_t slice = 0;
+  auto settle = [&](int64_t wanted) {
+    int64_t s = cap_at_cluster ? std::min<int64_t>(wanted, kMaxClusterSplit) : wanted;
+    s = std::min({std::max(s, min_split), max_split, kMaxGridY});
+    slice = detail::round_up(detail::ceil_div(num_chunks, s), kChunksPerIter);
+    return detail::ceil_div(num_chunks, slice);
+  };
+  if (prefetch && split_k_request == 0) {
+    // The prefetch kernel's occupancy comes from the device: the largest split whose grid
+    // fits one wave (a tail wave of a few blocks would cost a whole extra latency). Registers
+    // decide it on Hopper; where the x slice's shared memory allows fewer blocks per SM (an
+    // A100's 164 KB, 100 KB on sm_86 / 89), the wave shrinks to that.
+    const int64_t by_registers = prefetch_blocks_per_sm(device, M > 8);
+    split = settle(std::max<int64_t>(1, by_registers * sms / row_blocks));
+    const int64_t by_smem = smem_per_sm(device) /
+                            (smem_bytes(static_cast<int>(M), static_cast<int>(slice)) + 1024);
+    if (by_smem >= 1 && by_smem < by_registers) {
+      split = settle(std::max<int64_t>(1, by_smem * sms / row_blocks));
+    }
+  } else {
+    split = settle(split);
   }
-  split = std::min({std::max(split, min_split), max_split, kMaxGridY});
-  const int64_t slice = detail::round_up(detail::ceil_div(num_chunks, split), kChunksPerIter);
-  split = detail::ceil_div(num_chunks, slice);
   // Only for K in the tens of millions: grid.y caps the split, and x no longer fits.
   if (smem_bytes(static_cast<int>(M), static_cast<int>(slice)) > budget) {
     return cudaErrorNotSupported;
