@@ -318,6 +318,21 @@ def test_sparse24_gemv_pdl_waits_for_the_kernel_that_writes_x(m, make_sparse24) 
         assert torch.equal(y, y_off)
 
 
+def test_sparse24_gemv_pdl_waits_for_the_kernel_that_writes_the_weights(make_sparse24) -> None:
+    """A kernel rewrites the packed values just before each GEMV (as a GPU pack or an in-place
+    update would): before its wait a PDL GEMV only prefetches them into L2, so it reads the
+    new ones."""
+    n, k, m = 4096, 4096, 1
+    dtype = torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    x = _x(m, k, dtype, seed=500)
+    values = torch.empty_like(packed.values)
+    for scale in (1.0, -2.0, 0.5, 4.0):
+        torch.mul(packed.values, scale, out=values)  # exact in bf16: powers of two
+        y = _C.sparse24_gemv_cuda(x, values, packed.meta, n, k)
+        _check(y, x, dense * scale)
+
+
 def test_sparse24_gemv_rejects_unknown_prefetch() -> None:
     with pytest.raises(ValueError, match="prefetch must be 'auto', 'on' or 'off'"):
         _C.sparse24_gemv_plan_cuda(1, 64, 64, torch.cuda.current_device(), 0, "auto", "yes")
