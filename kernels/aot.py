@@ -128,6 +128,19 @@ def _gemm_variants(dt: str) -> list[Variant]:
 
 
 def _fused_variants(dt: str) -> list[Variant]:
+    """The decode step's small kernels, each as launched without and with programmatic
+    dependent launch (PDL: gdc_wait / gdc_launch_dependents first, kernels/_pdl.py)."""
+    plain = _plain_fused_variants(dt)
+    return [
+        *(replace(v, constexprs={**v.constexprs, "PDL": False}) for v in plain),
+        *(
+            replace(v, name=f"{v.name[:-1]},pdl]", constexprs={**v.constexprs, "PDL": True})
+            for v in plain
+        ),
+    ]
+
+
+def _plain_fused_variants(dt: str) -> list[Variant]:
     from slimstack.kernels import rmsnorm
 
     block_h, warps = rmsnorm.launch_shape(4096)

@@ -14,12 +14,16 @@ import triton
 import triton.language as tl
 
 from slimstack.kernels._checks import FLOAT_DTYPES, check_runnable
+from slimstack.kernels._pdl import launch_options, pdl_for, pdl_prologue
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _splitk_sum_kernel(partial_ptr, out_ptr, numel, split, BLOCK: tl.constexpr):
+def _splitk_sum_kernel(
+    partial_ptr, out_ptr, numel, split, BLOCK: tl.constexpr, PDL: tl.constexpr = False
+):
+    pdl_prologue(PDL)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -48,7 +52,10 @@ def splitk_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if split * numel >= 2**31:
         raise ValueError("splitk_sum: partials past 2**31 elements are not supported")
     grid = (triton.cdiv(numel, _BLOCK),)
-    _splitk_sum_kernel[grid](partial, out, numel, split, BLOCK=_BLOCK, num_warps=4)
+    pdl = pdl_for(partial.device)
+    _splitk_sum_kernel[grid](
+        partial, out, numel, split, BLOCK=_BLOCK, PDL=pdl, num_warps=4, **launch_options(pdl)
+    )
     return out
 
 

@@ -11,14 +11,19 @@ import triton
 import triton.language as tl
 
 from slimstack.kernels._checks import FLOAT_DTYPES, check_runnable, check_same_device
+from slimstack.kernels._pdl import launch_options, pdl_for, pdl_prologue
 
 _BLOCK = 1024
 
 
 @triton.jit
-def _swiglu_kernel(gate_ptr, up_ptr, out_ptr, n_elements, width, stride_row, BLOCK: tl.constexpr):
+def _swiglu_kernel(
+    gate_ptr, up_ptr, out_ptr, n_elements, width, stride_row, BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
+):  # fmt: skip
     """Rows of `width` elements, `stride_row` apart in gate and up (the two halves of a fused
     gate/up projection are 2 x width apart), contiguous in out."""
+    pdl_prologue(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n_elements
     row = offs // width
@@ -67,9 +72,11 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         g, u = _as_rows(gate, up)
         width = g.shape[1]
         stride = g.stride(0) if g.shape[0] > 1 else width
+        pdl = pdl_for(gate.device)
         _swiglu_kernel[(triton.cdiv(n, _BLOCK),)](
-            g, u, out, n, width, stride, BLOCK=_BLOCK, num_warps=4
-        )
+            g, u, out, n, width, stride, BLOCK=_BLOCK, PDL=pdl, num_warps=4,
+            **launch_options(pdl),
+        )  # fmt: skip
     return out
 
 

@@ -148,3 +148,17 @@ def test_loop_local_ops_counts_only_loop_bodies():
 """
     assert loop_local_ops(sass) == 2
     assert loop_local_ops(sass.replace("@P0 BRA `(.L_x_0)", "NOP")) == 0
+
+
+def test_pdl_variants_wait_and_the_others_do_not(reports):
+    """The small decode kernels with PDL wait (griddepcontrol.wait: ACQBULK) before anything
+    else; without it they carry no wait at all (the kernel as before)."""
+    pdl = [r for r in reports if r["name"].endswith(",pdl]")]
+    assert {r["module"] for r in pdl} >= {
+        "rmsnorm", "rope", "swiglu", "splitk_sum", "decode_attention"
+    }  # fmt: skip
+    for r in reports:
+        if r["module"] not in {m for m in (p["module"] for p in pdl)}:
+            continue
+        waits = r["opcodes"].get("ACQBULK", 0)
+        assert waits == (1 if r["name"].endswith(",pdl]") else 0), f"{r['name']}: {waits} waits"
