@@ -111,6 +111,28 @@ __device__ __forceinline__ uint4 ld_stream_v4(const void* ptr) {
   return r;
 }
 
+// The same loads through the coherent path (no .nc). ptxas treats .nc data as constant for the
+// whole kernel and may hoist .nc loads above a griddepcontrol.wait (seen in the sm_90a SASS of
+// the GEMV); a kernel launched as a programmatic dependent must read anything a previous
+// kernel may have written, its weights included, with these.
+__device__ __forceinline__ uint4 ld_coherent_v4(const void* ptr) {
+  uint4 r;
+  asm volatile("ld.global.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(ptr)
+               : "memory");
+  return r;
+}
+
+__device__ __forceinline__ uint2 ld_coherent_v2(const void* ptr) {
+  uint2 r;
+  asm volatile("ld.global.L1::no_allocate.v2.u32 {%0, %1}, [%2];\n"
+               : "=r"(r.x), "=r"(r.y)
+               : "l"(ptr)
+               : "memory");
+  return r;
+}
+
 // Ask L2 to fetch the line holding ptr; nothing comes back to the thread and nothing lands in
 // L1, so it is safe even while another kernel may still be writing that line (L2 is where
 // global memory is coherent).

@@ -240,6 +240,17 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
   using WeightRegs = uint4[kRT][4][2];  // one quad iteration's values: 8 x 16 B per row tile
   using MetaRegs = uint2[kRT][2];       // and its meta: 2 x 8 B per row tile
 
+  // Weight loads: streamed (.nc) without PDL; with it through the coherent path, which ptxas
+  // keeps below griddepcontrol.wait (it hoisted .nc loads above the wait in one build).
+  auto load_v4 = [](const uint4* ptr) {
+    if constexpr (kPdl) return detail::ld_coherent_v4(ptr);
+    else return detail::ld_stream_v4(ptr);
+  };
+  auto load_v2 = [](const uint2* ptr) {
+    if constexpr (kPdl) return detail::ld_coherent_v2(ptr);
+    else return detail::ld_stream_v2(ptr);
+  };
+
   // Issue every weight load of the quad iteration at chunk `base` into w, mw.
   auto load_weights = [&](WeightRegs& w, MetaRegs& mw, int base) {
     // Chunk rows u with base + 4u < chunk_end (warp-uniform; chunk counts are multiples of 4).
@@ -253,14 +264,13 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
         const uint4* vrow = p.values + static_cast<int64_t>(row) * values_row;
 #pragma unroll
         for (int u = 0; u < 4; ++u) {
-          w[r][u][h] = (row_ok && u < n_u) ? detail::ld_stream_v4(vrow + base + 4 * u + t)
+          w[r][u][h] = (row_ok && u < n_u) ? load_v4(vrow + base + 4 * u + t)
                                            : make_uint4(0u, 0u, 0u, 0u);
         }
         // Lane t loads the meta of chunk row u = t: chunks base + 4t .. base + 4t + 3.
-        mw[r][h] = (row_ok && t < n_u) ? detail::ld_stream_v2(p.meta + static_cast<int64_t>(row) *
-                                                                         meta_row +
-                                                               (base >> 2) + t)
-                                       : make_uint2(detail::kPadMeta32, detail::kPadMeta32);
+        mw[r][h] = (row_ok && t < n_u)
+                       ? load_v2(p.meta + static_cast<int64_t>(row) * meta_row + (base >> 2) + t)
+                       : make_uint2(detail::kPadMeta32, detail::kPadMeta32);
       }
     }
   };
