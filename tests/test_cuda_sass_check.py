@@ -28,9 +28,17 @@ _Y = "        /*0400*/        STG.E.U16 desc[UR14][R6.64], R3 ;\n"
 _OTHER = "\t\tFunction : _ZN9slimstack4cuda20splitk_reduce_kernelI6__halfEEv\n" + _Y
 
 
+_COHERENT = "        /*0250*/  @!P1 LDG.E.EF.128 R24, desc[UR10][R50.64+0xc0] ;\n"
+
+
 def test_prefetch_then_wait_then_loads_passes():
-    listing = _header(1) + _PREFETCH + _WAIT + _WEIGHTS + _X + _Y + _OTHER
+    listing = _header(1) + _PREFETCH + _WAIT + _COHERENT + _Y + _OTHER
     assert check_gemv_sass.check(listing) == (1, [])
+
+
+def test_a_read_only_load_anywhere_in_a_pdl_kernel_is_reported():
+    _, problems = check_gemv_sass.check(_header(1) + _PREFETCH + _WAIT + _X)
+    assert len(problems) == 1 and "read-only (.nc)" in problems[0]
 
 
 def test_a_kernel_without_pdl_needs_no_wait_and_may_load_anywhere():
@@ -40,7 +48,7 @@ def test_a_kernel_without_pdl_needs_no_wait_and_may_load_anywhere():
 
 
 def test_any_load_or_store_above_the_wait_is_reported():
-    for access, name in ((_WEIGHTS, "LDG.E.NA.128"), (_X, "LDG.E.128"), (_Y, "STG")):
+    for access, name in ((_COHERENT, "LDG.E.EF.128"), (_Y, "STG")):
         _, problems = check_gemv_sass.check(_header(1) + _PREFETCH + access + _WAIT)
         assert len(problems) == 1 and name in problems[0], problems
 
@@ -55,7 +63,7 @@ def test_a_missing_wait_or_prefetch_is_reported():
 
 def test_main_reads_a_listing_and_fails_on_a_violation(tmp_path):
     good, bad, empty = tmp_path / "good.sass", tmp_path / "bad.sass", tmp_path / "empty.sass"
-    good.write_text(_header(1) + _PREFETCH + _WAIT + _X)
+    good.write_text(_header(1) + _PREFETCH + _WAIT + _COHERENT)
     bad.write_text(_header(1) + _X + _WAIT)
     empty.write_text(_OTHER)
     assert check_gemv_sass.main([str(good)]) == 0

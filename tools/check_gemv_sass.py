@@ -5,8 +5,10 @@ bool of their template arguments) may start while the kernel before it still run
 one griddepcontrol.wait (SASS ACQBULK) it must not touch global memory through loads or
 stores at all, not x, not y, not the workspace, and not the weights either (a kernel may have
 just written them: a GPU pack, an in-place update); it may only ask L2 for weight lines
-(prefetch.global.L2: CCTL.E.PF2), and it should, or the early start gains little. The
-kernels launched without the attribute (kPdl = false) have no wait at all.
+(prefetch.global.L2: CCTL.E.PF2), and it should, or the early start gains little. Nor may it
+use read-only (.nc, LDG...CONSTANT) loads anywhere: ptxas takes their data as constant for the
+whole kernel and may move them above the wait. The kernels launched without the attribute
+(kPdl = false) have no wait at all.
 
     python tools/check_gemv_sass.py OBJECT_OR_SASS [--cuobjdump PATH]
 
@@ -64,6 +66,11 @@ def check(sass: str) -> tuple[int, list[str]]:
                 problems.append(f"{name}: {m.group(0)} before the wait: {line.strip()}")
         if not any("CCTL.E.PF2" in line for line in above):
             problems.append(f"{name}: no L2 prefetch before the wait (nothing overlaps)")
+        # .nc loads (LDG...CONSTANT) may be hoisted above the wait by ptxas: none at all here
+        for line in lines:
+            if re.search(r"\bLDG\.[A-Z0-9_.]*CONSTANT\b", line):
+                problems.append(f"{name}: a read-only (.nc) load in a PDL kernel: {line.strip()}")
+                break
     return checked, problems
 
 

@@ -103,7 +103,9 @@ __device__ __forceinline__ uint32_t gather_nibbles(uint32_t lo, uint32_t hi, int
 // Stage x[:, chunk_begin*16 : (chunk_begin + chunk_count)*16] into shared memory, zero at and
 // beyond K. Per token, chunk lc occupies words [lc*8, lc*8 + 8): words 0..3 hold the column
 // pairs {0,1},{4,5},{8,9},{12,13}, words 4..7 the pairs {2,3},{6,7},{10,11},{14,15}.
-template <typename T, int kBlockThreads>
+// kCoherent: x through the coherent path (a programmatic dependent reads what the kernel before
+// it wrote; ptxas may hoist .nc loads above griddepcontrol.wait).
+template <typename T, int kBlockThreads, bool kCoherent>
 __device__ void stage_x(const GemvParams& p, uint32_t* xs, int chunk_begin, int chunk_count) {
   const int tsw = p.token_stride_words;
   if (p.x_vec_ok) {
@@ -118,7 +120,12 @@ __device__ void stage_x(const GemvParams& p, uint32_t* xs, int chunk_begin, int 
       const int col = (chunk_begin + lc) * kChunkCols + hh * 8;
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (col < p.K) {  // K % 8 == 0 on this path, so the 8 columns are all in range
-        v = __ldg(reinterpret_cast<const uint4*>(x + m * p.ldx + col));
+        const auto* src = reinterpret_cast<const uint4*>(x + m * p.ldx + col);
+        if constexpr (kCoherent) {
+          v = detail::ld_coherent_v4(src);
+        } else {
+          v = __ldg(src);
+        }
       }
       // v.x..v.w are pairs 4hh..4hh+3: even pairs to piece 0, odd pairs to piece 1.
       uint32_t* dst = xs + m * tsw + lc * 8 + 2 * hh;
@@ -366,7 +373,7 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
     }
     load_weights(w0, mw0, chunk_begin);
     if (two) load_weights(w1, mw1, chunk_begin + kChunksPerIter);
-    stage_x<T, kBlockThreads>(p, xs, chunk_begin, chunk_end - chunk_begin);
+    stage_x<T, kBlockThreads, kPdl>(p, xs, chunk_begin, chunk_end - chunk_begin);
     __syncthreads();
     for (int base = chunk_begin;; base += 2 * kChunksPerIter) {
       // Here w0 holds `base` and w1 (if it exists) `base + kChunksPerIter`.
@@ -391,7 +398,7 @@ __global__ void __launch_bounds__(block_warps<kNT, kPrefetch>() * 32,
       detail::wait_for_previous_grid();
     }
     load_weights(w0, mw0, chunk_begin);
-    stage_x<T, kBlockThreads>(p, xs, chunk_begin, chunk_end - chunk_begin);
+    stage_x<T, kBlockThreads, kPdl>(p, xs, chunk_begin, chunk_end - chunk_begin);
     __syncthreads();
     for (int base = chunk_begin;;) {
       compute(w0, mw0, base);
