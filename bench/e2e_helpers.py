@@ -334,7 +334,8 @@ def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fill baseline/speedup fields from the rows present (speedup = baseline time over
     this row's time, both from this file's runs).
 
-    Sparse / sliced slimstack rows: baseline slimstack's dense full-depth model. Dense
+    Sparse / sliced slimstack rows: baseline slimstack's dense full-depth model (of the same
+    provider: slimstack, or slimstack_no_pdl for a run with SLIMSTACK_PDL=0). Dense
     full-depth slimstack rows: baseline transformers. Every slimstack row also gets
     speedup_vs_transformers; prefill_speedup compares prefill against the same baseline.
     """
@@ -353,10 +354,11 @@ def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     index = {tuple(r[k] for k in ROW_KEY): r for r in rows}
     for row in rows:
-        if row["provider"] != "slimstack":
+        if not row["provider"].startswith("slimstack"):
             row.update(baseline=None, speedup=None)
             continue
-        dense = index.get(key(row, "slimstack", dense_full=True))
+        # slimstack_no_pdl rows (SLIMSTACK_PDL=0) against the dense model measured the same way
+        dense = index.get(key(row, row["provider"], dense_full=True))
         hf = index.get(key(row, "transformers", dense_full=True))
         is_dense_full = dense is row
         base = hf if is_dense_full else dense

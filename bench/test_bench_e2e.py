@@ -14,6 +14,7 @@ time. The dense full-depth variant also runs transformers' generate on the same 
 Environment knobs: SLIMSTACK_E2E_SPEC=tiny (small shapes, a smoke run),
 SLIMSTACK_E2E_CONFIGS="1x128,8x2048" (batch x prompt), SLIMSTACK_E2E_NEW_TOKENS=256,
 SLIMSTACK_E2E_HF=0 (skip transformers), SLIMSTACK_E2E_MODE=graph|compile|eager,
+SLIMSTACK_PDL=0 (no programmatic dependent launch: rows as provider slimstack_no_pdl),
 SLIMSTACK_BENCH_RESULTS=<folder> (write the JSON there instead of bench/results/, e.g. $OUT;
 copy it into bench/results/ to commit it).
 """
@@ -46,6 +47,8 @@ from e2e_helpers import (
     write_synthetic_checkpoint,
 )
 
+from slimstack.devices import pdl_enabled
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="the e2e benchmark needs CUDA"),
@@ -59,6 +62,8 @@ CONFIGS = [
 NEW_TOKENS = int(os.environ.get("SLIMSTACK_E2E_NEW_TOKENS", "256"))
 RUN_HF = os.environ.get("SLIMSTACK_E2E_HF", "1") != "0"
 MODE = os.environ.get("SLIMSTACK_E2E_MODE", "graph")
+# SLIMSTACK_PDL=0 (no programmatic dependent launch) rows are kept apart from the default's
+PROVIDER = "slimstack" if pdl_enabled() else "slimstack_no_pdl"
 DTYPE = torch.bfloat16
 
 
@@ -122,7 +127,7 @@ def _measure_slimstack(folder: Path, variant, device, peak: float, rows: list[di
         run, CONFIGS, device, after=model.release_cache
     ):
         row = make_row(
-            SPEC, variant, "slimstack", batch, prompt_len, NEW_TOKENS, measured,
+            SPEC, variant, PROVIDER, batch, prompt_len, NEW_TOKENS, measured,
             weight_bytes, peak, memory, DTYPE, MODE,
         )  # fmt: skip
         rows.append(row)

@@ -10,8 +10,8 @@ dependent start (the CUDA 2:4 GEMV after a norm prefetches its weights into L2 m
 csrc/cuda/sparse24_gemv.cu).
 
 `pdl_for(device)` decides per launch: CUDA compute capability 9.0 or later, not the
-interpreter (it runs no inline PTX), and `SLIMSTACK_TRITON_PDL` not "0" (the switch the GPU
-benchmark compares). Kernels take a `PDL` constexpr (False: no wait, no launch attribute,
+interpreter (it runs no inline PTX), and `SLIMSTACK_PDL` not "0" (slimstack.devices: the one
+switch for these kernels and the CUDA GEMV, which the GPU benchmark compares). Kernels take a `PDL` constexpr (False: no wait, no launch attribute,
 the kernel of before), and launchers pass `**launch_options(pdl)`.
 """
 
@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-ENV = "SLIMSTACK_TRITON_PDL"
+from slimstack.devices import PDL_ENV, pdl_enabled
+
+ENV = PDL_ENV  # the switch's name, for callers and tests
 
 
 @triton.jit
@@ -45,7 +47,7 @@ def pdl_for(device: torch.device) -> bool:
     """Whether a kernel launched on `device` now should be a programmatic dependent."""
     if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    if os.environ.get(ENV, "1") == "0":
+    if not pdl_enabled():
         return False
     index = device.index if device.index is not None else torch.cuda.current_device()
     return _supports_pdl(index)

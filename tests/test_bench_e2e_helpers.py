@@ -96,6 +96,33 @@ def test_run_and_results_file(checkpoints, tmp_path: Path) -> None:
     assert all(line.startswith(("met ", "MISS")) for line in lines)
 
 
+def test_rows_without_pdl_keep_their_own_dense_baseline() -> None:
+    """A SLIMSTACK_PDL=0 run (provider slimstack_no_pdl) merges beside the default rows and is
+    compared with the dense model measured the same way, never with the PDL rows."""
+    spec = e2e.TINY
+    dense_v, sliced_v = e2e.variants(spec)[0], e2e.variants(spec)[3]
+
+    def row(variant, provider, ms):
+        measured = {
+            "tokens_per_s": 1e3 / ms,
+            "sequence_tokens_per_s": 1e3 / ms,
+            "decode_ms_per_step": ms,
+            "prefill_ms": 2 * ms,
+            "decode_steps": 5,
+        }
+        return e2e.make_row(spec, variant, provider, 1, 8, 6, measured, 10**6, 100.0, None)
+
+    rows = e2e.add_speedups([
+        row(dense_v, "slimstack", 4.0), row(sliced_v, "slimstack", 2.0),
+        row(dense_v, "slimstack_no_pdl", 5.0), row(sliced_v, "slimstack_no_pdl", 4.0),
+    ])  # fmt: skip
+    by = {(r["provider"], r["variant"]): r for r in rows}
+    assert by["slimstack", sliced_v.name]["speedup"] == pytest.approx(2.0)
+    assert by["slimstack_no_pdl", sliced_v.name]["speedup"] == pytest.approx(1.25)
+    assert by["slimstack_no_pdl", sliced_v.name]["baseline"] == "slimstack_dense"
+    assert len({tuple(r[k] for k in e2e.ROW_KEY) for r in rows}) == 4, "rows must not collide"
+
+
 def _load_e2e_suite():
     """bench/test_bench_e2e.py as a module (its test needs CUDA; its helpers do not)."""
     import importlib.util

@@ -920,7 +920,7 @@ def test_a_narrow_view_of_a_wide_buffer_counts_its_row_stride():
 
 
 def test_pdl_is_chosen_only_for_hopper_and_later(monkeypatch):
-    """CPU tensors, the interpreter and SLIMSTACK_TRITON_PDL=0 launch without PDL."""
+    """CPU tensors, the interpreter and SLIMSTACK_PDL=0 launch without PDL."""
     from slimstack.kernels import _pdl
 
     assert not _pdl.pdl_for(torch.device("cpu"))

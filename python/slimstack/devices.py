@@ -3,6 +3,8 @@ is allowed instead of torch's tracebacks from deep inside the first CUDA call.""
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 ALLOWED = "'cpu', 'cuda' or 'cuda:N'"
@@ -29,3 +31,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
         if resolved.index is not None and resolved.index >= count:
             raise ValueError(f"device {device!r}: there are {count} CUDA device(s), 0..{count - 1}")
     return resolved
+
+
+PDL_ENV = "SLIMSTACK_PDL"
+
+
+def pdl_enabled() -> bool:
+    """Whether kernels may launch as programmatic dependents (sm_90+, where they support it):
+    the CUDA 2:4 GEMV and the small Triton decode kernels. SLIMSTACK_PDL=0 turns it off for
+    all of them (the benchmark's comparison); read at each launch."""
+    return os.environ.get(PDL_ENV, "1") != "0"

@@ -20,6 +20,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
+from slimstack.devices import pdl_enabled
 from slimstack.ops.derived import DerivedCache
 
 # decode kernels (GEMV) take at most this many rows; larger M goes to the GEMMs
@@ -126,7 +127,8 @@ def _sparse24_mm_cuda(x: Tensor, values: Tensor, meta: Tensor, N: int, K: int) -
         _PROBED_DEVICES.add(device)
     kernel = cuda_sparse24_kernel(ext, x.shape[0], N, device)
     if kernel == "gemv":
-        return ext.sparse24_gemv_cuda(x, values, meta, N, K)
+        pdl = "auto" if pdl_enabled() else "off"
+        return ext.sparse24_gemv_cuda(x, values, meta, N, K, 0, None, "auto", "auto", pdl)
     if kernel == "sm90":
         return ext.sparse24_gemm_sm90_cuda(x, values, _sm90_meta(ext, meta, N, K), N, K)
     return ext.sparse24_gemm_sm80_cuda(x, values, meta, N, K)
