@@ -23,9 +23,24 @@ import os
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from slimstack.devices import PDL_ENV, pdl_enabled
+
+try:  # triton >= 3.3; older releases launch every kernel without PDL
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    HAVE_GDC = True
+except ImportError:  # pragma: no cover - depends on the installed triton
+    HAVE_GDC = False
+
+    @triton.jit
+    def gdc_wait():
+        pass
+
+    @triton.jit
+    def gdc_launch_dependents():
+        pass
+
 
 ENV = PDL_ENV  # the switch's name, for callers and tests
 
@@ -45,7 +60,7 @@ def _supports_pdl(index: int) -> bool:
 
 def pdl_for(device: torch.device) -> bool:
     """Whether a kernel launched on `device` now should be a programmatic dependent."""
-    if device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+    if not HAVE_GDC or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         return False
     if not pdl_enabled():
         return False
