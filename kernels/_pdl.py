@@ -12,7 +12,7 @@ csrc/cuda/sparse24_gemv.cu).
 `pdl_for(device)` decides per launch: CUDA compute capability 9.0 or later, not the
 interpreter (it runs no inline PTX), and `SLIMSTACK_PDL` not "0" (slimstack.devices: the one
 switch for these kernels and the CUDA GEMV, which the GPU benchmark compares). Kernels take a `PDL` constexpr (False: no wait, no launch attribute,
-the kernel of before), and launchers pass `**launch_options(pdl)`.
+the kernel of before), and launchers pass `**pdl_launch(device)`.
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def pdl_for(device: torch.device) -> bool:
     return _supports_pdl(index)
 
 
-def launch_options(pdl: bool) -> dict[str, bool]:
-    """Extra launch keywords for a PDL launch (none otherwise: the interpreter takes none)."""
-    return {"launch_pdl": True} if pdl else {}
+def pdl_launch(device: torch.device) -> dict[str, bool]:
+    """The keywords for a launch on `device`: the kernel's PDL constexpr, and the launch
+    attribute when it is set (the interpreter takes no launch_pdl keyword)."""
+    pdl = pdl_for(device)
+    return {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from slimstack.kernels._checks import FLOAT_DTYPES, check_same_device
-from slimstack.kernels._pdl import launch_options, pdl_for, pdl_prologue
+from slimstack.kernels._pdl import pdl_launch, pdl_prologue
 from slimstack.kernels.sparse24_gemv import sm_count
 
 MAX_GROUP = 64  # query heads per key/value head the kernel takes (BLOCK_G registers)
@@ -238,18 +238,18 @@ def decode_attention(
     stats = torch.empty((runs, 2, block_g), dtype=torch.float32, device=q.device)
     mask_bytes = allowed.contiguous().view(torch.uint8)
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    pdl = pdl_for(q.device)
+    pdl = pdl_launch(q.device)
     _decode_attention_split_kernel[(batch * heads, splits)](
         q, k, v, mask_bytes, acc, stats, heads, group, dim, length,
         scale if scale is not None else dim**-0.5,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), mask_bytes.stride(0), per_split,
         BLOCK_G=block_g, BLOCK_T=block_t, BLOCK_D=block_d, INPUT_PRECISION=precision,
-        PDL=pdl, num_warps=4, **launch_options(pdl),
+        num_warps=4, **pdl,
     )  # fmt: skip
     _decode_attention_merge_kernel[(batch * heads,)](
         acc, stats, out, heads, group, dim, splits, out.stride(0), out.stride(1), out.stride(2),
-        BLOCK_G=block_g, BLOCK_D=block_d, PDL=pdl, num_warps=4, **launch_options(pdl),
+        BLOCK_G=block_g, BLOCK_D=block_d, num_warps=4, **pdl,
     )  # fmt: skip
     return out
 

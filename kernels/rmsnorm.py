@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from slimstack.kernels._checks import FLOAT_DTYPES, check_runnable, check_same_device
-from slimstack.kernels._pdl import launch_options, pdl_for, pdl_prologue
+from slimstack.kernels._pdl import pdl_launch, pdl_prologue
 
 _MAX_HIDDEN = 65536  # one row in registers
 
@@ -87,12 +87,12 @@ def _launch(
     block, num_warps = launch_shape(hidden)
     # without a delta its pointer and stride are placeholders the kernel never reads
     delta_rows, sums = (rows, out) if delta is None else (delta, total)
-    pdl = pdl_for(rows.device)
+    pdl = pdl_launch(rows.device)
     _rmsnorm_kernel[(rows.shape[0],)](
         rows, delta_rows, weight.contiguous(), sums, out, hidden,
         rows.stride(0), delta_rows.stride(0), sums.stride(0), out.stride(0), float(eps),
-        BLOCK_H=block, HAS_DELTA=delta is not None, PDL=pdl, num_warps=num_warps,
-        **launch_options(pdl),
+        BLOCK_H=block, HAS_DELTA=delta is not None, num_warps=num_warps,
+        **pdl,
     )  # fmt: skip
     return total, out
 

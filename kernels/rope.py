@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from slimstack.kernels._checks import FLOAT_DTYPES, check_runnable, check_same_device
-from slimstack.kernels._pdl import launch_options, pdl_for, pdl_prologue
+from slimstack.kernels._pdl import pdl_launch, pdl_prologue
 
 
 @triton.jit
@@ -107,11 +107,11 @@ def _validate(q, k, cos, sin, op: str = "apply_rope_") -> tuple[tuple, tuple]:
 def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, table_strides: tuple) -> None:
     B, S, H, D = t.shape
     half = D // 2
-    pdl = pdl_for(t.device)
+    pdl = pdl_launch(t.device)
     _rope_kernel[(B * S,)](
         t, cos, sin, S, H, t.stride(0), t.stride(1), t.stride(2), *table_strides,
         HALF=half, BLOCK_H=triton.next_power_of_2(H), BLOCK_HALF=triton.next_power_of_2(half),
-        PDL=pdl, num_warps=4, **launch_options(pdl),
+        num_warps=4, **pdl,
     )  # fmt: skip
 
 
@@ -244,11 +244,11 @@ def rope_to_cache_(
     if B == 0:
         return
     half = D // 2
-    pdl = pdl_for(q.device)
+    pdl = pdl_launch(q.device)
     _rope_to_cache_kernel[(B,)](
         q, k, v, cos, sin, k_cache, v_cache, slot, q.shape[2], hk,
         q.stride(0), q.stride(2), k.stride(0), k.stride(2), v.stride(0), v.stride(2),
         table_strides[0], k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         HALF=half, BLOCK_H=triton.next_power_of_2(max(q.shape[2], hk)),
-        BLOCK_HALF=triton.next_power_of_2(half), PDL=pdl, num_warps=4, **launch_options(pdl),
+        BLOCK_HALF=triton.next_power_of_2(half), num_warps=4, **pdl,
     )  # fmt: skip

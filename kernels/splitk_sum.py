@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from slimstack.kernels._checks import FLOAT_DTYPES, check_runnable
-from slimstack.kernels._pdl import launch_options, pdl_for, pdl_prologue
+from slimstack.kernels._pdl import pdl_launch, pdl_prologue
 
 _BLOCK = 1024
 
@@ -52,10 +52,8 @@ def splitk_sum(partial: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if split * numel >= 2**31:
         raise ValueError("splitk_sum: partials past 2**31 elements are not supported")
     grid = (triton.cdiv(numel, _BLOCK),)
-    pdl = pdl_for(partial.device)
-    _splitk_sum_kernel[grid](
-        partial, out, numel, split, BLOCK=_BLOCK, PDL=pdl, num_warps=4, **launch_options(pdl)
-    )
+    pdl = pdl_launch(partial.device)
+    _splitk_sum_kernel[grid](partial, out, numel, split, BLOCK=_BLOCK, num_warps=4, **pdl)
     return out
 
 

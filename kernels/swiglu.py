@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from slimstack.kernels._checks import FLOAT_DTYPES, check_runnable, check_same_device
-from slimstack.kernels._pdl import launch_options, pdl_for, pdl_prologue
+from slimstack.kernels._pdl import pdl_launch, pdl_prologue
 
 _BLOCK = 1024
 
@@ -72,10 +72,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         g, u = _as_rows(gate, up)
         width = g.shape[1]
         stride = g.stride(0) if g.shape[0] > 1 else width
-        pdl = pdl_for(gate.device)
+        pdl = pdl_launch(gate.device)
         _swiglu_kernel[(triton.cdiv(n, _BLOCK),)](
-            g, u, out, n, width, stride, BLOCK=_BLOCK, PDL=pdl, num_warps=4,
-            **launch_options(pdl),
+            g, u, out, n, width, stride, BLOCK=_BLOCK, num_warps=4,
+            **pdl,
         )  # fmt: skip
     return out
 

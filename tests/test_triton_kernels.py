@@ -924,7 +924,10 @@ def test_pdl_is_chosen_only_for_hopper_and_later(monkeypatch):
     from slimstack.kernels import _pdl
 
     assert not _pdl.pdl_for(torch.device("cpu"))
-    assert _pdl.launch_options(False) == {} and _pdl.launch_options(True) == {"launch_pdl": True}
+    assert _pdl.pdl_launch(torch.device("cpu")) == {"PDL": False}  # no launch_pdl keyword
+    with monkeypatch.context() as patched:
+        patched.setattr(_pdl, "pdl_for", lambda device: True)
+        assert _pdl.pdl_launch(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert not _pdl.pdl_for(torch.device("cuda", 0))
     monkeypatch.delenv("TRITON_INTERPRET")
