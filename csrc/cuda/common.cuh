@@ -59,19 +59,25 @@ bool cached_device_flag(int device, signed char (&cache)[kMaxDevices], Probe&& p
   return cache[device] == 1;
 }
 
-// Number of SMs of `device`, cached per device (cudaDeviceGetAttribute is cheap, but not free
-// on the decode path).
-inline cudaError_t sm_count(int device, int* out) {
+// A positive device attribute of `device`, cached per attribute and device
+// (cudaDeviceGetAttribute is cheap, but not free on the decode path).
+template <cudaDeviceAttr kAttr>
+cudaError_t cached_device_attribute(int device, int* out) {
   static int cache[kMaxDevices] = {0};
   if (device >= 0 && device < kMaxDevices && cache[device] > 0) {
     *out = cache[device];
     return cudaSuccess;
   }
-  int count = 0;
-  SLIMSTACK_CUDA_TRY(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
-  if (device >= 0 && device < kMaxDevices) cache[device] = count;
-  *out = count;
+  int value = 0;
+  SLIMSTACK_CUDA_TRY(cudaDeviceGetAttribute(&value, kAttr, device));
+  if (device >= 0 && device < kMaxDevices) cache[device] = value;
+  *out = value;
   return cudaSuccess;
+}
+
+// Number of SMs of `device`.
+inline cudaError_t sm_count(int device, int* out) {
+  return cached_device_attribute<cudaDevAttrMultiProcessorCount>(device, out);
 }
 
 // ---- element types ------------------------------------------------------------------------

@@ -653,18 +653,14 @@ int prefetch_blocks_per_sm(int device, bool two_token_tiles) {
   return slot;
 }
 
-// Shared memory per SM of `device` (bytes; 0 when the runtime does not say). Cached per device.
+// Shared memory per SM of `device` (bytes; 0 when the runtime does not say).
 int64_t smem_per_sm(int device) {
-  static int cache[detail::kMaxDevices] = {0};
-  const bool cached = device >= 0 && device < detail::kMaxDevices;
-  if (cached && cache[device] > 0) return cache[device];
   int bytes = 0;
-  if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerMultiprocessor, device) !=
-      cudaSuccess) {
+  if (detail::cached_device_attribute<cudaDevAttrMaxSharedMemoryPerMultiprocessor>(
+          device, &bytes) != cudaSuccess) {
     cudaGetLastError();
     return 0;
   }
-  if (cached) cache[device] = bytes;
   return bytes;
 }
 
