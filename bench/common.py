@@ -294,18 +294,18 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
     raise Unavailable(f"unknown provider {case.provider!r}")
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def previous_gemm_config(M: int, N: int, sparse24_gemm: Any) -> Any:
     """The Triton GEMM tile of the 2026-12-04 run for M > 64 (W as the A operand, one CTA per
     SM): 256 x 128 where those tiles fill the SMs, else 128 x 128."""
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    tiles = -(-M // 256) * -(-N // 128)
+    tiles = _cdiv(M, 256) * _cdiv(N, 128)
     if tiles >= sms:
         return sparse24_gemm.PREVIOUS_LARGE_M_CONFIG
     return sparse24_gemm.GemmConfig(block_m=128, block_n=128, num_warps=8, num_stages=3)
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
