@@ -714,15 +714,6 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device,
   const bool pdl_runs = current == device && sm90_image_runs();
   if (request.pdl == Choice::kOn && !pdl_runs) return cudaErrorNotSupported;
 
-  // About kBlocksPerSmTarget blocks per SM. The two-row-tile variants take 122-128 registers:
-  // exactly that many fit an SM, so a grid past it runs a tail wave, and clusters of an odd
-  // size fill the slots worse still (H200 2026-12-04: 13824x5120 at M = 1 made 108 x 5 = 540
-  // blocks for 528 slots, 1.13x dense, the worst shape); round the split down there. The
-  // one-tile variants (80-84 registers) fit more blocks per SM than the target.
-  const int64_t wave = static_cast<int64_t>(kBlocksPerSmTarget) * sms;
-  int64_t split = split_k_request > 0 ? split_k_request
-                  : row_tiles == 2    ? std::max<int64_t>(1, wave / row_blocks)
-                                      : detail::ceil_div(wave, row_blocks);
   // Few rows (1024x4096 wants 16 slices): on Hopper stay within one cluster when x allows it.
   // The second launch a larger split needs costs more than its weight traffic at that size;
   // reduce='kernel' keeps the larger split (the benchmark's comparison).
@@ -737,6 +728,7 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device,
     slice = detail::round_up(detail::ceil_div(num_chunks, s), kChunksPerIter);
     return detail::ceil_div(num_chunks, slice);
   };
+  int64_t split = 0;
   if (prefetch && split_k_request == 0) {
     // The prefetch kernel's occupancy comes from the device: the largest split whose grid
     // fits one wave (a tail wave of a few blocks would cost a whole extra latency). Registers
@@ -750,7 +742,16 @@ cudaError_t sparse24_gemv_plan(int64_t M, int64_t N, int64_t Kp, int device,
       split = settle(std::max<int64_t>(1, by_smem * sms / row_blocks));
     }
   } else {
-    split = settle(split);
+    // Without prefetch (the 2026-12-04 plan), or a requested split.
+    // About kBlocksPerSmTarget blocks per SM. The two-row-tile variants take 122-128 registers:
+    // exactly that many fit an SM, so a grid past it runs a tail wave, and clusters of an odd
+    // size fill the slots worse still (H200 2026-12-04: 13824x5120 at M = 1 made 108 x 5 = 540
+    // blocks for 528 slots, 1.13x dense, the worst shape); round the split down there. The
+    // one-tile variants (80-84 registers) fit more blocks per SM than the target.
+    const int64_t wave = static_cast<int64_t>(kBlocksPerSmTarget) * sms;
+    split = settle(split_k_request > 0 ? split_k_request
+                   : row_tiles == 2    ? std::max<int64_t>(1, wave / row_blocks)
+                                       : detail::ceil_div(wave, row_blocks));
   }
   // Only for K in the tens of millions: grid.y caps the split, and x no longer fits.
   if (smem_bytes(static_cast<int>(M), static_cast<int>(slice)) > budget) {
