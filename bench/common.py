@@ -67,7 +67,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_dot|_n8|_n16|_split2x|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
+    # triton(_dot|_n8|_n16|_split2x|_no_prefetch|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
     # |_pdl)
     # | cuda_sm90(_swizzle1) | torch | cpu | auto
     provider: str
@@ -104,6 +104,9 @@ def cases(device_type: str) -> list[Case]:
             ("sparse24_gemv", ("cuda_pdl",), lambda m: m in (1, GEMV_MAX_M)),
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("bitmap_gemv", ("triton_n8",), lambda m: m == 1),
+            # the 2026-12-04 loop (each tile's mask words, gather and x waited on in turn)
+            # against the default software-pipelined one
+            ("bitmap_gemv", ("triton_no_prefetch",), lambda m: m in (1, GEMV_MAX_M)),
             ("sparse24_gemm", ("triton", "cuda", "cuda_sm90"), lambda m: m > GEMV_MAX_M),
             # the Hopper GEMM in CUTLASS's default tile order (the 2026-12-04 kernel) against
             # the default swizzled groups of 8 tiles
@@ -242,6 +245,12 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         return lambda x, ws: sparse24_gemm.sparse24_gemm(
             x, *_packed_args(ws), N, K, config=gemm_cfg
         )
+    if case.provider == "triton_no_prefetch":
+        try:
+            from slimstack.kernels import bitmap_gemv
+        except ImportError as err:
+            raise Unavailable(f"triton kernels unavailable: {err}") from err
+        return lambda x, ws: bitmap_gemv.bitmap_gemv(x, *_packed_args(ws), N, K, prefetch=False)
     if case.provider in ("triton", "triton_dot", "triton_n8", "triton_n16", "triton_split2x"):
         try:
             from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv

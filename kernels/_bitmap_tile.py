@@ -77,6 +77,57 @@ def kept_before(
 
 
 @triton.jit
+def load_mask_words(
+    mask_ptr,
+    rows,
+    row_mask,
+    k0,
+    KW,
+    stride_mask,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    """The int32 mask words of W[rows, k0:k0+BLOCK_K], [BLOCK_N, BLOCK_K/32]; 0 for rows
+    outside `row_mask` (so a tile decoded from them loads nothing and keeps nothing)."""
+    WORDS: tl.constexpr = BLOCK_K // 32
+    wcols = k0 // 32 + tl.arange(0, WORDS)
+    m_ptrs = mask_ptr + rows[:, None] * stride_mask + wcols[None, :]
+    if EVEN_K:
+        return tl.load(m_ptrs, mask=row_mask[:, None], other=0)
+    return tl.load(m_ptrs, mask=row_mask[:, None] & (wcols[None, :] < KW), other=0)
+
+
+@triton.jit
+def gather_kept_values(
+    values_ptr,
+    words,
+    next_value,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    HW_POPC: tl.constexpr,
+):
+    """The dense tile the mask `words` [BLOCK_N, BLOCK_K/32] describe, and each row's next
+    value index after it.
+
+    A kept column's value index is the row's running count, plus the kept bits of the words
+    before its own in this tile (a scan over BLOCK_K/32 word counts), plus the kept bits
+    below it in its word (a popcount). No scan runs over single columns: in Triton that
+    costs a warp-shuffle ladder per element.
+    """
+    per_word = popcount32(words, HW_POPC)
+    word_start = tl.cumsum(per_word, axis=1) - per_word
+    bit = tl.arange(0, 32)[None, None, :]
+    kept = (words[:, :, None] >> bit) & 1
+    below = popcount32(words[:, :, None] & ~(-1 << bit), HW_POPC)
+    # 64-bit row start once per row, 32-bit offsets per column: one address add each.
+    row_values = values_ptr + next_value
+    offset = tl.reshape(word_start[:, :, None] + below, [BLOCK_N, BLOCK_K])
+    kept = tl.reshape(kept, [BLOCK_N, BLOCK_K])
+    w = tl.load(row_values[:, None] + offset, mask=kept != 0, other=0.0)
+    return w, next_value + tl.sum(per_word, axis=1).to(tl.int64)
+
+
+@triton.jit
 def bitmap_dense_tile(
     values_ptr,
     mask_ptr,
@@ -91,31 +142,9 @@ def bitmap_dense_tile(
     EVEN_K: tl.constexpr,
     HW_POPC: tl.constexpr,
 ):
-    """Dense W[rows, k0:k0+BLOCK_K] and each row's next value index after the tile.
-
-    A kept column's value index is the row's running count, plus the kept bits of the words
-    before its own in this tile (a scan over BLOCK_K/32 word counts), plus the kept bits
-    below it in its word (a popcount). No scan runs over single columns: in Triton that
-    costs a warp-shuffle ladder per element.
-    """
-    WORDS: tl.constexpr = BLOCK_K // 32
-    wcols = k0 // 32 + tl.arange(0, WORDS)
-    m_ptrs = mask_ptr + rows[:, None] * stride_mask + wcols[None, :]
-    if EVEN_K:
-        words = tl.load(m_ptrs, mask=row_mask[:, None], other=0)
-    else:
-        words = tl.load(m_ptrs, mask=row_mask[:, None] & (wcols[None, :] < KW), other=0)
-    per_word = popcount32(words, HW_POPC)
-    word_start = tl.cumsum(per_word, axis=1) - per_word
-    bit = tl.arange(0, 32)[None, None, :]
-    kept = (words[:, :, None] >> bit) & 1
-    below = popcount32(words[:, :, None] & ~(-1 << bit), HW_POPC)
-    # 64-bit row start once per row, 32-bit offsets per column: one address add each.
-    row_values = values_ptr + next_value
-    offset = tl.reshape(word_start[:, :, None] + below, [BLOCK_N, BLOCK_K])
-    kept = tl.reshape(kept, [BLOCK_N, BLOCK_K])
-    w = tl.load(row_values[:, None] + offset, mask=kept != 0, other=0.0)
-    return w, next_value + tl.sum(per_word, axis=1).to(tl.int64)
+    """Dense W[rows, k0:k0+BLOCK_K] and each row's next value index after the tile."""
+    words = load_mask_words(mask_ptr, rows, row_mask, k0, KW, stride_mask, BLOCK_K, EVEN_K)
+    return gather_kept_values(values_ptr, words, next_value, BLOCK_N, BLOCK_K, HW_POPC)
 
 
 @triton.jit

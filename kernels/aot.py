@@ -79,7 +79,7 @@ def _gemv_variants(dt: str) -> list[Variant]:
                 f"bitmap_gemv[M={m},{dt}]", "bitmap_gemv", "_bitmap_gemv_kernel", "gemv",
                 {"x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "mask_ptr": "*i32",
                  "row_offsets_ptr": "*i64", "out_ptr": f"*{dt}"},
-                dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HW_POPC=True),
+                dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, HW_POPC=True, PREFETCH=True),
                 cfg.num_warps, cfg.num_stages, frozenset({"M"}),
             )
         )  # fmt: skip

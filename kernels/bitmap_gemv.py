@@ -12,6 +12,11 @@ The dense tile then meets a plain slice of x: FMA for M = 1, tl.dot with x^T pad
 columns for M >= 2 (as in sparse24_gemv). A split of K must first skip the values of the
 tiles before it, by popcounts of their mask words, so split-K is capped at 4 to keep that
 extra mask traffic small.
+
+A tile's gather depends on its mask words, and its row starts on every tile before it, so
+Triton's pipeliner stages none of it: the loop is pipelined by hand (words two tiles ahead,
+the gather and x one tile ahead). Without that, each step waited for two dependent global
+round trips (the 2026-12-04 H200 run: 0.28-0.62x of cuBLAS at M = 1).
 """
 
 from __future__ import annotations
@@ -20,7 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from slimstack.kernels._bitmap_tile import bitmap_dense_tile, plan_grid, split_rows_and_tiles
+from slimstack.kernels._bitmap_tile import (
+    bitmap_dense_tile,
+    gather_kept_values,
+    load_mask_words,
+    plan_grid,
+    split_rows_and_tiles,
+)
 from slimstack.kernels._checks import (
     addressed_elements,
     as_int32_words,
@@ -41,6 +52,33 @@ from slimstack.kernels.splitk_sum import splitk_sum
 
 
 @triton.jit
+def _x_tile(x_ptr, k0, K, offs_m, m_mask, stride_xm, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+    """x[:, k0:k0+BLOCK_K] as the step's operand: x^T [BLOCK_K, BLOCK_M] for tl.dot, the one
+    row [BLOCK_K] for the FMA path; 0 past K."""
+    cols = k0 + tl.arange(0, BLOCK_K)
+    if USE_DOT:  # one return: triton checks every return of a function against the first
+        x = tl.load(
+            x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
+            mask=m_mask[None, :] & (cols[:, None] < K),
+            other=0.0,
+        )
+    else:
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+    return x
+
+
+@triton.jit
+def _accumulate(acc, w, x, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc [BLOCK_N, BLOCK_M] += w @ x^T on the tensor cores, or acc [BLOCK_N, BLOCK_K] +=
+    w * x (M = 1: one FMA per column, reduced once after the loop)."""
+    if USE_DOT:
+        acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION)
+    else:
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _bitmap_gemv_kernel(
     x_ptr,
     values_ptr,
@@ -58,6 +96,7 @@ def _bitmap_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
+    PREFETCH: tl.constexpr,
     EVEN_K: tl.constexpr,
     HW_POPC: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -67,36 +106,55 @@ def _bitmap_gemv_kernel(
     )
     offs_m = tl.arange(0, BLOCK_M)
     m_mask = offs_m < M
-
     if USE_DOT:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        for t in range(t_start, t_end):
-            k0 = t * BLOCK_K
-            w, next_value = bitmap_dense_tile(
-                values_ptr, mask_ptr, rows, row_mask, next_value, k0, KW, stride_mask,
-                BLOCK_N, BLOCK_K, EVEN_K, HW_POPC,
-            )  # fmt: skip
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x_t = tl.load(
-                x_ptr + offs_m[None, :] * stride_xm + cols[:, None],
-                mask=m_mask[None, :] & (cols[:, None] < K),
-                other=0.0,
-            )
-            acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
-        y = tl.trans(acc)
     else:
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+
+    if PREFETCH:
+        # Software-pipelined by hand: a step uses the values gathered by the step before,
+        # gathers the next tile's (their mask words were loaded two steps ahead) and loads the
+        # next x, so no round trip (words, the gather their popcounts address, x) is waited
+        # on in the step that issues it. Tiles past the run read nothing: their rows are
+        # masked and their words 0. (Row masks are rebuilt from a scalar limit: the
+        # interpreter rejects bool & scalar.)
+        live = rows < tl.where(t_start < t_end, N, 0)
+        words = load_mask_words(
+            mask_ptr, rows, live, t_start * BLOCK_K, KW, stride_mask, BLOCK_K, EVEN_K
+        )
+        w, next_value = gather_kept_values(values_ptr, words, next_value, BLOCK_N, BLOCK_K, HW_POPC)
+        live = rows < tl.where(t_start + 1 < t_end, N, 0)
+        words_next = load_mask_words(
+            mask_ptr, rows, live, (t_start + 1) * BLOCK_K, KW, stride_mask, BLOCK_K, EVEN_K
+        )
+        x = _x_tile(x_ptr, t_start * BLOCK_K, K, offs_m, m_mask, stride_xm, BLOCK_K, USE_DOT)
+        for t in range(t_start, t_end):
+            k_next = (t + 1) * BLOCK_K
+            live = rows < tl.where(t + 2 < t_end, N, 0)
+            words_after = load_mask_words(
+                mask_ptr, rows, live, k_next + BLOCK_K, KW, stride_mask, BLOCK_K, EVEN_K
+            )
+            w_next, next_value = gather_kept_values(
+                values_ptr, words_next, next_value, BLOCK_N, BLOCK_K, HW_POPC
+            )
+            x_next = _x_tile(x_ptr, k_next, K, offs_m, m_mask, stride_xm, BLOCK_K, USE_DOT)
+            acc = _accumulate(acc, w, x, USE_DOT, INPUT_PRECISION)
+            w, words_next, x = w_next, words_after, x_next
+    else:
+        # The 2026-12-04 loop: each tile's words, gather and x are waited on in its own step.
         for t in range(t_start, t_end):
             k0 = t * BLOCK_K
             w, next_value = bitmap_dense_tile(
                 values_ptr, mask_ptr, rows, row_mask, next_value, k0, KW, stride_mask,
                 BLOCK_N, BLOCK_K, EVEN_K, HW_POPC,
             )  # fmt: skip
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        y = tl.sum(acc, axis=1)[None, :]
+            x = _x_tile(x_ptr, k0, K, offs_m, m_mask, stride_xm, BLOCK_K, USE_DOT)
+            acc = _accumulate(acc, w, x, USE_DOT, INPUT_PRECISION)
 
+    if USE_DOT:
+        y = tl.trans(acc)
+    else:
+        y = tl.sum(acc, axis=1)[None, :]
     out_ptrs = out_ptr + tl.program_id(1) * stride_split + offs_m[:, None] * N + rows[None, :]
     tl.store(out_ptrs, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & row_mask[None, :])
 
@@ -136,9 +194,16 @@ def bitmap_gemv(
     K: int,
     *,
     config: GemvConfig | None = None,
+    prefetch: bool = True,
 ) -> torch.Tensor:
-    """y[M, N] = x[M, K] @ W^T for M <= 16, W bitmap-packed (values, bitmask, row_offsets)."""
+    """y[M, N] = x[M, K] @ W^T for M <= 16, W bitmap-packed (values, bitmask, row_offsets).
+
+    `prefetch` (M = 1): the software-pipelined loop; False runs the loop of the 2026-12-04 GPU
+    run (each tile's words, gather and x waited on in turn), kept for the benchmark's A/B row.
+    """
     M = _validate(x, values, bitmask, row_offsets, N, K, config)
+    if not isinstance(prefetch, bool):
+        raise TypeError(f"bitmap_gemv: prefetch must be True or False, got {prefetch!r}")
     if M == 0:
         return x.new_empty((0, N))
     if values.numel() == 0:  # an all-zero weight: nothing to load (and a null pointer)
@@ -158,7 +223,7 @@ def bitmap_gemv(
         x, values, words, row_offsets, out, M, N, K, Kp // 32,
         x.stride(0), words.stride(0), M * N,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=block_m >= 16, EVEN_K=Kp % cfg.block_k == 0,
+        USE_DOT=block_m >= 16, PREFETCH=prefetch, EVEN_K=Kp % cfg.block_k == 0,
         HW_POPC=type(_bitmap_gemv_kernel).__name__ != "InterpretedFunction",
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -352,6 +352,34 @@ def test_bitmap_gemv_configs(poisoned, make_unstructured, M, cfg):
 
 
 @runs_here
+@pytest.mark.parametrize(
+    "M,cfg",
+    [
+        pytest.param(1, dict(block_n=16, block_k=64, split_k=1), id="M1-5-tiles"),
+        pytest.param(1, dict(block_n=16, block_k=128, split_k=2), id="M1-split2-runs-of-2-and-1"),
+        pytest.param(1, dict(block_n=16, block_k=64, split_k=5), id="M1-one-tile-per-run"),
+        pytest.param(1, dict(block_n=16, block_k=256), id="M1-one-tile"),
+        pytest.param(5, dict(block_n=64, block_k=64, split_k=1), id="M5-dot-5-tiles"),
+        pytest.param(16, dict(block_n=32, block_k=64, split_k=3), id="M16-dot-split3"),
+    ],
+)
+def test_bitmap_gemv_prefetch_matches_the_plain_loop(poisoned, make_unstructured, M, cfg):
+    """The software-pipelined loop reads the same tiles in the same order as the plain one
+    (its prologue and the steps past a run's end must neither drop nor add a tile), so the
+    outputs are bitwise equal; both match float64."""
+    N, K, dtype = 40, 300, torch.float32  # Kp = 320: five 64-wide tiles
+    w = _bitmap_weight(make_unstructured, N, K, dtype, seed=17)
+    p = pack_bitmap(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=18)
+    config = sparse24_gemv.GemvConfig(**cfg)
+    args = (x, p.values, p.bitmask, p.row_offsets, N, K)
+    piped = bitmap_gemv.bitmap_gemv(*args, config=config, prefetch=True)
+    plain = bitmap_gemv.bitmap_gemv(*args, config=config, prefetch=False)
+    assert torch.equal(piped, plain)
+    _assert_matches(piped, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
 @pytest.mark.parametrize("M", [1, 16])
 def test_bitmap_gemv_all_zero_weight(poisoned, M):
     p = pack_bitmap(torch.zeros(43, 172, dtype=torch.float16)).to(DEVICE)
@@ -580,6 +608,8 @@ def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
         bitmap_gemv.bitmap_gemv(x[:17], p.values, p.bitmask, p.row_offsets, 43, 172)
     with pytest.raises(ValueError, match=r"bitmask must have shape \[43, 24\]"):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask[:, :-1], p.row_offsets, 43, 172)
+    with pytest.raises(TypeError, match="prefetch must be True or False, got 'on'"):
+        bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask, p.row_offsets, 43, 172, prefetch="on")
     if DEVICE == "cpu":  # the offsets/values cross-check costs a sync on CUDA, so CPU only
         with pytest.raises(ValueError, match="end within values"):
             bitmap_gemv.bitmap_gemv(xs, p.values[:-8], p.bitmask, p.row_offsets, 43, 172)
