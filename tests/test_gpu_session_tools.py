@@ -273,3 +273,45 @@ def test_no_step_is_given_more_than_the_phase_budget(tmp_path: Path, phase: str)
     limits, calls, out = _run_phase(tmp_path, phase, GPU_SESSION_BUDGET="100")
     assert _budget(out) == 100 and limits, calls
     assert max(limits) <= 100, limits
+
+
+def _kernel_selections(calls: list[list[str]]) -> list[set[str]]:
+    """Per kernel-bench call of a phase, the CUDA case ids its -k expression selects."""
+    from _pytest.mark.expression import Expression
+
+    ids = [str(case) for case in common.cases("cuda")]
+    selected = []
+    for call in calls:
+        if "bench/test_bench_kernels.py" not in call:
+            continue
+        expr = Expression.compile(call[call.index("-k") + 1])
+        selected.append(
+            {
+                i
+                for i in ids
+                if expr.evaluate(lambda w, i=i: w.lower() in f"test_kernel_vs_dense[{i}]".lower())
+            }
+        )
+    return selected
+
+
+def test_the_lease_measures_the_targets_rows_first_and_lease_rest_their_variants(
+    tmp_path: Path,
+) -> None:
+    """lease's kernel step runs the targets' providers only (a cut loses whole shapes, so
+    the A/B variant rows must not crowd them out); lease-rest's first step runs the variant
+    rows at the same M; together they are every bf16 case at M = 1, 16, 2048."""
+    _, lease, _ = _run_phase(tmp_path, "lease")
+    _, rest, _ = _run_phase(tmp_path, "lease-rest")
+    (headline,) = _kernel_selections(lease)
+    variants = _kernel_selections(rest)[0]
+    wanted = {
+        str(c)
+        for c in common.cases("cuda")
+        if c.dtype == torch.bfloat16 and c.M in (1, common.GEMV_MAX_M, 2048)
+    }
+    assert headline | variants == wanted and not headline & variants
+    core = {"triton", "cuda", "cuda_sm90", "torch", "auto"}
+    assert {i.split("-")[1] for i in headline} == core
+    assert not {i.split("-")[1] for i in variants} & core
+    assert len(headline) <= 161  # the 2026-12-04 lease measured 161 cases in its 200 s
