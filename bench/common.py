@@ -67,7 +67,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_dot|_n8|_n16|_split2x|_no_prefetch|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
+    # triton(_dot|_n8|_n16|_split2x|_tile_dot|_no_prefetch|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
     # |_pdl)
     # | cuda_sm90(_swizzle1) | torch | cpu | auto
     provider: str
@@ -92,6 +92,9 @@ def cases(device_type: str) -> list[Case]:
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("sparse24_gemv", ("triton_dot", "triton_n8"), lambda m: m == 1),
             ("sparse24_gemv", ("triton_n16", "triton_split2x"), lambda m: m == GEMV_MAX_M),
+            # the tensor-core path's 2026-12-04 step (one dot on the interleaved decoded tile)
+            # against the default four per-column dots
+            ("sparse24_gemv", ("triton_tile_dot",), lambda m: m in (4, GEMV_MAX_M)),
             # the CUDA GEMV with its split-K partials summed by a second kernel, next to the
             # default (a cluster reduction on Hopper) at the two ends of the decode range
             ("sparse24_gemv", ("cuda_reduce_kernel",), lambda m: m in (1, GEMV_MAX_M)),
@@ -244,6 +247,14 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         gemm_cfg = previous_gemm_config(case.M, N, sparse24_gemm)
         return lambda x, ws: sparse24_gemm.sparse24_gemm(
             x, *_packed_args(ws), N, K, config=gemm_cfg
+        )
+    if case.provider == "triton_tile_dot":
+        try:
+            from slimstack.kernels import sparse24_gemv
+        except ImportError as err:
+            raise Unavailable(f"triton kernels unavailable: {err}") from err
+        return lambda x, ws: sparse24_gemv.sparse24_gemv(
+            x, *_packed_args(ws), N, K, column_dots=False
         )
     if case.provider == "triton_no_prefetch":
         try:

@@ -54,8 +54,9 @@ def load_sparse24_tile(
 
 
 @triton.jit
-def decode_sparse24_tile(v, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Dense [BLOCK_N, BLOCK_K] tile, in the values dtype, from a raw tile."""
+def decode_sparse24_columns(v, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The raw tile's W[:, 4g + c] for c = 0, 1, 2, 3: four [BLOCK_N, BLOCK_K/4] tiles, in
+    the values dtype (column c of every group of four, groups in order)."""
     GROUPS: tl.constexpr = BLOCK_K // 4
     shifts = 4 * tl.arange(0, 8)
     nibbles = tl.reshape((words[:, :, None] >> shifts[None, None, :]) & 15, [BLOCK_N, GROUPS])
@@ -68,6 +69,42 @@ def decode_sparse24_tile(v, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr)
     col1 = tl.where(i0 == 1, v0, tl.where(i1 == 1, v1, zero))
     col2 = tl.where(i1 == 2, v1, tl.where(i0 == 2, v0, zero))
     col3 = tl.where(i1 == 3, v1, zero)
+    return col0, col1, col2, col3
+
+
+@triton.jit
+def load_x_columns(
+    x_ptr,
+    offs_m,
+    m_mask,
+    stride_xm,
+    k0,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_X: tl.constexpr,
+):
+    """The x operands of decode_sparse24_columns' four tiles: x[offs_m, k0 + 4g + c]^T for
+    c = 0, 1, 2, 3, four [BLOCK_K/4, BLOCK_M] tiles from one load of [groups, tokens, 4]
+    (8-byte pieces per token and group); 0 outside `m_mask` and past K. EVEN_X: K is a
+    multiple of BLOCK_K (no column past K)."""
+    GROUPS: tl.constexpr = BLOCK_K // 4
+    cols = k0 + 4 * tl.arange(0, GROUPS)[:, None, None] + tl.arange(0, 4)[None, None, :]
+    ptrs = x_ptr + offs_m[None, :, None] * stride_xm + cols
+    if EVEN_X:
+        x4 = tl.load(ptrs, mask=m_mask[None, :, None], other=0.0)
+    else:
+        x4 = tl.load(ptrs, mask=m_mask[None, :, None] & (cols < K), other=0.0)
+    even, odd = tl.split(tl.reshape(x4, [GROUPS, BLOCK_M, 2, 2]))  # c = 2j + i: i = 0 / 1
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def decode_sparse24_tile(v, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense [BLOCK_N, BLOCK_K] tile, in the values dtype, from a raw tile."""
+    col0, col1, col2, col3 = decode_sparse24_columns(v, words, BLOCK_N, BLOCK_K)
     # join(join(c0, c2), join(c1, c3)) has c_t at flat position t of its trailing 2x2.
     dense = tl.join(tl.join(col0, col2), tl.join(col1, col3))
     return tl.reshape(dense, [BLOCK_N, BLOCK_K])

@@ -35,7 +35,12 @@ from slimstack.kernels._checks import (
     check_size,
     padded_k,
 )
-from slimstack.kernels._sparse24_tile import load_sparse24_tile, sparse24_dense_tile
+from slimstack.kernels._sparse24_tile import (
+    decode_sparse24_columns,
+    load_sparse24_tile,
+    load_x_columns,
+    sparse24_dense_tile,
+)
 from slimstack.kernels.splitk_sum import splitk_sum
 
 MAX_M = 16
@@ -78,6 +83,7 @@ def _sparse24_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
+    COLUMN_DOTS: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_X: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -95,7 +101,29 @@ def _sparse24_gemv_kernel(
     t_start = pid_k * tiles_per_split
     t_end = tl.minimum(t_start + tiles_per_split, num_tiles)
 
-    if USE_DOT:
+    if USE_DOT and COLUMN_DOTS:
+        # One tl.dot per in-group column c: W[:, 4g + c] (as decoded, no interleave into a
+        # dense tile) against x[:, 4g + c], whose four column sets come from one load of x^T
+        # as [groups, tokens, 4]. The sm_90 step (64 x 128, triton 3.6): ~490 instructions
+        # per warp, 2 barriers, 4 waited wgmma groups, against ~800, 5 and 8 for one dot on
+        # the interleaved tile (`column_dots=False`).
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        for t in range(t_start, t_end):
+            k0 = t * BLOCK_K
+            v, words = load_sparse24_tile(
+                values_ptr, meta_ptr, rows, row_mask, k0, KV, stride_v, stride_meta,
+                BLOCK_K, EVEN_K,
+            )  # fmt: skip
+            w0, w1, w2, w3 = decode_sparse24_columns(v, words, BLOCK_N, BLOCK_K)
+            x0, x1, x2, x3 = load_x_columns(
+                x_ptr, offs_m, m_mask, stride_xm, k0, K, BLOCK_M, BLOCK_K, EVEN_X
+            )
+            acc = tl.dot(w0, x0, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(w1, x1, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(w2, x2, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(w3, x3, acc, input_precision=INPUT_PRECISION)
+        y = tl.trans(acc)
+    elif USE_DOT:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for t in range(t_start, t_end):
             k0 = t * BLOCK_K
@@ -208,9 +236,17 @@ def sparse24_gemv(
     K: int,
     *,
     config: GemvConfig | None = None,
+    column_dots: bool = True,
 ) -> torch.Tensor:
-    """y[M, N] = x[M, K] @ W^T for M <= 16, W packed as 2:4 (values [N, Kp/2], meta [N, Kp/8])."""
+    """y[M, N] = x[M, K] @ W^T for M <= 16, W packed as 2:4 (values [N, Kp/2], meta [N, Kp/8]).
+
+    `column_dots` (the tensor-core path, M >= 2): one tl.dot per in-group column of the
+    decoded tile; False runs one tl.dot on the interleaved dense tile (the 2026-12-04 kernel,
+    kept for the benchmark's A/B row). Both accumulate in fp32; the sums' order differs.
+    """
     M = _validate(x, values, meta, N, K, config)
+    if not isinstance(column_dots, bool):
+        raise TypeError(f"sparse24_gemv: column_dots must be True or False, got {column_dots!r}")
     if M == 0:
         return x.new_empty((0, N))
     if x.stride(1) != 1:
@@ -232,7 +268,8 @@ def sparse24_gemv(
         x, values, words, out, M, N, K, Kp // 2,
         x.stride(0), values.stride(0), words.stride(0), M * N,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=block_m >= 16, EVEN_K=Kp % cfg.block_k == 0, EVEN_X=K % cfg.block_k == 0,
+        USE_DOT=block_m >= 16, COLUMN_DOTS=column_dots, EVEN_K=Kp % cfg.block_k == 0,
+        EVEN_X=K % cfg.block_k == 0,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip

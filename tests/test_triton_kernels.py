@@ -169,6 +169,36 @@ def test_sparse24_gemv_configs(poisoned, make_sparse24, M, cfg):
 
 
 @runs_here
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=ids)
+@pytest.mark.parametrize(
+    "M,N,K,cfg",
+    [
+        pytest.param(2, 40, 300, dict(block_n=16, block_k=64, split_k=1), id="M2-odd-K"),
+        pytest.param(16, 43, 172, dict(block_n=64, block_k=128), id="M16-N43-K172"),
+        pytest.param(9, 24, 256, dict(block_n=16, block_k=128, split_k=2), id="M9-even-K-split2"),
+        pytest.param(1, 40, 300, dict(block_n=16, block_k=64, use_dot=True), id="M1-forced-dot"),
+    ],
+)
+def test_sparse24_gemv_column_dots_match_the_dense_tile_dot(
+    poisoned, make_sparse24, dtype, M, N, K, cfg
+):
+    """The tensor-core path's four per-column dots (the default) and its one dot on the
+    interleaved tile (column_dots=False) both match float64; they differ only in the order
+    of the fp32 sums."""
+    w = make_sparse24(N, K, dtype, generator=_gen(N + K))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=M + 40)
+    config = sparse24_gemv.GemvConfig(**cfg)
+    args = (x, packed.values, packed.meta, N, K)
+    columns = sparse24_gemv.sparse24_gemv(*args, config=config)
+    tile = sparse24_gemv.sparse24_gemv(*args, config=config, column_dots=False)
+    ref = x.double() @ w.double().t().to(DEVICE)
+    _assert_matches(columns, ref, dtype)
+    _assert_matches(tile, ref, dtype)
+    torch.testing.assert_close(columns, tile, **TOL[dtype])
+
+
+@runs_here
 @pytest.mark.parametrize("M", [1, 4])
 def test_sparse24_gemv_k_multiple_of_block(poisoned, make_sparse24, M):
     """K % BLOCK_K == 0 takes the unmasked x path (what 4096-wide layers run)."""
@@ -608,6 +638,8 @@ def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
         bitmap_gemv.bitmap_gemv(x[:17], p.values, p.bitmask, p.row_offsets, 43, 172)
     with pytest.raises(ValueError, match=r"bitmask must have shape \[43, 24\]"):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask[:, :-1], p.row_offsets, 43, 172)
+    with pytest.raises(TypeError, match="column_dots must be True or False, got 1"):
+        sparse24_gemv.sparse24_gemv(x[:2], values, meta, 43, 172, column_dots=1)
     with pytest.raises(TypeError, match="prefetch must be True or False, got 'on'"):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask, p.row_offsets, 43, 172, prefetch="on")
     if DEVICE == "cpu":  # the offsets/values cross-check costs a sync on CUDA, so CPU only
