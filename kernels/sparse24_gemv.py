@@ -6,10 +6,12 @@ types. Two inner products, chosen by M (a constexpr):
 - M = 1: no dense tile. Each kept value gathers its x (L1 hits: the program reads one
   BLOCK_K slice of x) and does one FMA, half the FLOPs of a decoded tile. The next raw tile
   is prefetched into registers while the current one is used.
-- M 2..16: the 2:4 tile is decoded into a dense [BLOCK_N, BLOCK_K] register tile
-  (kernels/_sparse24_tile.py) and meets x^T, padded to 16 columns, in tl.dot. The padding is
-  free on tensor cores, while FMA work would grow with every row of x; Triton's pipeliner
-  stages these loads through shared memory (cp.async).
+- M 2..16: the 2:4 tile is decoded (kernels/_sparse24_tile.py) into its four in-group
+  columns, W[:, 4g + c] for c = 0..3, and each meets the matching columns of x^T, padded to
+  16 tokens, in its own tl.dot: the same products as one dot on the dense tile without
+  interleaving the columns into it. The padding is free on tensor cores, while FMA work would
+  grow with every row of x; Triton's pipeliner stages these loads through shared memory
+  (cp.async).
 Small N leaves SMs idle, so there the K range is split across programs (fp32 partials,
 summed in slice order by one more launch, kernels/splitk_sum.py). Accumulation is fp32; the
 output has x's dtype.
