@@ -168,7 +168,7 @@ pack_out() {
 
 # The headline cases of the issues: bf16, every 7B / 13B shape, decode M = 1 and 16 and the
 # prefill M = 2048 (about 140 cases), every provider but the A/B variants, which lease-rest
-# measures at the same M (about 125 cases; bench/common.py says what each one tests). Cases run
+# measures at the same M (about 133 cases; bench/common.py says what each one tests). Cases run
 # shape by shape, so a step cut at its limit loses whole shapes: the targets' rows go first.
 HEADLINE_M="bfloat16 and (M1- or M16- or M2048-)"
 VARIANTS="reduce_kernel or prefetch_off or cuda_pdl or no_prefetch or triton_dot or triton_n8"
