@@ -67,7 +67,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_dot|_n8|_n16|_split2x|_tile_dot|_no_prefetch|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
+    # triton(_dot|_n8|_w8|_n16|_split2x|_tile_dot|_no_prefetch|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
     # |_pdl)
     # | cuda_sm90(_swizzle1) | torch | cpu | auto
     provider: str
@@ -90,7 +90,7 @@ def cases(device_type: str) -> list[Case]:
     if device_type == "cuda":
         plan = [
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
-            ("sparse24_gemv", ("triton_dot", "triton_n8"), lambda m: m == 1),
+            ("sparse24_gemv", ("triton_dot", "triton_n8", "triton_w8"), lambda m: m == 1),
             ("sparse24_gemv", ("triton_n16", "triton_split2x"), lambda m: m == GEMV_MAX_M),
             # the tensor-core path's 2026-12-04 step (one dot on the interleaved decoded tile)
             # against the default four per-column dots
@@ -106,7 +106,7 @@ def cases(device_type: str) -> list[Case]:
             # isolated kernels; in the engine the kernel before a GEMV is a norm or SwiGLU)
             ("sparse24_gemv", ("cuda_pdl",), lambda m: m in (1, GEMV_MAX_M)),
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
-            ("bitmap_gemv", ("triton_n8",), lambda m: m == 1),
+            ("bitmap_gemv", ("triton_n8", "triton_w8"), lambda m: m == 1),
             # the 2026-12-04 loop (each tile's mask words, gather and x waited on in turn)
             # against the default software-pipelined one
             ("bitmap_gemv", ("triton_no_prefetch",), lambda m: m in (1, GEMV_MAX_M)),
@@ -262,7 +262,14 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         except ImportError as err:
             raise Unavailable(f"triton kernels unavailable: {err}") from err
         return lambda x, ws: bitmap_gemv.bitmap_gemv(x, *_packed_args(ws), N, K, prefetch=False)
-    if case.provider in ("triton", "triton_dot", "triton_n8", "triton_n16", "triton_split2x"):
+    if case.provider in (
+        "triton",
+        "triton_dot",
+        "triton_n8",
+        "triton_w8",
+        "triton_n16",
+        "triton_split2x",
+    ):
         try:
             from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
         except ImportError as err:
@@ -336,6 +343,10 @@ def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
       H200 2026-12-04: N = 4096 gave 256 programs of 4 warps at M = 1 (2 per SM, 8 warps:
       little to hide the mask -> value -> x gather chain behind) and 64 x 4 split-K programs
       at M = 16; half / a quarter of the rows doubles / quadruples the programs.
+    - triton_w8 (M = 1): the default tile and split on 8 warps instead of 4. Triton 3.6 (the
+      GPU image's) gives the default 2:4 tile 147 registers at 4 warps (3 programs per SM)
+      and 91 at 8, the bitmap tile 119 and 95: twice the warps per SM on N = 4096 (2
+      programs per SM either way), and fewer waves on the large N.
     - triton_split2x (M = 16): the default tile with twice the default K split, the other way
       to double the programs (the decode of a 64 x 128 tile is ~700 instructions per warp,
       latency-bound at 8 warps per SM).
@@ -351,6 +362,8 @@ def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
     default_split = sparse24_gemv.choose_split_k(_cdiv(case.N, base.block_n), k_tiles, sms)
     if case.provider == "triton_n8":
         return sparse24_gemv.GemvConfig(8, base.block_k, num_warps=base.num_warps)
+    if case.provider == "triton_w8":
+        return sparse24_gemv.GemvConfig(base.block_n, base.block_k, num_warps=8)
     if case.provider == "triton_split2x":
         split = min(2 * default_split, k_tiles)
         return sparse24_gemv.GemvConfig(base.block_n, base.block_k, base.num_warps, split_k=split)

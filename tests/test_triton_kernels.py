@@ -148,8 +148,9 @@ GEMV_CONFIGS = [
     pytest.param(1, dict(block_n=16, block_k=128, split_k=4), id="M1-fma-split4-uneven"),
     pytest.param(1, dict(block_n=16, block_k=64, use_dot=True), id="M1-forced-dot"),
     pytest.param(1, dict(block_n=64, block_k=128, num_warps=8), id="M1-fma-k128-8warps"),
-    # the bench's triton_n8 (M = 1) and triton_n16 (M = 16) variants
+    # the bench's triton_n8 / triton_w8 (M = 1) and triton_n16 (M = 16) variants
     pytest.param(1, dict(block_n=8, block_k=512), id="M1-fma-8-rows"),
+    pytest.param(1, dict(block_n=16, block_k=512, num_warps=8), id="M1-fma-8-warps"),
     pytest.param(16, dict(block_n=16, block_k=128), id="M16-dot-16-rows"),
     pytest.param(7, dict(block_n=16, block_k=64, split_k=1), id="M7-dot-5-tiles"),
     pytest.param(16, dict(block_n=32, block_k=128, split_k=3), id="M16-dot-split3"),
