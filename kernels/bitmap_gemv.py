@@ -54,7 +54,7 @@ from slimstack.kernels.splitk_sum import splitk_sum
 @triton.jit
 def _x_tile(x_ptr, k0, K, offs_m, m_mask, stride_xm, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
     """x[:, k0:k0+BLOCK_K] as the step's operand: x^T [BLOCK_K, BLOCK_M] for tl.dot, the one
-    row [BLOCK_K] for the FMA path; 0 past K."""
+    row [BLOCK_K] in fp32 for the FMA path; 0 past K."""
     cols = k0 + tl.arange(0, BLOCK_K)
     if USE_DOT:  # one return: triton checks every return of a function against the first
         x = tl.load(
@@ -63,7 +63,9 @@ def _x_tile(x_ptr, k0, K, offs_m, m_mask, stride_xm, BLOCK_K: tl.constexpr, USE_
             other=0.0,
         )
     else:
-        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+        # fp32 here, before Triton broadcasts the row to every row of the tile: one
+        # conversion per column instead of one per element (the same values)
+        x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
     return x
 
 
@@ -74,7 +76,7 @@ def _accumulate(acc, w, x, USE_DOT: tl.constexpr, INPUT_PRECISION: tl.constexpr)
     if USE_DOT:
         acc = tl.dot(w, x, acc, input_precision=INPUT_PRECISION)
     else:
-        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        acc += w.to(tl.float32) * x[None, :]
     return acc
 
 
