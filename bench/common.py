@@ -67,7 +67,8 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_dot|_n8|_w8|_n16|_split2x|_tile_dot|_no_prefetch|_unpack|_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
+    # triton(_dot|_n8|_w8|_n16|_split2x|_tile_dot|_global_gather|_no_prefetch|_unpack
+    # |_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
     # |_pdl)
     # | cuda_sm90(_swizzle1) | torch | cpu | auto
     provider: str
@@ -91,6 +92,9 @@ def cases(device_type: str) -> list[Case]:
         plan = [
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
             ("sparse24_gemv", ("triton_dot", "triton_n8", "triton_w8"), lambda m: m == 1),
+            # the 2026-12-04 x gather (one global load per kept value) against the default
+            # gather from the step's x slice in shared memory
+            ("sparse24_gemv", ("triton_global_gather",), lambda m: m == 1),
             ("sparse24_gemv", ("triton_n16", "triton_split2x"), lambda m: m == GEMV_MAX_M),
             # the tensor-core path's 2026-12-04 step (one dot on the interleaved decoded tile)
             # against the default four per-column dots
@@ -248,13 +252,14 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         return lambda x, ws: sparse24_gemm.sparse24_gemm(
             x, *_packed_args(ws), N, K, config=gemm_cfg
         )
-    if case.provider == "triton_tile_dot":
+    if case.provider in ("triton_tile_dot", "triton_global_gather"):
         try:
             from slimstack.kernels import sparse24_gemv
         except ImportError as err:
             raise Unavailable(f"triton kernels unavailable: {err}") from err
+        flag = "column_dots" if case.provider == "triton_tile_dot" else "smem_gather"
         return lambda x, ws: sparse24_gemv.sparse24_gemv(
-            x, *_packed_args(ws), N, K, column_dots=False
+            x, *_packed_args(ws), N, K, **{flag: False}
         )
     if case.provider == "triton_no_prefetch":
         try:

@@ -70,7 +70,7 @@ def _gemv_variants(dt: str) -> list[Variant]:
                 {"x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "meta_ptr": "*i32",
                  "out_ptr": f"*{dt}"},
                 dict(common, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_X=True,
-                     COLUMN_DOTS=True),
+                     COLUMN_DOTS=True, SMEM_GATHER=True),
                 cfg.num_warps, cfg.num_stages, frozenset({"M"}),
             )
         )  # fmt: skip
@@ -99,7 +99,8 @@ def _gemv_variants(dt: str) -> list[Variant]:
         Variant(
             f"sparse24_gemv[M=1,split-K,{dt}]", "sparse24_gemv", "_sparse24_gemv_kernel", "gemv",
             {"x_ptr": f"*{dt}", "values_ptr": f"*{dt}", "meta_ptr": "*i32", "out_ptr": "*fp32"},
-            dict(BLOCK_M=1, USE_DOT=False, COLUMN_DOTS=True, EVEN_K=True, EVEN_X=True,
+            dict(BLOCK_M=1, USE_DOT=False, COLUMN_DOTS=True, SMEM_GATHER=True, EVEN_K=True,
+                 EVEN_X=True,
                  INPUT_PRECISION=_precision(dt), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k),
             cfg.num_warps, cfg.num_stages, frozenset({"M"}),
         )

@@ -50,21 +50,63 @@ _DOT_MIN_M = 2  # M > 1 goes to the tensor cores, x^T padded to 16 columns
 
 
 @triton.jit
-def _gathered_x(
-    x_ptr, words, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_X: tl.constexpr
-):
-    """x at the column of every kept value of the tile, [BLOCK_N, BLOCK_K/2].
+def _swizzled(c):
+    """Where step-local column c of x sits in the shared-memory copy that tl.gather reads:
+    bits 1-3 xor bits 6-8. Lane L of a warp gathers the columns of groups 4L..4L+3 (16L up
+    to 16L + 15), so in column order the 32 lanes' 2-byte reads fall on 4 of the 32 banks
+    (8 lanes each); the xor spreads them over all 32 (at most 2 per bank, as the in-group
+    index varies). An involution: the same function maps back."""
+    return c ^ (((c >> 6) & 7) << 1)
 
-    Value j of a row sits in group j // 2 at in-group index (word[j // 16] >> 2 * (j % 16)) & 3:
-    the sparse24 meta nibbles read as 2-bit fields of the little-endian int32 words.
-    """
+
+@triton.jit
+def _value_columns(words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Step-local column of every kept value of the tile, [BLOCK_N, BLOCK_K/2]: value j of a
+    row sits in group j // 2 at in-group index (word[j // 16] >> 2 * (j % 16)) & 3 (the
+    sparse24 meta nibbles read as 2-bit fields of the little-endian int32 words)."""
     VALUES: tl.constexpr = BLOCK_K // 2
     fields = (words[:, :, None] >> (2 * tl.arange(0, 16))[None, None, :]) & 3
-    index = tl.reshape(fields, [BLOCK_N, VALUES])
-    cols = k0 + 4 * (tl.arange(0, VALUES) // 2)[None, :] + index
+    return 4 * (tl.arange(0, VALUES) // 2)[None, :] + tl.reshape(fields, [BLOCK_N, VALUES])
+
+
+@triton.jit
+def _gathered_x(x_ptr, words, k0, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                EVEN_X: tl.constexpr):  # fmt: skip
+    """x at the column of every kept value of the tile, one global (L1) load per value at a
+    64-bit address (the 2026-12-04 kernel)."""
+    cols = k0 + _value_columns(words, BLOCK_N, BLOCK_K)
     if EVEN_X:  # K % BLOCK_K == 0: no column past K, and one compare less per value
         return tl.load(x_ptr + cols)
     return tl.load(x_ptr + cols, mask=cols < K, other=0.0)
+
+
+@triton.jit
+def _swizzled(c):
+    """Where step-local column c of x sits in the shared-memory copy that tl.gather reads:
+    bits 1-3 xor bits 6-8. Lane L of a warp gathers the columns of groups 4L..4L+3 (16L up
+    to 16L + 15), so in column order the 32 lanes' 2-byte reads fall on 4 of the 32 banks
+    (8 lanes each); the xor spreads them over all 32 (at most 2 per bank, as the in-group
+    index varies). An involution: the same function maps back."""
+    return c ^ (((c >> 6) & 7) << 1)
+
+
+@triton.jit
+def _x_slice(x_ptr, k0, limit, BLOCK_K: tl.constexpr):
+    """x[k0 : k0 + BLOCK_K] in _swizzled order, 0 at and past column `limit`."""
+    cols = k0 + _swizzled(tl.arange(0, BLOCK_K))
+    return tl.load(x_ptr + cols, mask=cols < limit, other=0.0)
+
+
+@triton.jit
+def _gathered_from_slice(x_slice, words, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """x at the column of every kept value of the tile, read from the step's slice with
+    tl.gather: a shared-memory copy, 32-bit addresses, one LDS per value. pos(4m + f) =
+    pos(4m) ^ f for f < 4, so the swizzle of the group part is loop-invariant."""
+    VALUES: tl.constexpr = BLOCK_K // 2
+    group_pos = _swizzled(4 * (tl.arange(0, VALUES) // 2))
+    fields = _value_columns(words, BLOCK_N, BLOCK_K) & 3
+    flat = tl.reshape(group_pos[None, :] ^ fields, [BLOCK_N * VALUES])
+    return tl.reshape(tl.gather(x_slice, flat, 0), [BLOCK_N, VALUES])
 
 
 @triton.jit
@@ -86,6 +128,7 @@ def _sparse24_gemv_kernel(
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     COLUMN_DOTS: tl.constexpr,
+    SMEM_GATHER: tl.constexpr,
     EVEN_K: tl.constexpr,
     EVEN_X: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
@@ -155,6 +198,8 @@ def _sparse24_gemv_kernel(
             values_ptr, meta_ptr, rows, live_rows, t_start * BLOCK_K, KV, stride_v, stride_meta,
             BLOCK_K, EVEN_K,
         )  # fmt: skip
+        if SMEM_GATHER:  # the step's x slice is loaded one step ahead too
+            x_slice = _x_slice(x_ptr, t_start * BLOCK_K, tl.where(t_start < t_end, K, 0), BLOCK_K)
         for t in range(t_start, t_end):
             k0 = t * BLOCK_K
             next_rows = rows < tl.where(t + 1 < t_end, N, 0)
@@ -162,7 +207,13 @@ def _sparse24_gemv_kernel(
                 values_ptr, meta_ptr, rows, next_rows, k0 + BLOCK_K, KV, stride_v, stride_meta,
                 BLOCK_K, EVEN_K,
             )  # fmt: skip
-            x = _gathered_x(x_ptr, words, k0, K, BLOCK_N, BLOCK_K, EVEN_X)
+            if SMEM_GATHER:
+                limit = tl.where(t + 1 < t_end, K, 0)
+                x_next = _x_slice(x_ptr, k0 + BLOCK_K, limit, BLOCK_K)
+                x = _gathered_from_slice(x_slice, words, BLOCK_N, BLOCK_K)
+                x_slice = x_next
+            else:
+                x = _gathered_x(x_ptr, words, k0, K, BLOCK_N, BLOCK_K, EVEN_X)
             acc += v.to(tl.float32) * x.to(tl.float32)
             v, words = v_next, words_next
         y = tl.sum(acc, axis=1)[None, :]
@@ -239,16 +290,21 @@ def sparse24_gemv(
     *,
     config: GemvConfig | None = None,
     column_dots: bool = True,
+    smem_gather: bool = True,
 ) -> torch.Tensor:
     """y[M, N] = x[M, K] @ W^T for M <= 16, W packed as 2:4 (values [N, Kp/2], meta [N, Kp/8]).
 
     `column_dots` (the tensor-core path, M >= 2): one tl.dot per in-group column of the
     decoded tile; False runs one tl.dot on the interleaved dense tile (the 2026-12-04 kernel,
     kept for the benchmark's A/B row). Both accumulate in fp32; the sums' order differs.
+    `smem_gather` (the FMA path, M = 1): x gathered from a shared-memory copy of each step's
+    slice; False gathers it from global memory as the 2026-12-04 kernel did (same values,
+    same sums).
     """
     M = _validate(x, values, meta, N, K, config)
-    if not isinstance(column_dots, bool):
-        raise TypeError(f"sparse24_gemv: column_dots must be True or False, got {column_dots!r}")
+    for name, flag in (("column_dots", column_dots), ("smem_gather", smem_gather)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"sparse24_gemv: {name} must be True or False, got {flag!r}")
     if M == 0:
         return x.new_empty((0, N))
     if x.stride(1) != 1:
@@ -270,7 +326,8 @@ def sparse24_gemv(
         x, values, words, out, M, N, K, Kp // 2,
         x.stride(0), values.stride(0), words.stride(0), M * N,
         BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        USE_DOT=block_m >= 16, COLUMN_DOTS=column_dots, EVEN_K=Kp % cfg.block_k == 0,
+        USE_DOT=block_m >= 16, COLUMN_DOTS=column_dots, SMEM_GATHER=smem_gather,
+        EVEN_K=Kp % cfg.block_k == 0,
         EVEN_X=K % cfg.block_k == 0,
         INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,

@@ -200,6 +200,54 @@ def test_sparse24_gemv_column_dots_match_the_dense_tile_dot(
 
 
 @runs_here
+@pytest.mark.parametrize(
+    "N,K,cfg",
+    [
+        pytest.param(40, 300, dict(block_n=16, block_k=64, split_k=1), id="odd-K-5-tiles"),
+        pytest.param(43, 172, dict(block_n=16, block_k=512), id="N43-K172-one-tile"),
+        pytest.param(24, 1024, dict(block_n=16, block_k=256, split_k=3), id="even-K-split3"),
+        pytest.param(24, 1024, dict(block_n=8, block_k=512, num_warps=8), id="even-K-8-warps"),
+    ],
+)
+def test_sparse24_gemv_smem_gather_matches_the_global_gather(poisoned, make_sparse24, N, K, cfg):
+    """M = 1: x gathered from the swizzled shared-memory slice (the default) reads the same
+    values as the global gather, so the sums and the outputs are bitwise the same."""
+    dtype = torch.float16
+    w = make_sparse24(N, K, dtype, generator=_gen(N * K))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(1, K, dtype, seed=N)
+    config = sparse24_gemv.GemvConfig(**cfg)
+    args = (x, packed.values, packed.meta, N, K)
+    smem = sparse24_gemv.sparse24_gemv(*args, config=config)
+    direct = sparse24_gemv.sparse24_gemv(*args, config=config, smem_gather=False)
+    assert torch.equal(smem, direct)
+    _assert_matches(smem, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+def test_swizzle_is_an_involution_that_spreads_the_lanes_over_the_banks():
+    """The x slice's shared-memory order: a permutation of each step's columns (it maps
+    back onto itself), pos(4m + f) = pos(4m) ^ f within a group, and for every register
+    index the 32 lanes' reads (lane L: groups 4L..4L+3, any in-group index) land on all 32
+    banks once each when the in-group index is the same, where column order gives 4 banks."""
+    import numpy as np
+
+    def swizzled(c):
+        return c ^ (((c >> 6) & 7) << 1)
+
+    c = np.arange(512)
+    assert sorted(swizzled(c)) == list(c) and (swizzled(swizzled(c)) == c).all()
+    m = np.arange(128)[:, None]
+    f = np.arange(4)[None, :]
+    assert (swizzled(4 * m + f) == (swizzled(4 * m) ^ f)).all()
+    lanes = np.arange(32)
+    for k in range(8):  # value 8L + k sits in group 4L + k // 2
+        for f in range(4):
+            col = 16 * lanes + 4 * (k // 2) + f
+            assert len(set(swizzled(col) * 2 // 4 % 32)) == 32
+            assert len(set(col * 2 // 4 % 32)) == 4
+
+
+@runs_here
 @pytest.mark.parametrize("M", [1, 4])
 def test_sparse24_gemv_k_multiple_of_block(poisoned, make_sparse24, M):
     """K % BLOCK_K == 0 takes the unmasked x path (what 4096-wide layers run)."""
@@ -641,6 +689,8 @@ def test_gemm_and_bitmap_reject_bad_input(make_sparse24, make_unstructured):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask[:, :-1], p.row_offsets, 43, 172)
     with pytest.raises(TypeError, match="column_dots must be True or False, got 1"):
         sparse24_gemv.sparse24_gemv(x[:2], values, meta, 43, 172, column_dots=1)
+    with pytest.raises(TypeError, match="smem_gather must be True or False, got None"):
+        sparse24_gemv.sparse24_gemv(x[:1], values, meta, 43, 172, smem_gather=None)
     with pytest.raises(TypeError, match="prefetch must be True or False, got 'on'"):
         bitmap_gemv.bitmap_gemv(xs, p.values, p.bitmask, p.row_offsets, 43, 172, prefetch="on")
     if DEVICE == "cpu":  # the offsets/values cross-check costs a sync on CUDA, so CPU only
