@@ -349,9 +349,9 @@ def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
       little to hide the mask -> value -> x gather chain behind) and 64 x 4 split-K programs
       at M = 16; half / a quarter of the rows doubles / quadruples the programs.
     - triton_w8 (M = 1): the default tile and split on 8 warps instead of 4. Triton 3.6 (the
-      GPU image's) gives the default 2:4 tile 147 registers at 4 warps (3 programs per SM)
-      and 91 at 8, the bitmap tile 119 and 95: twice the warps per SM on N = 4096 (2
-      programs per SM either way), and fewer waves on the large N.
+      GPU image's) gives the default 2:4 tile 128 registers at 4 warps and 80 at 8, the
+      bitmap tile 123 and 95: twice the warps per SM on N = 4096 (2 programs per SM either
+      way), and fewer waves on the large N.
     - triton_split2x (M = 16): the default tile with twice the default K split, the other way
       to double the programs (the decode of a 64 x 128 tile is ~700 instructions per warp,
       latency-bound at 8 warps per SM).
