@@ -3,9 +3,10 @@
 Memory-bound: each program streams BLOCK_N rows of ``values`` (128-bit contiguous loads) and
 their int32 metadata words once; the bytes moved are 0.5625x the dense weight's for 16-bit
 types. Two inner products, chosen by M (a constexpr):
-- M = 1: no dense tile. Each kept value gathers its x (L1 hits: the program reads one
-  BLOCK_K slice of x) and does one FMA, half the FLOPs of a decoded tile. The next raw tile
-  is prefetched into registers while the current one is used.
+- M = 1: no dense tile. Each kept value gathers its x from a shared-memory copy of the
+  step's BLOCK_K slice of x (tl.gather, the slice in a bank-conflict-free order) and does one
+  FMA, half the FLOPs of a decoded tile. The next raw tile and x slice are prefetched into
+  registers while the current ones are used.
 - M 2..16: the 2:4 tile is decoded (kernels/_sparse24_tile.py) into its four in-group
   columns, W[:, 4g + c] for c = 0..3, and each meets the matching columns of x^T, padded to
   16 tokens, in its own tl.dot: the same products as one dot on the dense tile without
@@ -47,16 +48,6 @@ from slimstack.kernels.splitk_sum import splitk_sum
 
 MAX_M = 16
 _DOT_MIN_M = 2  # M > 1 goes to the tensor cores, x^T padded to 16 columns
-
-
-@triton.jit
-def _swizzled(c):
-    """Where step-local column c of x sits in the shared-memory copy that tl.gather reads:
-    bits 1-3 xor bits 6-8. Lane L of a warp gathers the columns of groups 4L..4L+3 (16L up
-    to 16L + 15), so in column order the 32 lanes' 2-byte reads fall on 4 of the 32 banks
-    (8 lanes each); the xor spreads them over all 32 (at most 2 per bank, as the in-group
-    index varies). An involution: the same function maps back."""
-    return c ^ (((c >> 6) & 7) << 1)
 
 
 @triton.jit
@@ -149,8 +140,8 @@ def _sparse24_gemv_kernel(
     if USE_DOT and COLUMN_DOTS:
         # One tl.dot per in-group column c: W[:, 4g + c] (as decoded, no interleave into a
         # dense tile) against x[:, 4g + c], whose four column sets come from one load of x^T
-        # as [groups, tokens, 4]. The sm_90 step (64 x 128, triton 3.6): ~490 instructions
-        # per warp, 2 barriers, 4 waited wgmma groups, against ~800, 5 and 8 for one dot on
+        # as [groups, tokens, 4]. The sm_90 step (64 x 128, triton 3.6): 514 instructions
+        # per warp, 2 barriers, 4 waited wgmma groups, against 718, 5 and 8 for one dot on
         # the interleaved tile (`column_dots=False`).
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         for t in range(t_start, t_end):
@@ -185,13 +176,13 @@ def _sparse24_gemv_kernel(
             acc = tl.dot(w, x_t, acc, input_precision=INPUT_PRECISION)
         y = tl.trans(acc)
     else:
-        # M == 1: no dense tile at all. Each kept value gathers its x (an L1 hit: the CTA
-        # reads the same BLOCK_K slice of x) and does one FMA into a [BLOCK_N, BLOCK_K/2] fp32
-        # accumulator reduced once at the end: half the FLOPs of a decoded tile and no
-        # layout shuffles. Plain loads are not staged by Triton's pipeliner, so the next raw
-        # tile is prefetched by hand into registers: twice the bytes in flight for ~20
-        # registers. (Row masks are rebuilt from a scalar limit: the interpreter rejects
-        # bool & scalar.)
+        # M == 1: no dense tile at all. Each kept value gathers its x (from the step's slice
+        # in shared memory, or with SMEM_GATHER off an L1 hit: the CTA reads the same BLOCK_K
+        # slice of x) and does one FMA into a [BLOCK_N, BLOCK_K/2] fp32 accumulator reduced
+        # once at the end: half the FLOPs of a decoded tile and no layout shuffles. Plain
+        # loads are not staged by Triton's pipeliner, so the next raw tile (and x slice) is
+        # prefetched by hand into registers: twice the bytes in flight for ~20 registers.
+        # (Row masks are rebuilt from a scalar limit: the interpreter rejects bool & scalar.)
         acc = tl.zeros([BLOCK_N, BLOCK_K // 2], dtype=tl.float32)
         live_rows = rows < tl.where(t_start < t_end, N, 0)
         v, words = load_sparse24_tile(
