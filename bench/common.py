@@ -120,6 +120,8 @@ def cases(device_type: str) -> list[Case]:
             ("sparse24_gemm", ("cuda_sm90_swizzle1",), lambda m: m >= 512),
             # the Triton GEMM's 2026-12-04 tiles (W as A, one CTA per SM) against the default
             ("sparse24_gemm", ("triton_w_as_a",), lambda m: m >= 512),
+            # W unpacked once by Triton, then cuBLAS: the floor the fused Triton GEMM must beat
+            ("sparse24_gemm", ("triton_unpack",), lambda m: m >= 512),
             ("sparse24_mm", ("torch", "auto"), lambda m: True),
             ("bitmap_mm", ("auto",), lambda m: True),
             # W unpacked by Triton, then cuBLAS: the triton backend past decode, and at decode
@@ -287,9 +289,11 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         return lambda x, ws: sparse24_gemm.sparse24_gemm(x, *_packed_args(ws), N, K)
     if case.provider == "triton_unpack":
         try:
-            from slimstack.kernels import bitmap_unpack
+            from slimstack.kernels import bitmap_unpack, sparse24_unpack
         except ImportError as err:
             raise Unavailable(f"triton kernels unavailable: {err}") from err
+        if case.weight_format == "sparse24":
+            return lambda x, ws: sparse24_unpack.sparse24_mm_unpacked(x, *_packed_args(ws), N, K)
         return lambda x, ws: bitmap_unpack.bitmap_mm_unpacked(x, *_packed_args(ws), N, K)
     if case.provider in ("cuda_sm90", "cuda_sm90_swizzle1"):
         # CUTLASS sparse tensor cores: meta reordered once

@@ -55,7 +55,7 @@ def _precision(dt: str) -> str:
 
 
 def _gemv_variants(dt: str) -> list[Variant]:
-    from slimstack.kernels import bitmap_gemv, bitmap_unpack, sparse24_gemv
+    from slimstack.kernels import bitmap_gemv, bitmap_unpack, sparse24_gemv, sparse24_unpack
 
     out = []
     for m in (1, 16):
@@ -92,6 +92,15 @@ def _gemv_variants(dt: str) -> list[Variant]:
              "out_ptr": f"*{dt}"},
             dict(BLOCK_N=unpack.block_n, BLOCK_K=unpack.block_k, EVEN_K=True, HW_POPC=True),
             unpack.num_warps, unpack.num_stages,
+        )
+    )  # fmt: skip
+    unpack24 = sparse24_unpack.UnpackConfig()
+    out.append(
+        Variant(
+            f"sparse24_unpack[{dt}]", "sparse24_unpack", "_sparse24_unpack_kernel", "gemv",
+            {"values_ptr": f"*{dt}", "meta_ptr": "*i32", "out_ptr": f"*{dt}"},
+            dict(BLOCK_N=unpack24.block_n, BLOCK_K=unpack24.block_k, EVEN_K=True),
+            unpack24.num_warps, unpack24.num_stages,
         )
     )  # fmt: skip
     cfg = sparse24_gemv.default_config(1)
@@ -209,7 +218,13 @@ def _odd_k_variants(made: list[Variant]) -> list[Variant]:
     kp = (ODD_K + 63) // 64 * 64
     out = []
     for v in made:
-        if v.module not in ("sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "bitmap_unpack"):
+        if v.module not in (
+            "sparse24_gemv",
+            "sparse24_gemm",
+            "bitmap_gemv",
+            "bitmap_unpack",
+            "sparse24_unpack",
+        ):
             continue
         if v.module == "sparse24_gemm" and v.constexprs["BLOCK_M"] > MAX_UNALIGNED_BLOCK_M:
             continue  # default_config keeps unaligned shapes on 64-row tiles

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow
 DTYPES = ("fp16", "bf16", "fp32")
 HALF = ("fp16", "bf16")  # the serving dtypes: tiles are sized for them
 MODULES = (
-    "sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "bitmap_unpack", "splitk_sum", "rmsnorm",
-    "rope", "swiglu", "decode_attention",
+    "sparse24_gemv", "sparse24_gemm", "bitmap_gemv", "bitmap_unpack", "sparse24_unpack",
+    "splitk_sum", "rmsnorm", "rope", "swiglu", "decode_attention",
 )  # fmt: skip
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,14 +105,16 @@ def test_streaming_loads_are_128_bit(reports):
         assert _has_prefix(r["opcodes"], *wide), f"{r['name']}: no 128-bit global loads"
 
 
-def test_bitmap_unpack_writes_the_dense_weight_in_128_bit_stores(reports):
+def test_unpacks_write_the_dense_weight_in_128_bit_stores(reports):
     """Where K keeps rows 16-byte aligned (every 7B / 13B shape); odd K stores 2 bytes."""
     unpack = [
         r
         for r in reports
-        if r["module"] == "bitmap_unpack" and r["dtype"] in HALF and "odd-K" not in r["name"]
+        if r["module"] in ("bitmap_unpack", "sparse24_unpack")
+        and r["dtype"] in HALF
+        and "odd-K" not in r["name"]
     ]
-    assert unpack
+    assert {r["module"] for r in unpack} == {"bitmap_unpack", "sparse24_unpack"}
     for r in unpack:
         stores = {op: n for op, n in r["opcodes"].items() if op.startswith("STG")}
         assert set(stores) == {"STG.E.128"}, f"{r['name']}: stores {stores}"

@@ -41,6 +41,7 @@ from slimstack.kernels import (  # noqa: E402
     rope,
     sparse24_gemm,
     sparse24_gemv,
+    sparse24_unpack,
     splitk_sum,
     swiglu,
 )
@@ -503,6 +504,59 @@ def test_bitmap_mm_unpacked_matches_float64(poisoned, make_unstructured, dtype, 
     x = _activations(M, K, dtype, seed=M + 5)
     y = bitmap_unpack.bitmap_mm_unpacked(x, p.values, p.bitmask, p.row_offsets, N, K)
     _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("N,K", SHAPES + [(40, 1000)])
+def test_sparse24_unpack_is_exact(poisoned, make_sparse24, dtype, N, K):
+    """Bit for bit the weight that was packed (padding columns dropped), for tiles that
+    cover N and K evenly and not."""
+    w = make_sparse24(N, K, dtype, generator=_gen(N + K))
+    packed = pack_sparse24(w).to(DEVICE)
+    for config in (
+        None,
+        sparse24_unpack.UnpackConfig(8, 64, 1),
+        sparse24_unpack.UnpackConfig(64, 256, 8),
+    ):
+        dense = sparse24_unpack.sparse24_unpack(packed.values, packed.meta, N, K, config=config)
+        assert dense.shape == (N, K) and dense.dtype == dtype
+        assert torch.equal(dense.cpu(), w), config
+
+
+@runs_here
+@pytest.mark.parametrize("dtype", DTYPES, ids=ids)
+@pytest.mark.parametrize("M", GEMM_M)
+def test_sparse24_mm_unpacked_matches_float64(poisoned, make_sparse24, dtype, M):
+    N, K = 43, 172
+    w = make_sparse24(N, K, dtype, generator=_gen(M))
+    packed = pack_sparse24(w).to(DEVICE)
+    x = _activations(M, K, dtype, seed=M + 6)
+    y = sparse24_unpack.sparse24_mm_unpacked(x, packed.values, packed.meta, N, K)
+    _assert_matches(y, x.double() @ w.double().t().to(DEVICE), dtype)
+
+
+@runs_here
+def test_sparse24_unpack_rejects_bad_input(make_sparse24):
+    packed = pack_sparse24(make_sparse24(43, 172, torch.float16, generator=_gen(3))).to(DEVICE)
+    values, meta = packed.values, packed.meta
+    with pytest.raises(ValueError, match=r"meta must have shape \[43, 24\]"):
+        sparse24_unpack.sparse24_unpack(values, meta[:, :-1].contiguous(), 43, 172)
+    with pytest.raises(TypeError, match="meta must have dtype torch.uint8"):
+        sparse24_unpack.sparse24_unpack(values, meta.view(torch.int8), 43, 172)
+    with pytest.raises(TypeError, match="values must be a float tensor"):
+        sparse24_unpack.sparse24_unpack(values.view(torch.int16), meta, 43, 172)
+    with pytest.raises(ValueError, match=r"values must have shape \[43, 160\], got \[43, 96\]"):
+        sparse24_unpack.sparse24_unpack(values, meta, 43, 300)
+    with pytest.raises(ValueError, match="block_k must be a multiple of 64, got 32"):
+        sparse24_unpack.sparse24_unpack(
+            values, meta, 43, 172, config=sparse24_unpack.UnpackConfig(block_k=32)
+        )
+    x = torch.randn(5, 172).to(values)
+    with pytest.raises(ValueError, match=r"x must have shape \[M, K=172\]"):
+        sparse24_unpack.sparse24_mm_unpacked(x[:, :-1], values, meta, 43, 172)
+    with pytest.raises(TypeError, match="x is torch.float32 but the weight is torch.float16"):
+        sparse24_unpack.sparse24_mm_unpacked(x.float(), values, meta, 43, 172)
 
 
 @runs_here
