@@ -1,11 +1,18 @@
 """Markdown summary of a kernel benchmark results JSON (DESIGN.md schema), for the README.
 
-Two tables per dtype: the geometric-mean speedup over the dense baseline across weight
-shapes, one row per (op, provider) and one column per M; and, at M = 1, each shape's time,
-achieved bandwidth and its share of the HBM copy bandwidth measured in the same run. Then
-the cases the run skipped or failed, with their reasons.
+Three tables per dtype: the geometric-mean speedup over the dense baseline across weight
+shapes, one row per (op, provider) and one column per M; at M = 1, each shape's time,
+achieved bandwidth and its share of the HBM copy bandwidth measured in the same run; and the
+A/B verdicts, each variant provider (bench/common.py: cuda_prefetch_off, triton_w8, ...)
+against the default it varies, shape by shape. Then the cases the run skipped or failed,
+with their reasons.
 
     python bench/summarize.py bench/results/<run>-kernels.json [--dtype bfloat16]
+    python bench/summarize.py <day>-kernels.json <day>-kernels-2.json   # a lease's two calls
+
+Several files (calls on one GPU) are summarized as one: their rows together, a case measured
+twice taken from the later file. Speedups are ratios within each call, so the A/B ratios
+(variant speedup / default speedup) compare across calls.
 """
 
 from __future__ import annotations
@@ -52,6 +59,61 @@ def decode_table(rows: list[dict[str, Any]], hbm_gbps: float) -> str:
     return "\n".join(lines)
 
 
+# Providers that are kernels of their own, not variants of another (bench/common.py)
+DEFAULT_PROVIDERS = frozenset({"cuda", "cuda_sm90", "triton", "torch", "auto", "cpu"})
+
+
+def reference_provider(provider: str) -> str | None:
+    """The default a variant provider varies (cuda_sm90_swizzle1 -> cuda_sm90,
+    cuda_prefetch_off -> cuda, triton_w8 -> triton), None for a default itself."""
+    if provider in DEFAULT_PROVIDERS:
+        return None
+    for default in ("cuda_sm90", "cuda", "triton"):
+        if provider.startswith(default + "_"):
+            return default
+    return None
+
+
+def ab_table(rows: list[dict[str, Any]]) -> str:
+    """Each variant against its default on the same (op, shape, M): the geometric mean and
+    range over the shapes of variant speedup / default speedup (> 1: the variant is faster).
+    Empty when no variant row has its default measured."""
+    speedup = {
+        (r["op"], r["provider"], int(r["N"]), int(r["K"]), int(r["M"])): float(r["speedup"])
+        for r in rows
+    }
+    ratios: dict[tuple[str, str, str, int], list[float]] = defaultdict(list)
+    for (op, provider, n, k, m), value in speedup.items():
+        default = reference_provider(provider)
+        base = speedup.get((op, default, n, k, m)) if default else None
+        if base:
+            ratios[(op, provider, default, m)].append(value / base)
+    if not ratios:
+        return ""
+    lines = [
+        "| op | variant | against | M | variant / default (geomean) | range | shapes |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (op, provider, default, m), values in sorted(ratios.items()):
+        lines.append(
+            f"| {op} | {provider} | {default} | {m} | {geometric_mean(values):.2f}x | "
+            f"{min(values):.2f}-{max(values):.2f} | {len(values)} |"
+        )
+    return "\n".join(lines)
+
+
+def merge_documents(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One document of several calls' rows (the later file wins a case measured twice); the
+    header and peaks of the first."""
+    rows: dict[tuple, dict[str, Any]] = {}
+    for doc in docs:
+        for row in doc["rows"]:
+            key = tuple(row.get(k) for k in ("op", "provider", "N", "K", "M", "dtype"))
+            rows[key] = row
+    missing = [item for doc in docs for item in doc.get("not_measured") or []]
+    return {**docs[0], "rows": list(rows.values()), "not_measured": missing}
+
+
 def summarize(doc: dict[str, Any], dtype: str | None = None) -> str:
     if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
         raise ValueError("not a kernel benchmark results document (suite 'kernels' with rows)")
@@ -77,6 +139,9 @@ def summarize(doc: dict[str, Any], dtype: str | None = None) -> str:
             f"\n**{name}, M = 1, per shape**\n",
             decode_table(rows, float(peak.get("hbm_gbps", 0.0))),
         ]
+        ab = ab_table(rows)
+        if ab:
+            out += [f"\n**{name}: each variant against its default (same shape and M)**\n", ab]
     missing = doc.get("not_measured") or []
     if missing:
         out.append(f"\n**{len(missing)} cases not measured**\n")
@@ -86,14 +151,24 @@ def summarize(doc: dict[str, Any], dtype: str | None = None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", type=Path, help="kernel benchmark results JSON")
+    parser.add_argument(
+        "results", type=Path, nargs="+", help="kernel benchmark results JSON (one GPU's calls)"
+    )
     parser.add_argument("--dtype", help="one dtype only (bfloat16, float16, ...)")
     args = parser.parse_args(argv)
+    docs = []
+    for path in args.results:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            parser.error(f"{path}: {err}")
+        if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
+            parser.error(f"{path}: not a kernel benchmark results document")
+        docs.append(doc)
     try:
-        doc = json.loads(args.results.read_text())
-        print(summarize(doc, args.dtype), end="")
-    except (OSError, json.JSONDecodeError, ValueError) as err:
-        parser.error(f"{args.results}: {err}")
+        print(summarize(merge_documents(docs), args.dtype), end="")
+    except ValueError as err:
+        parser.error(str(err))
     return 0
 
 

@@ -242,6 +242,57 @@ def test_summary_refuses_other_documents_and_unknown_dtypes(tmp_path, capsys):
         summarize.main([str(tmp_path / "missing.json")])
 
 
+def _variant_rows(provider: str, op: str, ms_scale_by_shape: dict, M: int = 1) -> list[dict]:
+    rows = []
+    for (N, K), scale in ms_scale_by_shape.items():
+        case = common.Case(op, provider, N, K, M, torch.bfloat16)
+        dense_ms = 1e-6 * N * K * (1 + M / 64)
+        rows.append(common.make_row(case, dense_ms * scale, dense_ms, "cublas_dense", N * K))
+    return rows
+
+
+def test_summary_ab_table_sets_each_variant_against_its_default(tmp_path, capsys):
+    """Variants read against the default they vary (triton_w8 -> triton, cuda_prefetch_off ->
+    cuda, cuda_sm90_swizzle1 -> cuda_sm90), shape by shape, across a lease's two files; a
+    default (cuda_sm90) is never a variant of another, and a variant without its default
+    measured has no row."""
+    assert summarize.reference_provider("cuda_sm90_swizzle1") == "cuda_sm90"
+    assert summarize.reference_provider("cuda_prefetch_off") == "cuda"
+    assert summarize.reference_provider("triton_w8") == "triton"
+    assert summarize.reference_provider("cuda_sm90") is None
+    assert summarize.reference_provider("triton") is None
+    shapes = {(4096, 4096): 0.3, (1024, 4096): 1.2, (14336, 4096): 0.6}
+    first = _document(_rows(dtypes=("bfloat16",)))  # triton at 0.6x, cuda at 0.55x dense time
+    second = _document(
+        _variant_rows("triton_w8", "sparse24_gemv", shapes)
+        + _variant_rows("cuda_prefetch_off", "sparse24_gemv", {(4096, 4096): 1.1})
+        + _variant_rows("triton_w_as_a", "sparse24_gemm", {(4096, 4096): 0.5}, M=4096)
+    )
+    paths = []
+    for i, doc in enumerate((first, second)):
+        paths.append(tmp_path / f"run-{i}.json")
+        paths[-1].write_text(json.dumps(doc))
+    assert summarize.main([str(p) for p in paths]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    w8 = next(line for line in lines if line.startswith("| sparse24_gemv | triton_w8 |"))
+    ratios = [0.6 / scale for scale in shapes.values()]  # variant speedup / default speedup
+    geo = (ratios[0] * ratios[1] * ratios[2]) ** (1 / 3)
+    assert w8 == (
+        f"| sparse24_gemv | triton_w8 | triton | 1 | {geo:.2f}x | "
+        f"{min(ratios):.2f}-{max(ratios):.2f} | 3 |"
+    )
+    off = next(line for line in lines if "| cuda_prefetch_off |" in line)
+    assert f"| {0.55 / 1.1:.2f}x |" in off and off.endswith("| 1 |")
+    assert not any(
+        "triton_w_as_a" in line and line.startswith("| sparse24_gemm |") for line in lines
+    )
+    assert summarize.ab_table(first["rows"]) == ""  # defaults only: no A/B table
+    bad = tmp_path / "e2e.json"
+    bad.write_text(json.dumps({"suite": "e2e", "rows": []}))
+    with pytest.raises(SystemExit):
+        summarize.main([str(paths[0]), str(bad)])
+
+
 def test_summary_lists_the_cases_the_run_did_not_measure():
     doc = _document(_rows(("bfloat16",)))
     assert "not measured" not in summarize.summarize(doc)

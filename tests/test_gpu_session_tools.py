@@ -107,6 +107,10 @@ def test_results_are_filed_without_overwriting_an_earlier_call(tmp_path: Path) -
     assert (results / f"{DAY}-e2e.png").read_bytes()[:4] == b"\x89PNG"
     assert (logs / "gpu-tests.log").read_text() == "contents of gpu-tests.log\n"
     assert not (results / "gpu-tests.log").exists(), "logs are not results"
+    # the day's summary covers both calls' rows, the later call winning the case both measured
+    summary = (results / f"{DAY}-kernels-summary.md").read_text()
+    assert "| sparse24_gemv / cuda | 1.70x |" in summary
+    assert not list(results.glob("*.tmp"))
 
 
 def test_decode_profiles_come_back_and_are_filed_with_their_table(tmp_path: Path) -> None:

@@ -10,6 +10,8 @@
 - rest.tar.gz (logs, the call's own plots, its dispatch table) and the logs: unpacked into
   the logs folder, to read rather than commit, except decode profiles (bench/profile_decode.py),
   whose JSON and table go to the results folder;
+- writes <day>-kernels-summary.md: bench/summarize.py of the day's kernel files together
+  (speedups per M, bandwidth at M = 1, each variant row against its default);
 - prints what it filed, the session log and the summary.
 
 Every file it writes is complete or absent: results are validated before they are copied.
@@ -67,9 +69,22 @@ def file_kernels(src: Path, results: Path) -> Path:
     # a lease's calls each bring a file (-2, -3, ...): the day's sweep drawn as one, too
     base = results / _dated_name(src)
     runs = [base] + sorted(results.glob(f"{base.stem}-[0-9]*.json"))
-    if dest != base and all(p.exists() for p in runs):
-        plot.plot_results(*runs, out_stem=base.with_name(f"{base.stem}-all"))
+    if all(p.exists() for p in runs):
+        if dest != base:
+            plot.plot_results(*runs, out_stem=base.with_name(f"{base.stem}-all"))
+        write_summary(runs, base.with_name(f"{base.stem}-summary.md"))
     return dest
+
+
+def write_summary(runs: list[Path], dest: Path) -> None:
+    """bench/summarize.py of the day's kernel files as one (speedup tables, the A/B verdicts of
+    the variant rows against their defaults), written atomically beside them."""
+    import summarize  # noqa: PLC0415
+
+    merged = summarize.merge_documents([json.loads(p.read_text()) for p in runs])
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(summarize.summarize(merged))
+    tmp.replace(dest)
 
 
 def file_e2e(src: Path, results: Path) -> Path:
@@ -133,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
     filed += file_profiles(logs, args.results)  # the archive and the kept table both unpacked
     for path in filed:
         print(f"filed {path}")
+        summary = path.with_name(f"{path.stem.split('-kernels')[0]}-kernels-summary.md")
+        if "-kernels" in path.name and summary.is_file():
+            print(f"  summary of the day's kernel files: {summary}")
         if path.name.endswith("-e2e.json"):
             import plot_e2e  # noqa: PLC0415
 
