@@ -67,7 +67,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_dot|_n8|_w8|_n16|_split2x|_tile_dot|_global_gather|_no_prefetch|_unpack
+    # triton(_n8|_w8|_n16|_split2x|_tile_dot|_global_gather|_no_prefetch|_unpack
     # |_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
     # |_pdl)
     # | cuda_sm90(_swizzle1) | torch | cpu | auto
@@ -91,7 +91,7 @@ def cases(device_type: str) -> list[Case]:
     if device_type == "cuda":
         plan = [
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
-            ("sparse24_gemv", ("triton_dot", "triton_n8", "triton_w8"), lambda m: m == 1),
+            ("sparse24_gemv", ("triton_n8", "triton_w8"), lambda m: m == 1),
             # the 2026-12-04 x gather (one global load per kept value) against the default
             # gather from the step's x slice in shared memory
             ("sparse24_gemv", ("triton_global_gather",), lambda m: m == 1),
@@ -269,14 +269,7 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         except ImportError as err:
             raise Unavailable(f"triton kernels unavailable: {err}") from err
         return lambda x, ws: bitmap_gemv.bitmap_gemv(x, *_packed_args(ws), N, K, prefetch=False)
-    if case.provider in (
-        "triton",
-        "triton_dot",
-        "triton_n8",
-        "triton_w8",
-        "triton_n16",
-        "triton_split2x",
-    ):
+    if case.provider in ("triton", "triton_n8", "triton_w8", "triton_n16", "triton_split2x"):
         try:
             from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
         except ImportError as err:
@@ -347,7 +340,6 @@ def previous_gemm_config(M: int, N: int, sparse24_gemm: Any) -> Any:
 def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
     """The GemvConfig a Triton provider names (None: the launcher's default).
 
-    - triton_dot: M = 1 on the tensor cores (the M >= 2 path).
     - triton_n8 / triton_n16: the default's K step (and K split) with fewer rows per program.
       H200 2026-12-04: N = 4096 gave 256 programs of 4 warps at M = 1 (2 per SM, 8 warps:
       little to hide the mask -> value -> x gather chain behind) and 64 x 4 split-K programs
@@ -364,8 +356,6 @@ def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
         return None
     module = sparse24_gemv if case.op == "sparse24_gemv" else bitmap_gemv
     base = module.default_config(case.M)
-    if case.provider == "triton_dot":
-        return sparse24_gemv.GemvConfig(base.block_n, base.block_k, use_dot=True)
     sms = sparse24_gemv.sm_count(torch.device("cuda"))
     k_tiles = _cdiv(_cdiv(case.K, 64) * 64, base.block_k)  # K tiles of the padded K
     default_split = sparse24_gemv.choose_split_k(_cdiv(case.N, base.block_n), k_tiles, sms)
