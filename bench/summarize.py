@@ -18,11 +18,12 @@ twice taken from the later file. Speedups are ratios within each call, so the A/
 from __future__ import annotations
 
 import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 from statistics import geometric_mean
 from typing import Any
+
+from slimstack.ops.tuning import load_kernel_results, merge_results
 
 
 def speedup_table(rows: list[dict[str, Any]]) -> str:
@@ -102,18 +103,6 @@ def ab_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def merge_documents(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One document of several calls' rows (the later file wins a case measured twice); the
-    header and peaks of the first."""
-    rows: dict[tuple, dict[str, Any]] = {}
-    for doc in docs:
-        for row in doc["rows"]:
-            key = tuple(row.get(k) for k in ("op", "provider", "N", "K", "M", "dtype"))
-            rows[key] = row
-    missing = [item for doc in docs for item in doc.get("not_measured") or []]
-    return {**docs[0], "rows": list(rows.values()), "not_measured": missing}
-
-
 def summarize(doc: dict[str, Any], dtype: str | None = None) -> str:
     if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
         raise ValueError("not a kernel benchmark results document (suite 'kernels' with rows)")
@@ -156,17 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", help="one dtype only (bfloat16, float16, ...)")
     args = parser.parse_args(argv)
-    docs = []
-    for path in args.results:
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            parser.error(f"{path}: {err}")
-        if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
-            parser.error(f"{path}: not a kernel benchmark results document")
-        docs.append(doc)
     try:
-        print(summarize(merge_documents(docs), args.dtype), end="")
+        print(summarize(merge_results(load_kernel_results(args.results)), args.dtype), end="")
     except ValueError as err:
         parser.error(str(err))
     return 0

@@ -31,6 +31,7 @@ from slimstack.kernels._checks import (
     check_same_device,
     check_size,
 )
+from slimstack.kernels._unpacked_mm import unpacked_matmul
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,7 @@ def bitmap_mm_unpacked(
     K: int,
 ) -> torch.Tensor:
     """y[M, N] = x @ W^T for any M: W unpacked by the kernel above, then one dense matmul."""
-    if x.dim() != 2 or x.shape[1] != K:
-        raise ValueError(f"bitmap_mm_unpacked: x must have shape [M, K={K}], got {tuple(x.shape)}")
-    if x.dtype != values.dtype:
-        raise TypeError(f"bitmap_mm_unpacked: x is {x.dtype} but the weight is {values.dtype}")
-    dense = bitmap_unpack(values, bitmask, row_offsets, N, K)
-    if x.device.type == "cpu":  # the interpreter's tensors: accumulate in fp32, as the GPU does
-        return (x.float() @ dense.float().t()).to(x.dtype)
-    return x @ dense.t()
+    return unpacked_matmul(
+        "bitmap_mm_unpacked", x, K, values.dtype,
+        lambda: bitmap_unpack(values, bitmask, row_offsets, N, K),
+    )  # fmt: skip

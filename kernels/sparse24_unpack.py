@@ -31,6 +31,7 @@ from slimstack.kernels._checks import (
     padded_k,
 )
 from slimstack.kernels._sparse24_tile import sparse24_dense_tile
+from slimstack.kernels._unpacked_mm import unpacked_matmul
 
 
 @dataclass(frozen=True)
@@ -115,13 +116,6 @@ def sparse24_mm_unpacked(
     x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, N: int, K: int
 ) -> torch.Tensor:
     """y[M, N] = x @ W^T for any M: W unpacked by the kernel above, then one dense matmul."""
-    if x.dim() != 2 or x.shape[1] != K:
-        raise ValueError(
-            f"sparse24_mm_unpacked: x must have shape [M, K={K}], got {tuple(x.shape)}"
-        )
-    if x.dtype != values.dtype:
-        raise TypeError(f"sparse24_mm_unpacked: x is {x.dtype} but the weight is {values.dtype}")
-    dense = sparse24_unpack(values, meta, N, K)
-    if x.device.type == "cpu":  # the interpreter's tensors: accumulate in fp32, as the GPU does
-        return (x.float() @ dense.float().t()).to(x.dtype)
-    return x @ dense.t()
+    return unpacked_matmul(
+        "sparse24_mm_unpacked", x, K, values.dtype, lambda: sparse24_unpack(values, meta, N, K)
+    )

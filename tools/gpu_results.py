@@ -81,7 +81,9 @@ def write_summary(runs: list[Path], dest: Path) -> None:
     the variant rows against their defaults), written atomically beside them."""
     import summarize  # noqa: PLC0415
 
-    merged = summarize.merge_documents([json.loads(p.read_text()) for p in runs])
+    from slimstack.ops.tuning import load_kernel_results, merge_results  # noqa: PLC0415
+
+    merged = merge_results(load_kernel_results(runs))
     tmp = dest.with_name(dest.name + ".tmp")
     tmp.write_text(summarize.summarize(merged))
     tmp.replace(dest)

@@ -158,9 +158,24 @@ def describe(table: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load_kernel_results(paths: list[Path]) -> list[dict[str, Any]]:
+    """The kernel benchmark results documents at `paths`; ValueError naming the file that is
+    unreadable or not one."""
+    docs = []
+    for path in paths:
+        try:
+            doc = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"cannot read {path}: {err}") from err
+        if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
+            raise ValueError(f"{path} is not a kernel benchmark results file (suite 'kernels')")
+        docs.append(doc)
+    return docs
+
+
 def merge_results(docs: list[dict[str, Any]]) -> dict[str, Any]:
     """One document of several runs' rows (the same GPU); a later run's row replaces an
-    earlier one of the same case."""
+    earlier one of the same case; the cases any run did not measure, all listed."""
     gpus = {str(doc.get("gpu")) for doc in docs}
     if len(gpus) != 1:
         raise ValueError(f"the results come from different GPUs: {sorted(gpus)}")
@@ -170,7 +185,8 @@ def merge_results(docs: list[dict[str, Any]]) -> dict[str, Any]:
             key = tuple(row.get(k) for k in ("op", "provider", "N", "K", "M", "dtype"))
             rows.pop(key, None)
             rows[key] = row
-    return {**docs[-1], "rows": list(rows.values())}
+    missing = [item for doc in docs for item in doc.get("not_measured") or []]
+    return {**docs[-1], "rows": list(rows.values()), "not_measured": missing}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,15 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         help=f"install the table (default {TABLE_PATH})",
     )
     args = parser.parse_args(argv)
-    docs = []
-    for path in args.results:
-        try:
-            doc = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            parser.error(f"cannot read {path}: {err}")
-        if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
-            parser.error(f"{path} is not a kernel benchmark results file (suite 'kernels')")
-        docs.append(doc)
+    try:
+        docs = load_kernel_results(args.results)
+    except ValueError as err:
+        parser.error(str(err))
     commits = sorted({str(doc.get("commit", "?"))[:12] for doc in docs})
     source = f"{', '.join(path.name for path in args.results)}, commit {', '.join(commits)}"
     try:
