@@ -54,6 +54,14 @@ def check_packed(
         raise ValueError(f"{op}: {name} must be contiguous (packed tensors are)")
 
 
+def check_float_values(op: str, values: object) -> None:
+    """A packed weight's values tensor, whose dtype (a float type) the dense weight takes."""
+    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
+        raise TypeError(
+            f"{op}: values must be a float tensor, got {getattr(values, 'dtype', values)}"
+        )
+
+
 def check_bitmap_packed(
     op: str,
     values: torch.Tensor,

@@ -26,6 +26,7 @@ from slimstack.kernels._checks import (
     as_int32_words,
     check_bitmap_packed,
     check_config,
+    check_float_values,
     check_int32_offsets,
     check_runnable,
     check_same_device,
@@ -79,10 +80,7 @@ def _validate(values, bitmask, row_offsets, N, K, config) -> None:
     op = "bitmap_unpack"
     check_size(op, "N", N)
     check_size(op, "K", K)
-    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
-        raise TypeError(
-            f"{op}: values must be a float tensor, got {getattr(values, 'dtype', values)}"
-        )
+    check_float_values(op, values)
     check_bitmap_packed(op, values, bitmask, row_offsets, N, K, values.dtype)
     check_same_device(op, values, first="values", bitmask=bitmask, row_offsets=row_offsets)
     check_runnable(op, _bitmap_unpack_kernel, values.device)

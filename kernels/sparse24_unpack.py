@@ -23,6 +23,7 @@ import triton.language as tl
 from slimstack.kernels._checks import (
     as_int32_words,
     check_config,
+    check_float_values,
     check_int32_offsets,
     check_packed,
     check_runnable,
@@ -75,10 +76,7 @@ def _validate(values, meta, N, K, config) -> None:
     op = "sparse24_unpack"
     check_size(op, "N", N)
     check_size(op, "K", K)
-    if not isinstance(values, torch.Tensor) or not values.is_floating_point():
-        raise TypeError(
-            f"{op}: values must be a float tensor, got {getattr(values, 'dtype', values)}"
-        )
+    check_float_values(op, values)
     Kp = padded_k(K)
     check_packed(op, "values", values, (N, Kp // 2), values.dtype)
     check_packed(op, "meta", meta, (N, Kp // 8), torch.uint8)
