@@ -54,6 +54,13 @@ def check_packed(
         raise ValueError(f"{op}: {name} must be contiguous (packed tensors are)")
 
 
+def check_flags(op: str, **flags: object) -> None:
+    """Each keyword a launcher takes as an on / off switch is a bool."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be True or False, got {value!r}")
+
+
 def check_float_values(op: str, values: object) -> None:
     """A packed weight's values tensor, whose dtype (a float type) the dense weight takes."""
     if not isinstance(values, torch.Tensor) or not values.is_floating_point():

@@ -38,6 +38,7 @@ from slimstack.kernels._checks import (
     check_activation,
     check_bitmap_packed,
     check_config,
+    check_flags,
     check_int32_offsets,
     check_runnable,
     check_same_device,
@@ -204,8 +205,7 @@ def bitmap_gemv(
     run (each tile's words, gather and x waited on in turn), kept for the benchmark's A/B row.
     """
     M = _validate(x, values, bitmask, row_offsets, N, K, config)
-    if not isinstance(prefetch, bool):
-        raise TypeError(f"bitmap_gemv: prefetch must be True or False, got {prefetch!r}")
+    check_flags("bitmap_gemv", prefetch=prefetch)
     if M == 0:
         return x.new_empty((0, N))
     if values.numel() == 0:  # an all-zero weight: nothing to load (and a null pointer)

@@ -31,6 +31,7 @@ from slimstack.kernels._checks import (
     as_int32_words,
     check_activation,
     check_config,
+    check_flags,
     check_int32_offsets,
     check_packed,
     check_runnable,
@@ -293,9 +294,7 @@ def sparse24_gemv(
     same sums).
     """
     M = _validate(x, values, meta, N, K, config)
-    for name, flag in (("column_dots", column_dots), ("smem_gather", smem_gather)):
-        if not isinstance(flag, bool):
-            raise TypeError(f"sparse24_gemv: {name} must be True or False, got {flag!r}")
+    check_flags("sparse24_gemv", column_dots=column_dots, smem_gather=smem_gather)
     if M == 0:
         return x.new_empty((0, N))
     if x.stride(1) != 1:
