@@ -10,7 +10,7 @@ GEMV's 2026-12-04 tensor-core step (one dot on the interleaved tile); triton_glo
 its M = 1 x gather from global memory; triton_no_prefetch, the bitmap GEMV's 2026-12-04 loop
 without its software pipelining; triton_unpack, bitmap or 2:4 W unpacked then cuBLAS; triton_w_as_a, the GEMM's 2026-12-04 tiles), cuda (the extension, when
 built; cuda_sm90 for the CUTLASS Hopper GEMM, cuda_sm90_swizzle1 in CUTLASS's default tile
-order; cuda_reduce_kernel, the GEMV with split-K summed by a second kernel instead of a cluster
+order, cuda_sm90_256x128 / _128x256 with larger output tiles; cuda_reduce_kernel, the GEMV with split-K summed by a second kernel instead of a cluster
 reduction; cuda_prefetch_off / _on, the GEMV with its weight prefetch forced off or on;
 cuda_pdl, with programmatic dependent launch, which back to back overlaps calls: the other
 GEMV rows run without), torch (to_sparse_semi_structured) and auto (slimstack.ops.sparse_linear);

@@ -7,6 +7,8 @@ device properties faked, and each Triton variant's config passes the launcher's 
 
 from __future__ import annotations
 
+import inspect
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -60,3 +62,81 @@ def test_the_triton_variants_pass_the_launchers_checks(fake_h100) -> None:
         config = common._triton_variant(case, sparse24_gemv, bitmap_gemv)
         check_config(case.op, config)
         assert config != module.default_config(case.M), case  # a real variant
+
+
+# ------------------------------------------------------------- extension signatures ----
+
+GLUE_SOURCES = [Path(__file__).resolve().parents[1] / "csrc" / p for p in
+                ("bindings.cpp", "cuda/glue.cpp")]  # fmt: skip
+
+
+def extension_signatures() -> dict[str, inspect.Signature]:
+    """The Python signature of every slimstack._C function, read from its pybind11 m.def
+    (py::arg names, and which have defaults): what a call must bind to on the GPU."""
+    signatures = {}
+    for source in GLUE_SOURCES:
+        text = source.read_text()
+        for match in re.finditer(r'm\.def\(\s*"(\w+)"(.*?)\);', text, re.S):
+            params = [
+                inspect.Parameter(
+                    arg.group(1),
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                    default=None if arg.group(2) else inspect.Parameter.empty,
+                )
+                for arg in re.finditer(r'py::arg\("(\w+)"\)(\s*=)?', match.group(2))
+            ]
+            signatures[match.group(1)] = inspect.Signature(params)
+    return signatures
+
+
+def test_the_signatures_are_read_from_the_glue() -> None:
+    sigs = extension_signatures()
+    gemm = sigs["sparse24_gemm_sm90_cuda"]
+    assert list(gemm.parameters)[:5] == ["x", "values", "meta_sm90", "N", "K"]
+    assert gemm.parameters["tile"].default is None  # has a default
+    assert gemm.parameters["x"].default is inspect.Parameter.empty
+    assert "sparse24_gemv_cuda" in sigs and "bitmap_mm_cpu" in sigs
+
+
+class SignatureCheckingExtension:
+    """Stands in for slimstack._C: each function binds its arguments to the glue's signature
+    (TypeError on a wrong count or keyword) and returns an empty output."""
+
+    def __init__(self) -> None:
+        self.signatures = extension_signatures()
+        self.looked_up: list[str] = []
+
+    def __getattr__(self, name: str):
+        if name not in self.signatures:
+            raise AttributeError(name)
+        self.looked_up.append(name)
+        signature = self.signatures[name]
+
+        def call(*args, **kwargs):
+            bound = signature.bind(*args, **kwargs)
+            x = next(iter(bound.arguments.values()))
+            return torch.empty(0, dtype=x.dtype if torch.is_tensor(x) else torch.uint8)
+
+        return call
+
+
+def test_every_extension_provider_calls_the_glue_with_its_signature(
+    fake_h100, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A provider that reaches slimstack._C passes arguments the glue's m.def accepts; checked
+    on a small weight, since the fake kernels compute nothing."""
+    checked = set()
+    for case in _distinct_provider_cases():
+        fake = SignatureCheckingExtension()
+        monkeypatch.setattr(common, "_extension", lambda fake=fake: fake)
+        call = common.provider_call(case)
+        if not fake.looked_up:  # a Triton or torch provider
+            continue
+        weights = common.make_weight(64, 128, case.dtype, case.weight_format, "cpu", seed=0)
+        x = torch.randn(min(case.M, 4), 128, dtype=case.dtype)
+        try:
+            call(x, weights)
+        except TypeError as err:
+            raise AssertionError(f"{case}: {fake.looked_up[-1]} refuses the call: {err}") from err
+        checked.add(case.provider)
+    assert {"cuda", "cuda_pdl", "cuda_sm90", "cuda_sm90_256x128"} <= checked, checked

@@ -594,6 +594,30 @@ def test_sparse24_gemm_sm90_tile_swizzle(swizzle, m, make_sparse24) -> None:
         assert torch.equal(y, _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k))
 
 
+@pytest.mark.parametrize("m", [64, 200, 2048])
+@pytest.mark.parametrize("tile", ["128x128", "256x128", "128x256"])
+def test_sparse24_gemm_sm90_tiles(tile, m, make_sparse24) -> None:
+    """Each named tile (data-parallel at any M, so M = 64 runs it where "auto" takes stream-K;
+    M = 200 leaves partial tiles on the tokens) reads the one reordered metadata right: N = 320
+    is a partial 256-row tile too."""
+    _sm90_or_skip()
+    n, k, dtype = 320, 512, torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
+    x = _x(m, k, dtype, seed=2300 + m)
+    y = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k, _poisoned(m, n, dtype),
+                                   tile=tile)  # fmt: skip
+    _check(y, x, dense)
+
+
+def test_sparse24_gemm_sm90_rejects_bad_tile(make_sparse24) -> None:
+    n, k = 64, 64
+    _, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)
+    with pytest.raises(ValueError, match="tile must be 'auto', '128x128', '256x128' or '128x256'"):
+        _C.sparse24_gemm_sm90_cuda(_x(64, k, torch.float16, 1), packed.values,
+                                   packed.meta, n, k, tile="64x64")  # fmt: skip
+
+
 def test_sparse24_gemm_sm90_rejects_bad_swizzle(make_sparse24) -> None:
     n, k = 64, 64
     _, packed = _weight("sparse24", n, k, torch.float16, make_sparse24)

@@ -154,6 +154,20 @@ if [ "$failed" -ne 0 ]; then
   exit 1
 fi
 
+# ptxas serialises every wgmma of a kernel that makes a call (a device assert's __assertfail,
+# a printf): warning C7510. A tensor-core kernel with that warning runs each HGMMA to completion
+# before issuing the next, so it is a build failure, not a note.
+serialized="$(grep -l "C7510" "$OUT_DIR"/*.sm90a.log 2>/dev/null || true)"
+if [ -n "$serialized" ]; then
+  echo
+  echo "compile_cuda.sh: ptxas serialised wgmma (warning C7510) in:" >&2
+  for log in $serialized; do
+    echo "---- $log" >&2
+    grep -m 3 -o "C7510.\{0,160\}" "$log" >&2 || true
+  done
+  exit 1
+fi
+
 # The GEMV's programmatic dependent launch is safe only if nothing but weights is read before
 # its griddepcontrol.wait (tools/check_gemv_sass.py): check the sm_90a object's SASS.
 gemv_obj="$OUT_DIR/sparse24_gemv.sm90a.o"

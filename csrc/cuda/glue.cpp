@@ -316,13 +316,27 @@ bool sparse24_gemm_sm90_available(int64_t device) {
   return sc::sparse24_gemm_sm90_available(static_cast<int>(device));
 }
 
+// "auto" | "128x128" | "256x128" | "128x256" (weight rows x tokens) -> sc::Sparse24Sm90Tile.
+int sm90_tile(const std::string& op, const std::string& tile) {
+  const bool known = tile == "auto" || tile == "128x128" || tile == "256x128" || tile == "128x256";
+  TORCH_CHECK_VALUE(known, op, ": tile must be 'auto', '128x128', '256x128' or '128x256' "
+                    "(weight rows x tokens), got '", tile, "'");
+  const sc::Sparse24Sm90Tile value = tile == "128x128"   ? sc::Sparse24Sm90Tile::k128x128
+                                     : tile == "256x128" ? sc::Sparse24Sm90Tile::k256x128
+                                     : tile == "128x256" ? sc::Sparse24Sm90Tile::k128x256
+                                                         : sc::Sparse24Sm90Tile::kAuto;
+  return static_cast<int>(value);
+}
+
 at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values,
                                    const at::Tensor& meta_sm90, int64_t N, int64_t K,
-                                   const std::optional<at::Tensor>& out, int64_t swizzle) {
+                                   const std::optional<at::Tensor>& out, int64_t swizzle,
+                                   const std::string& tile) {
   const std::string op = "sparse24_gemm_sm90_cuda";
   check_x(op, x, N, K);
   TORCH_CHECK_VALUE(swizzle == 0 || swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8,
                     op, ": swizzle must be 0 (automatic), 1, 2, 4 or 8, got ", swizzle);
+  const int tile_shape = sm90_tile(op, tile);
   const int64_t M = x.size(0);
   const int64_t Kp = padded_k(K);
   TORCH_CHECK_VALUE(N % 8 == 0, op, ": N must be a multiple of 8 (TMA stores y^T columns), got N=",
@@ -342,7 +356,8 @@ at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values
   const at::Tensor xg = x_for_gemm(x, K, Kp);
   const sc::DType dtype = kernel_dtype(op, x);
   const int tile_swizzle = static_cast<int>(swizzle);
-  const size_t ws_bytes = sc::sparse24_gemm_sm90_workspace_bytes(M, N, Kp, dtype, tile_swizzle);
+  const size_t ws_bytes =
+      sc::sparse24_gemm_sm90_workspace_bytes(M, N, Kp, dtype, tile_swizzle, tile_shape);
   at::Tensor workspace;
   if (ws_bytes > 0) {
     workspace = at::empty({static_cast<int64_t>(ws_bytes)}, x.options().dtype(at::kByte));
@@ -350,7 +365,7 @@ at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values
   check_sm90_launch(op, sc::sparse24_gemm_sm90(xg.data_ptr(), Kp, values.data_ptr(),
                                                meta_sm90.data_ptr<uint8_t>(), y.data_ptr(), N,
                                                workspace.defined() ? workspace.data_ptr() : nullptr,
-                                               M, N, Kp, dtype, tile_swizzle,
+                                               M, N, Kp, dtype, tile_swizzle, tile_shape,
                                                current_stream(x)));
   return y;
 }
@@ -433,7 +448,7 @@ void register_cuda(pybind11::module_& m) {
   m.def("sparse24_gemm_sm90_cuda", &sparse24_gemm_sm90_cuda,
         "prefill y = x @ W^T on Hopper sparse tensor cores (CUTLASS), W = (values, meta_sm90)",
         py::arg("x"), py::arg("values"), py::arg("meta_sm90"), py::arg("N"), py::arg("K"),
-        py::arg("out") = py::none(), py::arg("swizzle") = 0);
+        py::arg("out") = py::none(), py::arg("swizzle") = 0, py::arg("tile") = "auto");
   m.def("mma_sp_probe_cuda", &mma_sp_probe_cuda,
         "test hook: one mma.sp m16n8k32 on per-lane fragments a, b [32, 4], e [32] (int32)",
         py::arg("a"), py::arg("b"), py::arg("e"), py::arg("dtype"), py::arg("selector") = 0);

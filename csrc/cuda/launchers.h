@@ -138,9 +138,13 @@ cudaError_t sparse24_sm90_reorder_meta(const uint8_t* meta, uint8_t* meta_sm90, 
 // shares tile rows and columns of both operands in L2. 1 is CUTLASS's default order.
 constexpr int kSparse24GemmSm90DefaultSwizzle = 8;
 
-// Workspace CUTLASS asks for (tile scheduler); usually 0.
+// Output tile (weight rows x tokens) of the sm90 GEMM. kAuto: 128 x 128, stream-K where the
+// tiles are fewer than two per SM. A named tile runs data-parallel at any M (bench variants).
+enum class Sparse24Sm90Tile : int { kAuto = 0, k128x128 = 1, k256x128 = 2, k128x256 = 3 };
+
+// Workspace CUTLASS asks for (tile scheduler); usually 0. tile: a Sparse24Sm90Tile value.
 size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DType dtype,
-                                          int swizzle);
+                                          int swizzle, int tile);
 
 // True when this build contains the sm_90a kernel and `device` is compute capability 9.0.
 bool sparse24_gemm_sm90_available(int device);
@@ -148,7 +152,7 @@ bool sparse24_gemm_sm90_available(int device);
 cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
                                const uint8_t* meta_sm90, void* y, int64_t ldy, void* workspace,
                                int64_t M, int64_t N, int64_t Kp, DType dtype, int swizzle,
-                               cudaStream_t stream);
+                               int tile, cudaStream_t stream);
 
 // Why the last sparse24_gemm_sm90 / sparse24_sm90_compress_dense call of this host thread
 // failed inside CUTLASS: the step (can_implement, initialize, run), CUTLASS's status string and

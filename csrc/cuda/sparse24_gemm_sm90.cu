@@ -18,6 +18,14 @@
 // Everything CUTLASS-sm90 is compiled only where CUTLASS says the sparse sm90 MMA is available
 // (CUDA >= 12.2); the device code itself is only real in the sm_90a cubin (CUTLASS guards it),
 // so this file also compiles for sm_80, where the launchers answer cudaErrorNotSupported.
+//
+// No device asserts: one `assert` CUTLASS's stream-K path reaches (named-barrier index,
+// cutlass/barrier.h) is a call to __assertfail, and ptxas serialises every wgmma of a kernel
+// that contains a call (warning C7510: each HGMMA waited on before the next is issued).
+// tools/compile_cuda.sh fails on that warning.
+#ifndef NDEBUG
+#define NDEBUG
+#endif
 #include "cuda/common.cuh"
 
 #include "cutlass/cutlass.h"
@@ -46,21 +54,31 @@ using namespace cute;
 using ProblemShape = Shape<int, int, int, int>;  // (M', N', K', L) = (N, M, Kp, 1)
 
 // Kernel configurations per element type. The tile K (128) fixes the metadata layout: every
-// configuration that reads a reordered meta buffer must use the same min(tile K, 128).
+// configuration that reads a reordered meta buffer must use the same min(tile K, 128); the
+// tile's M' (weight rows) and N' (tokens) do not enter it.
 // - data-parallel (the default scheduler): one output tile per CTA, clusters of 2 along the
 //   tokens sharing the weight tile by multicast; for prefill with many tiles.
 // - stream-K (StreamKScheduler, no cluster): where the output tiles cannot fill the SMs (small
 //   M: M = 64 on N = 4096 is 32 tiles of 128 x 128 for 132 SMs, 0.45x dense on the H200 with
 //   the data-parallel kernel), the tiles' K loops are split across the SMs and the partial
 //   sums reduced in a workspace, in a fixed order (deterministic).
-template <typename Element, class ClusterShape_ = Shape<_1, _2, _1>, class TileScheduler = void>
+// - larger data-parallel tiles (Sparse24Sm90Tile in launchers.h), for the bench to weigh
+//   against 128 x 128. A sparse wgmma m64nNk32 reads 64 B of x from shared memory per
+//   1024 dense-equivalent FLOPs whatever N is, twice the dense instruction's rate, so at the
+//   sparse peak x alone wants the SM's 128 B/clk: shared-memory bandwidth, not the tensor
+//   cores, bounds the kernel. Per FLOP at 128 x 128 the two consumer warpgroups read
+//   x + W + E ~160 B/clk and TMA writes ~98 B/clk into the stages; 256 x 128 (W tile shared by
+//   more tokens' work per stage) writes ~66, 128 x 256 reads ~144 and writes ~80: both ~13%
+//   less traffic. Their stages are 68 KB and 82 KB (3 and 2 in 227 KB) against 50 KB (4).
+template <typename Element, class TileShape_ = Shape<_128, _128, _128>,
+          class ClusterShape_ = Shape<_1, _2, _1>, class TileScheduler = void>
 struct Sm90Sparse24 {
   using LayoutTagA = cutlass::layout::RowMajor;     // W [N, Kp]
   using LayoutTagB = cutlass::layout::ColumnMajor;  // x as K x M, K contiguous
   using LayoutTagD = cutlass::layout::ColumnMajor;  // y^T as N x M, N contiguous
   static constexpr int kAlignment = 128 / cutlass::sizeof_bits<Element>::value;  // 16 bytes
   using Accumulator = float;
-  using TileShape = Shape<_128, _128, _128>;
+  using TileShape = TileShape_;
   using ClusterShape = ClusterShape_;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
@@ -97,12 +115,23 @@ static_assert(std::is_same_v<decltype(get<1>(HalfCfg::StrideB{})), cute::_1>,
 static_assert(std::is_same_v<decltype(get<0>(HalfCfg::StrideD{})), cute::_1>,
               "D (y^T) must be column-major");
 using Bf16Cfg = Sm90Sparse24<cutlass::bfloat16_t>;
-using HalfStreamK = Sm90Sparse24<cutlass::half_t, Shape<_1, _1, _1>, cutlass::gemm::StreamKScheduler>;
-using Bf16StreamK =
-    Sm90Sparse24<cutlass::bfloat16_t, Shape<_1, _1, _1>, cutlass::gemm::StreamKScheduler>;
-static_assert(std::is_same_v<HalfCfg::LayoutE, HalfStreamK::LayoutE> &&
-                  std::is_same_v<Bf16Cfg::LayoutE, Bf16StreamK::LayoutE>,
-              "both schedules must read the same reordered metadata");
+using StreamKTile = Shape<_128, _128, _128>;
+using NoCluster = Shape<_1, _1, _1>;
+template <typename Element>
+using StreamK = Sm90Sparse24<Element, StreamKTile, NoCluster, cutlass::gemm::StreamKScheduler>;
+template <typename Element>
+using Rows256 = Sm90Sparse24<Element, Shape<_256, _128, _128>>;  // 256 weight rows x 128 tokens
+template <typename Element>
+using Tokens256 = Sm90Sparse24<Element, Shape<_128, _256, _128>>;  // 128 weight rows x 256 tokens
+
+template <class... Cfgs>
+constexpr bool same_metadata_layout() {
+  return (std::is_same_v<typename Cfgs::LayoutE, HalfCfg::LayoutE> && ...);
+}
+static_assert(same_metadata_layout<Bf16Cfg, StreamK<cutlass::half_t>, StreamK<cutlass::bfloat16_t>,
+                                   Rows256<cutlass::half_t>, Rows256<cutlass::bfloat16_t>,
+                                   Tokens256<cutlass::half_t>, Tokens256<cutlass::bfloat16_t>>(),
+              "every configuration must read the same reordered metadata");
 
 // Stream-K where the data-parallel grid would leave SMs idle: fewer output tiles than two per
 // SM (M <= 512 on N = 4096 at 132 SMs). The same tile shape either way.
@@ -111,9 +140,34 @@ bool use_stream_k(int64_t M, int64_t N, int sms) {
   return tiles < 2 * static_cast<int64_t>(sms);
 }
 
+bool valid_tile(int tile) {
+  return tile >= static_cast<int>(Sparse24Sm90Tile::kAuto) &&
+         tile <= static_cast<int>(Sparse24Sm90Tile::k128x256);
+}
+
+// Calls fn with a value of the configuration that runs (dtype, tile) at this M: `auto` is
+// stream-K below two tiles per SM and 128 x 128 data-parallel above; a named tile is that
+// tile, data-parallel, at any M. Returns fn's result.
+template <class Fn>
+auto with_config(DType dtype, int tile, int64_t M, int64_t N, int sms, Fn&& fn) {
+  const auto pick = [&](auto element) {
+    using Element = decltype(element);
+    switch (static_cast<Sparse24Sm90Tile>(tile)) {
+      case Sparse24Sm90Tile::k256x128:
+        return fn(Rows256<Element>{});
+      case Sparse24Sm90Tile::k128x256:
+        return fn(Tokens256<Element>{});
+      case Sparse24Sm90Tile::k128x128:
+        return fn(Sm90Sparse24<Element>{});
+      case Sparse24Sm90Tile::kAuto:
+        break;
+    }
+    return use_stream_k(M, N, sms) ? fn(StreamK<Element>{}) : fn(Sm90Sparse24<Element>{});
+  };
+  return dtype == DType::kBFloat16 ? pick(cutlass::bfloat16_t{}) : pick(cutlass::half_t{});
+}
+
 // The reordered metadata is shared by both element types.
-static_assert(std::is_same_v<HalfCfg::LayoutE, Bf16Cfg::LayoutE>,
-              "fp16 and bf16 must share the sm90 metadata layout");
 static_assert(std::is_same_v<HalfCfg::SparseConfig::TensorEAtom,
                              Bf16Cfg::SparseConfig::TensorEAtom>,
               "fp16 and bf16 must share the sm90 metadata atom");
@@ -376,8 +430,8 @@ cudaError_t sparse24_sm90_reorder_meta(const uint8_t* meta, uint8_t* meta_sm90, 
 }
 
 size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DType dtype,
-                                          int swizzle) {
-  if (M < 1 || N < 1 || Kp < 64) return 0;
+                                          int swizzle, int tile) {
+  if (M < 1 || N < 1 || Kp < 64 || !valid_tile(tile)) return 0;
   if (swizzle != 0 && swizzle != 1 && swizzle != 2 && swizzle != 4 && swizzle != 8) return 0;
   swizzle = swizzle == 0 ? kSparse24GemmSm90DefaultSwizzle : swizzle;
   int device = 0;
@@ -386,15 +440,12 @@ size_t sparse24_gemm_sm90_workspace_bytes(int64_t M, int64_t N, int64_t Kp, DTyp
     cudaGetLastError();
     return 0;
   }
-  auto bytes = [&](auto cfg) {
+  return with_config(dtype, tile, M, N, sms, [&](auto cfg) -> size_t {
     using Cfg = decltype(cfg);
     return Cfg::Gemm::get_workspace_size(
         make_arguments<Cfg>(nullptr, Kp, nullptr, nullptr, nullptr, N, M, N, Kp, device, sms,
                             swizzle));
-  };
-  const bool stream_k = use_stream_k(M, N, sms);
-  if (dtype == DType::kBFloat16) return stream_k ? bytes(Bf16StreamK{}) : bytes(Bf16Cfg{});
-  return stream_k ? bytes(HalfStreamK{}) : bytes(HalfCfg{});
+  });
 }
 
 bool sparse24_gemm_sm90_available(int device) {
@@ -416,10 +467,12 @@ bool sparse24_gemm_sm90_available(int device) {
 cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
                                const uint8_t* meta_sm90, void* y, int64_t ldy, void* workspace,
                                int64_t M, int64_t N, int64_t Kp, DType dtype, int swizzle,
-                               cudaStream_t stream) {
+                               int tile, cudaStream_t stream) {
   last_error().clear();  // a refusal below must not show an earlier call's CUTLASS message
   SLIMSTACK_REQUIRE(x != nullptr && values != nullptr && meta_sm90 != nullptr && y != nullptr);
   SLIMSTACK_REQUIRE(swizzle == 0 || swizzle == 1 || swizzle == 2 || swizzle == 4 || swizzle == 8);
+  SLIMSTACK_REQUIRE(valid_tile(tile));
+  SLIMSTACK_REQUIRE(dtype == DType::kFloat16 || dtype == DType::kBFloat16);
   swizzle = swizzle == 0 ? kSparse24GemmSm90DefaultSwizzle : swizzle;
   SLIMSTACK_REQUIRE(M >= 1 && M <= INT32_MAX && N >= 1 && N <= INT32_MAX);
   SLIMSTACK_REQUIRE(Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX);
@@ -432,20 +485,11 @@ cudaError_t sparse24_gemm_sm90(const void* x, int64_t ldx, const void* values,
   SLIMSTACK_CUDA_TRY(cudaGetDevice(&device));
   int sms = 0;
   SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
-  const bool stream_k = use_stream_k(M, N, sms);  // as sparse24_gemm_sm90_workspace_bytes
-  switch (dtype) {
-    case DType::kFloat16:
-      return stream_k ? run_gemm<HalfStreamK>(x, ldx, values, meta_sm90, y, ldy, workspace, M,
-                                              N, Kp, swizzle, stream)
-                      : run_gemm<HalfCfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N,
-                                          Kp, swizzle, stream);
-    case DType::kBFloat16:
-      return stream_k ? run_gemm<Bf16StreamK>(x, ldx, values, meta_sm90, y, ldy, workspace, M,
-                                              N, Kp, swizzle, stream)
-                      : run_gemm<Bf16Cfg>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N,
-                                          Kp, swizzle, stream);
-  }
-  return cudaErrorInvalidValue;
+  // The same configuration as sparse24_gemm_sm90_workspace_bytes picks.
+  return with_config(dtype, tile, M, N, sms, [&](auto cfg) {
+    return run_gemm<decltype(cfg)>(x, ldx, values, meta_sm90, y, ldy, workspace, M, N, Kp,
+                                   swizzle, stream);
+  });
 }
 
 cudaError_t sparse24_sm90_compress_dense(const void* W, void* values_out, uint8_t* meta_sm90_out,
@@ -474,10 +518,12 @@ size_t sparse24_sm90_meta_bytes(int64_t, int64_t) { return 0; }
 cudaError_t sparse24_sm90_reorder_meta(const uint8_t*, uint8_t*, int64_t, int64_t, cudaStream_t) {
   return cudaErrorNotSupported;
 }
-size_t sparse24_gemm_sm90_workspace_bytes(int64_t, int64_t, int64_t, DType, int) { return 0; }
+size_t sparse24_gemm_sm90_workspace_bytes(int64_t, int64_t, int64_t, DType, int, int) {
+  return 0;
+}
 bool sparse24_gemm_sm90_available(int) { return false; }
 cudaError_t sparse24_gemm_sm90(const void*, int64_t, const void*, const uint8_t*, void*, int64_t,
-                               void*, int64_t, int64_t, int64_t, DType, int, cudaStream_t) {
+                               void*, int64_t, int64_t, int64_t, DType, int, int, cudaStream_t) {
   return cudaErrorNotSupported;
 }
 cudaError_t sparse24_sm90_compress_dense(const void*, void*, uint8_t*, int64_t, int64_t, DType,
