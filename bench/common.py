@@ -69,7 +69,7 @@ class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
     # triton(_n8|_w8|_n16|_split2x|_tile_dot|_global_gather|_no_prefetch|_unpack
     # |_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
-    # |_pdl)
+    # |_pdl|_ring1)
     # | cuda_sm90(_swizzle1|_256x128|_128x256) | torch | cpu | auto
     provider: str
     N: int
@@ -110,6 +110,9 @@ def cases(device_type: str) -> list[Case]:
             # isolated kernels; in the engine the kernel before a GEMV is a norm or SwiGLU)
             ("sparse24_gemv", ("cuda_pdl",), lambda m: m in (1, GEMV_MAX_M)),
             ("bitmap_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
+            # one sub-tile of each row's values in flight (the 2026-12-04 kernel) against the
+            # default two at M = 1
+            ("bitmap_gemv", ("cuda_ring1",), lambda m: m == 1),
             ("bitmap_gemv", ("triton_n8", "triton_w8"), lambda m: m == 1),
             # the 2026-12-04 loop (each tile's mask words, gather and x waited on in turn)
             # against the default software-pipelined one
@@ -312,6 +315,9 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
             return fn(x, ws.packed.values, ws.extras["sm90_meta"], N, K, None, swizzle, tile)
 
         return sm90
+    if case.op == "bitmap_gemv" and case.provider == "cuda_ring1":
+        fn = _ext_function(("bitmap_gemv_cuda",))
+        return lambda x, ws: fn(x, *_packed_args(ws), N, K, None, 1)
     if case.op == "sparse24_gemv" and case.provider in _GEMV_OPTIONS:
         fn = _ext_function(("sparse24_gemv_cuda",))
         reduce, prefetch, pdl = _GEMV_OPTIONS[case.provider]

@@ -13,7 +13,8 @@ built; cuda_sm90 for the CUTLASS Hopper GEMM, cuda_sm90_swizzle1 in CUTLASS's de
 order, cuda_sm90_256x128 / _128x256 with larger output tiles; cuda_reduce_kernel, the GEMV with split-K summed by a second kernel instead of a cluster
 reduction; cuda_prefetch_off / _on, the GEMV with its weight prefetch forced off or on;
 cuda_pdl, with programmatic dependent launch, which back to back overlaps calls: the other
-GEMV rows run without), torch (to_sparse_semi_structured) and auto (slimstack.ops.sparse_linear);
+GEMV rows run without; cuda_ring1, the bitmap GEMV at M = 1 with one sub-tile per row in
+flight instead of two), torch (to_sparse_semi_structured) and auto (slimstack.ops.sparse_linear);
 baseline cuBLAS dense.
 The device time of each row comes from CUDA-graph replays timed with events (bench/common.py);
 pytest-benchmark's own table shows synchronised host wall time of single calls.

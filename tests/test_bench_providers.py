@@ -139,4 +139,4 @@ def test_every_extension_provider_calls_the_glue_with_its_signature(
         except TypeError as err:
             raise AssertionError(f"{case}: {fake.looked_up[-1]} refuses the call: {err}") from err
         checked.add(case.provider)
-    assert {"cuda", "cuda_pdl", "cuda_sm90", "cuda_sm90_256x128"} <= checked, checked
+    assert {"cuda", "cuda_pdl", "cuda_ring1", "cuda_sm90", "cuda_sm90_256x128"} <= checked, checked

@@ -445,6 +445,47 @@ def test_bitmap_gemv_block_sizes_at_m1(dtype, n, make_unstructured) -> None:
     _check(y, x, dense)
 
 
+# K: one sub-tile (172, 1024), two (2048: the prologue fills both slots), three with a short
+# last one (2200), long (14336); N = 43 leaves the last warp's second row past N.
+@pytest.mark.parametrize("k", [172, 1024, 2048, 2200, 14336])
+@pytest.mark.parametrize("dtype", DTYPES, ids=_dtype_id)
+def test_bitmap_gemv_ring_depths_give_the_same_bits_at_m1(dtype, k, make_unstructured) -> None:
+    """M = 1 keeps two sub-tiles of each row in flight by default (ring_depth=2): the same
+    fmaf sequence per output as one (ring_depth=1), so the same bits, and right."""
+    n = 43
+    dense, packed = _weight("bitmap", n, k, dtype, make_unstructured)
+    x = _x(1, k, dtype, seed=k)
+    args = (x, packed.values, packed.bitmask, packed.row_offsets, n, k)
+    two = _C.bitmap_gemv_cuda(*args, out=_poisoned(1, n, dtype))
+    _check(two, x, dense)
+    assert torch.equal(two, _C.bitmap_gemv_cuda(*args, out=_poisoned(1, n, dtype), ring_depth=2))
+    assert torch.equal(two, _C.bitmap_gemv_cuda(*args, out=_poisoned(1, n, dtype), ring_depth=1))
+
+
+def test_bitmap_gemv_ring_depth_two_past_the_ring() -> None:
+    """Rows denser than a ring slot holds (80% kept) read their overflow from global memory
+    at either depth: same bits."""
+    gen = torch.Generator().manual_seed(7)
+    dense = torch.randn(40, 4400, generator=gen).to(torch.bfloat16)
+    dense[:, ::5] = 0
+    packed = pack_bitmap(dense).to("cuda")
+    x = _x(1, 4400, torch.bfloat16, seed=9)
+    args = (x, packed.values, packed.bitmask, packed.row_offsets, 40, 4400)
+    two = _C.bitmap_gemv_cuda(*args, out=_poisoned(1, 40, torch.bfloat16), ring_depth=2)
+    _check(two, x, dense.cuda())
+    assert torch.equal(two, _C.bitmap_gemv_cuda(*args, ring_depth=1))
+
+
+def test_bitmap_gemv_rejects_bad_ring_depth(make_unstructured) -> None:
+    n, k = 43, 172
+    _, packed = _weight("bitmap", n, k, torch.float16, make_unstructured)
+    args = (packed.values, packed.bitmask, packed.row_offsets, n, k)
+    with pytest.raises(ValueError, match="ring_depth must be 0 .automatic., 1 or 2, got 3"):
+        _C.bitmap_gemv_cuda(_x(1, k, torch.float16, 1), *args, ring_depth=3)
+    with pytest.raises(ValueError, match="ring_depth=2 is the M = 1 kernel's, got M=4"):
+        _C.bitmap_gemv_cuda(_x(4, k, torch.float16, 1), *args, ring_depth=2)
+
+
 @pytest.mark.parametrize("m", [1, 3, 16])
 def test_bitmap_gemv_dense_rows_take_the_fallback_small(m) -> None:
     gen = torch.Generator().manual_seed(5)

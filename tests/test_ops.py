@@ -548,7 +548,7 @@ def _fake_cuda_extension(calls: list[str]):
         assert isinstance(device, int)
         return True
 
-    def sparse24_gemm_sm90_cuda(x, values, meta_sm90, N, K, out=None, swizzle=0):
+    def sparse24_gemm_sm90_cuda(x, values, meta_sm90, N, K, out=None, swizzle=0, tile="auto"):
         calls.append("sm90")
         check_x(x, values, N, K)
         assert N % 8 == 0, "the glue refuses N % 8 != 0"
@@ -556,7 +556,7 @@ def _fake_cuda_extension(calls: list[str]):
         assert meta_sm90.dtype == torch.uint8 and meta_sm90.shape == (sm90_meta_nbytes(N, kp),)
         return cpu.sparse24_mm_cpu(x, values, restore_meta_sm90(meta_sm90, N, kp), N, K)
 
-    def bitmap_gemv_cuda(x, values, bitmask, row_offsets, N, K, out=None):
+    def bitmap_gemv_cuda(x, values, bitmask, row_offsets, N, K, out=None, ring_depth=0):
         calls.append("bitmap_gemv")
         check_x(x, values, N, K, max_m=16)
         assert bitmask.dtype == torch.uint8 and row_offsets.dtype == torch.int64

@@ -19,11 +19,15 @@
 // Weight stream (what keeps enough bytes in flight without registers)
 //   A sub-tile's values of a row are one contiguous run of ~65 chunks: the warp copies the run
 //   into a per-row shared-memory ring with cp.async (512 coalesced bytes per instruction, no
-//   register held while in flight), and the lanes read their chunks from the ring. Order per
-//   warp: row offsets and masks first, then the first sub-tile's copies for both rows, then x
-//   staged (its round trip overlaps theirs); the next sub-tile's masks are loaded one sub-tile
-//   ahead, and a row's copies for sub-tile s + 1 go out as soon as its sub-tile s is consumed,
-//   while the warp works on its other row. Each lane accumulates its values in column order,
+//   register held while in flight), and the lanes read their chunks from the ring. Each row has
+//   kDepth ring slots, sub-tile s in slot s % kDepth. Order per warp: row offsets and masks
+//   first, then the first kDepth sub-tiles' copies for both rows, then x staged (its round trip
+//   overlaps theirs); masks are loaded one sub-tile ahead of their placement, and a row's
+//   copies for sub-tile s + kDepth go out as soon as its sub-tile s is consumed, while the warp
+//   works on its other row and its next sub-tile. kDepth = 2 at M = 1 (the default): on the
+//   H200 (2026-12-04) one sub-tile in flight per row (~2 KB per warp) moved 1.6-2.2 TB/s,
+//   against 3.0 for the 2:4 GEMV with ~4.6 KB per warp; each step waited a loaded round trip
+//   less one row's accumulation. Each lane accumulates its values in column order,
 //   sub-tile after sub-tile, then the xor butterfly: the same fmaf sequence per output as a
 //   plain loop over the lane's columns.
 //
@@ -217,10 +221,13 @@ __device__ __forceinline__ float value_at(const uint4& v, int j) {
 // to 632 values (62%), chunks past the ring (dense stretches) are read from global memory when
 // reached.
 constexpr int kRingChunks = 80;
-template <int kW>
-constexpr int ring_bytes() { return kW * kRowsPerWarp * kRingChunks * 16; }  // 20 KB at 8 warps
-template <int kW>
-constexpr int smem_max() { return kXBudget + ring_bytes<kW>(); }  // 52 KB: 4 blocks per SM on sm_90
+// 20 KB per slot depth at 8 warps
+template <int kW, int kDepth>
+constexpr int ring_bytes() { return kW * kRowsPerWarp * kDepth * kRingChunks * 16; }
+// 52 KB at depth 1 (4 blocks per SM on sm_90), 72 KB at depth 2 (3); an M = 1 window of
+// K = 4096 and the depth-2 rings are 48 KB (4 blocks).
+template <int kW, int kDepth>
+constexpr int smem_max() { return kXBudget + ring_bytes<kW, kDepth>(); }
 constexpr int kSmemDefault = 48 * 1024;          // more needs the opt-in
 
 // One lane's share of one row in one sub-tile: its kept values are [start, start + popc(mask))
@@ -345,15 +352,20 @@ __device__ __forceinline__ void accumulate_cols(const uint4* ring, const T* xs, 
   }
 }
 
-template <typename T, int kMaxM, int kW>
+template <typename T, int kMaxM, int kW, int kDepth>
 __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParams p) {
   constexpr int kRowsPerPass = kW * kRowsPerWarp;  // rows a block handles per pass
+  static_assert(kDepth == 1 || kDepth == 2, "ring slots per row");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* xs = reinterpret_cast<T*>(smem_raw);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
   uint4* rings = reinterpret_cast<uint4*>(smem_raw + p.ring_offset) +
-                 warp * kRowsPerWarp * kRingChunks;  // this warp's, row r at r * kRingChunks
+                 warp * kRowsPerWarp * kDepth * kRingChunks;  // this warp's
+  // Row r's ring slot for sub-tile s.
+  auto ring = [&](int r, int s) -> uint4* {
+    return rings + (r * kDepth + s % kDepth) * kRingChunks;
+  };
   const int words_per_row = p.Kp / 32;
   const int num_subs = p.num_subs;
 
@@ -370,31 +382,43 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
     const int row0 = (blockIdx.x * p.passes + pass) * kRowsPerPass + warp * kRowsPerWarp;
     if ((blockIdx.x * p.passes + pass) * kRowsPerPass >= p.N) break;  // block-uniform
 
-    // The weight stream in dependency order, ahead of x: row offsets and the first sub-tile's
-    // masks (independent loads), then, after the scan, the copies of its values and the next
-    // sub-tile's masks, all before x is staged. A row's copies for sub-tile s + 1 go out right
-    // after its sub-tile s is consumed (and its masks for s + 2), so they are in flight while
-    // the warp works on its other row.
+    // The weight stream in dependency order, ahead of x: row offsets and the first kDepth + 1
+    // sub-tiles' masks (independent loads), then, after the scans, the copies of the first
+    // kDepth sub-tiles' values, all before x is staged. A row's copies for sub-tile s + kDepth
+    // go out right after its sub-tile s is consumed (and its masks for s + kDepth + 1), so
+    // they are in flight while the warp works on its other row and next sub-tiles.
+    // tile[r][d]: row r's sub-tile s + d while sub-tile s is the next to consume.
     uint32_t next_mask[kRowsPerWarp];
-    LaneTile tile[kRowsPerWarp];
+    LaneTile tile[kRowsPerWarp][kDepth];
     float acc[kRowsPerWarp][kMaxM];
+    uint32_t first_masks[kRowsPerWarp][kDepth];
 #pragma unroll
     for (int r = 0; r < kRowsPerWarp; ++r) {
       const int row = row0 + r;
-      tile[r].chunks = p.values + (p.row_offsets[min(row, p.N - 1)] >> 3);  // 8-aligned
-      tile[r].mask = 0u;  // "the sub-tile before the first": no values
-      tile[r].start = 0;
-      next_mask[r] = load_mask(row, 0);
+#pragma unroll
+      for (int d = 0; d < kDepth; ++d) first_masks[r][d] = d < num_subs ? load_mask(row, d) : 0u;
+      next_mask[r] = kDepth < num_subs ? load_mask(row, kDepth) : 0u;
 #pragma unroll
       for (int m = 0; m < kMaxM; ++m) acc[r][m] = 0.f;
     }
-    int chunks[kRowsPerWarp];
+    // Copies committed in (sub-tile, row) order, one group each (empty past the last
+    // sub-tile), as the loop below commits them.
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) chunks[r] = place_tile(next_mask[r], lane, tile[r]);
+    for (int d = 0; d < kDepth; ++d) {
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      copy_tile(chunks[r], lane, rings + r * kRingChunks, tile[r]);
-      next_mask[r] = num_subs > 1 ? load_mask(row0 + r, 1) : 0u;
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        LaneTile t;
+        if (d == 0) {
+          t.chunks = p.values + (p.row_offsets[min(row0 + r, p.N - 1)] >> 3);  // 8-aligned
+          t.mask = 0u;  // "the sub-tile before the first": no values
+          t.start = 0;
+        } else {
+          t = tile[r][d - 1];
+        }
+        const int n = place_tile(first_masks[r][d], lane, t);
+        tile[r][d] = t;
+        copy_tile(n, lane, ring(r, d), t);
+      }
     }
 
     int local = p.window_cols;  // window-local first column of the sub-tile
@@ -424,23 +448,29 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
-        // Groups in flight, oldest first: this row's sub-tile, then (at most) the other row's
-        // next or, for the last sub-tile, an empty group.
-        detail::cp_async_wait<1>();
+        // Groups committed after this row's sub-tile: one per (sub-tile, row) up to this row's
+        // sub-tile + kDepth - 1 and the other rows' in between (empty ones past the last).
+        detail::cp_async_wait<kDepth * kRowsPerWarp - 1>();
         __syncwarp();  // every lane's copies of this sub-tile landed
+        uint4* slot = ring(r, sub);
         if constexpr (kMaxM == 1) {
-          accumulate_cols<T>(rings + r * kRingChunks, xs, col_base, xw, tile[r], acc[r][0]);
+          accumulate_cols<T>(slot, xs, col_base, xw, tile[r][0], acc[r][0]);
         } else {
-          accumulate_tile<T, kMaxM>(rings + r * kRingChunks, xs, col_base, tile[r], acc[r]);
+          accumulate_tile<T, kMaxM>(slot, xs, col_base, tile[r][0], acc[r]);
         }
-        __syncwarp();  // ring read by every lane before it is refilled
-        if (sub + 1 < num_subs) {  // warp-uniform
-          const int n = place_tile(next_mask[r], lane, tile[r]);
-          copy_tile(n, lane, rings + r * kRingChunks, tile[r]);
-          next_mask[r] = sub + 2 < num_subs ? load_mask(row0 + r, sub + 2) : 0u;
+        __syncwarp();  // slot read by every lane before it is refilled
+        // Sub-tile sub + kDepth goes into the slot just read, placed after sub + kDepth - 1.
+        LaneTile t = tile[r][kDepth - 1];
+        if (sub + kDepth < num_subs) {  // warp-uniform
+          const int n = place_tile(next_mask[r], lane, t);
+          copy_tile(n, lane, slot, t);
+          next_mask[r] = sub + kDepth + 1 < num_subs ? load_mask(row0 + r, sub + kDepth + 1) : 0u;
         } else {
           detail::cp_async_commit();  // keeps the wait count above uniform
         }
+#pragma unroll
+        for (int d = 0; d + 1 < kDepth; ++d) tile[r][d] = tile[r][d + 1];
+        tile[r][kDepth - 1] = t;
       }
       local += kSubTileCols;
     }
@@ -469,7 +499,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
   }
 }
 
-template <typename T, int kMaxM, int kW>
+template <typename T, int kMaxM, int kW, int kDepth>
 cudaError_t launch_typed(BitmapParams p, int sms, cudaStream_t stream, int device) {
   constexpr int kRowsPerPass = kW * kRowsPerWarp;
   // Window: as many 1024-column sub-tiles as fit the x budget.
@@ -493,21 +523,23 @@ cudaError_t launch_typed(BitmapParams p, int sms, cudaStream_t stream, int devic
   const int staged_cols = std::min<int>(
       p.window_cols, static_cast<int>(detail::round_up(p.Kp, kMaxM == 1 ? 64 : kSubTileCols)));
   p.ring_offset = staged_cols * bytes_per_col;
-  const int smem = p.ring_offset + ring_bytes<kW>();
+  const int smem = p.ring_offset + ring_bytes<kW, kDepth>();
   if (smem > kSmemDefault) {
     // The opt-in (x windows of 32 KB: 16 tokens, or K > 14336 with fewer), once per device,
     // for the most this kernel can ask for.
     static signed char cache[detail::kMaxDevices] = {0};
     cudaError_t err = cudaSuccess;
     if (!detail::cached_device_flag(device, cache, [&err] {
-          err = cudaFuncSetAttribute(bitmap_gemv_kernel<T, kMaxM, kW>,
-                                     cudaFuncAttributeMaxDynamicSharedMemorySize, smem_max<kW>());
+          err = cudaFuncSetAttribute(bitmap_gemv_kernel<T, kMaxM, kW, kDepth>,
+                                     cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     smem_max<kW, kDepth>());
           return err == cudaSuccess;
         })) {
       return err != cudaSuccess ? err : cudaErrorInvalidValue;
     }
   }
-  bitmap_gemv_kernel<T, kMaxM, kW><<<static_cast<unsigned>(blocks), kW * 32, smem, stream>>>(p);
+  bitmap_gemv_kernel<T, kMaxM, kW, kDepth>
+      <<<static_cast<unsigned>(blocks), kW * 32, smem, stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -519,7 +551,7 @@ cudaError_t launch_typed(BitmapParams p, int sms, cudaStream_t stream, int devic
 // 13824x5120 (108 rows on the busiest SM instead of 112, for 4x the x staging; 0.60x dense on
 // the H200, the worst shape). Ties go to the larger block. Each row stays with one warp,
 // walked in the same order, so outputs do not depend on the choice.
-template <typename T, int kMaxM>
+template <typename T, int kMaxM, int kDepth = 1>
 cudaError_t launch_warps(const BitmapParams& p, int device, cudaStream_t stream) {
   int sms = 0;
   SLIMSTACK_CUDA_TRY(detail::sm_count(device, &sms));
@@ -532,15 +564,19 @@ cudaError_t launch_warps(const BitmapParams& p, int device, cudaStream_t stream)
       return blocks * (x_bytes / 2 + rows * row_bytes);
     };
     const int64_t b8 = busiest(kWarps), b4 = busiest(4), b2 = busiest(2);
-    if (b2 < b4 && b2 < b8) return launch_typed<T, kMaxM, 2>(p, sms, stream, device);
-    if (b4 < b8) return launch_typed<T, kMaxM, 4>(p, sms, stream, device);
+    if (b2 < b4 && b2 < b8) return launch_typed<T, kMaxM, 2, kDepth>(p, sms, stream, device);
+    if (b4 < b8) return launch_typed<T, kMaxM, 4, kDepth>(p, sms, stream, device);
   }
-  return launch_typed<T, kMaxM, kWarps>(p, sms, stream, device);
+  return launch_typed<T, kMaxM, kWarps, kDepth>(p, sms, stream, device);
 }
 
 template <typename T>
-cudaError_t launch_for_type(const BitmapParams& p, int device, cudaStream_t stream) {
-  if (p.M <= 1) return launch_warps<T, 1>(p, device, stream);
+cudaError_t launch_for_type(const BitmapParams& p, int ring_depth, int device,
+                            cudaStream_t stream) {
+  if (p.M <= 1) {
+    return ring_depth == 1 ? launch_warps<T, 1, 1>(p, device, stream)
+                           : launch_warps<T, 1, 2>(p, device, stream);
+  }
   if (p.M <= 2) return launch_warps<T, 2>(p, device, stream);
   if (p.M <= 4) return launch_warps<T, 4>(p, device, stream);
   if (p.M <= 8) return launch_warps<T, 8>(p, device, stream);
@@ -551,10 +587,12 @@ cudaError_t launch_for_type(const BitmapParams& p, int device, cudaStream_t stre
 
 cudaError_t bitmap_gemv(const void* x, int64_t ldx, const void* values, const uint8_t* bitmask,
                         const int64_t* row_offsets, void* y, int64_t ldy, int64_t M, int64_t N,
-                        int64_t K, int64_t Kp, DType dtype, cudaStream_t stream) {
+                        int64_t K, int64_t Kp, DType dtype, int ring_depth,
+                        cudaStream_t stream) {
   SLIMSTACK_REQUIRE(x != nullptr && values != nullptr && bitmask != nullptr &&
                     row_offsets != nullptr && y != nullptr);
   SLIMSTACK_REQUIRE(M >= 1 && M <= kBitmapGemvMaxM);
+  SLIMSTACK_REQUIRE(ring_depth == 0 || ring_depth == 1 || (ring_depth == 2 && M == 1));
   SLIMSTACK_REQUIRE(N >= 1 && N <= INT32_MAX);
   SLIMSTACK_REQUIRE(Kp >= 64 && Kp % 64 == 0 && Kp <= INT32_MAX && K >= 1 && K <= Kp &&
                     K > Kp - 64);
@@ -586,9 +624,9 @@ cudaError_t bitmap_gemv(const void* x, int64_t ldx, const void* values, const ui
 
   switch (dtype) {
     case DType::kFloat16:
-      return launch_for_type<__half>(p, device, stream);
+      return launch_for_type<__half>(p, ring_depth, device, stream);
     case DType::kBFloat16:
-      return launch_for_type<__nv_bfloat16>(p, device, stream);
+      return launch_for_type<__nv_bfloat16>(p, ring_depth, device, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -239,12 +239,17 @@ pybind11::dict sparse24_gemv_plan_cuda(int64_t M, int64_t N, int64_t K, int64_t 
 
 at::Tensor bitmap_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
                             const at::Tensor& bitmask, const at::Tensor& row_offsets, int64_t N,
-                            int64_t K, const std::optional<at::Tensor>& out) {
+                            int64_t K, const std::optional<at::Tensor>& out,
+                            int64_t ring_depth) {
   const std::string op = "bitmap_gemv_cuda";
   check_x(op, x, N, K);
   const int64_t M = x.size(0);
   TORCH_CHECK_VALUE(M <= sc::kBitmapGemvMaxM, op, ": decode GEMV takes M <= ",
                     sc::kBitmapGemvMaxM, " rows of x, got M=", M);
+  TORCH_CHECK_VALUE(ring_depth == 0 || ring_depth == 1 || ring_depth == 2, op,
+                    ": ring_depth must be 0 (automatic), 1 or 2, got ", ring_depth);
+  TORCH_CHECK_VALUE(ring_depth != 2 || M <= 1, op,
+                    ": ring_depth=2 is the M = 1 kernel's, got M=", M, " (use 0 or 1)");
   const int64_t Kp = padded_k(K);
   check_packed(op, "values", values, x.scalar_type(), {}, x, 16);
   check_packed(op, "bitmask", bitmask, at::kByte, {N, Kp / 8}, x, 4);
@@ -258,7 +263,7 @@ at::Tensor bitmap_gemv_cuda(const at::Tensor& x, const at::Tensor& values,
   check_launch(op, sc::bitmap_gemv(x.data_ptr(), K, values.data_ptr(),
                                    bitmask.data_ptr<uint8_t>(), row_offsets.data_ptr<int64_t>(),
                                    y.data_ptr(), N, M, N, K, Kp, kernel_dtype(op, x),
-                                   current_stream(x)));
+                                   static_cast<int>(ring_depth), current_stream(x)));
   return y;
 }
 
@@ -432,7 +437,7 @@ void register_cuda(pybind11::module_& m) {
   m.def("bitmap_gemv_cuda", &bitmap_gemv_cuda,
         "decode y[M, N] = x[M, K] @ W^T (M <= 16), W packed bitmap", py::arg("x"),
         py::arg("values"), py::arg("bitmask"), py::arg("row_offsets"), py::arg("N"),
-        py::arg("K"), py::arg("out") = py::none());
+        py::arg("K"), py::arg("out") = py::none(), py::arg("ring_depth") = 0);
   m.def("sparse24_gemm_sm80_cuda", &sparse24_gemm_sm80_cuda,
         "prefill y = x @ W^T, W packed sparse24, mma.sp (sm_80 and later)", py::arg("x"),
         py::arg("values"), py::arg("meta"), py::arg("N"), py::arg("K"),

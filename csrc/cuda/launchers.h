@@ -101,9 +101,12 @@ cudaError_t sparse24_gemv(const void* x, int64_t ldx, const void* values, const 
 // ---------------------------------------------------------------------------------------------
 constexpr int kBitmapGemvMaxM = 16;
 
+// ring_depth: sub-tiles of each row's values in flight, 0 = automatic (2 at M = 1, else 1);
+// 1 forces one, 2 (M = 1 only) two.
 cudaError_t bitmap_gemv(const void* x, int64_t ldx, const void* values, const uint8_t* bitmask,
                         const int64_t* row_offsets, void* y, int64_t ldy, int64_t M, int64_t N,
-                        int64_t K, int64_t Kp, DType dtype, cudaStream_t stream);
+                        int64_t K, int64_t Kp, DType dtype, int ring_depth,
+                        cudaStream_t stream);
 
 // ---------------------------------------------------------------------------------------------
 // sparse24_gemm_sm80: prefill GEMM (any M) with hand-written mma.sp on the sparse24
