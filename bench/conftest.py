@@ -10,6 +10,7 @@ only inside an archive."""
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, NoReturn
@@ -99,26 +100,44 @@ class BenchSession:
         pytest.skip(reason)
 
     def measure(self, case: Case):
-        """Times the case's provider against the dense baseline; returns (row, one_call)."""
+        """Times the case's provider against the dense baseline; returns (row, one_call).
+
+        The row's wall_s says where the case's host time went (a lease's kernel steps are
+        capped): setup (weights and inputs made for a new shape), first_call (the provider's
+        first call: Triton's JIT compile, the extension's first launch), timing (warm-up,
+        capture and the timed replays) and baseline (the dense one, once per shape and M)."""
+        clock = _Clock(self.device)
         try:
             call = provider_call(case)
         except Unavailable as why:
             self._skip(case, str(why))
         self.peak  # noqa: B018  (measured once, before any kernel of the run)
+        clock.lap()
         ws = self.weights(case)
         xs = self.inputs(case, len(ws))
+        setup_s = clock.lap()
         try:
             y = call(xs[0], ws[0])
         except (ValueError, TypeError, RuntimeError, NotImplementedError) as err:
             if _device_fault(err):
                 raise  # a kernel that faulted is a failure, not a refusal
             self._skip(case, f"{case.provider} refused {case}: {err}")
+        first_call_s = clock.lap()
         _check_close(case, y, dense_call(xs[0], ws[0]))
+        clock.lap()
         ms, method = median_ms(lambda i: call(xs[i], ws[i]), len(ws), self.device)
+        timing_s = clock.lap()
         baseline = self.baseline_ms(case, xs, ws)
+        baseline_s = clock.lap()
         moved = ws[0].packed.nbytes + xs[0].nbytes + y.nbytes
         row = make_row(case, ms, baseline, BASELINE, moved)
         row["timing"] = method
+        row["wall_s"] = {
+            "setup": round(setup_s, 3),
+            "first_call": round(first_call_s, 3),
+            "timing": round(timing_s, 3),
+            "baseline": round(baseline_s, 3),
+        }
         self.rows.append(row)
         self.save()
         return row, lambda: call(xs[0], ws[0])
@@ -154,6 +173,21 @@ def _check_close(case: Case, y: torch.Tensor, ref: torch.Tensor) -> None:
 
 
 _SESSION = BenchSession(DEVICE)
+
+
+class _Clock:
+    """Seconds between laps, the device drained at each (so work lands in its own lap)."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.last = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        elapsed, self.last = now - self.last, now
+        return elapsed
 
 
 @pytest.fixture(scope="session")

@@ -103,6 +103,39 @@ def ab_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+WALL_PARTS = ("setup", "first_call", "timing", "baseline")
+
+
+def wall_table(rows: list[dict[str, Any]], top: int = 5) -> str:
+    """Where a run's host time went, from the rows' wall_s (bench/conftest.py): seconds per
+    part and per op / provider, and the slowest first calls (JIT compiles). Empty for rows
+    without wall_s (runs before 2026-12-07)."""
+    timed = [r for r in rows if isinstance(r.get("wall_s"), dict)]
+    if not timed:
+        return ""
+    totals = {part: sum(float(r["wall_s"].get(part, 0.0)) for r in timed) for part in WALL_PARTS}
+    by_provider: dict[tuple[str, str], list[float]] = defaultdict(lambda: [0.0, 0])
+    for r in timed:
+        entry = by_provider[(r["op"], r["provider"])]
+        entry[0] += sum(float(r["wall_s"].get(part, 0.0)) for part in WALL_PARTS)
+        entry[1] += 1
+    lines = [
+        f"{len(timed)} cases, {sum(totals.values()):.0f} s: "
+        + ", ".join(f"{part} {totals[part]:.0f} s" for part in WALL_PARTS),
+        "",
+        "| op / provider | cases | s | s per case |",
+        "|---|---|---|---|",
+    ]
+    for (op, provider), (seconds, count) in sorted(by_provider.items(), key=lambda kv: -kv[1][0]):
+        lines.append(f"| {op} / {provider} | {count} | {seconds:.1f} | {seconds / count:.2f} |")
+    slowest = sorted(timed, key=lambda r: -float(r["wall_s"].get("first_call", 0.0)))[:top]
+    lines += ["", "slowest first calls: " + ", ".join(
+        f"{r['op']}-{r['provider']}-{r['N']}x{r['K']}-M{r['M']} {r['wall_s']['first_call']:.1f} s"
+        for r in slowest
+    )]  # fmt: skip
+    return "\n".join(lines)
+
+
 def summarize(doc: dict[str, Any], dtype: str | None = None) -> str:
     if doc.get("suite") != "kernels" or not isinstance(doc.get("rows"), list):
         raise ValueError("not a kernel benchmark results document (suite 'kernels' with rows)")
@@ -131,6 +164,9 @@ def summarize(doc: dict[str, Any], dtype: str | None = None) -> str:
         ab = ab_table(rows)
         if ab:
             out += [f"\n**{name}: each variant against its default (same shape and M)**\n", ab]
+    wall = wall_table(doc["rows"])
+    if wall:
+        out += ["\n**Where the run's host time went**\n", wall]
     missing = doc.get("not_measured") or []
     if missing:
         out.append(f"\n**{len(missing)} cases not measured**\n")

@@ -206,6 +206,11 @@ def test_cpu_suite_end_to_end(tmp_path):
     providers = {(r["op"], r["provider"]) for r in doc["rows"]}
     assert {("sparse24_mm", "cpu"), ("bitmap_mm", "cpu")} <= providers
     assert all(r["baseline"] == "torch_dense" for r in doc["rows"])
+    # each row says where its host time went; a shape's first case made its weights
+    parts = set(summarize.WALL_PARTS)
+    assert all(set(r["wall_s"]) == parts for r in doc["rows"])
+    assert all(v >= 0 for r in doc["rows"] for v in r["wall_s"].values())
+    assert any(r["wall_s"]["setup"] > 0 for r in doc["rows"])
     assert plot.plot_results(path)
 
 
@@ -227,6 +232,27 @@ def test_summary_tables_geomean_over_shapes_and_decode_bandwidth():
     row = next(r for r in doc["rows"] if r["M"] == 1 and r["provider"] == "triton")
     expected = f"{100 * row['gbps'] / 3000:.0f}%"
     assert any(expected in line for line in decode)
+
+
+def test_summary_says_where_the_run_time_went():
+    rows = _rows(dtypes=("bfloat16",))
+    assert summarize.wall_table(rows) == ""  # runs before wall_s: no table
+    for i, row in enumerate(rows):
+        compile_s = 4.0 if (row["provider"], row["M"]) == ("triton", 16) else 0.1
+        row["wall_s"] = {"setup": 0.5 if i == 0 else 0.0, "first_call": compile_s,
+                         "timing": 0.2, "baseline": 0.1}  # fmt: skip
+    text = summarize.summarize(_document(rows))
+    assert "**Where the run's host time went**" in text
+    table = summarize.wall_table(rows)
+    first = table.splitlines()[0]
+    total = sum(sum(r["wall_s"].values()) for r in rows)
+    assert first.startswith(f"{len(rows)} cases, {total:.0f} s: setup 0 s, first_call")
+    providers = [line for line in table.splitlines() if line.startswith("| sparse24_gemv / ")]
+    assert providers[0].startswith("| sparse24_gemv / triton |")  # the most time first
+    slowest = table.splitlines()[-1]
+    assert (
+        slowest.startswith("slowest first calls: sparse24_gemv-triton-") and "-M16 4.0 s" in slowest
+    )
 
 
 def test_summary_refuses_other_documents_and_unknown_dtypes(tmp_path, capsys):
