@@ -12,6 +12,7 @@ A memcheck run on the small cases:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -602,20 +603,29 @@ def test_sparse24_gemm_sm90_matches_reference(dtype, shape, m, make_sparse24) ->
     _check(y, x, dense)
 
 
+def _sm90_checked(n: int, m: int, seed: int, make_sparse24, **options) -> Callable:
+    """Runs the sm90 GEMM (k = 512, bf16) with `options` into a poisoned output, checks it
+    against the reference, and returns a function that calls it again with other options."""
+    _sm90_or_skip()
+    k, dtype = 512, torch.bfloat16
+    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
+    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
+    x = _x(m, k, dtype, seed=seed)
+
+    def call(**kw) -> torch.Tensor:
+        return _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k, **kw)
+
+    _check(call(out=_poisoned(m, n, dtype), **options), x, dense)
+    return call
+
+
 @pytest.mark.parametrize("m", [64, 512, 2048])
 def test_sparse24_gemm_sm90_both_schedules(m, make_sparse24) -> None:
     """N = 4096: M = 64 and 512 leave fewer than two 128 x 128 output tiles per SM (stream-K,
     partial sums reduced in the workspace), M = 2048 does not (data-parallel). Stream-K's
     reduction runs in a fixed order: a second call gives the same bits."""
-    _sm90_or_skip()
-    n, k, dtype = 4096, 512, torch.bfloat16
-    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
-    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
-    x = _x(m, k, dtype, seed=2100 + m)
-    y = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k, out=_poisoned(m, n, dtype))
-    _check(y, x, dense)
-    again = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k)
-    assert torch.equal(y, again)
+    call = _sm90_checked(4096, m, 2100 + m, make_sparse24)
+    assert torch.equal(call(), call())
 
 
 @pytest.mark.parametrize("m", [64, 2048])
@@ -623,16 +633,9 @@ def test_sparse24_gemm_sm90_both_schedules(m, make_sparse24) -> None:
 def test_sparse24_gemm_sm90_tile_swizzle(swizzle, m, make_sparse24) -> None:
     """Every tile order (stream-K at M = 64, data-parallel at 2048) covers every output tile
     once: right against the reference, and each tile's sum is the same whichever CTA runs it."""
-    _sm90_or_skip()
-    n, k, dtype = 4096, 512, torch.bfloat16
-    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
-    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
-    x = _x(m, k, dtype, seed=2200 + m)
-    y = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k, _poisoned(m, n, dtype),
-                                   swizzle)  # fmt: skip
-    _check(y, x, dense)
+    call = _sm90_checked(4096, m, 2200 + m, make_sparse24, swizzle=swizzle)
     if m == 2048:
-        assert torch.equal(y, _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k))
+        assert torch.equal(call(swizzle=swizzle), call())
 
 
 @pytest.mark.parametrize("m", [64, 200, 2048])
@@ -641,14 +644,7 @@ def test_sparse24_gemm_sm90_tiles(tile, m, make_sparse24) -> None:
     """Each named tile (data-parallel at any M, so M = 64 runs it where "auto" takes stream-K;
     M = 200 leaves partial tiles on the tokens) reads the one reordered metadata right: N = 320
     is a partial 256-row tile too."""
-    _sm90_or_skip()
-    n, k, dtype = 320, 512, torch.bfloat16
-    dense, packed = _weight("sparse24", n, k, dtype, make_sparse24)
-    meta_sm90 = _C.sparse24_sm90_reorder_meta_cuda(packed.meta, n, k)
-    x = _x(m, k, dtype, seed=2300 + m)
-    y = _C.sparse24_gemm_sm90_cuda(x, packed.values, meta_sm90, n, k, _poisoned(m, n, dtype),
-                                   tile=tile)  # fmt: skip
-    _check(y, x, dense)
+    _sm90_checked(320, m, 2300 + m, make_sparse24, tile=tile)
 
 
 def test_sparse24_gemm_sm90_rejects_bad_tile(make_sparse24) -> None:
