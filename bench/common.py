@@ -67,7 +67,7 @@ class Unavailable(Exception):
 @dataclass(frozen=True)
 class Case:
     op: str  # sparse24_gemv | sparse24_gemm | bitmap_gemv | sparse24_mm | bitmap_mm
-    # triton(_n8|_w8|_n16|_split2x|_tile_dot|_global_gather|_no_prefetch|_unpack
+    # triton(_n8|_w8|_n16|_split2x|_s2|_tile_dot|_global_gather|_no_prefetch|_unpack
     # |_w_as_a) | cuda(_reduce_kernel|_prefetch_off|_prefetch_on
     # |_pdl|_ring1)
     # | cuda_sm90(_swizzle1|_256x128|_128x256) | torch | cpu | auto
@@ -91,11 +91,16 @@ def cases(device_type: str) -> list[Case]:
     if device_type == "cuda":
         plan = [
             ("sparse24_gemv", ("triton", "cuda"), lambda m: m <= GEMV_MAX_M),
-            ("sparse24_gemv", ("triton_n8", "triton_w8"), lambda m: m == 1),
+            ("sparse24_gemv", ("triton_n8",), lambda m: m == 1),
+            ("sparse24_gemv", ("triton_w8",), lambda m: m in (1, GEMV_MAX_M)),
             # the 2026-12-04 x gather (one global load per kept value) against the default
             # gather from the step's x slice in shared memory
             ("sparse24_gemv", ("triton_global_gather",), lambda m: m == 1),
-            ("sparse24_gemv", ("triton_n16", "triton_split2x"), lambda m: m == GEMV_MAX_M),
+            (
+                "sparse24_gemv",
+                ("triton_n16", "triton_split2x", "triton_s2"),
+                lambda m: m == GEMV_MAX_M,
+            ),
             # the tensor-core path's 2026-12-04 step (one dot on the interleaved decoded tile)
             # against the default four per-column dots
             ("sparse24_gemv", ("triton_tile_dot",), lambda m: m in (4, GEMV_MAX_M)),
@@ -284,7 +289,7 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
         except ImportError as err:
             raise Unavailable(f"triton kernels unavailable: {err}") from err
         return lambda x, ws: bitmap_gemv.bitmap_gemv(x, *_packed_args(ws), N, K, prefetch=False)
-    if case.provider in ("triton", "triton_n8", "triton_w8", "triton_n16", "triton_split2x"):
+    if case.provider in _TRITON_CONFIG_VARIANTS:
         try:
             from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
         except ImportError as err:
@@ -341,6 +346,11 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
     raise Unavailable(f"unknown provider {case.provider!r}")
 
 
+# Providers that run a Triton launcher with another GemvConfig (_triton_variant).
+_TRITON_CONFIG_VARIANTS = ("triton", "triton_n8", "triton_w8", "triton_n16", "triton_split2x",
+                           "triton_s2")  # fmt: skip
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -362,10 +372,13 @@ def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
       H200 2026-12-04: N = 4096 gave 256 programs of 4 warps at M = 1 (2 per SM, 8 warps:
       little to hide the mask -> value -> x gather chain behind) and 64 x 4 split-K programs
       at M = 16; half / a quarter of the rows doubles / quadruples the programs.
-    - triton_w8 (M = 1): the default tile and split on 8 warps instead of 4. Triton 3.6 (the
-      GPU image's) gives the default 2:4 tile 128 registers at 4 warps and 80 at 8, the
-      bitmap tile 123 and 95: twice the warps per SM on N = 4096 (2 programs per SM either
-      way), and fewer waves on the large N.
+    - triton_w8 (M = 1, and 16 for 2:4): the default tile and split on 8 warps instead of 4.
+      Triton 3.6 (the GPU image's) gives the default 2:4 tile 128 registers at 4 warps and 80
+      at 8, the bitmap tile 123 and 95: twice the warps per SM on N = 4096 (2 programs per SM
+      either way), and fewer waves on the large N. At M = 16 the 64 x 128 tile: 151
+      registers at 4 warps, 73 at 8 (319 instructions per warp and K step).
+    - triton_s2 (M = 16): the default tile with num_stages=2 (124 registers, 4 programs per
+      SM instead of 3; half the bytes in flight per program).
     - triton_split2x (M = 16): the default tile with twice the default K split, the other way
       to double the programs (the decode of a 64 x 128 tile is ~700 instructions per warp,
       latency-bound at 8 warps per SM).
@@ -381,6 +394,8 @@ def _triton_variant(case: Case, sparse24_gemv: Any, bitmap_gemv: Any) -> Any:
         return sparse24_gemv.GemvConfig(8, base.block_k, num_warps=base.num_warps)
     if case.provider == "triton_w8":
         return sparse24_gemv.GemvConfig(base.block_n, base.block_k, num_warps=8)
+    if case.provider == "triton_s2":
+        return sparse24_gemv.GemvConfig(base.block_n, base.block_k, base.num_warps, num_stages=2)
     if case.provider == "triton_split2x":
         split = min(2 * default_split, k_tiles)
         return sparse24_gemv.GemvConfig(base.block_n, base.block_k, base.num_warps, split_k=split)

@@ -5,7 +5,8 @@
 
 On CUDA: the LLM shapes of the issue, M = 1..8192, bf16 and fp16; providers triton (and its
 variants: triton_n8 / triton_n16, fewer rows per program at M = 1 / 16; triton_w8, the
-M = 1 tile on 8 warps; triton_split2x, twice the K split at M = 16; triton_tile_dot, the 2:4
+M = 1 and 16 tiles on 8 warps; triton_split2x, twice the K split at M = 16; triton_s2,
+num_stages=2 at M = 16; triton_tile_dot, the 2:4
 GEMV's 2026-12-04 tensor-core step (one dot on the interleaved tile); triton_global_gather,
 its M = 1 x gather from global memory; triton_no_prefetch, the bitmap GEMV's 2026-12-04 loop
 without its software pipelining; triton_unpack, bitmap or 2:4 W unpacked then cuBLAS; triton_w_as_a, the GEMM's 2026-12-04 tiles), cuda (the extension, when
