@@ -317,14 +317,15 @@ __device__ __forceinline__ float value_bits_to_float(uint16_t bits) {
   return ElemTraits<T>::to_float(ElemTraits<T>::from_bits(bits));
 }
 
-// M = 1: the lane's 32 columns of the sub-tile in order, x from registers (xw, loaded once per
-// sub-tile for both rows), one value per set bit read from the ring (value index t.start on,
+// M = 1: the lane's 32 columns of the sub-tile in order, x from registers (xf, loaded and
+// converted once per sub-tile for both rows: converting per column under each row's bit
+// predicate issued the conversion twice), one value per set bit read from the ring (value index t.start on,
 // ring entry 0 holding the sub-tile's first chunk). Lanes whose values reach past the ring
 // (dense stretches) take a rolled loop that reads those from global memory and x from shared.
 // The same fmaf sequence as accumulate_tile<T, 1>.
 template <typename T>
 __device__ __forceinline__ void accumulate_cols(const uint4* ring, const T* xs, int col_base,
-                                                const uint32_t (&xw)[16], const LaneTile& t,
+                                                const float (&xf)[32], const LaneTile& t,
                                                 float& acc) {
   const uint16_t* ring16 = reinterpret_cast<const uint16_t*>(ring);
   uint32_t mask = t.mask;
@@ -335,7 +336,7 @@ __device__ __forceinline__ void accumulate_cols(const uint4* ring, const T* xs, 
     for (int c = 0; c < 32; ++c) {
       if ((mask >> c) & 1u) {
         const float wv = value_bits_to_float<T>(*w++);
-        acc = fmaf(wv, x_col<T>(xw, c), acc);
+        acc = fmaf(wv, xf[c], acc);
       }
     }
   } else {
@@ -435,16 +436,19 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
       const int col_base = local + 32 * lane;  // the lane's window-local first column
       // M = 1: x of the lane's 32 columns, for both rows (none past Kp: the lane's mask bits
       // there are 0, and its columns would lie past the staged window).
-      uint32_t xw[16];
+      float xf[32];
       if constexpr (kMaxM == 1) {
         const bool in_k = sub * kSubTileCols + 32 * lane < p.Kp;
         const uint4* xs4 = reinterpret_cast<const uint4*>(xs) + (local >> 3) + 4 * lane;
         const int swz = (lane >> 1) & 3;
+        uint32_t xw[16];
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           const uint4 v = in_k ? xs4[q ^ swz] : make_uint4(0u, 0u, 0u, 0u);
           xw[4 * q] = v.x; xw[4 * q + 1] = v.y; xw[4 * q + 2] = v.z; xw[4 * q + 3] = v.w;
         }
+#pragma unroll
+        for (int c = 0; c < 32; ++c) xf[c] = x_col<T>(xw, c);
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
@@ -454,7 +458,7 @@ __global__ void __launch_bounds__(kThreads) bitmap_gemv_kernel(const BitmapParam
         __syncwarp();  // every lane's copies of this sub-tile landed
         uint4* slot = ring(r, sub);
         if constexpr (kMaxM == 1) {
-          accumulate_cols<T>(slot, xs, col_base, xw, tile[r][0], acc[r][0]);
+          accumulate_cols<T>(slot, xs, col_base, xf, tile[r][0], acc[r][0]);
         } else {
           accumulate_tile<T, kMaxM>(slot, xs, col_base, tile[r][0], acc[r]);
         }
