@@ -463,6 +463,21 @@ def test_bitmap_gemv_ring_depths_give_the_same_bits_at_m1(dtype, k, make_unstruc
     assert torch.equal(two, _C.bitmap_gemv_cuda(*args, out=_poisoned(1, n, dtype), ring_depth=1))
 
 
+# Launch shapes the N = 43 grid does not reach: several passes of row groups per block
+# (N = 17000), two x windows and the shared-memory opt-in with 8-warp blocks (K = 20480), and
+# the 7B layer shape (8-warp blocks, 48 KB without the opt-in).
+@pytest.mark.parametrize("shape", [(17000, 1024), (2048, 20480), (4096, 4096)], ids=_shape_id)
+def test_bitmap_gemv_ring_depths_on_large_launches(shape, make_unstructured) -> None:
+    n, k = shape
+    dense, packed = _weight("bitmap", n, k, torch.bfloat16, make_unstructured)
+    x = _x(1, k, torch.bfloat16, seed=n + k)
+    args = (x, packed.values, packed.bitmask, packed.row_offsets, n, k)
+    two = _C.bitmap_gemv_cuda(*args, out=_poisoned(1, n, torch.bfloat16), ring_depth=2)
+    _check(two, x, dense)
+    assert torch.equal(two, _C.bitmap_gemv_cuda(*args, out=_poisoned(1, n, torch.bfloat16),
+                                                ring_depth=1))  # fmt: skip
+
+
 def test_bitmap_gemv_ring_depth_two_past_the_ring() -> None:
     """Rows denser than a ring slot holds (80% kept) read their overflow from global memory
     at either depth: same bits."""
