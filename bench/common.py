@@ -9,6 +9,7 @@ inputs; ``validate_results`` checks a document against that schema.
 from __future__ import annotations
 
 import datetime as _dt
+import importlib
 import math
 import os
 import re
@@ -262,38 +263,38 @@ _SM90_OPTIONS = {
 }
 
 
+def _triton_kernel(name: str) -> Any:
+    """slimstack.kernels.<name> (a Triton launcher module), or Unavailable."""
+    try:
+        return importlib.import_module(f"slimstack.kernels.{name}")
+    except ImportError as err:
+        raise Unavailable(f"triton kernels unavailable: {err}") from err
+
+
+# The Triton rows that turn one launcher keyword off: provider -> (op's module, keyword).
+_TRITON_FLAG_VARIANTS = {
+    "triton_tile_dot": ("sparse24_gemv", "column_dots"),
+    "triton_global_gather": ("sparse24_gemv", "smem_gather"),
+    "triton_no_prefetch": ("bitmap_gemv", "prefetch"),
+}
+
+
 def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tensor]:
     """fn(x, weights) -> y for this case's provider, or Unavailable."""
     N, K = case.N, case.K
     if case.provider == "triton_w_as_a":
-        try:
-            from slimstack.kernels import sparse24_gemm
-        except ImportError as err:
-            raise Unavailable(f"triton kernels unavailable: {err}") from err
+        sparse24_gemm = _triton_kernel("sparse24_gemm")
         gemm_cfg = previous_gemm_config(case.M, N, sparse24_gemm)
         return lambda x, ws: sparse24_gemm.sparse24_gemm(
             x, *_packed_args(ws), N, K, config=gemm_cfg
         )
-    if case.provider in ("triton_tile_dot", "triton_global_gather"):
-        try:
-            from slimstack.kernels import sparse24_gemv
-        except ImportError as err:
-            raise Unavailable(f"triton kernels unavailable: {err}") from err
-        flag = "column_dots" if case.provider == "triton_tile_dot" else "smem_gather"
-        return lambda x, ws: sparse24_gemv.sparse24_gemv(
-            x, *_packed_args(ws), N, K, **{flag: False}
-        )
-    if case.provider == "triton_no_prefetch":
-        try:
-            from slimstack.kernels import bitmap_gemv
-        except ImportError as err:
-            raise Unavailable(f"triton kernels unavailable: {err}") from err
-        return lambda x, ws: bitmap_gemv.bitmap_gemv(x, *_packed_args(ws), N, K, prefetch=False)
+    if case.provider in _TRITON_FLAG_VARIANTS:
+        name, flag = _TRITON_FLAG_VARIANTS[case.provider]
+        launcher = getattr(_triton_kernel(name), name)
+        return lambda x, ws: launcher(x, *_packed_args(ws), N, K, **{flag: False})
     if case.provider in _TRITON_CONFIG_VARIANTS:
-        try:
-            from slimstack.kernels import bitmap_gemv, sparse24_gemm, sparse24_gemv
-        except ImportError as err:
-            raise Unavailable(f"triton kernels unavailable: {err}") from err
+        sparse24_gemv, bitmap_gemv = _triton_kernel("sparse24_gemv"), _triton_kernel("bitmap_gemv")
+        sparse24_gemm = _triton_kernel("sparse24_gemm")
         cfg = _triton_variant(case, sparse24_gemv, bitmap_gemv)
         if case.op == "sparse24_gemv":
             return lambda x, ws: sparse24_gemv.sparse24_gemv(x, *_packed_args(ws), N, K, config=cfg)
@@ -301,13 +302,11 @@ def provider_call(case: Case) -> Callable[[torch.Tensor, WeightSet], torch.Tenso
             return lambda x, ws: bitmap_gemv.bitmap_gemv(x, *_packed_args(ws), N, K, config=cfg)
         return lambda x, ws: sparse24_gemm.sparse24_gemm(x, *_packed_args(ws), N, K)
     if case.provider == "triton_unpack":
-        try:
-            from slimstack.kernels import bitmap_unpack, sparse24_unpack
-        except ImportError as err:
-            raise Unavailable(f"triton kernels unavailable: {err}") from err
         if case.weight_format == "sparse24":
-            return lambda x, ws: sparse24_unpack.sparse24_mm_unpacked(x, *_packed_args(ws), N, K)
-        return lambda x, ws: bitmap_unpack.bitmap_mm_unpacked(x, *_packed_args(ws), N, K)
+            mm = _triton_kernel("sparse24_unpack").sparse24_mm_unpacked
+        else:
+            mm = _triton_kernel("bitmap_unpack").bitmap_mm_unpacked
+        return lambda x, ws: mm(x, *_packed_args(ws), N, K)
     if case.provider in _SM90_OPTIONS:
         # CUTLASS sparse tensor cores: meta reordered once
         fn = _ext_function(("sparse24_gemm_sm90_cuda",))

@@ -140,3 +140,10 @@ def test_every_extension_provider_calls_the_glue_with_its_signature(
             raise AssertionError(f"{case}: {fake.looked_up[-1]} refuses the call: {err}") from err
         checked.add(case.provider)
     assert {"cuda", "cuda_pdl", "cuda_ring1", "cuda_sm90", "cuda_sm90_256x128"} <= checked, checked
+
+
+def test_the_triton_flag_variants_name_keywords_of_their_launchers() -> None:
+    """Each on/off row (triton_tile_dot, ...) turns off a keyword its launcher really takes."""
+    for provider, (name, flag) in common._TRITON_FLAG_VARIANTS.items():
+        launcher = getattr(common._triton_kernel(name), name)
+        assert flag in inspect.signature(launcher).parameters, (provider, name, flag)
