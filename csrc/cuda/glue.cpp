@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "cuda/launchers.h"
 #include "torch_checks.h"
@@ -323,14 +324,18 @@ bool sparse24_gemm_sm90_available(int64_t device) {
 
 // "auto" | "128x128" | "256x128" | "128x256" (weight rows x tokens) -> sc::Sparse24Sm90Tile.
 int sm90_tile(const std::string& op, const std::string& tile) {
-  const bool known = tile == "auto" || tile == "128x128" || tile == "256x128" || tile == "128x256";
-  TORCH_CHECK_VALUE(known, op, ": tile must be 'auto', '128x128', '256x128' or '128x256' "
+  static constexpr std::pair<const char*, sc::Sparse24Sm90Tile> kTiles[] = {
+      {"auto", sc::Sparse24Sm90Tile::kAuto},
+      {"128x128", sc::Sparse24Sm90Tile::k128x128},
+      {"256x128", sc::Sparse24Sm90Tile::k256x128},
+      {"128x256", sc::Sparse24Sm90Tile::k128x256},
+  };
+  for (const auto& [name, value] : kTiles) {
+    if (tile == name) return static_cast<int>(value);
+  }
+  TORCH_CHECK_VALUE(false, op, ": tile must be 'auto', '128x128', '256x128' or '128x256' "
                     "(weight rows x tokens), got '", tile, "'");
-  const sc::Sparse24Sm90Tile value = tile == "128x128"   ? sc::Sparse24Sm90Tile::k128x128
-                                     : tile == "256x128" ? sc::Sparse24Sm90Tile::k256x128
-                                     : tile == "128x256" ? sc::Sparse24Sm90Tile::k128x256
-                                                         : sc::Sparse24Sm90Tile::kAuto;
-  return static_cast<int>(value);
+  return 0;  // not reached
 }
 
 at::Tensor sparse24_gemm_sm90_cuda(const at::Tensor& x, const at::Tensor& values,
