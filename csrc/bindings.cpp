@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "cpu/dense_tiles.h"
 #include "cpu/sparse_mm.h"
 #include "torch_checks.h"
 #ifdef SLIMSTACK_WITH_CUDA
@@ -56,8 +57,13 @@ at::Tensor sparse24_mm_cpu(const at::Tensor& x, const at::Tensor& values, const 
   check_packed(op, "meta", meta, at::kByte, {N, Kp / 8}, x);
   at::Tensor out = make_output(op, x, x.size(0), N, out_arg);
   if (x.size(0) == 0) return out;
+  const bool dense_tiles = slimstack::cpu::use_dense_tiles(x.scalar_type(), x.size(0));
   with_kernel_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    if (dense_tiles) {
+      slimstack::cpu::sparse24_mm_dense_tiles<T>(x, values, meta, N, K, out);
+      return;
+    }
     slimstack::cpu::sparse24_mm<T>(x.data_ptr<T>(), values.data_ptr<T>(), meta.data_ptr<uint8_t>(),
                                    out.data_ptr<T>(), x.size(0), N, K);
   });
@@ -75,8 +81,14 @@ at::Tensor bitmap_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at
   at::Tensor out = make_output(op, x, x.size(0), N, out_arg);
   if (x.size(0) == 0) return out;
   int64_t bad_row = -1;
+  const bool dense_tiles = slimstack::cpu::use_dense_tiles(x.scalar_type(), x.size(0));
   with_kernel_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+    if (dense_tiles) {
+      bad_row = slimstack::cpu::bitmap_mm_dense_tiles<T>(x, values, bitmask, row_offsets, N, K,
+                                                         out);
+      return;
+    }
     bad_row = slimstack::cpu::bitmap_mm<T>(
         x.data_ptr<T>(), values.data_ptr<T>(), values.numel(), bitmask.data_ptr<uint8_t>(),
         row_offsets.data_ptr<int64_t>(), out.data_ptr<T>(), x.size(0), N, K);
@@ -91,6 +103,8 @@ void select_cpu_isa(const std::string& name) {
                     "' is not supported here; supported: ",
                     c10::Join(", ", slimstack::cpu::supported_isas()));
 }
+
+void set_cpu_dense_tiles_min_m(int64_t min_m) { slimstack::cpu::set_dense_tiles_min_m(min_m); }
 
 }  // namespace
 
@@ -107,6 +121,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cpu_isa", &slimstack::cpu::current_isa, "instruction set the CPU kernels use now");
   m.def("select_cpu_isa", &select_cpu_isa, "switch the CPU kernels' instruction set (tests)",
         py::arg("name"));
+  m.def("cpu_dense_tiles_min_m", &slimstack::cpu::dense_tiles_min_m,
+        "smallest M whose CPU matmul in this dtype decompresses dense tiles for ATen's GEMM "
+        "(2**63 - 1: never)",
+        py::arg("dtype"));
+  m.def("set_cpu_dense_tiles_min_m", &set_cpu_dense_tiles_min_m,
+        "every dtype takes the dense-tile strategy from this M on (0: always); negative "
+        "restores the measured crossovers (tests, benchmarks)",
+        py::arg("min_m"));
 #ifdef SLIMSTACK_WITH_CUDA
   m.attr("with_cuda") = true;
   slimstack::register_cuda(m);

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -22,6 +23,21 @@ SHAPES = [(43, 172), (1, 64), (64, 64), (16, 200), (300, 128)]
 # the AVX2 kernels take x rows 4 at a time: 6 and 17 end on a 2- and a 1-row step
 MS = [1, 3, 6, 16, 17, 128]
 FORMATS = ["sparse24", "bitmap"]
+
+
+# The two strategies (csrc/cpu/dense_tiles.h): "rows" multiplies packed rows in registers
+# (small M), "tiles" decompresses dense tiles for ATen's GEMM (large M); each call picks one
+# by M and dtype, and these names force one for every call.
+STRATEGIES = {"rows": 2**62, "tiles": 0}
+
+
+@contextmanager
+def cpu_strategy(name: str) -> Iterator[None]:
+    _C.set_cpu_dense_tiles_min_m(STRATEGIES[name])
+    try:
+        yield
+    finally:
+        _C.set_cpu_dense_tiles_min_m(-1)
 
 
 def gen(seed: int) -> torch.Generator:
@@ -75,25 +91,58 @@ def test_instruction_sets_are_listed() -> None:
     assert "generic" in _C.cpu_isas() and _C.cpu_isa() in _C.cpu_isas()
 
 
-# The grid above runs the default (best) instruction set only. Each one has its own code:
-# avx2 expands packed rows in registers, generic (what a CPU without AVX2 runs) decompresses
-# rows for the portable micro-kernel, so each gets the whole shape x dtype x M grid, into a
-# poisoned output.
+# The grid above runs the default (best) instruction set and each call's default strategy
+# only. Each combination has its own code: in the rows strategy avx512 and avx2 expand packed
+# rows in registers, generic (a CPU without AVX2) decompresses rows for the portable
+# micro-kernel; in the tiles strategy avx512 decompresses with VBMI2 expands, the others one
+# value at a time. Each gets the whole shape x dtype x M grid, into a poisoned output.
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("name", _C.cpu_isas())
-def test_every_instruction_set(
-    isa, name: str, fmt: str, dtype: torch.dtype, shape: tuple[int, int], m: int, make_weight
-) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_instruction_set_and_strategy(
+    isa, strategy: str, name: str, fmt: str, dtype: torch.dtype, shape: tuple[int, int], m: int,
+    make_weight,
+) -> None:  # fmt: skip
     n, k = shape
     dense, packed = make_weight(fmt, n, k, dtype, seed=n * 1000 + k + 1)
     x = torch.randn(m, k, generator=gen(m + 100)).to(dtype)
     _C.select_cpu_isa(name)
     assert _C.cpu_isa() == name
     out = torch.full((m, n), float("nan"), dtype=dtype)
-    assert_matches_reference(run_kernel(x, packed, out=out), x, dense)
+    with cpu_strategy(strategy):
+        assert_matches_reference(run_kernel(x, packed, out=out), x, dense)
+
+
+def test_dense_tile_crossovers_and_their_override() -> None:
+    never = 2**63 - 1
+    # fp16: ATen's CPU fp16 GEMM is slower than the rows kernels at every M
+    assert _C.cpu_dense_tiles_min_m(torch.float16) == never
+    assert _C.cpu_dense_tiles_min_m(torch.float32) == 64
+    assert _C.cpu_dense_tiles_min_m(torch.bfloat16) in (8, 64)  # 8 with AVX512-BF16
+    _C.set_cpu_dense_tiles_min_m(5)
+    try:
+        assert {_C.cpu_dense_tiles_min_m(d) for d in DTYPES} == {5}
+    finally:
+        _C.set_cpu_dense_tiles_min_m(-1)
+    assert _C.cpu_dense_tiles_min_m(torch.float32) == 64
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name", _C.cpu_isas())
+def test_tiles_across_several_tiles_and_a_padded_k(isa, name, fmt, dtype, make_weight) -> None:
+    """A tile holds 4 MB of dense rows: N = 600 at K = 4000 (Kp = 4032) is three tiles in
+    fp32 (260, 260, 80 rows), and the GEMM reads K of each tile's Kp columns."""
+    n, k, m = 600, 4000, 3
+    dense, packed = make_weight(fmt, n, k, dtype, seed=12)
+    x = torch.randn(m, k, generator=gen(13)).to(dtype)
+    _C.select_cpu_isa(name)
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    with cpu_strategy("tiles"):
+        assert_matches_reference(run_kernel(x, packed, out=out), x, dense)
 
 
 def test_unknown_instruction_set_is_refused(isa) -> None:
@@ -116,7 +165,10 @@ def test_reads_of_x_stop_at_k(fmt: str, dtype: torch.dtype, make_weight) -> None
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("name", _C.cpu_isas())
-def test_non_finite_x_matches_the_dense_masked_matmul(fmt, name, bad, make_weight, isa) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_non_finite_x_matches_the_dense_masked_matmul(
+    fmt, name, bad, strategy, make_weight, isa
+) -> None:
     """The CPU kernels expand each weight row to dense fp32 (in registers on avx2, in a
     buffer on generic), so a NaN / inf in x column k meets the pruned weights as
     0 x NaN = NaN: every output is non-finite exactly
@@ -130,7 +182,8 @@ def test_non_finite_x_matches_the_dense_masked_matmul(fmt, name, bad, make_weigh
     x = torch.randn(m, k, generator=gen(11))
     x[1, column] = bad
     out = torch.zeros(m, n)  # poisoned with finite values: every NaN must come from the kernel
-    y = run_kernel(x, packed, out=out)
+    with cpu_strategy(strategy):
+        y = run_kernel(x, packed, out=out)
     ref = reference(x, dense)
     assert torch.equal(torch.isfinite(y), torch.isfinite(ref))
     assert not torch.isfinite(y[1]).any()  # kept rows and pruned rows alike
@@ -223,25 +276,31 @@ def test_bitmap_argument_checks(make_weight) -> None:
         _C.bitmap_mm_cpu(x, p.values.view(-1, 8), p.bitmask, p.row_offsets, 8, 64)
 
 
-def test_corrupt_bitmap_names_the_row(make_weight) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_corrupt_bitmap_names_the_row(strategy: str, make_weight) -> None:
     _, p = make_weight("bitmap", 8, 64, torch.float32, seed=11)
     x = torch.randn(2, 64)
     short = p.row_offsets.clone()
     short[4] = short[3]  # row 3 keeps its bits but loses its values slot
-    with pytest.raises(ValueError, match="row 3 has offsets outside values or more set bits"):
-        _C.bitmap_mm_cpu(x, p.values, p.bitmask, short, 8, 64)
-    past_end = p.row_offsets.clone()
-    past_end[-1] += 8  # the last row claims values that do not exist
-    with pytest.raises(ValueError, match="row 7"):
-        _C.bitmap_mm_cpu(x, p.values, p.bitmask, past_end, 8, 64)
+    with cpu_strategy(strategy):
+        with pytest.raises(ValueError, match="row 3 has offsets outside values or more set bits"):
+            _C.bitmap_mm_cpu(x, p.values, p.bitmask, short, 8, 64)
+        past_end = p.row_offsets.clone()
+        past_end[-1] += 8  # the last row claims values that do not exist
+        with pytest.raises(ValueError, match="row 7"):
+            _C.bitmap_mm_cpu(x, p.values, p.bitmask, past_end, 8, 64)
 
 
 @pytest.mark.parametrize("name", _C.cpu_isas())
 @pytest.mark.parametrize("m", [1, 6, 17])
-def test_bitmap_slots_with_nan_slack_never_reach_the_output(isa, name: str, m: int) -> None:
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_bitmap_slots_with_nan_slack_never_reach_the_output(
+    isa, name: str, m: int, strategy: str
+) -> None:
     """A row's slot may be longer than its kept count (row_offsets leave gaps). The AVX2
     kernel loads 8 values at a time, past a row's last kept value into the gap and the next
-    row, and must mask all of them: NaN-filled gaps leave every output finite and exact."""
+    row, and must mask all of them (the tiles' decompression loads only the kept ones):
+    NaN-filled gaps leave every output finite and exact."""
     _C.select_cpu_isa(name)
     n, k, gap = 43, 172, 5
     dense = torch.randn(n, k, generator=gen(40)) * (torch.rand(n, k, generator=gen(41)) > 0.5)
@@ -254,5 +313,22 @@ def test_bitmap_slots_with_nan_slack_never_reach_the_output(isa, name: str, m: i
         start = int(packed.row_offsets[row])
         values[int(offsets[row]) : int(offsets[row]) + count] = packed.values[start : start + count]
     x = torch.randn(m, k, generator=gen(42))
-    y = _C.bitmap_mm_cpu(x, values, packed.bitmask, offsets, n, k, None)
+    with cpu_strategy(strategy):
+        y = _C.bitmap_mm_cpu(x, values, packed.bitmask, offsets, n, k, None)
     assert_matches_reference(y, x, dense)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiles_give_atens_dense_product_bit_for_bit(fmt, dtype, make_weight) -> None:
+    """One tile (256 rows) is one ATen GEMM of x with the decompressed rows: the same bits as
+    F.linear on the unpacked weight, which also shows the forced strategy is the one that ran
+    (the rows kernels sum in another order)."""
+    dense, packed = make_weight(fmt, 256, 2048, dtype, seed=14)
+    x = torch.randn(32, 2048, generator=gen(15)).to(dtype)
+    with cpu_strategy("tiles"):
+        tiles = run_kernel(x, packed)
+    with cpu_strategy("rows"):
+        rows = run_kernel(x, packed)
+    assert torch.equal(tiles, torch.nn.functional.linear(x, dense))
+    assert not torch.equal(rows, tiles)

@@ -11,20 +11,6 @@
 namespace slimstack::cpu {
 namespace {
 
-// Whether the row's offsets lie inside `values` and its slot holds all its set bits: a
-// corrupt weight must not read past `values`.
-bool row_fits(const uint8_t* bitmask, int64_t Kp, int64_t start, int64_t end,
-              int64_t values_numel) {
-  if (start < 0 || start > end || end > values_numel) return false;
-  int64_t kept = 0;
-  for (int64_t b = 0; b < Kp / 8; b += 8) {  // Kp / 8 is a multiple of 8 bytes
-    uint64_t word;
-    std::memcpy(&word, bitmask + b, sizeof(word));
-    kept += __builtin_popcountll(word);
-  }
-  return kept <= end - start;
-}
-
 // Portable path: one set bit at a time.
 template <typename T>
 void decompress_bitmap_row(const T* values, const uint8_t* bitmask, int64_t Kp, float* dst) {

@@ -85,7 +85,11 @@ std::vector<Isa> known_isas() {
 #ifdef SLIMSTACK_X86
   __builtin_cpu_init();
   // F16C (the fp16 loads) comes with every AVX2 CPU, and older compilers cannot name it here
-  isas.push_back({"avx2", __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")});
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  isas.push_back({"avx512", avx2 && __builtin_cpu_supports("avx512f") &&
+                                __builtin_cpu_supports("avx512bw") &&
+                                __builtin_cpu_supports("avx512vbmi2")});
+  isas.push_back({"avx2", avx2});
 #endif
   isas.push_back({"generic", true});
   return isas;
@@ -117,7 +121,9 @@ std::vector<std::string> supported_isas() {
 
 std::string current_isa() { return active_isa().name; }
 
-bool avx2_active() { return std::strcmp(active_isa().name, "avx2") == 0; }
+bool avx2_active() { return avx512_active() || std::strcmp(active_isa().name, "avx2") == 0; }
+
+bool avx512_active() { return std::strcmp(active_isa().name, "avx512") == 0; }
 
 bool select_isa(const std::string& name) {
   for (const Isa& isa : known_isas()) {

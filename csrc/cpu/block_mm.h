@@ -1,9 +1,11 @@
-// Shared machinery of the CPU sparse kernels, two strategies picked by instruction set:
+// Shared machinery of the CPU sparse kernels' small-M strategy, two variants picked by
+// instruction set:
 // - avx2 (rowwise_mm): each packed row is expanded in registers, 8 columns at a time, and
 //   meets every x row there; the packed bytes are read once and nothing else is written.
 // - generic, the portable baseline (block_sparse_mm): each task decompresses a block of
 //   weight rows to fp32 and multiplies it with x by a register-tiled dense micro-kernel.
-// The sparse formats only differ in how a row is expanded or decompressed.
+// The sparse formats only differ in how a row is expanded or decompressed. Large M (prefill)
+// takes the dense-tile strategy instead (dense_tiles.h): ATen's GEMM on decompressed tiles.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -47,6 +49,24 @@ void dense_block_mm(const float* x, int64_t ldx, const float* w, int64_t rows, i
 // Whether the AVX2 kernels are selected (the default where the CPU has AVX2 and FMA,
 // unless a test chose the portable baseline).
 bool avx2_active();
+
+// Whether the AVX-512 row decompression of the large-M strategy is selected (isa "avx512":
+// the AVX2 kernels plus AVX-512 F/BW/VBMI2 expands).
+bool avx512_active();
+
+// Whether the row's offsets lie inside `values` and its slot holds all its set bits: a
+// corrupt weight must not read past `values`.
+inline bool row_fits(const uint8_t* bitmask, int64_t Kp, int64_t start, int64_t end,
+              int64_t values_numel) {
+  if (start < 0 || start > end || end > values_numel) return false;
+  int64_t kept = 0;
+  for (int64_t b = 0; b < Kp / 8; b += 8) {  // Kp / 8 is a multiple of 8 bytes
+    uint64_t word;
+    std::memcpy(&word, bitmask + b, sizeof(word));
+    kept += __builtin_popcountll(word);
+  }
+  return kept <= end - start;
+}
 
 // Weight rows per task: large blocks amortize the x traffic, but keep every thread busy.
 inline int64_t rows_per_task(int64_t N) {

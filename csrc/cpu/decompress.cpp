@@ -1,0 +1,176 @@
+// Packed rows -> dense rows (the large-M strategy's first half). AVX-512 (VBMI2's expand):
+// a mask of the kept columns places a block's stored values in order, zeros elsewhere,
+// 32 columns of a 16-bit type or 16 of fp32 per instruction. Portable: one value at a time.
+#include "cpu/decompress.h"
+
+#include <array>
+#include <cstring>
+#include <type_traits>
+
+#include "cpu/block_mm.h"
+
+#ifdef SLIMSTACK_X86
+#include <immintrin.h>
+#define SLIMSTACK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
+#endif
+
+namespace slimstack::cpu {
+namespace {
+
+// Meta byte (two groups: i0 | i1 << 2 per nibble) -> its 8 columns' kept bits.
+constexpr std::array<uint8_t, 256> kKeptBits = [] {
+  std::array<uint8_t, 256> bits{};
+  for (int b = 0; b < 256; ++b) {
+    bits[b] = static_cast<uint8_t>((1 << (b & 3)) | (1 << ((b >> 2) & 3)) |
+                                   (1 << (4 + ((b >> 4) & 3))) | (1 << (4 + (b >> 6))));
+  }
+  return bits;
+}();
+
+template <typename T>
+void sparse24_row_portable(const T* v, const uint8_t* meta, int64_t Kp, T* d) {
+  std::memset(static_cast<void*>(d), 0, sizeof(T) * Kp);
+  for (int64_t b = 0; b < Kp / 8; ++b, v += 4) {
+    const unsigned byte = meta[b];
+    T* group = d + 8 * b;
+    group[byte & 3] = v[0];
+    group[(byte >> 2) & 3] = v[1];
+    group[4 + ((byte >> 4) & 3)] = v[2];
+    group[4 + (byte >> 6)] = v[3];
+  }
+}
+
+template <typename T>
+void bitmap_row_portable(const T* v, const uint8_t* bitmask, int64_t Kp, T* d) {
+  std::memset(static_cast<void*>(d), 0, sizeof(T) * Kp);
+  for (int64_t b = 0; b < Kp / 8; ++b) {
+    for (unsigned bits = bitmask[b]; bits != 0; bits &= bits - 1)
+      d[8 * b + __builtin_ctz(bits)] = *v++;
+  }
+}
+
+#ifdef SLIMSTACK_X86
+inline uint32_t load_u32(const uint8_t* p) {
+  uint32_t word;
+  std::memcpy(&word, p, sizeof(word));
+  return word;
+}
+
+// 32 columns of a 16-bit type per step: 16 stored values, 4 meta bytes.
+SLIMSTACK_AVX512 void sparse24_row_avx512(const uint16_t* v, const uint8_t* meta, int64_t Kp,
+                                          uint16_t* d) {
+  for (int64_t c = 0; c < Kp; c += 32) {
+    const uint32_t word = load_u32(meta + c / 8);
+    const __mmask32 kept = kKeptBits[word & 0xFF] | kKeptBits[(word >> 8) & 0xFF] << 8 |
+                           kKeptBits[(word >> 16) & 0xFF] << 16 |
+                           static_cast<uint32_t>(kKeptBits[word >> 24]) << 24;
+    const __m512i values = _mm512_castsi256_si512(
+        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + c / 2)));
+    _mm512_storeu_si512(d + c, _mm512_maskz_expand_epi16(kept, values));
+  }
+}
+
+// 16 fp32 columns per step: 8 stored values, 2 meta bytes.
+SLIMSTACK_AVX512 void sparse24_row_avx512(const float* v, const uint8_t* meta, int64_t Kp,
+                                          float* d) {
+  for (int64_t c = 0; c < Kp; c += 16) {
+    const __mmask16 kept = kKeptBits[meta[c / 8]] | kKeptBits[meta[c / 8 + 1]] << 8;
+    const __m512 values = _mm512_castps256_ps512(_mm256_loadu_ps(v + c / 2));
+    _mm512_storeu_ps(d + c, _mm512_maskz_expand_ps(kept, values));
+  }
+}
+
+// A row whose bit count fits its slot (row_fits): each step loads exactly its set bits'
+// values with a masked load, so nothing past the row's values is read.
+SLIMSTACK_AVX512 void bitmap_row_avx512(const uint16_t* v, const uint8_t* bitmask, int64_t Kp,
+                                        uint16_t* d) {
+  for (int64_t c = 0; c < Kp; c += 32) {
+    const uint32_t kept = load_u32(bitmask + c / 8);
+    const int count = __builtin_popcount(kept);
+    const __mmask32 first = static_cast<__mmask32>((uint64_t{1} << count) - 1);
+    const __m512i values = _mm512_maskz_loadu_epi16(first, v);
+    _mm512_storeu_si512(d + c, _mm512_maskz_expand_epi16(kept, values));
+    v += count;
+  }
+}
+
+SLIMSTACK_AVX512 void bitmap_row_avx512(const float* v, const uint8_t* bitmask, int64_t Kp,
+                                        float* d) {
+  for (int64_t c = 0; c < Kp; c += 16) {
+    uint16_t kept;
+    std::memcpy(&kept, bitmask + c / 8, sizeof(kept));
+    const int count = __builtin_popcount(kept);
+    const __m512 values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), v);
+    _mm512_storeu_ps(d + c, _mm512_maskz_expand_ps(kept, values));
+    v += count;
+  }
+}
+
+// The 16-bit types go through the expand as raw bits.
+template <typename T>
+using Lanes = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+
+template <typename T>
+const Lanes<T>* lanes(const T* p) {
+  return reinterpret_cast<const Lanes<T>*>(p);
+}
+
+template <typename T>
+Lanes<T>* lanes(T* p) {
+  return reinterpret_cast<Lanes<T>*>(p);
+}
+#endif
+
+}  // namespace
+
+template <typename T>
+void sparse24_rows_to_dense(const T* values, const uint8_t* meta, int64_t Kp, int64_t n0,
+                            int64_t n1, T* dst) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const T* v = values + n * (Kp / 2);
+    const uint8_t* mt = meta + n * (Kp / 8);
+    T* d = dst + (n - n0) * Kp;
+#ifdef SLIMSTACK_X86
+    if (avx512_active()) {
+      sparse24_row_avx512(lanes(v), mt, Kp, lanes(d));
+      continue;
+    }
+#endif
+    sparse24_row_portable(v, mt, Kp, d);
+  }
+}
+
+template <typename T>
+int64_t bitmap_rows_to_dense(const T* values, int64_t values_numel, const uint8_t* bitmask,
+                             const int64_t* row_offsets, int64_t Kp, int64_t n0, int64_t n1,
+                             T* dst) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* bits = bitmask + n * (Kp / 8);
+    T* d = dst + (n - n0) * Kp;
+    if (!row_fits(bits, Kp, row_offsets[n], row_offsets[n + 1], values_numel)) {
+      std::memset(static_cast<void*>(d), 0, sizeof(T) * Kp);
+      return n;
+    }
+    const T* v = values + row_offsets[n];
+#ifdef SLIMSTACK_X86
+    if (avx512_active()) {
+      bitmap_row_avx512(lanes(v), bits, Kp, lanes(d));
+      continue;
+    }
+#endif
+    bitmap_row_portable(v, bits, Kp, d);
+  }
+  return -1;
+}
+
+#define SLIMSTACK_INSTANTIATE(T)                                                              \
+  template void sparse24_rows_to_dense<T>(const T*, const uint8_t*, int64_t, int64_t, int64_t, \
+                                          T*);                                                 \
+  template int64_t bitmap_rows_to_dense<T>(const T*, int64_t, const uint8_t*, const int64_t*, \
+                                           int64_t, int64_t, int64_t, T*);
+SLIMSTACK_INSTANTIATE(float)
+SLIMSTACK_INSTANTIATE(c10::Half)
+SLIMSTACK_INSTANTIATE(c10::BFloat16)
+#undef SLIMSTACK_INSTANTIATE
+
+}  // namespace slimstack::cpu
