@@ -53,14 +53,17 @@ class ModelSpec:
         return self.hidden // self.heads
 
 
-def spec_from_shape(shape: str, layers: int) -> ModelSpec:
-    """A ModelSpec from bench/synthetic.py's table of real model shapes."""
+def spec_from_shape(shape: str, layers: int | None = None) -> ModelSpec:
+    """A ModelSpec from bench/synthetic.py's table of real model shapes (at the real depth
+    unless `layers` says otherwise)."""
+    if shape not in synthetic.SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of: {', '.join(synthetic.SHAPES)}")
     real = synthetic.SHAPES[shape]
     return ModelSpec(
         name=f"{shape}-shaped",
         hidden=real["hidden_size"],
         intermediate=real["intermediate_size"],
-        layers=layers,
+        layers=layers or real["num_hidden_layers"],
         heads=real["num_attention_heads"],
         kv_heads=real["num_key_value_heads"],
         vocab=real["vocab_size"],
@@ -69,7 +72,8 @@ def spec_from_shape(shape: str, layers: int) -> ModelSpec:
     )
 
 
-MISTRAL_7B = spec_from_shape("mistral-7b", layers=32)
+MISTRAL_7B = spec_from_shape("mistral-7b")
+LLAMA_1B = spec_from_shape("llama-1b")  # the suite's default on a CPU
 TINY = ModelSpec(
     name="tiny", hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=256,
     max_positions=512,

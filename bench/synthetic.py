@@ -19,8 +19,9 @@ from slimstack.checkpoint_writer import CheckpointWriter
 from slimstack.engine.config import engine_config
 
 SHAPES = {
-    # hidden, intermediate, heads, kv heads, vocab, context
+    # depth, hidden, intermediate, heads, kv heads, vocab, context
     "mistral-7b": dict(
+        num_hidden_layers=32,  # the real depth
         hidden_size=4096,
         intermediate_size=14336,
         num_attention_heads=32,
@@ -32,6 +33,7 @@ SHAPES = {
         sliding_window=None,
     ),
     "llama-3-8b": dict(
+        num_hidden_layers=32,  # the real depth
         hidden_size=4096,
         intermediate_size=14336,
         num_attention_heads=32,
@@ -41,7 +43,19 @@ SHAPES = {
         model_type="llama",
         rope_theta=500000.0,
     ),
+    "llama-1b": dict(  # TinyLlama-1.1B: the end-to-end suite's shape on a CPU
+        num_hidden_layers=22,  # the real depth
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
+        max_position_embeddings=2048,
+        model_type="llama",
+        rope_theta=10000.0,
+    ),
     "llama-2-13b": dict(
+        num_hidden_layers=40,  # the real depth
         hidden_size=5120,
         intermediate_size=13824,
         num_attention_heads=40,

@@ -11,7 +11,13 @@ Each variant writes its checkpoint (about 15 GB for 32 layers) under $SLIMSTACK_
 bench/results/<date>-<gpu>-e2e.json and deletes the checkpoint, so the disk holds one at a
 time. The dense full-depth variant also runs transformers' generate on the same folder.
 
-Environment knobs: SLIMSTACK_E2E_SPEC=tiny (small shapes, a smoke run),
+On a CPU (`SLIMSTACK_E2E_DEVICE=cpu`) the same suite runs TinyLlama-1.1B shapes (22 layers,
+2.2 GB in bf16), eager decode, settings 1x128 and 4x128, 32 new tokens:
+
+    SLIMSTACK_E2E_DEVICE=cpu pytest bench/test_bench_e2e.py -s      # ~10 minutes on 2 cores
+
+Environment knobs: SLIMSTACK_E2E_DEVICE=cuda|cpu, SLIMSTACK_E2E_SPEC=tiny|mistral-7b|llama-1b|...
+(bench/synthetic.py's shapes at their real depth; tiny: a smoke run),
 SLIMSTACK_E2E_CONFIGS="1x128,8x2048" (batch x prompt), SLIMSTACK_E2E_NEW_TOKENS=256,
 SLIMSTACK_E2E_HF=0 (skip transformers), SLIMSTACK_E2E_MODE=graph|compile|eager,
 SLIMSTACK_PDL=0 (no programmatic dependent launch: rows as provider slimstack_no_pdl),
@@ -29,6 +35,7 @@ from pathlib import Path
 import pytest
 import torch
 from e2e_helpers import (
+    LLAMA_1B,
     MISTRAL_7B,
     TINY,
     checkpoint_gb,
@@ -42,6 +49,7 @@ from e2e_helpers import (
     run_configs,
     run_slimstack,
     run_transformers,
+    spec_from_shape,
     variants,
     write_results,
     write_synthetic_checkpoint,
@@ -49,19 +57,36 @@ from e2e_helpers import (
 
 from slimstack.devices import pdl_enabled
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="the e2e benchmark needs CUDA"),
-]
+DEVICE = os.environ.get("SLIMSTACK_E2E_DEVICE", "cuda")
+if DEVICE not in ("cuda", "cpu"):
+    raise ValueError(f"SLIMSTACK_E2E_DEVICE must be cuda or cpu, got {DEVICE!r}")
+ON_CPU = DEVICE == "cpu"
+pytestmark = (
+    []
+    if ON_CPU
+    else [
+        pytest.mark.gpu,
+        pytest.mark.skipif(not torch.cuda.is_available(), reason="the e2e benchmark needs CUDA"),
+    ]
+)
 
-SPEC = TINY if os.environ.get("SLIMSTACK_E2E_SPEC") == "tiny" else MISTRAL_7B
+
+def _spec(name: str | None):
+    if name is None:
+        return LLAMA_1B if ON_CPU else MISTRAL_7B
+    return TINY if name == "tiny" else spec_from_shape(name)
+
+
+SPEC = _spec(os.environ.get("SLIMSTACK_E2E_SPEC"))
 CONFIGS = [
     tuple(int(v) for v in item.split("x"))
-    for item in os.environ.get("SLIMSTACK_E2E_CONFIGS", "1x128,1x2048,8x128,8x2048").split(",")
+    for item in os.environ.get(
+        "SLIMSTACK_E2E_CONFIGS", "1x128,4x128" if ON_CPU else "1x128,1x2048,8x128,8x2048"
+    ).split(",")
 ]
-NEW_TOKENS = int(os.environ.get("SLIMSTACK_E2E_NEW_TOKENS", "256"))
+NEW_TOKENS = int(os.environ.get("SLIMSTACK_E2E_NEW_TOKENS", "32" if ON_CPU else "256"))
 RUN_HF = os.environ.get("SLIMSTACK_E2E_HF", "1") != "0"
-MODE = os.environ.get("SLIMSTACK_E2E_MODE", "graph")
+MODE = os.environ.get("SLIMSTACK_E2E_MODE", "eager" if ON_CPU else "graph")
 # SLIMSTACK_PDL=0 (no programmatic dependent launch) rows are kept apart from the default's
 PROVIDER = "slimstack" if pdl_enabled() else "slimstack_no_pdl"
 DTYPE = torch.bfloat16
@@ -69,7 +94,7 @@ DTYPE = torch.bfloat16
 
 @pytest.fixture(scope="session")
 def device() -> torch.device:
-    return torch.device("cuda")
+    return torch.device(DEVICE)
 
 
 @pytest.fixture(scope="session")
