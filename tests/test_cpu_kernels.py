@@ -121,7 +121,8 @@ def test_dense_tile_crossovers_and_their_override() -> None:
     # fp16: ATen's CPU fp16 GEMM is slower than the rows kernels at every M
     assert _C.cpu_dense_tiles_min_m(torch.float16) == never
     assert _C.cpu_dense_tiles_min_m(torch.float32) == 64
-    assert _C.cpu_dense_tiles_min_m(torch.bfloat16) in (8, 64)  # 8 with AVX512-BF16
+    # 16 against the AVX512-BF16 rows kernels, 8 against the AVX2 ones, 64 without BF16 dots
+    assert _C.cpu_dense_tiles_min_m(torch.bfloat16) in (8, 16, 64)
     _C.set_cpu_dense_tiles_min_m(5)
     try:
         assert {_C.cpu_dense_tiles_min_m(d) for d in DTYPES} == {5}
@@ -332,3 +333,47 @@ def test_tiles_give_atens_dense_product_bit_for_bit(fmt, dtype, make_weight) -> 
         rows = run_kernel(x, packed)
     assert torch.equal(tiles, torch.nn.functional.linear(x, dense))
     assert not torch.equal(rows, tiles)
+
+
+@pytest.mark.skipif("avx512" not in _C.cpu_isas(), reason="no AVX-512 (F/BW/VBMI2) here")
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("k", [172, 2048])
+def test_bf16_dot_rows_kernels_for_every_pass_width(isa, fmt: str, k: int, make_weight) -> None:
+    """The AVX512-BF16 rows kernels take x in passes of up to 8 rows, each width its own
+    instantiation: M = 1..9 covers all eight and a second pass, K = 172 the padded copy of x,
+    K = 2048 x read in place."""
+    n = 43
+    dense, packed = make_weight(fmt, n, k, torch.bfloat16, seed=16)
+    _C.select_cpu_isa("avx512")
+    for m in range(1, 10):
+        x = torch.randn(m, k, generator=gen(m + 17)).to(torch.bfloat16)
+        out = torch.full((m, n), float("nan"), dtype=torch.bfloat16)
+        with cpu_strategy("rows"):
+            assert_matches_reference(run_kernel(x, packed, out=out), x, dense)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", _C.cpu_isas())
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_which_bf16_paths_flush_subnormal_x(isa, fmt: str, name: str, strategy: str) -> None:
+    """vdpbf16ps treats bf16 subnormal inputs as zero: the BF16-dot rows kernels (isa
+    avx512 on a CPU with BF16 dots) give 0 for x = 1e-39 against weights of 1e20, the fp32
+    FMA kernels 3.2e-18 (the flush tells which code ran). The tiles give what ATen's bf16
+    GEMM gives at that M (it flushes where oneDNN runs on the same instruction)."""
+    dense = torch.zeros(16, 64)
+    dense[:, ::2] = 1e20
+    dense = dense.bfloat16()
+    packed = pack_sparse24(dense) if fmt == "sparse24" else pack_bitmap(dense)
+    x = torch.full((2, 64), 1e-39).bfloat16()
+    _C.select_cpu_isa(name)
+    with_dots = _C.cpu_dense_tiles_min_m(torch.bfloat16) == 16  # avx512 with BF16 dots
+    with cpu_strategy(strategy):
+        y = run_kernel(x, packed)
+    if strategy == "tiles":
+        assert torch.equal(y, torch.nn.functional.linear(x, dense))
+        return
+    expected = 0.0 if with_dots else (x.double() @ dense.double().t())[0, 0].item()
+    assert expected == 0.0 or expected > 1e-18
+    torch.testing.assert_close(
+        y.double(), torch.full((2, 16), expected, dtype=torch.float64), rtol=8e-3, atol=0
+    )

@@ -4,6 +4,7 @@
 // scatter each row's values to fp32, then the register-tiled micro-kernel (block_mm.h).
 #include <array>
 
+#include "cpu/bf16_dot.h"
 #include "cpu/block_mm.h"
 #include "cpu/simd_avx2.h"
 #include "cpu/sparse_mm.h"
@@ -126,6 +127,10 @@ template <typename T>
 int64_t bitmap_mm(const T* x, const T* values, int64_t values_numel, const uint8_t* bitmask,
                   const int64_t* row_offsets, T* out, int64_t M, int64_t N, int64_t K) {
 #ifdef SLIMSTACK_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_dot_active())
+      return bitmap_mm_bf16_dot(x, values, values_numel, bitmask, row_offsets, out, M, N, K);
+  }
   if (avx2_active())
     return bitmap_avx2(x, values, values_numel, bitmask, row_offsets, out, M, N, K);
 #endif

@@ -125,6 +125,20 @@ bool avx2_active() { return avx512_active() || std::strcmp(active_isa().name, "a
 
 bool avx512_active() { return std::strcmp(active_isa().name, "avx512") == 0; }
 
+bool cpu_has_bf16_dot() {
+#ifdef SLIMSTACK_X86
+  static const bool supported = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") != 0;
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
+bool bf16_dot_active() { return avx512_active() && cpu_has_bf16_dot(); }
+
 bool select_isa(const std::string& name) {
   for (const Isa& isa : known_isas()) {
     if (isa.supported && name == isa.name) {

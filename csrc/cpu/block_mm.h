@@ -54,6 +54,11 @@ bool avx2_active();
 // the AVX2 kernels plus AVX-512 F/BW/VBMI2 expands).
 bool avx512_active();
 
+// Whether this CPU has AVX512-BF16's dot product (vdpbf16ps), and whether the bf16 rows
+// kernels use it now (isa "avx512" on such a CPU).
+bool cpu_has_bf16_dot();
+bool bf16_dot_active();
+
 // Whether the row's offsets lie inside `values` and its slot holds all its set bits: a
 // corrupt weight must not read past `values`.
 inline bool row_fits(const uint8_t* bitmask, int64_t Kp, int64_t start, int64_t end,

@@ -3,29 +3,14 @@
 // 32 columns of a 16-bit type or 16 of fp32 per instruction. Portable: one value at a time.
 #include "cpu/decompress.h"
 
-#include <array>
 #include <cstring>
 #include <type_traits>
 
+#include "cpu/avx512_expand.h"
 #include "cpu/block_mm.h"
-
-#ifdef SLIMSTACK_X86
-#include <immintrin.h>
-#define SLIMSTACK_AVX512 __attribute__((target("avx512f,avx512bw,avx512vbmi2")))
-#endif
 
 namespace slimstack::cpu {
 namespace {
-
-// Meta byte (two groups: i0 | i1 << 2 per nibble) -> its 8 columns' kept bits.
-constexpr std::array<uint8_t, 256> kKeptBits = [] {
-  std::array<uint8_t, 256> bits{};
-  for (int b = 0; b < 256; ++b) {
-    bits[b] = static_cast<uint8_t>((1 << (b & 3)) | (1 << ((b >> 2) & 3)) |
-                                   (1 << (4 + ((b >> 4) & 3))) | (1 << (4 + (b >> 6))));
-  }
-  return bits;
-}();
 
 template <typename T>
 void sparse24_row_portable(const T* v, const uint8_t* meta, int64_t Kp, T* d) {
@@ -50,60 +35,29 @@ void bitmap_row_portable(const T* v, const uint8_t* bitmask, int64_t Kp, T* d) {
 }
 
 #ifdef SLIMSTACK_X86
-inline uint32_t load_u32(const uint8_t* p) {
-  uint32_t word;
-  std::memcpy(&word, p, sizeof(word));
-  return word;
-}
-
-// 32 columns of a 16-bit type per step: 16 stored values, 4 meta bytes.
 SLIMSTACK_AVX512 void sparse24_row_avx512(const uint16_t* v, const uint8_t* meta, int64_t Kp,
                                           uint16_t* d) {
-  for (int64_t c = 0; c < Kp; c += 32) {
-    const uint32_t word = load_u32(meta + c / 8);
-    const __mmask32 kept = kKeptBits[word & 0xFF] | kKeptBits[(word >> 8) & 0xFF] << 8 |
-                           kKeptBits[(word >> 16) & 0xFF] << 16 |
-                           static_cast<uint32_t>(kKeptBits[word >> 24]) << 24;
-    const __m512i values = _mm512_castsi256_si512(
-        _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v + c / 2)));
-    _mm512_storeu_si512(d + c, _mm512_maskz_expand_epi16(kept, values));
-  }
+  for (int64_t c = 0; c < Kp; c += 32)
+    _mm512_storeu_si512(d + c, sparse24_expand32(v + c / 2, meta + c / 8));
 }
 
-// 16 fp32 columns per step: 8 stored values, 2 meta bytes.
 SLIMSTACK_AVX512 void sparse24_row_avx512(const float* v, const uint8_t* meta, int64_t Kp,
                                           float* d) {
-  for (int64_t c = 0; c < Kp; c += 16) {
-    const __mmask16 kept = kKeptBits[meta[c / 8]] | kKeptBits[meta[c / 8 + 1]] << 8;
-    const __m512 values = _mm512_castps256_ps512(_mm256_loadu_ps(v + c / 2));
-    _mm512_storeu_ps(d + c, _mm512_maskz_expand_ps(kept, values));
-  }
+  for (int64_t c = 0; c < Kp; c += 16)
+    _mm512_storeu_ps(d + c, sparse24_expand16(v + c / 2, meta + c / 8));
 }
 
-// A row whose bit count fits its slot (row_fits): each step loads exactly its set bits'
-// values with a masked load, so nothing past the row's values is read.
+// A row that fits its slot (row_fits): nothing past its values is read.
 SLIMSTACK_AVX512 void bitmap_row_avx512(const uint16_t* v, const uint8_t* bitmask, int64_t Kp,
                                         uint16_t* d) {
-  for (int64_t c = 0; c < Kp; c += 32) {
-    const uint32_t kept = load_u32(bitmask + c / 8);
-    const int count = __builtin_popcount(kept);
-    const __mmask32 first = static_cast<__mmask32>((uint64_t{1} << count) - 1);
-    const __m512i values = _mm512_maskz_loadu_epi16(first, v);
-    _mm512_storeu_si512(d + c, _mm512_maskz_expand_epi16(kept, values));
-    v += count;
-  }
+  for (int64_t c = 0; c < Kp; c += 32)
+    _mm512_storeu_si512(d + c, bitmap_expand32(v, bitmask + c / 8));
 }
 
 SLIMSTACK_AVX512 void bitmap_row_avx512(const float* v, const uint8_t* bitmask, int64_t Kp,
                                         float* d) {
-  for (int64_t c = 0; c < Kp; c += 16) {
-    uint16_t kept;
-    std::memcpy(&kept, bitmask + c / 8, sizeof(kept));
-    const int count = __builtin_popcount(kept);
-    const __m512 values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), v);
-    _mm512_storeu_ps(d + c, _mm512_maskz_expand_ps(kept, values));
-    v += count;
-  }
+  for (int64_t c = 0; c < Kp; c += 16)
+    _mm512_storeu_ps(d + c, bitmap_expand16(v, bitmask + c / 8));
 }
 
 // The 16-bit types go through the expand as raw bits.

@@ -21,18 +21,6 @@ constexpr int64_t kNever = std::numeric_limits<int64_t>::max();
 constexpr int64_t kTileBytes = 4 << 20;
 constexpr int64_t kTileRowQuantum = 16;
 
-bool has_bf16_dot() {
-#ifdef SLIMSTACK_X86
-  static const bool supported = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") != 0;
-  }();
-  return supported;
-#else
-  return false;
-#endif
-}
-
 int64_t& override_min_m() {
   static int64_t value = -1;
   return value;
@@ -79,12 +67,13 @@ int64_t dense_tiles_mm(const at::Tensor& x, int64_t N, int64_t K, at::Tensor& ou
 int64_t dense_tiles_min_m(at::ScalarType dtype) {
   if (override_min_m() >= 0) return override_min_m();
   // Crossovers against the small-M kernels on a 2-core AVX-512 (Zen 4) machine, 2026-12-07,
-  // TinyLlama-1.1B's gate_up (11264 x 2048) and down (2048 x 5632) shapes: bf16 GEMMs run on
-  // AVX512-BF16 (~0.9 TFLOP/s), so tiles win from M = 8 (M = 4: even); fp32 from M = 64;
-  // fp16 has no fast CPU GEMM in ATen (~50 GFLOP/s, below the fp32 FMA loops): never.
-  // Without AVX512-BF16, ATen's bf16 GEMM computes in fp32: the fp32 crossover (unmeasured).
+  // TinyLlama-1.1B's gate_up (11264 x 2048) and down (2048 x 5632) shapes. bf16 GEMMs run on
+  // AVX512-BF16 (~0.9 TFLOP/s): tiles win from M = 16 against the bf16 dot rows kernels
+  // (bf16_dot.cpp), from M = 8 against the AVX2 ones; fp32 from M = 64; fp16 has no fast CPU
+  // GEMM in ATen (~50 GFLOP/s, below the fp32 FMA loops): never. Without AVX512-BF16, ATen's
+  // bf16 GEMM computes in fp32: the fp32 crossover (unmeasured).
   switch (dtype) {
-    case at::kBFloat16: return has_bf16_dot() ? 8 : 64;
+    case at::kBFloat16: return !cpu_has_bf16_dot() ? 64 : bf16_dot_active() ? 16 : 8;
     case at::kFloat: return 64;
     default: return kNever;
   }

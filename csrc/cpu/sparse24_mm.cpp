@@ -4,6 +4,7 @@
 // bytes. Portable: decompress rows to fp32, then the register-tiled micro-kernel.
 #include <array>
 
+#include "cpu/bf16_dot.h"
 #include "cpu/block_mm.h"
 #include "cpu/simd_avx2.h"
 #include "cpu/sparse_mm.h"
@@ -84,6 +85,12 @@ void sparse24_mm(const T* x, const T* values, const uint8_t* meta, T* out, int64
                  int64_t K) {
   const int64_t Kp = padded_k(K);
 #ifdef SLIMSTACK_X86
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_dot_active()) {
+      sparse24_mm_bf16_dot(x, values, meta, out, M, N, K);
+      return;
+    }
+  }
   if (avx2_active()) {
     sparse24_avx2(x, values, meta, out, M, N, K);
     return;
