@@ -50,26 +50,37 @@ SLIMSTACK_AVX512 inline __m512 sparse24_expand16(const float* v, const uint8_t* 
   return _mm512_maskz_expand_ps(kept, _mm512_castps256_ps512(_mm256_loadu_ps(v)));
 }
 
-// 32 columns of a bitmap row of a 16-bit type; advances v past the block's values. Only
-// those are loaded (a masked load), so nothing past a row that fits its slot is read.
+// 32 columns of a bitmap row of a 16-bit type; advances v past the block's values.
+// Masked (Checked): only those values are loaded, so nothing past a row that fits its slot
+// is read; else a full 32-value load, which reads up to 31 values past them (masked loads
+// stream from memory at about half the rate on Zen 4, so only a weight's last rows use them).
+template <bool Checked>
 SLIMSTACK_AVX512 inline __m512i bitmap_expand32(const uint16_t*& v, const uint8_t* bits) {
   const uint32_t kept = load_u32(bits);
   const int count = __builtin_popcount(kept);
   const __m512i values =
-      _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << count) - 1), v);
+      Checked ? _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t{1} << count) - 1), v)
+              : _mm512_loadu_si512(v);
   v += count;
   return _mm512_maskz_expand_epi16(kept, values);
 }
 
-// 16 fp32 columns of a bitmap row; advances v.
+// 16 fp32 columns of a bitmap row; advances v (Checked as above).
+template <bool Checked>
 SLIMSTACK_AVX512 inline __m512 bitmap_expand16(const float*& v, const uint8_t* bits) {
   uint16_t kept;
   std::memcpy(&kept, bits, sizeof(kept));
   const int count = __builtin_popcount(kept);
-  const __m512 values = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), v);
+  const __m512 values =
+      Checked ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1), v)
+              : _mm512_loadu_ps(v);
   v += count;
   return _mm512_maskz_expand_ps(kept, values);
 }
+
+// Whether a row ending at value `end` needs the checked loads: a block's full load reads at
+// most 31 values past the row's last one.
+inline bool near_values_end(int64_t end, int64_t values_numel) { return end + 32 > values_numel; }
 
 }  // namespace slimstack::cpu
 #endif  // SLIMSTACK_X86

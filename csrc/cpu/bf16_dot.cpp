@@ -25,6 +25,13 @@ namespace {
 
 constexpr int kMaxRows = 8;  // x rows per pass over a weight row: 16 accumulators
 
+// The values 2 KB ahead: a bitmap row's loads advance by each block's popcount, a stride
+// the hardware prefetcher does not follow (Zen 4: 12 GB/s from memory without this, 40 GB/s
+// with it, on a 26 MB gate_up weight at M = 1).
+SLIMSTACK_AVX512BF16 inline void prefetch_values(const uint16_t* v) {
+  _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);
+}
+
 template <int MB>
 struct Sums {
   __m512 acc[MB][2];
@@ -72,15 +79,16 @@ SLIMSTACK_AVX512BF16 void sparse24_row(const uint16_t* x, int64_t Kp, const uint
   store(s, out, ldo);
 }
 
-// A row that fits its slot (row_fits).
-template <int MB>
+// A row that fits its slot (row_fits); Checked: nothing past its values is read.
+template <int MB, bool Checked>
 SLIMSTACK_AVX512BF16 void bitmap_row(const uint16_t* x, int64_t Kp, const uint16_t* v,
                                      const uint8_t* bits, c10::BFloat16* out, int64_t ldo) {
   Sums<MB> s;
   zero(s);
   for (int64_t c = 0; c < Kp; c += 64) {
-    const __m512i w0 = bitmap_expand32(v, bits + c / 8);
-    const __m512i w1 = bitmap_expand32(v, bits + c / 8 + 4);
+    prefetch_values(v);
+    const __m512i w0 = bitmap_expand32<Checked>(v, bits + c / 8);
+    const __m512i w1 = bitmap_expand32<Checked>(v, bits + c / 8 + 4);
     dot64(s, w0, w1, x + c, Kp);
   }
   store(s, out, ldo);
@@ -160,9 +168,14 @@ int64_t bitmap_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
   return over_rows(M, N, Kp, [&](int64_t n) {
     const uint8_t* bits = bitmask + n * (Kp / 8);
     if (!row_fits(bits, Kp, row_offsets[n], row_offsets[n + 1], values_numel)) return false;
+    const bool checked = near_values_end(row_offsets[n + 1], values_numel);
     in_passes(M, [&](auto rows, int64_t m) {
-      bitmap_row<decltype(rows)::value>(x16 + m * Kp, Kp, v16 + row_offsets[n], bits,
-                                        out + m * N + n, N);
+      constexpr int R = decltype(rows)::value;
+      const uint16_t* v = v16 + row_offsets[n];
+      if (checked)
+        bitmap_row<R, true>(x16 + m * Kp, Kp, v, bits, out + m * N + n, N);
+      else
+        bitmap_row<R, false>(x16 + m * Kp, Kp, v, bits, out + m * N + n, N);
     });
     return true;
   });

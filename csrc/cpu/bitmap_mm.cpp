@@ -66,6 +66,8 @@ SLIMSTACK_AVX2 void bitmap_row_avx2(const float* x, int64_t Kp, const T* v, int6
   for (int m = 0; m < MB; ++m) acc[m][0] = acc[m][1] = _mm256_setzero_ps();
   int64_t used = 0;
   for (int64_t c = 0; c < Kp; c += 16) {
+    // 2 KB ahead: loads advancing by popcounts are a stride the hardware prefetcher misses
+    _mm_prefetch(reinterpret_cast<const char*>(v + used + 2048 / sizeof(T)), _MM_HINT_T0);
     const unsigned b0 = bits[c / 8], b1 = bits[c / 8 + 1];
     const __m256 w0 = expand8<T, NearEnd>(v + used, available - used, b0);
     used += __builtin_popcount(b0);

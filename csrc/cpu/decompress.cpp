@@ -47,17 +47,19 @@ SLIMSTACK_AVX512 void sparse24_row_avx512(const float* v, const uint8_t* meta, i
     _mm512_storeu_ps(d + c, sparse24_expand16(v + c / 2, meta + c / 8));
 }
 
-// A row that fits its slot (row_fits): nothing past its values is read.
+// A row that fits its slot (row_fits); Checked: nothing past its values is read.
+template <bool Checked>
 SLIMSTACK_AVX512 void bitmap_row_avx512(const uint16_t* v, const uint8_t* bitmask, int64_t Kp,
                                         uint16_t* d) {
   for (int64_t c = 0; c < Kp; c += 32)
-    _mm512_storeu_si512(d + c, bitmap_expand32(v, bitmask + c / 8));
+    _mm512_storeu_si512(d + c, bitmap_expand32<Checked>(v, bitmask + c / 8));
 }
 
+template <bool Checked>
 SLIMSTACK_AVX512 void bitmap_row_avx512(const float* v, const uint8_t* bitmask, int64_t Kp,
                                         float* d) {
   for (int64_t c = 0; c < Kp; c += 16)
-    _mm512_storeu_ps(d + c, bitmap_expand16(v, bitmask + c / 8));
+    _mm512_storeu_ps(d + c, bitmap_expand16<Checked>(v, bitmask + c / 8));
 }
 
 // The 16-bit types go through the expand as raw bits.
@@ -108,7 +110,10 @@ int64_t bitmap_rows_to_dense(const T* values, int64_t values_numel, const uint8_
     const T* v = values + row_offsets[n];
 #ifdef SLIMSTACK_X86
     if (avx512_active()) {
-      bitmap_row_avx512(lanes(v), bits, Kp, lanes(d));
+      if (near_values_end(row_offsets[n + 1], values_numel))
+        bitmap_row_avx512<true>(lanes(v), bits, Kp, lanes(d));
+      else
+        bitmap_row_avx512<false>(lanes(v), bits, Kp, lanes(d));
       continue;
     }
 #endif
