@@ -35,12 +35,12 @@ LLM_SHAPES = [
 GPU_M = [1, 2, 4, 8, 16, 32, 64, 128, 512, 2048, 8192]
 GPU_DTYPES = [torch.bfloat16, torch.float16]
 # CPU: small enough that CI exercises the whole suite in seconds; SLIMSTACK_BENCH_CPU=llm
-# times two 7B shapes at decode sizes instead (about two minutes on 2 cores).
+# times two 7B shapes at decode and prefill sizes instead (a few minutes on 2 cores).
 CPU_SIZES_ENV = "SLIMSTACK_BENCH_CPU"
 CPU_SHAPES = [(256, 512), (384, 256)]
 CPU_M = [1, 8, 64]
 CPU_LLM_SHAPES = [(4096, 4096), (14336, 4096)]
-CPU_LLM_M = [1, 4, 16]
+CPU_LLM_M = [1, 4, 16, 128]
 CPU_DTYPES = [torch.float32, torch.bfloat16]
 GEMV_MAX_M = 16
 
