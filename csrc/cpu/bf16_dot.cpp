@@ -94,23 +94,6 @@ SLIMSTACK_AVX512BF16 void bitmap_row(const uint16_t* x, int64_t Kp, const uint16
   store(s, out, ldo);
 }
 
-// step(rows, m) for x rows m.. in passes of up to kMaxRows, `rows` a compile-time count.
-template <typename Step>
-void in_passes(int64_t M, const Step& step) {
-  for (int64_t m = 0; m < M; m += kMaxRows) {
-    switch (std::min<int64_t>(kMaxRows, M - m)) {
-      case 1: step(std::integral_constant<int, 1>{}, m); break;
-      case 2: step(std::integral_constant<int, 2>{}, m); break;
-      case 3: step(std::integral_constant<int, 3>{}, m); break;
-      case 4: step(std::integral_constant<int, 4>{}, m); break;
-      case 5: step(std::integral_constant<int, 5>{}, m); break;
-      case 6: step(std::integral_constant<int, 6>{}, m); break;
-      case 7: step(std::integral_constant<int, 7>{}, m); break;
-      default: step(std::integral_constant<int, 8>{}, m); break;
-    }
-  }
-}
-
 // x as raw bf16 [M, Kp], zero past K (padding weights meet zeros): x itself when K == Kp.
 const uint16_t* padded_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t Kp,
                          std::vector<uint16_t>& buf) {
@@ -129,9 +112,7 @@ int64_t over_rows(int64_t M, int64_t N, int64_t Kp, const Row& row) {
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       if (row(n)) continue;
-      int64_t seen = first_bad.load();
-      while (n < seen && !first_bad.compare_exchange_weak(seen, n)) {
-      }
+      keep_smallest(first_bad, n);
       return;
     }
   });
@@ -149,7 +130,7 @@ void sparse24_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
   const uint16_t* x16 = padded_x(x, M, K, Kp, buf);
   const uint16_t* v16 = reinterpret_cast<const uint16_t*>(values);
   over_rows(M, N, Kp, [&](int64_t n) {
-    in_passes(M, [&](auto rows, int64_t m) {
+    in_steps_of<kMaxRows>(M, [&](auto rows, int64_t m) {
       sparse24_row<decltype(rows)::value>(x16 + m * Kp, Kp, v16 + n * (Kp / 2),
                                           meta + n * (Kp / 8), out + m * N + n, N);
     });
@@ -169,7 +150,7 @@ int64_t bitmap_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
     const uint8_t* bits = bitmask + n * (Kp / 8);
     if (!row_fits(bits, Kp, row_offsets[n], row_offsets[n + 1], values_numel)) return false;
     const bool checked = near_values_end(row_offsets[n + 1], values_numel);
-    in_passes(M, [&](auto rows, int64_t m) {
+    in_steps_of<kMaxRows>(M, [&](auto rows, int64_t m) {
       constexpr int R = decltype(rows)::value;
       const uint16_t* v = v16 + row_offsets[n];
       if (checked)

@@ -6,21 +6,12 @@
 
 #include "cpu/bf16_dot.h"
 #include "cpu/block_mm.h"
+#include "cpu/decompress.h"
 #include "cpu/simd_avx2.h"
 #include "cpu/sparse_mm.h"
 
 namespace slimstack::cpu {
 namespace {
-
-// Portable path: one set bit at a time.
-template <typename T>
-void decompress_bitmap_row(const T* values, const uint8_t* bitmask, int64_t Kp, float* dst) {
-  std::memset(dst, 0, sizeof(float) * Kp);
-  for (int64_t b = 0; b < Kp / 8; ++b) {
-    for (unsigned bits = bitmask[b]; bits != 0; bits &= bits - 1)
-      dst[8 * b + __builtin_ctz(bits)] = to_float(*values++);
-  }
-}
 
 #ifdef SLIMSTACK_X86
 // Mask byte -> for each of its 8 columns, the slot among the byte's compacted values that
@@ -93,7 +84,7 @@ int64_t bitmap_avx2(const T* x, const T* values, int64_t values_numel, const uin
       // a load reads at most 8 values past the row's last kept one: only the last rows of
       // `values` need the checked path
       const bool near_end = row_offsets[n + 1] + 8 > values_numel;
-      in_steps_of_four_rows(mb, [&](auto rows, int64_t m) {
+      in_steps_of<4>(mb, [&](auto rows, int64_t m) {
         constexpr int R = decltype(rows)::value;
         const float* xm = xb + m * Kp;
         T* y = ob + m * N + n;
@@ -118,7 +109,7 @@ int64_t bitmap_portable(const T* x, const T* values, int64_t values_numel, const
       std::memset(dst, 0, sizeof(float) * Kp);
       return false;
     }
-    decompress_bitmap_row(values + row_offsets[n], row_bits, Kp, dst);
+    bitmap_row_scalar(values + row_offsets[n], row_bits, Kp, dst);
     return true;
   });
 }

@@ -62,7 +62,7 @@ bool bf16_dot_active();
 // Whether the row's offsets lie inside `values` and its slot holds all its set bits: a
 // corrupt weight must not read past `values`.
 inline bool row_fits(const uint8_t* bitmask, int64_t Kp, int64_t start, int64_t end,
-              int64_t values_numel) {
+                     int64_t values_numel) {
   if (start < 0 || start > end || end > values_numel) return false;
   int64_t kept = 0;
   for (int64_t b = 0; b < Kp / 8; b += 8) {  // Kp / 8 is a multiple of 8 bytes
@@ -71,6 +71,14 @@ inline bool row_fits(const uint8_t* bitmask, int64_t Kp, int64_t start, int64_t 
     kept += __builtin_popcountll(word);
   }
   return kept <= end - start;
+}
+
+// first_bad = min(first_bad, row), from any thread: the kernels report the smallest
+// malformed row whichever task found it.
+inline void keep_smallest(std::atomic<int64_t>& first_bad, int64_t row) {
+  int64_t seen = first_bad.load();
+  while (row < seen && !first_bad.compare_exchange_weak(seen, row)) {
+  }
 }
 
 // Weight rows per task: large blocks amortize the x traffic, but keep every thread busy.
@@ -108,18 +116,21 @@ const float* fp32_rows(const T* x, int64_t M, int64_t K, int64_t Kp, std::vector
   return buf.data();
 }
 
-// step(rows, m) for x rows m.. of 0..mb in steps of up to 4, `rows` the step's row count as
-// a compile-time constant (the AVX2 row kernels keep one register pair per x row).
-template <typename Step>
-inline void in_steps_of_four_rows(int64_t mb, const Step& step) {
-  for (int64_t m = 0; m < mb; m += 4) {
-    switch (std::min<int64_t>(4, mb - m)) {
-      case 1: step(std::integral_constant<int, 1>{}, m); break;
-      case 2: step(std::integral_constant<int, 2>{}, m); break;
-      case 3: step(std::integral_constant<int, 3>{}, m); break;
-      default: step(std::integral_constant<int, 4>{}, m); break;
-    }
+// step(std::integral_constant<int, R>{}, m) with R = rows, for 1 <= rows <= Max.
+template <int Max, typename Step>
+inline void with_row_count(int64_t rows, int64_t m, const Step& step) {
+  if constexpr (Max > 1) {
+    if (rows < Max) return with_row_count<Max - 1>(rows, m, step);
   }
+  step(std::integral_constant<int, Max>{}, m);
+}
+
+// step(rows, m) for x rows m.. of 0..mb in steps of up to Max, `rows` the step's row count
+// as a compile-time constant (the row kernels keep registers per x row).
+template <int Max, typename Step>
+inline void in_steps_of(int64_t mb, const Step& step) {
+  for (int64_t m = 0; m < mb; m += Max)
+    with_row_count<Max>(std::min<int64_t>(Max, mb - m), m, step);
 }
 
 // The AVX2 strategy's driver: x as fp32 [M, Kp] (zero past K), weight rows split over
@@ -144,9 +155,7 @@ int64_t rowwise_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K, const Ro
       for (int64_t m0 = 0; m0 < M; m0 += kTileM) {
         const int64_t bad = rows(x32 + m0 * Kp, std::min(kTileM, M - m0), out + m0 * N, t0, t1);
         if (bad < 0) continue;
-        int64_t seen = first_bad.load();
-        while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
-        }
+        keep_smallest(first_bad, bad);
         return;
       }
     }
@@ -180,11 +189,7 @@ int64_t block_sparse_mm(const T* x, T* out, int64_t M, int64_t N, int64_t K,
       // rows past N (up to the micro-kernel's row quantum) multiply as zeros
       std::memset(w.data() + rows * Kp, 0, sizeof(float) * (rows_padded - rows) * Kp);
       for (int64_t r = 0; r < rows; ++r) {
-        if (!decompress_row(n0 + r, w.data() + r * Kp)) {
-          int64_t seen = first_bad.load();
-          while (n0 + r < seen && !first_bad.compare_exchange_weak(seen, n0 + r)) {
-          }
-        }
+        if (!decompress_row(n0 + r, w.data() + r * Kp)) keep_smallest(first_bad, n0 + r);
       }
       dense_block_mm(x32, Kp, w.data(), rows_padded, M, Kp, acc.data());
       for (int64_t m = 0; m < M; ++m) {

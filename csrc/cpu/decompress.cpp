@@ -12,28 +12,6 @@
 namespace slimstack::cpu {
 namespace {
 
-template <typename T>
-void sparse24_row_portable(const T* v, const uint8_t* meta, int64_t Kp, T* d) {
-  std::memset(static_cast<void*>(d), 0, sizeof(T) * Kp);
-  for (int64_t b = 0; b < Kp / 8; ++b, v += 4) {
-    const unsigned byte = meta[b];
-    T* group = d + 8 * b;
-    group[byte & 3] = v[0];
-    group[(byte >> 2) & 3] = v[1];
-    group[4 + ((byte >> 4) & 3)] = v[2];
-    group[4 + (byte >> 6)] = v[3];
-  }
-}
-
-template <typename T>
-void bitmap_row_portable(const T* v, const uint8_t* bitmask, int64_t Kp, T* d) {
-  std::memset(static_cast<void*>(d), 0, sizeof(T) * Kp);
-  for (int64_t b = 0; b < Kp / 8; ++b) {
-    for (unsigned bits = bitmask[b]; bits != 0; bits &= bits - 1)
-      d[8 * b + __builtin_ctz(bits)] = *v++;
-  }
-}
-
 #ifdef SLIMSTACK_X86
 SLIMSTACK_AVX512 void sparse24_row_avx512(const uint16_t* v, const uint8_t* meta, int64_t Kp,
                                           uint16_t* d) {
@@ -92,7 +70,7 @@ void sparse24_rows_to_dense(const T* values, const uint8_t* meta, int64_t Kp, in
       continue;
     }
 #endif
-    sparse24_row_portable(v, mt, Kp, d);
+    sparse24_row_scalar(v, mt, Kp, d);
   }
 }
 
@@ -117,7 +95,7 @@ int64_t bitmap_rows_to_dense(const T* values, int64_t values_numel, const uint8_
       continue;
     }
 #endif
-    bitmap_row_portable(v, bits, Kp, d);
+    bitmap_row_scalar(v, bits, Kp, d);
   }
   return -1;
 }

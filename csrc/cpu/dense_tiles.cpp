@@ -48,10 +48,7 @@ int64_t dense_tiles_mm(const at::Tensor& x, int64_t N, int64_t K, at::Tensor& ou
     std::atomic<int64_t> first_bad{N};
     at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
       const int64_t bad = fill(n0 + r0, n0 + r1, tile_data + r0 * Kp);
-      if (bad < 0) return;
-      int64_t seen = first_bad.load();
-      while (bad < seen && !first_bad.compare_exchange_weak(seen, bad)) {
-      }
+      if (bad >= 0) keep_smallest(first_bad, bad);
     });
     if (first_bad.load() < N) return first_bad.load();
     // the tile's columns past K are the format's zero padding: the GEMM reads K of them

@@ -6,26 +6,12 @@
 
 #include "cpu/bf16_dot.h"
 #include "cpu/block_mm.h"
+#include "cpu/decompress.h"
 #include "cpu/simd_avx2.h"
 #include "cpu/sparse_mm.h"
 
 namespace slimstack::cpu {
 namespace {
-
-// Portable path. One meta byte covers two groups = 8 dense columns and 4 stored values.
-template <typename T>
-void decompress_sparse24_row(const T* values, const uint8_t* meta, int64_t Kp, float* dst) {
-  std::memset(dst, 0, sizeof(float) * Kp);
-  for (int64_t b = 0; b < Kp / 8; ++b) {
-    const unsigned byte = meta[b];
-    const T* v = values + 4 * b;
-    float* d = dst + 8 * b;
-    d[byte & 3] = to_float(v[0]);
-    d[(byte >> 2) & 3] = to_float(v[1]);
-    d[4 + ((byte >> 4) & 3)] = to_float(v[2]);
-    d[4 + (byte >> 6)] = to_float(v[3]);
-  }
-}
 
 #ifdef SLIMSTACK_X86
 // Meta byte -> for each of its 8 columns, the lane of its value in a vector holding the
@@ -69,7 +55,7 @@ void sparse24_avx2(const T* x, const T* values, const uint8_t* meta, T* out, int
     for (int64_t n = n0; n < n1; ++n) {  // a packed row stays in L1 while the x rows meet it
       const T* v = values + n * (Kp / 2);
       const uint8_t* mt = meta + n * (Kp / 8);
-      in_steps_of_four_rows(mb, [&](auto rows, int64_t m) {
+      in_steps_of<4>(mb, [&](auto rows, int64_t m) {
         sparse24_row_avx2<T, decltype(rows)::value>(xb + m * Kp, Kp, v, mt, ob + m * N + n, N);
       });
     }
@@ -97,7 +83,7 @@ void sparse24_mm(const T* x, const T* values, const uint8_t* meta, T* out, int64
   }
 #endif
   block_sparse_mm(x, out, M, N, K, [&](int64_t n, float* dst) {
-    decompress_sparse24_row(values + n * (Kp / 2), meta + n * (Kp / 8), Kp, dst);
+    sparse24_row_scalar(values + n * (Kp / 2), meta + n * (Kp / 8), Kp, dst);
     return true;
   });
 }
