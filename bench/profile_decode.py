@@ -4,6 +4,7 @@ only the S decode steps remain (the prefill and warm-up cancel out).
 
     python bench/profile_decode.py --variant 2:4 --layers 8 --out $OUT        # on a GPU
     python bench/profile_decode.py --spec tiny --layers 2 --out /tmp/p        # CPU smoke run
+    python bench/profile_decode.py --spec llama-1b --dtype bf16 --device cpu --out /tmp/p
 
 On CUDA the rows are device kernels (CUPTI sees inside the replayed CUDA graph), on CPU the
 top-level ops (aten and slimstack's custom ones). Writes <out>/<date>-<gpu>-decode-profile-<variant>-b<batch>-p<prompt>.json (rows: name, calls
@@ -33,7 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ is a folder o
 import common  # noqa: E402
 import e2e_helpers  # noqa: E402
 
-SPECS = {"mistral-7b": e2e_helpers.MISTRAL_7B, "tiny": e2e_helpers.TINY}
+SPECS = {
+    "mistral-7b": e2e_helpers.MISTRAL_7B,
+    "llama-1b": e2e_helpers.LLAMA_1B,
+    "tiny": e2e_helpers.TINY,
+}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _kernel_totals(prof, device: torch.device) -> dict[str, tuple[int, float]]:
@@ -124,7 +130,11 @@ def profile(args: argparse.Namespace) -> dict[str, Any]:
     from slimstack.engine.loader import load
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = (
+        DTYPES[args.dtype]
+        if args.dtype
+        else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    )
     spec = SPECS[args.spec]
     variant = e2e_helpers.Variant(args.layers, args.variant)
     work = Path(tempfile.mkdtemp(prefix="slimstack-profile-", dir=args.workdir))
@@ -168,6 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--device", help="cuda or cpu (default: cuda when there is one)")
+    parser.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        help="weights' dtype (default: bf16 on CUDA, fp32 on CPU)",
+    )
     parser.add_argument(
         "--mode",
         choices=("auto", "graph", "eager"),

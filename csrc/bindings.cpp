@@ -8,6 +8,7 @@
 #include <optional>
 #include <string>
 
+#include "cpu/bf16_dot.h"
 #include "cpu/dense_tiles.h"
 #include "cpu/sparse_mm.h"
 #include "torch_checks.h"
@@ -98,6 +99,28 @@ at::Tensor bitmap_mm_cpu(const at::Tensor& x, const at::Tensor& values, const at
   return out;
 }
 
+at::Tensor dense_mm_cpu(const at::Tensor& x, const at::Tensor& weight,
+                        const std::optional<at::Tensor>& out_arg) {
+  const std::string op = "dense_mm_cpu";
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be [N, K], got ", weight.sizes());
+  const int64_t N = weight.size(0), K = weight.size(1);
+  check_x(op, x, N, K, c10::DeviceType::CPU);
+  check_packed(op, "weight", weight, x.scalar_type(), {N, K}, x);
+  at::Tensor out = make_output(op, x, x.size(0), N, out_arg);
+  TORCH_CHECK_VALUE(at::get_overlap_status(out, weight) == at::MemOverlapStatus::No, op,
+                    ": out must not share memory with weight");
+  const int64_t M = x.size(0);
+  if (M == 0) return out;
+  if (x.scalar_type() == at::kBFloat16 && M <= slimstack::cpu::dense_bf16_rows_max_m()) {
+    slimstack::cpu::dense_mm_bf16_dot(x.data_ptr<c10::BFloat16>(),
+                                      weight.data_ptr<c10::BFloat16>(),
+                                      out.data_ptr<c10::BFloat16>(), M, N, K);
+  } else {
+    at::mm_out(out, x, weight.t());
+  }
+  return out;
+}
+
 void select_cpu_isa(const std::string& name) {
   TORCH_CHECK_VALUE(slimstack::cpu::select_isa(name), "CPU ISA '", name,
                     "' is not supported here; supported: ",
@@ -116,6 +139,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bitmap_mm_cpu", &bitmap_mm_cpu, "y[M, N] = x[M, K] @ W^T, W packed bitmap",
         py::arg("x"), py::arg("values"), py::arg("bitmask"), py::arg("row_offsets"),
         py::arg("N"), py::arg("K"), py::arg("out") = py::none());
+  m.def("dense_mm_cpu", &dense_mm_cpu,
+        "y[M, N] = x[M, K] @ W^T for a dense W: the bf16 dot kernel up to "
+        "cpu_dense_rows_max_m() rows of bf16, else ATen's matmul",
+        py::arg("x"), py::arg("weight"), py::arg("out") = py::none());
+  m.def("cpu_dense_rows_max_m", &slimstack::cpu::dense_bf16_rows_max_m,
+        "most rows of bf16 x that dense_mm_cpu runs with its own kernel (0: none here)");
   m.def("cpu_isas", &slimstack::cpu::supported_isas,
         "instruction sets the CPU kernels can use here, best first");
   m.def("cpu_isa", &slimstack::cpu::current_isa, "instruction set the CPU kernels use now");

@@ -23,7 +23,17 @@ namespace slimstack::cpu {
 
 namespace {
 
-constexpr int kMaxRows = 8;  // x rows per pass over a weight row: 16 accumulators
+constexpr int kMaxRows = 8;  // x rows per pass over a group of weight rows
+
+// Weight rows per pass over x, by x rows: each 64-column step loads x once for the group, so
+// x traffic per weight byte falls with the group (4 x rows of K = 4096 are 32 KB, all of L1:
+// one row per pass left 2:4 at M = 4 at 17 GB/s, four rows reach 30-36). Measured on Zen 4:
+// at M <= 2 one row is fastest (M = 1, 2:4: 45-58 GB/s; two rows: 31-34, four: 32), and
+// two rows per pass are slower than one or four at every M <= 4. Registers: NR * MB
+// accumulators plus 2 NR weight and 2 x vectors, at most 26 of the 32.
+constexpr int group_rows(int MB) { return MB <= 2 ? 1 : MB <= 4 ? 4 : 2; }
+constexpr int64_t kTaskRows = 4;  // weight rows per thread task: a multiple of each group_rows
+constexpr int64_t kDenseRowsMaxM = 4;  // dense_bf16_rows_max_m: ATen is as fast at M = 8 (Zen 4)
 
 // The values 2 KB ahead: a bitmap row's loads advance by each block's popcount, a stride
 // the hardware prefetcher does not follow (Zen 4: 12 GB/s from memory without this, 40 GB/s
@@ -32,66 +42,129 @@ SLIMSTACK_AVX512BF16 inline void prefetch_values(const uint16_t* v) {
   _mm_prefetch(reinterpret_cast<const char*>(v + 1024), _MM_HINT_T0);
 }
 
-template <int MB>
-struct Sums {
-  __m512 acc[MB][2];
-};
-
-template <int MB>
-SLIMSTACK_AVX512BF16 inline void zero(Sums<MB>& s) {
-  for (int m = 0; m < MB; ++m) s.acc[m][0] = s.acc[m][1] = _mm512_setzero_ps();
-}
-
 SLIMSTACK_AVX512BF16 inline __m512bh as_bf16(__m512i v) {
   __m512bh lanes;
   std::memcpy(&lanes, &v, sizeof(lanes));  // a register move, not a copy through memory
   return lanes;
 }
 
-// s += the 64 expanded columns (w0, w1) against MB x rows at column c.
-template <int MB>
-SLIMSTACK_AVX512BF16 inline void dot64(Sums<MB>& s, __m512i w0, __m512i w1, const uint16_t* x,
-                                       int64_t ldx) {
-  for (int m = 0; m < MB; ++m) {
-    const uint16_t* xm = x + m * ldx;
-    s.acc[m][0] = _mm512_dpbf16_ps(s.acc[m][0], as_bf16(w0), as_bf16(_mm512_loadu_si512(xm)));
-    s.acc[m][1] =
-        _mm512_dpbf16_ps(s.acc[m][1], as_bf16(w1), as_bf16(_mm512_loadu_si512(xm + 32)));
+// Both 32-column halves of a 64-column step, limited to the columns left before K.
+struct StepMasks {
+  __mmask32 lo, hi;
+};
+inline StepMasks step_masks(int64_t left) {
+  const auto first = [](int64_t n) {
+    return n >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((uint64_t{1} << n) - 1);
+  };
+  return {first(left), first(std::max<int64_t>(left - 32, 0))};
+}
+
+// 32 bf16 at p; masked only in a dense row's last, partial step (masked loads stream from
+// memory at about half the rate on Zen 4).
+template <bool Tail>
+SLIMSTACK_AVX512BF16 inline __m512i load32(const uint16_t* p, __mmask32 mask) {
+  return Tail ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512(p);
+}
+
+// A weight row as a stream of 64-column steps: two 32-column bf16 vectors, zeros where the
+// format pruned. Only a dense row has a partial (Tail) step: packed rows span Kp, a multiple
+// of 64.
+struct DenseRow {
+  const uint16_t* w;
+  template <bool Tail>
+  SLIMSTACK_AVX512BF16 void step(int64_t c, StepMasks mask, __m512i& a, __m512i& b) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + c + 512), _MM_HINT_T0);
+    a = load32<Tail>(w + c, mask.lo);
+    b = load32<Tail>(w + c + 32, mask.hi);
   }
-}
+};
 
-template <int MB>
-SLIMSTACK_AVX512BF16 inline void store(const Sums<MB>& s, c10::BFloat16* out, int64_t ldo) {
-  for (int m = 0; m < MB; ++m)
-    out[m * ldo] = c10::BFloat16(_mm512_reduce_add_ps(_mm512_add_ps(s.acc[m][0], s.acc[m][1])));
-}
-
-template <int MB>
-SLIMSTACK_AVX512BF16 void sparse24_row(const uint16_t* x, int64_t Kp, const uint16_t* v,
-                                       const uint8_t* meta, c10::BFloat16* out, int64_t ldo) {
-  Sums<MB> s;
-  zero(s);
-  for (int64_t c = 0; c < Kp; c += 64) {
-    const __m512i w0 = sparse24_expand32(v + c / 2, meta + c / 8);
-    const __m512i w1 = sparse24_expand32(v + c / 2 + 16, meta + c / 8 + 4);
-    dot64(s, w0, w1, x + c, Kp);
+struct Sparse24Row {
+  const uint16_t* v;
+  const uint8_t* meta;
+  template <bool Tail>
+  SLIMSTACK_AVX512BF16 void step(int64_t c, StepMasks, __m512i& a, __m512i& b) {
+    // 1 KB of values ahead (and the matching meta): +10-30% at every M <= 8 on Zen 4,
+    // whose prefetchers lose track of several interleaved row streams
+    _mm_prefetch(reinterpret_cast<const char*>(v + c / 2 + 512), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(meta + c / 8 + 256), _MM_HINT_T0);
+    const __mmask64 kept = sparse24_kept64(meta + c / 8);
+    a = sparse24_expand32(v + c / 2, mask_half(kept, 0));
+    b = sparse24_expand32(v + c / 2 + 16, mask_half(kept, 1));
   }
-  store(s, out, ldo);
-}
+};
 
-// A row that fits its slot (row_fits); Checked: nothing past its values is read.
-template <int MB, bool Checked>
-SLIMSTACK_AVX512BF16 void bitmap_row(const uint16_t* x, int64_t Kp, const uint16_t* v,
-                                     const uint8_t* bits, c10::BFloat16* out, int64_t ldo) {
-  Sums<MB> s;
-  zero(s);
-  for (int64_t c = 0; c < Kp; c += 64) {
+template <bool Checked>
+struct BitmapRow {
+  const uint16_t* v;  // advances by each block's kept count
+  const uint8_t* bits;
+  template <bool Tail>
+  SLIMSTACK_AVX512BF16 void step(int64_t c, StepMasks, __m512i& a, __m512i& b) {
     prefetch_values(v);
-    const __m512i w0 = bitmap_expand32<Checked>(v, bits + c / 8);
-    const __m512i w1 = bitmap_expand32<Checked>(v, bits + c / 8 + 4);
-    dot64(s, w0, w1, x + c, Kp);
+    a = bitmap_expand32<Checked>(v, bits + c / 8);
+    b = bitmap_expand32<Checked>(v, bits + c / 8 + 4);
   }
-  store(s, out, ldo);
+};
+
+// acc[i][m] += weight row i . x row m over the 64 columns at c.
+template <bool Tail, int NR, int MB, int A, typename Row>
+SLIMSTACK_AVX512BF16 inline void dot_step(Row* rows, const uint16_t* x, int64_t ldx, int64_t c,
+                                          StepMasks mask, __m512 (&acc)[NR][MB][A]) {
+  __m512i w[NR][2];
+  for (int i = 0; i < NR; ++i) rows[i].template step<Tail>(c, mask, w[i][0], w[i][1]);
+  for (int m = 0; m < MB; ++m) {
+    const uint16_t* xm = x + m * ldx + c;
+    const __m512bh x0 = as_bf16(load32<Tail>(xm, mask.lo));
+    const __m512bh x1 = as_bf16(load32<Tail>(xm + 32, mask.hi));
+    for (int i = 0; i < NR; ++i) {
+      acc[i][m][0] = _mm512_dpbf16_ps(acc[i][m][0], as_bf16(w[i][0]), x0);
+      acc[i][m][A - 1] = _mm512_dpbf16_ps(acc[i][m][A - 1], as_bf16(w[i][1]), x1);
+    }
+  }
+}
+
+// out[m, i] (stride ldo per x row) = weight row i of `rows` . x row m, for NR weight rows and
+// MB x rows (x stride ldx, columns 0..K; the packed formats pass K = Kp). Below four
+// (row, x row) pairs each pair keeps two accumulators, so the dot's latency stays hidden.
+template <int NR, int MB, typename Row>
+SLIMSTACK_AVX512BF16 void dot_rows(Row* rows, const uint16_t* x, int64_t ldx, int64_t K,
+                                   c10::BFloat16* out, int64_t ldo) {
+  constexpr int A = NR * MB <= 8 ? 2 : 1;
+  __m512 acc[NR][MB][A];
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MB; ++m)
+      for (int a = 0; a < A; ++a) acc[i][m][a] = _mm512_setzero_ps();
+  const int64_t full = K / 64 * 64;
+  for (int64_t c = 0; c < full; c += 64) dot_step<false>(rows, x, ldx, c, StepMasks{}, acc);
+  if (full < K) dot_step<true>(rows, x, ldx, full, step_masks(K - full), acc);
+  for (int i = 0; i < NR; ++i)
+    for (int m = 0; m < MB; ++m) {
+      const __m512 sum = A == 2 ? _mm512_add_ps(acc[i][m][0], acc[i][m][1]) : acc[i][m][0];
+      out[m * ldo + i] = c10::BFloat16(_mm512_reduce_add_ps(sum));
+    }
+}
+
+// All M x rows against weight rows n0..n0+count (count <= group_rows(1)): make_row(n)
+// gives row n's stream. The x rows go in passes of up to kMaxRows, each pass over the
+// group's rows from their start.
+template <typename MakeRow>
+void dot_group(const uint16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t n0, int64_t count,
+               const MakeRow& make_row, c10::BFloat16* out, int64_t N) {
+  in_steps_of<kMaxRows>(M, [&](auto x_rows, int64_t m) {
+    constexpr int MB = decltype(x_rows)::value;
+    constexpr int NR = group_rows(MB);
+    using Row = decltype(make_row(n0));
+    int64_t n = n0;
+    for (; n + NR <= n0 + count; n += NR) {
+      Row rows[NR];
+      for (int i = 0; i < NR; ++i) rows[i] = make_row(n + i);
+      dot_rows<NR, MB>(rows, x + m * ldx, ldx, K, out + m * N + n, N);
+    }
+    for (; n < n0 + count; ++n) {  // the group's tail, one row a pass
+      Row row = make_row(n);
+      dot_rows<1, MB>(&row, x + m * ldx, ldx, K, out + m * N + n, N);
+    }
+  });
 }
 
 // x as raw bf16 [M, Kp], zero past K (padding weights meet zeros): x itself when K == Kp.
@@ -103,16 +176,22 @@ const uint16_t* padded_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t K
   return buf.data();
 }
 
-// row(n, x_rows, out_rows) multiplies weight row n with all M rows of x; it returns false
-// for a malformed row. Returns -1 or the smallest malformed row.
-template <typename Row>
-int64_t over_rows(int64_t M, int64_t N, int64_t Kp, const Row& row) {
+// group(n0, count) multiplies weight rows n0..n0+count with all M rows of x; it returns
+// false if one of them is malformed, after group_bad recorded it. Groups of
+// group_rows(1) rows go to threads. Returns -1 or the smallest malformed row.
+template <typename Group>
+int64_t over_groups(int64_t M, int64_t N, int64_t K, const Group& group) {
+  constexpr int64_t kGroup = kTaskRows;
   std::atomic<int64_t> first_bad{N};
-  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / (Kp * std::max<int64_t>(M, 1)));
-  at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      if (row(n)) continue;
-      keep_smallest(first_bad, n);
+  const int64_t groups = (N + kGroup - 1) / kGroup;
+  const int64_t work = kGroup * K * std::max<int64_t>(M, 1);
+  const int64_t grain = std::max<int64_t>(1, kMinTaskWork / work);
+  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      const int64_t n0 = g * kGroup;
+      const int64_t bad = group(n0, std::min(kGroup, N - n0));
+      if (bad < 0) continue;
+      keep_smallest(first_bad, bad);
       return;
     }
   });
@@ -122,6 +201,19 @@ int64_t over_rows(int64_t M, int64_t N, int64_t Kp, const Row& row) {
 
 }  // namespace
 
+int64_t dense_bf16_rows_max_m() { return bf16_dot_active() ? kDenseRowsMaxM : 0; }
+
+void dense_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* weight, c10::BFloat16* out,
+                       int64_t M, int64_t N, int64_t K) {
+  const uint16_t* x16 = reinterpret_cast<const uint16_t*>(x);
+  const uint16_t* w16 = reinterpret_cast<const uint16_t*>(weight);
+  over_groups(M, N, K, [&](int64_t n0, int64_t count) {
+    dot_group(x16, M, K, K, n0, count, [&](int64_t n) { return DenseRow{w16 + n * K}; }, out,
+              N);
+    return int64_t{-1};
+  });
+}
+
 void sparse24_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
                           const uint8_t* meta, c10::BFloat16* out, int64_t M, int64_t N,
                           int64_t K) {
@@ -129,12 +221,12 @@ void sparse24_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
   std::vector<uint16_t> buf;
   const uint16_t* x16 = padded_x(x, M, K, Kp, buf);
   const uint16_t* v16 = reinterpret_cast<const uint16_t*>(values);
-  over_rows(M, N, Kp, [&](int64_t n) {
-    in_steps_of<kMaxRows>(M, [&](auto rows, int64_t m) {
-      sparse24_row<decltype(rows)::value>(x16 + m * Kp, Kp, v16 + n * (Kp / 2),
-                                          meta + n * (Kp / 8), out + m * N + n, N);
-    });
-    return true;
+  over_groups(M, N, Kp, [&](int64_t n0, int64_t count) {
+    const auto row = [&](int64_t n) {
+      return Sparse24Row{v16 + n * (Kp / 2), meta + n * (Kp / 8)};
+    };
+    dot_group(x16, M, Kp, Kp, n0, count, row, out, N);
+    return int64_t{-1};
   });
 }
 
@@ -146,23 +238,36 @@ int64_t bitmap_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
   std::vector<uint16_t> buf;
   const uint16_t* x16 = padded_x(x, M, K, Kp, buf);
   const uint16_t* v16 = reinterpret_cast<const uint16_t*>(values);
-  return over_rows(M, N, Kp, [&](int64_t n) {
-    const uint8_t* bits = bitmask + n * (Kp / 8);
-    if (!row_fits(bits, Kp, row_offsets[n], row_offsets[n + 1], values_numel)) return false;
-    const bool checked = near_values_end(row_offsets[n + 1], values_numel);
-    in_steps_of<kMaxRows>(M, [&](auto rows, int64_t m) {
-      constexpr int R = decltype(rows)::value;
-      const uint16_t* v = v16 + row_offsets[n];
-      if (checked)
-        bitmap_row<R, true>(x16 + m * Kp, Kp, v, bits, out + m * N + n, N);
-      else
-        bitmap_row<R, false>(x16 + m * Kp, Kp, v, bits, out + m * N + n, N);
-    });
-    return true;
+  return over_groups(M, N, Kp, [&](int64_t n0, int64_t count) {
+    for (int64_t n = n0; n < n0 + count; ++n) {
+      if (!row_fits(bitmask + n * (Kp / 8), Kp, row_offsets[n], row_offsets[n + 1],
+                    values_numel))
+        return n;
+    }
+    const auto run = [&](auto checked) {
+      const auto row = [&](int64_t n) {
+        return BitmapRow<decltype(checked)::value>{v16 + row_offsets[n], bitmask + n * (Kp / 8)};
+      };
+      dot_group(x16, M, Kp, Kp, n0, count, row, out, N);
+    };
+    // full loads read up to 31 values past a row's end: checked loads for the whole group
+    // when one of its rows ends that near the end of `values`
+    int64_t last_end = 0;
+    for (int64_t n = n0; n < n0 + count; ++n) last_end = std::max(last_end, row_offsets[n + 1]);
+    if (near_values_end(last_end, values_numel))
+      run(std::true_type{});
+    else
+      run(std::false_type{});
+    return int64_t{-1};
   });
 }
 
 #else  // not x86: bf16_dot_active() is false, so these are never called
+
+int64_t dense_bf16_rows_max_m() { return 0; }
+
+void dense_mm_bf16_dot(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t,
+                       int64_t, int64_t) {}
 
 void sparse24_mm_bf16_dot(const c10::BFloat16*, const c10::BFloat16*, const uint8_t*,
                           c10::BFloat16*, int64_t, int64_t, int64_t) {}

@@ -10,6 +10,13 @@
 
 namespace slimstack::cpu {
 
+// A dense bf16 weight [N, K], any K. Decode-sized M only: ATen's bf16 GEMV reads about
+// 20-30 GB/s on this Zen 4 (2 cores), these rows up to ~2x that; ATen's GEMM wins past
+// dense_bf16_rows_max_m() rows, which is 0 where bf16_dot_active() is false.
+int64_t dense_bf16_rows_max_m();
+void dense_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* weight, c10::BFloat16* out,
+                       int64_t M, int64_t N, int64_t K);
+
 void sparse24_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
                           const uint8_t* meta, c10::BFloat16* out, int64_t M, int64_t N,
                           int64_t K);

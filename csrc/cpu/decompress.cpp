@@ -15,14 +15,21 @@ namespace {
 #ifdef SLIMSTACK_X86
 SLIMSTACK_AVX512 void sparse24_row_avx512(const uint16_t* v, const uint8_t* meta, int64_t Kp,
                                           uint16_t* d) {
-  for (int64_t c = 0; c < Kp; c += 32)
-    _mm512_storeu_si512(d + c, sparse24_expand32(v + c / 2, meta + c / 8));
+  for (int64_t c = 0; c < Kp; c += 64) {
+    const __mmask64 kept = sparse24_kept64(meta + c / 8);
+    for (int h = 0; h < 2; ++h)
+      _mm512_storeu_si512(d + c + 32 * h,
+                          sparse24_expand32(v + c / 2 + 16 * h, mask_half(kept, h)));
+  }
 }
 
 SLIMSTACK_AVX512 void sparse24_row_avx512(const float* v, const uint8_t* meta, int64_t Kp,
                                           float* d) {
-  for (int64_t c = 0; c < Kp; c += 16)
-    _mm512_storeu_ps(d + c, sparse24_expand16(v + c / 2, meta + c / 8));
+  for (int64_t c = 0; c < Kp; c += 64) {
+    const __mmask64 kept = sparse24_kept64(meta + c / 8);
+    for (int q = 0; q < 4; ++q)
+      _mm512_storeu_ps(d + c + 16 * q, sparse24_expand16(v + c / 2 + 8 * q, mask_quarter(kept, q)));
+  }
 }
 
 // A row that fits its slot (row_fits); Checked: nothing past its values is read.

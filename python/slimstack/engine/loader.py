@@ -3,8 +3,9 @@
 The folder may come from slimstack (pruned, depth-sliced, up-scaled) or from anyone else;
 it is read layer by layer through the validated `Checkpoint` reader (no pickles), so the
 peak memory is the model plus one layer. Every linear of a decoder layer whose weight is
-2:4 or unstructured sparse is packed by `slimstack.ops`; dense ones stay `nn.Linear`.
-Embeddings, norms and lm_head stay dense.
+2:4 or unstructured sparse is packed by `slimstack.ops`; dense ones, and lm_head, are
+`DenseLinear` (an nn.Linear that takes the native CPU kernel at bf16 decode). Embeddings
+and norms stay as they are.
 
 An up-scaled model's slimstack.json records where each layer came from ("layer_map");
 layer positions that name the same source layer share one module in memory, but only
@@ -35,9 +36,10 @@ from slimstack.engine.config import EngineConfig
 from slimstack.engine.fused import select_kernels
 from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
 from slimstack.formats import is_sparse24, zero_fraction
+from slimstack.ops.dense_linear import DenseLinear
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense: ops is not even imported
+SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense: the sparse ops are not imported
 
 
 def load(
@@ -110,7 +112,7 @@ def build_layer(
     dtype: torch.dtype,
     fuse: bool = True,
 ) -> DecoderLayer:
-    """Decoder layer `index` with dense nn.Linear projections, weights on `device`.
+    """Decoder layer `index` with dense (DenseLinear) projections, weights on `device`.
 
     fuse: concatenate q/k/v into one `qkv_proj` and gate/up into one `gate_up_proj` when
     the parts are alike (all 2:4, all other-sparse or all dense), so that packing sees
@@ -163,7 +165,7 @@ def _sparsity_kind(weight: torch.Tensor) -> str:
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     out_features, in_features = weight.shape
-    module = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    module = DenseLinear(in_features, out_features, bias=bias is not None, device="meta")
     module.weight = nn.Parameter(weight, requires_grad=False)
     if bias is not None:
         module.bias = nn.Parameter(bias, requires_grad=False)
@@ -246,7 +248,7 @@ def _lm_head(
     dtype: torch.dtype,
 ) -> nn.Linear:
     if config.tie_word_embeddings:
-        head = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device="meta")
+        head = DenseLinear(config.hidden_size, config.vocab_size, bias=False, device="meta")
         head.weight = embed.weight  # one tensor in memory, as transformers ties them
         return head
     if "lm_head.weight" not in ckpt:

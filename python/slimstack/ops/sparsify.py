@@ -9,8 +9,12 @@ from torch import nn
 
 from slimstack.formats import is_sparse24, zero_fraction
 from slimstack.formats.common import SUPPORTED_DTYPES
+from slimstack.ops.dense_linear import DenseLinear
 from slimstack.ops.sparse_linear import PATTERNS, Pattern, SparseLinear
 
+# The linears swapped: their owners call forward() and nothing else (an nn.Linear subclass
+# in general may be read through .weight, e.g. nn.MultiheadAttention's out_proj).
+SWAPPABLE = (nn.Linear, DenseLinear)
 # Below this share of zeros a bitmap weight is no smaller than dense for 16-bit types
 # (bits + compacted values + row offsets: ~0.5625x at 50%), so it is left dense.
 BITMAP_MIN_ZEROS = 0.45
@@ -103,7 +107,7 @@ def sparsify_model(model: nn.Module, pattern: Pattern = "auto") -> SparsifyRepor
             if not isinstance(child, nn.Linear):
                 continue
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if type(child) is not nn.Linear:
+            if type(child) not in SWAPPABLE:
                 # e.g. nn.MultiheadAttention's out_proj: its owner reads .weight directly,
                 # which a SparseLinear does not have
                 report.skipped[name] = (
