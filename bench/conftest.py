@@ -129,7 +129,8 @@ class BenchSession:
         timing_s = clock.lap()
         baseline = self.baseline_ms(case, xs, ws)
         baseline_s = clock.lap()
-        moved = ws[0].packed.nbytes + xs[0].nbytes + y.nbytes
+        weight_bytes = ws[0].dense.nbytes if case.op == "dense_mm" else ws[0].packed.nbytes
+        moved = weight_bytes + xs[0].nbytes + y.nbytes
         row = make_row(case, ms, baseline, BASELINE, moved)
         row["timing"] = method
         row["wall_s"] = {
