@@ -337,11 +337,13 @@ def test_tiles_give_atens_dense_product_bit_for_bit(fmt, dtype, make_weight) -> 
 
 @pytest.mark.skipif("avx512" not in _C.cpu_isas(), reason="no AVX-512 (F/BW/VBMI2) here")
 @pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("k", [172, 2048])
+@pytest.mark.parametrize("k", [172, 2048, 4160])
 def test_bf16_dot_rows_kernels_for_every_pass_width(isa, fmt: str, k: int, make_weight) -> None:
     """The AVX512-BF16 rows kernels take x in passes of up to 8 rows, each width its own
     instantiation: M = 1..9 covers all eight and a second pass, K = 172 the padded copy of x,
-    K = 2048 x read in place."""
+    K = 2048 x read in place. Past 16 KB of x rows per pass (K = 4160 from M = 2, K = 2048
+    at M = 5..8) each pass takes four (M = 3, 4) or two (M = 5..8) weight rows at once: N = 43
+    leaves a tail of three or one row for the one-row kernel."""
     n = 43
     dense, packed = make_weight(fmt, n, k, torch.bfloat16, seed=16)
     _C.select_cpu_isa("avx512")

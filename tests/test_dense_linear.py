@@ -19,9 +19,10 @@ TOLERANCES = {  # (atol, rtol) against float64: fp32 sums, one rounding to the o
     torch.float16: (1e-2, 1e-3),
     torch.bfloat16: (6e-2, 8e-3),
 }
-# K = 172 and 200 end on a partial 64-column step (masked loads), 64 on a full one; N = 43
-# and 1 are not a multiple of the four rows a pass takes at M = 3, 4
-SHAPES = [(43, 172), (1, 64), (64, 64), (16, 200), (300, 128), (5, 1000)]
+# K = 172 and 200 end on a partial 64-column step (masked loads), 64 on a full one; K = 4160
+# passes 16 KB of x rows from M = 2 on, where a pass takes four weight rows (M = 3, 4) or two
+# (M = 5..8): N = 43 leaves a tail for the one-row kernel
+SHAPES = [(43, 172), (1, 64), (64, 64), (16, 200), (300, 128), (5, 1000), (43, 4160)]
 MS = [1, 2, 3, 4, 5, 8, 9, 17]
 
 

@@ -25,13 +25,17 @@ namespace {
 
 constexpr int kMaxRows = 8;  // x rows per pass over a group of weight rows
 
-// Weight rows per pass over x, by x rows: each 64-column step loads x once for the group, so
-// x traffic per weight byte falls with the group (4 x rows of K = 4096 are 32 KB, all of L1:
-// one row per pass left 2:4 at M = 4 at 17 GB/s, four rows reach 30-36). Measured on Zen 4:
-// at M <= 2 one row is fastest (M = 1, 2:4: 45-58 GB/s; two rows: 31-34, four: 32), and
-// two rows per pass are slower than one or four at every M <= 4. Registers: NR * MB
-// accumulators plus 2 NR weight and 2 x vectors, at most 26 of the 32.
+// Weight rows per pass over x, by x rows, once the pass's x rows pass kOneRowXBytes (one
+// row per pass below): each 64-column step loads x once for the group, so x traffic per
+// weight byte falls with the group. Measured on Zen 4 (32 KB L1), min of 40 calls, bf16:
+// 2:4 at M = 4, K = 4096 went from 17 to 30-36 GB/s with four rows (the x rows are 32 KB);
+// at K = 2048 (16 KB of x) one row stays faster for all three formats (2:4 11264 x 2048:
+// 561 vs 658 us; bitmap 862 vs 1405; dense 900 vs 1106); at M = 8 two rows win at every K
+// (2:4 2048 x 5632: 389 vs 696 us). At M <= 2 one row is fastest (M = 1, 2:4: 45-58 GB/s;
+// four rows: 32). Registers: NR * MB accumulators plus 2 NR weight and 2 x vectors, at most
+// 26 of the 32.
 constexpr int group_rows(int MB) { return MB <= 2 ? 1 : MB <= 4 ? 4 : 2; }
+constexpr int64_t kOneRowXBytes = 16 * 1024;
 constexpr int64_t kTaskRows = 4;  // weight rows per thread task: a multiple of each group_rows
 constexpr int64_t kDenseRowsMaxM = 4;  // dense_bf16_rows_max_m: ATen is as fast at M = 8 (Zen 4)
 
@@ -144,7 +148,7 @@ SLIMSTACK_AVX512BF16 void dot_rows(Row* rows, const uint16_t* x, int64_t ldx, in
     }
 }
 
-// All M x rows against weight rows n0..n0+count (count <= group_rows(1)): make_row(n)
+// All M x rows against weight rows n0..n0+count (count <= kTaskRows): make_row(n)
 // gives row n's stream. The x rows go in passes of up to kMaxRows, each pass over the
 // group's rows from their start.
 template <typename MakeRow>
@@ -152,18 +156,24 @@ void dot_group(const uint16_t* x, int64_t M, int64_t ldx, int64_t K, int64_t n0,
                const MakeRow& make_row, c10::BFloat16* out, int64_t N) {
   in_steps_of<kMaxRows>(M, [&](auto x_rows, int64_t m) {
     constexpr int MB = decltype(x_rows)::value;
-    constexpr int NR = group_rows(MB);
     using Row = decltype(make_row(n0));
-    int64_t n = n0;
-    for (; n + NR <= n0 + count; n += NR) {
-      Row rows[NR];
-      for (int i = 0; i < NR; ++i) rows[i] = make_row(n + i);
-      dot_rows<NR, MB>(rows, x + m * ldx, ldx, K, out + m * N + n, N);
-    }
-    for (; n < n0 + count; ++n) {  // the group's tail, one row a pass
-      Row row = make_row(n);
-      dot_rows<1, MB>(&row, x + m * ldx, ldx, K, out + m * N + n, N);
-    }
+    const auto pass = [&](auto group) {
+      constexpr int NR = decltype(group)::value;
+      int64_t n = n0;
+      for (; n + NR <= n0 + count; n += NR) {
+        Row rows[NR];
+        for (int i = 0; i < NR; ++i) rows[i] = make_row(n + i);
+        dot_rows<NR, MB>(rows, x + m * ldx, ldx, K, out + m * N + n, N);
+      }
+      for (; n < n0 + count; ++n) {  // the group's tail, one row a pass
+        Row row = make_row(n);
+        dot_rows<1, MB>(&row, x + m * ldx, ldx, K, out + m * N + n, N);
+      }
+    };
+    if (MB * K * 2 > kOneRowXBytes)
+      pass(std::integral_constant<int, group_rows(MB)>{});
+    else
+      pass(std::integral_constant<int, 1>{});
   });
 }
 
@@ -178,7 +188,7 @@ const uint16_t* padded_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t K
 
 // group(n0, count) multiplies weight rows n0..n0+count with all M rows of x; it returns
 // false if one of them is malformed, after group_bad recorded it. Groups of
-// group_rows(1) rows go to threads. Returns -1 or the smallest malformed row.
+// kTaskRows rows go to threads. Returns -1 or the smallest malformed row.
 template <typename Group>
 int64_t over_groups(int64_t M, int64_t N, int64_t K, const Group& group) {
   constexpr int64_t kGroup = kTaskRows;
