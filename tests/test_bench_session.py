@@ -147,7 +147,17 @@ def test_rotation_on_cuda_reads_the_device_l2(monkeypatch):
     packed = 4096 * 4096 + 4096 * 4096 // 8  # 4096x4096 bf16 2:4: values + meta
     sets = common.rotation_count(packed, "cuda")
     assert sets * packed > 2 * props.L2_cache_size
-    assert common.rotation_count(packed, "cpu") == 2
+    l3 = common.cpu_last_level_cache_bytes()
+    assert common.rotation_count(packed, "cpu") * packed > 2 * l3
+
+
+def test_cpu_cache_size_from_sysfs(tmp_path):
+    for text, expected in (("32768K\n", 32 * 2**20), ("1M", 2**20), ("4096", 4096)):
+        (tmp_path / "size").write_text(text)
+        assert common.cpu_last_level_cache_bytes(str(tmp_path / "size")) == expected
+    assert common.cpu_last_level_cache_bytes(str(tmp_path / "missing")) == 32 * 2**20
+    (tmp_path / "size").write_text("lots")
+    assert common.cpu_last_level_cache_bytes(str(tmp_path / "size")) == 32 * 2**20
 
 
 def test_commit_can_be_named_where_the_tree_has_no_git(monkeypatch):
