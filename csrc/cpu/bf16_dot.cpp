@@ -89,8 +89,8 @@ struct Sparse24Row {
   template <bool Tail>
   SLIMSTACK_AVX512BF16 void step(int64_t c, StepMasks, __m512i& a, __m512i& b) {
     // 2 KB of values and 256 B of meta ahead: +10-30% at every M <= 8 on Zen 4, whose
-    // prefetchers lose track of several interleaved row streams (2 KB: ~10% over 1 KB at
-    // M = 1; 4 KB no better)
+    // prefetchers lose track of several interleaved row streams (2 KB against 1 KB: ~10% at
+    // M = 1 in one comparison, within this machine's noise; 4 KB no better)
     _mm_prefetch(reinterpret_cast<const char*>(v + c / 2 + 1024), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(meta + c / 8 + 256), _MM_HINT_T0);
     const __mmask64 kept = sparse24_kept64(meta + c / 8);
