@@ -217,6 +217,36 @@ def run_slimstack(
         timings = model.generate(prompts, max_new_tokens=new_tokens, mode=mode).timings
         if best is None or timings.decode_ms < best.decode_ms:
             best = timings
+    return _summary(best)
+
+
+def run_slimstack_paired(
+    model,
+    reference,
+    batch: int,
+    prompt_len: int,
+    new_tokens: int,
+    mode: str = "auto",
+    repeats: int = 2,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """run_slimstack for `model` and for `reference` (the dense model) on the same prompts,
+    their timed calls interleaved. A shared CPU's speed drifts over minutes: the same dense
+    model decoded at 39 and at 53 ms per token in two runs of 2026-12-07, so a ratio of two
+    variants measured minutes apart carried that drift; interleaved, both see it."""
+    prompts = random_prompts(batch, prompt_len, model.config.vocab_size)
+    pair = (model, reference)
+    for m in pair:
+        m.generate(prompts, max_new_tokens=new_tokens, mode=mode)
+    best: list[Any] = [None, None]
+    for _ in range(repeats):
+        for i, m in enumerate(pair):
+            timings = m.generate(prompts, max_new_tokens=new_tokens, mode=mode).timings
+            if best[i] is None or timings.decode_ms < best[i].decode_ms:
+                best[i] = timings
+    return _summary(best[0]), _summary(best[1])
+
+
+def _summary(best) -> dict[str, Any]:
     steps = best.decode_steps
     return {
         "tokens_per_s": best.throughput_tokens_per_s,
@@ -339,7 +369,9 @@ def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     this row's time, both from this file's runs).
 
     Sparse / sliced slimstack rows: baseline slimstack's dense full-depth model (of the same
-    provider: slimstack, or slimstack_no_pdl for a run with SLIMSTACK_PDL=0). Dense
+    provider: slimstack, or slimstack_no_pdl for a run with SLIMSTACK_PDL=0); a row that
+    carries `paired_dense` (the dense model timed interleaved with it, on a CPU) is
+    compared with that instead (baseline "slimstack_dense_paired"). Dense
     full-depth slimstack rows: baseline transformers. Every slimstack row also gets
     speedup_vs_transformers; prefill_speedup compares prefill against the same baseline.
     """
@@ -371,6 +403,12 @@ def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         )
         row["speedup"] = _ratio(base, row, "decode_ms_per_step")
         row["prefill_speedup"] = _ratio(base, row, "prefill_ms")
+        if row.get("paired_dense") and not is_dense_full:
+            # the dense model measured interleaved with this one (run_slimstack_paired)
+            paired = row["paired_dense"]
+            row["baseline"] = "slimstack_dense_paired"
+            row["speedup"] = _ratio(paired, row, "decode_ms_per_step")
+            row["prefill_speedup"] = _ratio(paired, row, "prefill_ms")
         row["speedup_vs_transformers"] = _ratio(hf, row, "decode_ms_per_step")
     return rows
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -215,3 +216,75 @@ def test_transformers_prefill_is_timed_as_generate_runs_it(checkpoints) -> None:
     model.forward, model.generate = spy_forward, spy_generate
     e2e.run_transformers(model, 2, 8, 6, torch.device("cpu"))
     assert len(timed) == 1 and timed[0].get("logits_to_keep") == 1, timed
+
+
+class _TimedModel:
+    """generate() stand-in with scripted decode times; logs which model ran, in order."""
+
+    def __init__(self, name: str, decode_ms: list[float], log: list[str]) -> None:
+        self.name, self.decode_ms, self.log = name, list(decode_ms), log
+        self.config = SimpleNamespace(vocab_size=100)
+
+    def generate(self, prompts, max_new_tokens: int, mode: str):
+        self.log.append(self.name)
+        ms = self.decode_ms.pop(0)
+        timings = SimpleNamespace(
+            decode_ms=ms, decode_steps=max_new_tokens - 1, prefill_ms=ms / 2,
+            throughput_tokens_per_s=1e3 / ms, decode_tokens_per_s=1e3 / ms,
+        )  # fmt: skip
+        return SimpleNamespace(timings=timings)
+
+
+def test_paired_runs_interleave_and_keep_each_models_best() -> None:
+    log: list[str] = []
+    variant = _TimedModel("variant", [99.0, 30.0, 20.0, 25.0], log)  # warm-up, then 3 timed
+    dense = _TimedModel("dense", [99.0, 50.0, 60.0, 40.0], log)
+    measured, reference = e2e.run_slimstack_paired(variant, dense, 1, 8, 6, repeats=3)
+    assert log == ["variant", "dense"] + ["variant", "dense"] * 3
+    assert measured["decode_ms_per_step"] == pytest.approx(20.0 / 5)
+    assert reference["decode_ms_per_step"] == pytest.approx(40.0 / 5)
+
+
+def test_paired_rows_are_compared_with_their_own_dense_timing() -> None:
+    spec = e2e.TINY
+    dense_v, sparse_v = e2e.variants(spec)[0], e2e.variants(spec)[1]
+
+    def measured(ms: float) -> dict:
+        return {"tokens_per_s": 1e3 / ms, "sequence_tokens_per_s": 1e3 / ms,
+                "decode_ms_per_step": ms, "prefill_ms": 2 * ms, "decode_steps": 5}  # fmt: skip
+
+    dense = e2e.make_row(spec, dense_v, "slimstack", 1, 8, 6, measured(10.0), 10**6, 1.0, None)
+    paired = e2e.make_row(spec, sparse_v, "slimstack", 1, 8, 6, measured(4.0), 10**6, 1.0, None)
+    paired["paired_dense"] = measured(6.0)  # the machine was faster while this pair ran
+    apart = e2e.make_row(spec, sparse_v, "slimstack", 4, 8, 6, measured(4.0), 10**6, 1.0, None)
+    dense4 = e2e.make_row(spec, dense_v, "slimstack", 4, 8, 6, measured(8.0), 10**6, 1.0, None)
+    rows = {(r["variant"], r["batch"]): r for r in e2e.add_speedups([dense, paired, apart, dense4])}
+    row = rows[sparse_v.name, 1]
+    assert row["baseline"] == "slimstack_dense_paired"
+    assert row["speedup"] == pytest.approx(1.5) and row["prefill_speedup"] == pytest.approx(1.5)
+    unpaired = rows[sparse_v.name, 4]
+    assert unpaired["baseline"] == "slimstack_dense" and unpaired["speedup"] == pytest.approx(2.0)
+
+
+def test_suite_pairs_a_variant_with_the_dense_reference(checkpoints, monkeypatch) -> None:
+    suite = _load_e2e_suite()
+    for name, value in {"SPEC": e2e.TINY, "CONFIGS": [(1, 8)], "NEW_TOKENS": 5,
+                        "MODE": "auto", "DTYPE": torch.float32, "REPEATS": 1}.items():  # fmt: skip
+        monkeypatch.setattr(suite, name, value)
+    reference = load(checkpoints["dense-4L"], device="cpu", dtype=torch.float32)
+    calls: list[str] = []
+    original = reference.generate
+
+    def counted(*args, **kwargs):
+        calls.append("dense")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(reference, "generate", counted)
+    rows: list[dict] = []
+    variant = e2e.variants(e2e.TINY)[1]
+    suite._measure_slimstack(
+        checkpoints[variant.name], variant, torch.device("cpu"), 100.0, rows, reference
+    )
+    assert len(calls) == 2  # warm-up and one timed call, alongside the variant's
+    (row,) = rows
+    assert row["paired_dense"]["decode_steps"] == 4 and row["paired_dense"]["tokens_per_s"] > 0
