@@ -3,8 +3,10 @@
     python bench/plot_e2e.py bench/results/2026-11-24-nvidia-h100-80gb-hbm3-e2e.json
 
 Writes <json stem>.png beside the file: decode tokens/s per variant for every
-(batch, prompt) setting, transformers' generate included, and the share of the measured
-HBM bandwidth the weight reads reach. Reads only the JSON.
+(batch, prompt) setting, transformers' generate included, the share of the measured
+HBM bandwidth the weight reads reach, and each sparse or sliced variant's decode speedup
+over slimstack's dense model (on a CPU the dense model timed alongside it). Reads only the
+JSON.
 """
 
 from __future__ import annotations
@@ -74,13 +76,13 @@ def plot(path: Path) -> Path:
             pv[1],
         ),
     )
-    fig, axes = plt.subplots(2, 1, figsize=(max(8, 2.2 * len(settings)), 8))
+    fig, axes = plt.subplots(3, 1, figsize=(max(8, 2.2 * len(settings)), 11))
     width = 0.8 / max(len(labels), 1)
     # one colour per variant in both panels (the lower one has no transformers bars)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, (provider, variant) in enumerate(labels):
         color = palette[i % len(palette)]
-        values, shares = [], []
+        values, shares, speedups = [], [], []
         for batch, prompt in settings:
             row = next(
                 (
@@ -93,20 +95,30 @@ def plot(path: Path) -> Path:
             )
             values.append(row["tokens_per_s"] if row else 0)
             shares.append((row.get("hbm_share") or 0) if row else 0)
+            against_dense = row and str(row.get("baseline")).startswith("slimstack_dense")
+            speedups.append((row.get("speedup") or 0) if against_dense else 0)
         xs = [s + i * width for s in range(len(settings))]
         name = "transformers generate (dense)" if provider == "transformers" else variant
         axes[0].bar(xs, values, width, label=name, color=color)
         if provider == "slimstack":
             axes[1].bar(xs, shares, width, label=name, color=color)
+            if any(speedups):
+                axes[2].bar(xs, speedups, width, label=name, color=color)
     ticks = [s + 0.4 - width / 2 for s in range(len(settings))]
     for ax in axes:
         ax.set_xticks(ticks, [f"batch {b}\nprompt {p}" for b, p in settings])
-        ax.legend(fontsize=8)
+        # the speedup bars start from 0 and the dashed 1.0 line: keep their tops clear
+        ax.legend(fontsize=8, loc="lower right" if ax is axes[2] else "best")
     axes[0].set_ylabel("decode tokens/s (whole batch)")
     memory = "memory" if data.get("gpu") == "cpu" else "HBM"
     axes[1].set_ylabel(f"weight bytes/step / time / peak {memory}")
     if memory == "HBM":  # the GPU target: dense decode at >= 75% of HBM
         axes[1].axhline(0.75, color="gray", linestyle="--", linewidth=1)
+    paired = any(r.get("baseline") == "slimstack_dense_paired" for r in rows)
+    axes[2].set_ylabel(
+        "decode speedup vs slimstack dense" + ("\n(timed alongside)" if paired else "")
+    )
+    axes[2].axhline(1.0, color="gray", linestyle="--", linewidth=1)
     model = rows[0]["model"] if rows else "?"
     fig.suptitle(
         f"{model}: {data['gpu']}, peak {memory} {data.get('peak', {}).get('hbm_gbps', '?')} "
