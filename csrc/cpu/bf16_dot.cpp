@@ -132,8 +132,13 @@ SLIMSTACK_AVX512BF16 inline void dot_step(Row* rows, const uint16_t* x, int64_t 
 // MB x rows (x stride ldx, columns 0..K; the packed formats pass K = Kp). Below four
 // (row, x row) pairs each pair keeps two accumulators, so the dot's latency stays hidden.
 template <int NR, int MB, typename Row>
-SLIMSTACK_AVX512BF16 void dot_rows(Row* rows, const uint16_t* x, int64_t ldx, int64_t K,
-                                   c10::BFloat16* out, int64_t ldo) {
+SLIMSTACK_AVX512BF16 void dot_rows(const Row* row_streams, const uint16_t* x, int64_t ldx,
+                                   int64_t K, c10::BFloat16* out, int64_t ldo) {
+  // local copies: a bitmap row's value pointer advances every step, and through the
+  // caller's array it was stored and reloaded each time (a store-forwarding round trip in
+  // the loop-carried chain); locals stay in registers
+  Row rows[NR];
+  for (int i = 0; i < NR; ++i) rows[i] = row_streams[i];
   constexpr int A = NR * MB <= 8 ? 2 : 1;
   __m512 acc[NR][MB][A];
   for (int i = 0; i < NR; ++i)
