@@ -129,7 +129,7 @@ SLIMSTACK_AVX512BF16 inline void dot_step(Row* rows, const uint16_t* x, int64_t 
 }
 
 // out[m, i] (stride ldo per x row) = weight row i of `rows` . x row m, for NR weight rows and
-// MB x rows (x stride ldx, columns 0..K; the packed formats pass K = Kp). Below four
+// MB x rows (x stride ldx, columns 0..K; the packed formats pass K = Kp). Up to eight
 // (row, x row) pairs each pair keeps two accumulators, so the dot's latency stays hidden.
 template <int NR, int MB, typename Row>
 SLIMSTACK_AVX512BF16 void dot_rows(const Row* row_streams, const uint16_t* x, int64_t ldx,
@@ -192,20 +192,19 @@ const uint16_t* padded_x(const c10::BFloat16* x, int64_t M, int64_t K, int64_t K
   return buf.data();
 }
 
-// group(n0, count) multiplies weight rows n0..n0+count with all M rows of x; it returns
-// false if one of them is malformed, after group_bad recorded it. Groups of
-// kTaskRows rows go to threads. Returns -1 or the smallest malformed row.
+// group(n0, count) multiplies weight rows n0..n0+count with all M rows of x and returns -1,
+// or the smallest malformed row among them. Groups of kTaskRows rows go to threads. Returns
+// -1 or the smallest malformed row.
 template <typename Group>
 int64_t over_groups(int64_t M, int64_t N, int64_t K, const Group& group) {
-  constexpr int64_t kGroup = kTaskRows;
   std::atomic<int64_t> first_bad{N};
-  const int64_t groups = (N + kGroup - 1) / kGroup;
-  const int64_t work = kGroup * K * std::max<int64_t>(M, 1);
+  const int64_t groups = (N + kTaskRows - 1) / kTaskRows;
+  const int64_t work = kTaskRows * K * std::max<int64_t>(M, 1);
   const int64_t grain = std::max<int64_t>(1, kMinTaskWork / work);
   at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t n0 = g * kGroup;
-      const int64_t bad = group(n0, std::min(kGroup, N - n0));
+      const int64_t n0 = g * kTaskRows;
+      const int64_t bad = group(n0, std::min(kTaskRows, N - n0));
       if (bad < 0) continue;
       keep_smallest(first_bad, bad);
       return;
@@ -255,10 +254,14 @@ int64_t bitmap_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
   const uint16_t* x16 = padded_x(x, M, K, Kp, buf);
   const uint16_t* v16 = reinterpret_cast<const uint16_t*>(values);
   return over_groups(M, N, Kp, [&](int64_t n0, int64_t count) {
+    // full loads read up to 31 values past a row's end: checked loads for the whole group
+    // when one of its rows ends that near the end of `values`
+    int64_t last_end = 0;
     for (int64_t n = n0; n < n0 + count; ++n) {
       if (!row_fits(bitmask + n * (Kp / 8), Kp, row_offsets[n], row_offsets[n + 1],
                     values_numel))
         return n;
+      last_end = std::max(last_end, row_offsets[n + 1]);
     }
     const auto run = [&](auto checked) {
       const auto row = [&](int64_t n) {
@@ -266,10 +269,6 @@ int64_t bitmap_mm_bf16_dot(const c10::BFloat16* x, const c10::BFloat16* values,
       };
       dot_group(x16, M, Kp, Kp, n0, count, row, out, N);
     };
-    // full loads read up to 31 values past a row's end: checked loads for the whole group
-    // when one of its rows ends that near the end of `values`
-    int64_t last_end = 0;
-    for (int64_t n = n0; n < n0 + count; ++n) last_end = std::max(last_end, row_offsets[n + 1]);
     if (near_values_end(last_end, values_numel))
       run(std::true_type{});
     else

@@ -28,7 +28,8 @@ SLIMSTACK_AVX512 void sparse24_row_avx512(const float* v, const uint8_t* meta, i
   for (int64_t c = 0; c < Kp; c += 64) {
     const __mmask64 kept = sparse24_kept64(meta + c / 8);
     for (int q = 0; q < 4; ++q)
-      _mm512_storeu_ps(d + c + 16 * q, sparse24_expand16(v + c / 2 + 8 * q, mask_quarter(kept, q)));
+      _mm512_storeu_ps(d + c + 16 * q,
+                       sparse24_expand16(v + c / 2 + 8 * q, mask_quarter(kept, q)));
   }
 }
 

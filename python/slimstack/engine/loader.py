@@ -37,9 +37,10 @@ from slimstack.engine.fused import select_kernels
 from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
 from slimstack.formats import is_sparse24, zero_fraction
 from slimstack.ops.dense_linear import DenseLinear
+from slimstack.ops.sparsify import BITMAP_MIN_ZEROS, sparsify_model
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense: the sparse ops are not imported
+SPARSE_MIN_ZEROS = 0.25  # below this a weight is dense: its layer is not handed to packing
 
 
 def load(
@@ -158,8 +159,6 @@ def _sparsity_kind(weight: torch.Tensor) -> str:
         return "dense"
     if is_sparse24(weight):
         return "sparse24"
-    from slimstack.ops.sparsify import BITMAP_MIN_ZEROS
-
     return "bitmap" if zeros >= BITMAP_MIN_ZEROS else "dense"
 
 
@@ -177,9 +176,7 @@ def pack_layer(layer: DecoderLayer) -> bool:
     format each weight takes and leaves dense ones alone); whether any was packed."""
     weights = [m.weight for m in layer.modules() if isinstance(m, nn.Linear)]
     if not any(zero_fraction(w) >= SPARSE_MIN_ZEROS for w in weights):
-        return False  # a dense layer: nothing to pack, no need for the sparse ops at all
-    from slimstack.ops.sparsify import sparsify_model
-
+        return False  # a dense layer: nothing to pack
     return bool(sparsify_model(layer, pattern="auto").swapped)
 
 

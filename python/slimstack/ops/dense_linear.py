@@ -3,8 +3,8 @@ engine builds for its dense projections and lm_head.
 
 On a CPU with AVX512-BF16, bf16 decode (up to ``cpu_dense_rows_max_m()`` rows) runs the
 native ``slimstack::dense_mm`` kernel: ATen's bf16 GEMV reads 20-30 GB/s on the 2-core Zen 4
-this was measured on, the kernel 50-77 GB/s (bench/results/2026-12-07-cpu-kernels.json has
-the sparse side). Everything else is ``F.linear``, so results elsewhere are nn.Linear's own.
+this was measured on, the kernel 49-78 GB/s (its ``dense_mm`` rows in
+bench/results/2026-12-07-cpu-kernels-2.json). Everything else is ``F.linear``, so results elsewhere are nn.Linear's own.
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from slimstack.ops.library import eager_direct, native_extension
+from slimstack.ops.library import _require_native, eager_direct, native_extension
 
 
 def _dense_mm_cpu(x: Tensor, weight: Tensor) -> Tensor:
     """y = x @ W^T for a dense W, native kernel (ATen's matmul past its rows limit)."""
-    ext = native_extension()
-    if ext is None:
-        raise RuntimeError("dense_mm: the native extension slimstack._C is not built")
-    return ext.dense_mm_cpu(x, weight)
+    return _require_native("dense_mm").dense_mm_cpu(x, weight)
 
 
 dense_mm = torch.library.custom_op("slimstack::dense_mm", mutates_args=(), device_types="cpu")(
