@@ -5,7 +5,8 @@ it is read layer by layer through the validated `Checkpoint` reader (no pickles)
 peak memory is the model plus one layer. Every linear of a decoder layer whose weight is
 2:4 or unstructured sparse is packed by `slimstack.ops`; dense ones, and lm_head, are
 `DenseLinear` (an nn.Linear that takes the native CPU kernel at bf16 decode). Embeddings
-and norms stay as they are.
+and norms stay as they are. On CPU the large weights move into memory advised for huge
+pages (`engine.huge_pages`; SLIMSTACK_HUGE_PAGES=0 keeps torch's allocations).
 
 An up-scaled model's slimstack.json records where each layer came from ("layer_map");
 layer positions that name the same source layer share one module in memory, but only
@@ -32,6 +33,7 @@ from slimstack.checkpoint import (
     read_metadata,
 )
 from slimstack.devices import resolve_device
+from slimstack.engine import huge_pages
 from slimstack.engine.config import EngineConfig
 from slimstack.engine.fused import select_kernels
 from slimstack.engine.model import MLP, Attention, DecoderLayer, DecoderModel, RMSNorm
@@ -92,6 +94,8 @@ def load(
         norm = RMSNorm(_tensor(ckpt, "model.norm.weight", device, dtype), config.rms_norm_eps)
         lm_head = _lm_head(ckpt, config, embed, device, dtype)
     model = DecoderModel(config, embed, layers, norm, lm_head).to(device)
+    if device.type == "cpu" and huge_pages.available():
+        model.huge_page_nbytes = huge_pages.move_weights(model)
     model.kernels = select_kernels(device, kernels)
     model.source = str(Path(path))
     model.sources = sources

@@ -332,6 +332,7 @@ class DecoderModel(nn.Module):
         self.eos_token_ids: tuple[int, ...] = config.eos_token_ids  # generation stops on these
         self.source: str | None = None  # the folder it was loaded from
         self.sources: list[str] = []  # what each layer position was loaded as (for info())
+        self.huge_page_nbytes = 0  # weight bytes the loader moved into huge pages (CPU)
         self._decoders: dict[str, Any] = {}  # decode runners (CUDA graphs) for the cache
         self.cache_epoch = 0  # bumped whenever a caller (re)claims the cache
         self.register_load_state_dict_post_hook(_drop_decoders)

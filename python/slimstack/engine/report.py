@@ -34,6 +34,7 @@ class ModelInfo:
     device: str
     linears: list[LinearInfo]
     other_nbytes: int  # embeddings, norms, lm_head (when not tied)
+    huge_page_nbytes: int = 0  # weight bytes in huge-page mappings (CPU; engine.huge_pages)
 
     @property
     def linear_nbytes(self) -> int:
@@ -83,7 +84,8 @@ class ModelInfo:
             + (f" (shared: {self.shared})" if self.shared else ""),
             f"linears    {formats}",
             f"bytes      linears {_mb(self.linear_nbytes)} vs dense {_mb(self.dense_linear_nbytes)}"
-            f" ({ratio:.3f}x); total {_mb(self.total_nbytes)}",
+            f" ({ratio:.3f}x); total {_mb(self.total_nbytes)}"
+            + (f"; {_mb(self.huge_page_nbytes)} in huge pages" if self.huge_page_nbytes else ""),
             "",
             f"{'linear':<40} {'shape':>14} {'format':>9} {'sparsity':>8} {'MB':>9} {'dense MB':>9}",
         ]
@@ -156,6 +158,7 @@ def model_info(model: DecoderModel) -> ModelInfo:
         device=str(model.device),
         linears=linears,
         other_nbytes=sum(other.values()),
+        huge_page_nbytes=model.huge_page_nbytes,
     )
 
 
