@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cpu/bf16_dot.h"
+#include "cpu/decoder_glue.h"
 #include "cpu/dense_tiles.h"
 #include "cpu/sparse_mm.h"
 #include "torch_checks.h"
@@ -158,6 +159,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "every dtype takes the dense-tile strategy from this M on (0: always); negative "
         "restores the measured crossovers (tests, benchmarks)",
         py::arg("min_m"));
+  slimstack::register_decoder_ops(m);
 #ifdef SLIMSTACK_WITH_CUDA
   m.attr("with_cuda") = true;
   slimstack::register_cuda(m);

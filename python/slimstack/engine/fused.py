@@ -2,18 +2,19 @@
 
 CUDA gets the fused Triton kernels from `slimstack.kernels` (one pass over memory each,
 each residual add inside the RMSNorm after it, RoPE rotating q and k in place, decode
-attention with the KV cache split across the SMs); CPU, and
-torch.compile (whose inductor fuses the torch ops itself), get the torch references in
-`engine.model`.
+attention with the KV cache split across the SMs); CPU gets the native ones of
+`engine.cpu_kernels` (one call each, where the references are a dozen small ops); torch.compile
+(whose inductor fuses the torch ops itself) gets the torch references in `engine.model`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from slimstack.engine.cpu_kernels import native_kernels
 from slimstack.engine.model import REFERENCE_KERNELS, Kernels, decode_attention_reference
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "native")
 
 
 def triton_kernels() -> Kernels:
@@ -43,12 +44,20 @@ def triton_kernels() -> Kernels:
 
 
 def select_kernels(device: torch.device | str, backend: str = "auto") -> Kernels:
-    """`backend` "auto": Triton on CUDA when it imports, else torch."""
+    """`backend` "auto": Triton on CUDA when it imports, else torch; native on CPU when the
+    extension is built, else torch."""
     if backend not in BACKENDS:
         raise ValueError(f"kernels must be one of {', '.join(BACKENDS)}, got {backend!r}")
     on_cuda = torch.device(device).type == "cuda"
-    if backend == "torch" or (backend == "auto" and not on_cuda):
+    if backend == "torch":
         return REFERENCE_KERNELS
+    if backend == "native" or (backend == "auto" and not on_cuda):
+        if on_cuda:
+            raise ValueError("the native decoder kernels are CPU kernels; use kernels='triton'")
+        kernels = native_kernels()
+        if backend == "native" and kernels is REFERENCE_KERNELS:
+            raise RuntimeError("kernels='native' needs the extension slimstack._C, not built")
+        return kernels
     if backend == "triton" and not on_cuda:
         raise ValueError("the Triton kernels need a CUDA device; use kernels='torch' on CPU")
     try:

@@ -58,7 +58,8 @@ def load(
     device: "cuda" or "cpu" (default: cuda when available). dtype: the compute dtype, a
     torch.dtype or its name (default: bfloat16 on CUDA, float32 on CPU). pack: pack sparse
     linears (False keeps every linear dense, e.g. for a dense baseline of the same weights).
-    kernels: "auto", "torch" or "triton" for RMSNorm / RoPE / SwiGLU. fuse: one q/k/v and
+    kernels: "auto", "torch", "triton" (CUDA) or "native" (CPU) for RMSNorm / RoPE /
+    SwiGLU / decode attention. fuse: one q/k/v and
     one gate/up projection per layer where the parts are alike (see `build_layer`).
     """
     device = resolve_device(device)
