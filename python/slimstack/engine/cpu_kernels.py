@@ -68,11 +68,15 @@ def _last_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _cos_sin(cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """cos and sin with one set of strides (the kernel indexes both alike)."""
+    cos, sin = _last_contiguous(cos), _last_contiguous(sin)
+    return (cos, sin) if cos.stride() == sin.stride() else (cos.contiguous(), sin.contiguous())
+
+
 def _rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
     ext = _require_native("rotary")
-    cos, sin = _last_contiguous(cos), _last_contiguous(sin)
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = _cos_sin(cos, sin)
     q_out, k_out = torch.empty(q.shape, dtype=q.dtype), torch.empty(k.shape, dtype=k.dtype)
     ext.rope_cpu(_last_contiguous(q), cos, sin, q_out)
     ext.rope_cpu(_last_contiguous(k), cos, sin, k_out)
@@ -89,9 +93,7 @@ def _rotary_to_cache(
     v_cache: Tensor,
     slot: Tensor,
 ) -> Tensor:
-    cos, sin = _last_contiguous(cos), _last_contiguous(sin)
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = _cos_sin(cos, sin)
     q_out = torch.empty(q.shape, dtype=q.dtype)
     _require_native("rotary_to_cache").rope_to_cache_cpu(
         _last_contiguous(q), _last_contiguous(k), _last_contiguous(v), cos, sin,
@@ -122,40 +124,17 @@ rotary_to_cache_op = _op("rotary_to_cache", _rotary_to_cache, ("k_cache", "v_cac
 decode_attention_op = _op("decode_attention", _decode_attention)
 
 
-@rms_norm_op.register_fake
-def _(x, weight, eps):
+def _fresh(x: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@add_rms_norm_op.register_fake
-def _(x, delta, weight, eps):
-    return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-        torch.empty_like(x, memory_format=torch.contiguous_format),
-    )
-
-
-@swiglu_op.register_fake
-def _(gate, up):
-    return torch.empty_like(gate, memory_format=torch.contiguous_format)
-
-
-@rotary_op.register_fake
-def _(q, k, cos, sin):
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-    )
-
-
-@rotary_to_cache_op.register_fake
-def _(q, k, v, cos, sin, k_cache, v_cache, slot):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-
-@decode_attention_op.register_fake
-def _(q, k, v, mask):
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+# the fakes: every output is a fresh contiguous tensor shaped like an input
+rms_norm_op.register_fake(lambda x, weight, eps: _fresh(x))
+add_rms_norm_op.register_fake(lambda x, delta, weight, eps: (_fresh(x), _fresh(x)))
+swiglu_op.register_fake(lambda gate, up: _fresh(gate))
+rotary_op.register_fake(lambda q, k, cos, sin: (_fresh(q), _fresh(k)))
+rotary_to_cache_op.register_fake(lambda q, k, v, cos, sin, k_cache, v_cache, slot: _fresh(q))
+decode_attention_op.register_fake(lambda q, k, v, mask: _fresh(q))
 
 
 # ----------------------------------------------------------------------------- kernels
