@@ -48,7 +48,13 @@ def test_cpu_profile_of_a_packed_model_counts_its_linears(tmp_path):
     # fused q/k/v and gate/up: 4 packed linears per layer, then the dense lm_head
     assert calls["slimstack::sparse24_mm"] == 4 * layers
     assert calls["aten::linear"] == 1
-    assert calls["aten::index_copy_"] == 2 * layers  # the torch bundle's cache writes
+    # the native CPU bundle: rotary into the cache and attention once per layer, every
+    # residual add inside a norm (2 per layer, less the first layer's input, plus the final)
+    assert calls["slimstack::rotary_to_cache_cpu"] == layers
+    assert calls["slimstack::decode_attention_cpu"] == layers
+    assert calls["slimstack::add_rms_norm_cpu"] == 2 * layers
+    assert calls["slimstack::rms_norm_cpu"] == 1
+    assert "aten::index_copy_" not in calls  # the torch bundle's cache writes
     assert sum(r["share"] for r in doc["rows"]) == pytest.approx(1.0)
     assert doc["variant"] == "2:4-2L" and doc["steps"] == 3
     prefill = {r["name"]: r["calls_per_step"] for r in doc["prefill_rows"]}
