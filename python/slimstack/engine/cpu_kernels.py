@@ -166,7 +166,16 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tens
     return (_rotary if eager_direct(q) else rotary_op)(q, k, cos, sin)
 
 
-def rotary_to_cache(q, k, v, cos, sin, k_cache, v_cache, slot) -> Tensor:
+def rotary_to_cache(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    slot: Tensor,
+) -> Tensor:
     if not _native(q):
         return rotary_to_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slot)
     op = _rotary_to_cache if eager_direct(q) else rotary_to_cache_op
