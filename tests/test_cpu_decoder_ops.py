@@ -58,7 +58,13 @@ def test_rms_norm(isa, dtype, rows, hidden, with_delta):
     weight = _randn(hidden, dtype=dtype, seed=8)
     eps = 1e-5
     out, total = _poison(x), _poison(x) if with_delta else None
-    ext.rms_norm_cpu(x, weight, eps, out, delta, total)
+    if with_delta:
+        ext.add_rms_norm_cpu(x, delta, weight, eps, total, out)
+        allocated = ext.add_rms_norm_cpu(x, delta, weight, eps)  # outputs made by the op
+        assert torch.equal(allocated[0], total) and torch.equal(allocated[1], out)
+    else:
+        ext.rms_norm_cpu(x, weight, eps, out)
+        assert torch.equal(ext.rms_norm_cpu(x, weight, eps), out)
     want_total = (x.double() + delta.double()).to(dtype) if with_delta else x
     if with_delta:
         assert torch.equal(total, want_total)  # one correctly rounded add
@@ -87,6 +93,7 @@ def test_swiglu(isa, dtype, rows, inter):
     gate, up = fused.chunk(2, dim=-1)  # strided halves, as the fused gate/up projection gives
     out = _poison(gate)
     ext.swiglu_cpu(gate, up, out)
+    assert torch.equal(ext.swiglu_cpu(gate[:, None], up[:, None]), out[:, None])  # N-D rows
     g = gate.double()
     _close(out, g * torch.sigmoid(g) * up.double(), dtype)
 
@@ -112,6 +119,7 @@ def test_rope(isa, dtype, shape):
     cos, sin = _randn(B, S, D, dtype=dtype, seed=1), _randn(B, S, D, dtype=dtype, seed=2)
     out = _poison(x)
     ext.rope_cpu(x, cos, sin, out)
+    assert torch.equal(ext.rope_cpu(x, cos, sin), out)
     want = (
         x.double() * cos.double()[:, :, None] + _rotate_half(x.double()) * sin.double()[:, :, None]
     )
@@ -171,6 +179,7 @@ def test_decode_attention(isa, dtype, shape):
     out = _poison(q)
     ext.decode_attention_cpu(q, k, v, mask, out)
     _close(out, _attention64(q, k, v, mask), dtype)
+    assert torch.equal(ext.decode_attention_cpu(q, k, v, mask), out)
 
 
 def test_decode_attention_reads_no_masked_slot_and_zeros_a_blind_row():
@@ -202,8 +211,10 @@ def test_argument_errors_name_what_is_wrong():
         ext.rms_norm_cpu(x, torch.randn(7), 1e-5, torch.empty(2, 8))
     with pytest.raises(ValueError, match="out must not share memory with x"):
         ext.rms_norm_cpu(x, w, 1e-5, x)
-    with pytest.raises(ValueError, match="give delta and sum_out together"):
-        ext.rms_norm_cpu(x, w, 1e-5, torch.empty(2, 8), torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"sum_out must be \[2, 8\], got \[2, 7\]"):
+        ext.add_rms_norm_cpu(x, torch.randn(2, 8), w, 1e-5, torch.empty(2, 7))
+    with pytest.raises(ValueError, match=r"delta must be \[2, 8\]"):
+        ext.add_rms_norm_cpu(x, torch.randn(8), w, 1e-5)
     with pytest.raises(TypeError, match="must be BFloat16 like the first input"):
         ext.swiglu_cpu(x.bfloat16(), x, torch.empty(2, 8, dtype=torch.bfloat16))
     q, cs = torch.randn(1, 1, 2, 6), torch.randn(1, 1, 6)
@@ -227,8 +238,24 @@ def test_argument_errors_name_what_is_wrong():
             torch.ones(1, 4, dtype=torch.bool),
             torch.empty(1, 2, 1, 6),
         )
-    with pytest.raises(ValueError, match="contiguous in its last dimension"):
-        ext.swiglu_cpu(x.t(), x.t(), torch.empty(8, 2))
+    # the KV cache is written in place: a cache strided in its last dimension is refused
+    strided_cache = torch.randn(1, 2, 6, 4).transpose(-1, -2)
+    with pytest.raises(ValueError, match="k_cache must be contiguous in its last dimension"):
+        ext.rope_to_cache_cpu(q, q, q, cs, cs, strided_cache, cache, torch.tensor([0]))
+
+
+def test_inputs_strided_in_their_last_dimension_are_copied():
+    x, w = torch.randn(8, 2).t(), torch.randn(8)  # [2, 8], column stride 2
+    torch.testing.assert_close(
+        ext.swiglu_cpu(x, x), REFERENCE_KERNELS.swiglu(x, x), atol=1e-6, rtol=1e-6
+    )
+    torch.testing.assert_close(
+        ext.rms_norm_cpu(x, w, 1e-5), REFERENCE_KERNELS.rms_norm(x, w, 1e-5), atol=1e-6, rtol=1e-6
+    )
+    q = torch.randn(1, 1, 2, 6, 2)[..., 0]  # [1, 1, 2, 6], last stride 2
+    cos, sin = torch.randn(1, 1, 6), torch.randn(1, 1, 6)
+    want = REFERENCE_KERNELS.rotary(q, q, cos, sin)[0]
+    torch.testing.assert_close(ext.rope_cpu(q, cos, sin), want, atol=1e-6, rtol=1e-6)
 
 
 # ----------------------------------------------------------------------------- custom ops

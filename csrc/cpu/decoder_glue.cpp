@@ -1,9 +1,13 @@
-// pybind11 boundary of the CPU decoder ops: checks and calls, outputs passed in by Python
-// (so tests can poison them and nothing here allocates). Every tensor is on the CPU, in the
-// op's one dtype (float32 or bfloat16), with a contiguous last dimension.
+// pybind11 boundary of the CPU decoder ops: checks and calls. Each output is the caller's
+// (checked; tests poison it) or allocated here, and N-D inputs are flattened to rows here:
+// the Python-side reshapes and allocations cost more than these kernels at decode. Every
+// tensor is on the CPU, in the op's one dtype (float32 or bfloat16), with a contiguous last
+// dimension.
 #include "cpu/decoder_glue.h"
 
+#include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 
 #include "cpu/decoder_ops.h"
@@ -63,6 +67,29 @@ void check_out(const std::string& op, const char* name, const at::Tensor& out,
   TORCH_CHECK_VALUE(out.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// An input whose last dimension is strided, copied so that it is not (outputs and the KV
+// cache are written in place, so they are checked instead).
+at::Tensor contiguous_last(const at::Tensor& t) {
+  return t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+// The caller's out (checked: contiguous, shaped like `like`) or a fresh one.
+at::Tensor output(const std::string& op, const char* name, const std::optional<at::Tensor>& out,
+                  const at::Tensor& like) {
+  if (!out.has_value() || !out->defined()) return at::empty(like.sizes(), like.options());
+  check_out(op, name, *out, like, like.sizes());
+  return *out;
+}
+
+// t [..., H] as [rows, H] (a view where the strides allow, else a copy).
+at::Tensor as_rows(const std::string& op, const char* name, const at::Tensor& t,
+                   at::ScalarType dtype) {
+  TORCH_CHECK_VALUE(t.defined() && t.dim() >= 1, op, ": ", name, " must have a last dimension");
+  const at::Tensor rows = contiguous_last(t).reshape({-1, t.size(-1)});
+  check_tensor(op, name, rows, 2, dtype);
+  return rows;
+}
+
 Strides3 lead(const at::Tensor& t) {
   return t.dim() == 4 ? Strides3{t.stride(0), t.stride(1), t.stride(2)}
                       : Strides3{t.stride(0), t.stride(1), 0};
@@ -74,23 +101,18 @@ void with_decoder_type(at::ScalarType t, Fn&& fn) {
   return fn(c10::BFloat16{});
 }
 
-void rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, at::Tensor& out,
-                  const std::optional<at::Tensor>& delta, const std::optional<at::Tensor>& sum_out) {
-  const std::string op = "rms_norm_cpu";
-  check_dtype(op, x);
-  check_tensor(op, "x", x, 2, x.scalar_type());
-  const int64_t rows = x.size(0), H = x.size(1);
+// out (and, with delta, sum_out = x + delta) for x [..., H]
+void rms_norm_into(const std::string& op, const at::Tensor& x, const at::Tensor* delta,
+                   const at::Tensor& weight, double eps, at::Tensor* sum_out, at::Tensor& out) {
+  const at::Tensor xr = as_rows(op, "x", x, x.scalar_type());
+  const int64_t rows = xr.size(0), H = xr.size(1);
   check_tensor(op, "weight", weight, 1, x.scalar_type());
   check_shape(op, "weight", weight, {H});
-  check_out(op, "out", out, x, {rows, H});
   check_apart(op, "out", out, "x", x);
-  TORCH_CHECK_VALUE(delta.has_value() == sum_out.has_value(), op,
-                    ": give delta and sum_out together (the residual add), or neither");
-  const bool add = delta.has_value();
-  if (add) {
-    check_tensor(op, "delta", *delta, 2, x.scalar_type());
-    check_shape(op, "delta", *delta, {rows, H});
-    check_out(op, "sum_out", *sum_out, x, {rows, H});
+  at::Tensor dr;
+  if (delta != nullptr) {
+    check_shape(op, "delta", *delta, x.sizes());
+    dr = as_rows(op, "delta", *delta, x.scalar_type());
     check_apart(op, "sum_out", *sum_out, "x", x);
     check_apart(op, "sum_out", *sum_out, "delta", *delta);
     check_apart(op, "out", out, "delta", *delta);
@@ -99,28 +121,58 @@ void rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps, at:
   if (rows == 0 || H == 0) return;
   with_decoder_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    cpu::rms_norm_rows<T>(x.data_ptr<T>(), x.stride(0), add ? delta->data_ptr<T>() : nullptr,
-                          add ? delta->stride(0) : 0, weight.data_ptr<T>(),
-                          add ? sum_out->data_ptr<T>() : nullptr, out.data_ptr<T>(), rows, H,
+    cpu::rms_norm_rows<T>(xr.data_ptr<T>(), xr.stride(0), delta ? dr.data_ptr<T>() : nullptr,
+                          delta ? dr.stride(0) : 0, weight.data_ptr<T>(),
+                          delta ? sum_out->data_ptr<T>() : nullptr, out.data_ptr<T>(), rows, H,
                           static_cast<float>(eps));
   });
 }
 
-void swiglu_cpu(const at::Tensor& gate, const at::Tensor& up, at::Tensor& out) {
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& weight, double eps,
+                        const std::optional<at::Tensor>& out_arg) {
+  const std::string op = "rms_norm_cpu";
+  check_dtype(op, x);
+  at::Tensor out = output(op, "out", out_arg, x);
+  rms_norm_into(op, x, nullptr, weight, eps, nullptr, out);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> add_rms_norm_cpu(const at::Tensor& x, const at::Tensor& delta,
+                                                    const at::Tensor& weight, double eps,
+                                                    const std::optional<at::Tensor>& sum_arg,
+                                                    const std::optional<at::Tensor>& out_arg) {
+  const std::string op = "add_rms_norm_cpu";
+  check_dtype(op, x);
+  at::Tensor sum_out = output(op, "sum_out", sum_arg, x);
+  at::Tensor out = output(op, "out", out_arg, x);
+  rms_norm_into(op, x, &delta, weight, eps, &sum_out, out);
+  return {sum_out, out};
+}
+
+at::Tensor swiglu_cpu(const at::Tensor& gate, const at::Tensor& up,
+                      const std::optional<at::Tensor>& out_arg) {
   const std::string op = "swiglu_cpu";
   check_dtype(op, gate);
-  check_tensor(op, "gate", gate, 2, gate.scalar_type());
-  check_tensor(op, "up", up, 2, gate.scalar_type());
   check_shape(op, "up", up, gate.sizes());
-  check_out(op, "out", out, gate, gate.sizes());
+  const at::Tensor g = as_rows(op, "gate", gate, gate.scalar_type());
+  const at::Tensor u = as_rows(op, "up", up, gate.scalar_type());
+  at::Tensor out = output(op, "out", out_arg, gate);
   check_apart(op, "out", out, "gate", gate);
   check_apart(op, "out", out, "up", up);
-  if (gate.numel() == 0) return;
+  if (gate.numel() == 0) return out;
   with_decoder_type(gate.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    cpu::swiglu_rows<T>(gate.data_ptr<T>(), gate.stride(0), up.data_ptr<T>(), up.stride(0),
-                        out.data_ptr<T>(), gate.size(0), gate.size(1));
+    cpu::swiglu_rows<T>(g.data_ptr<T>(), g.stride(0), u.data_ptr<T>(), u.stride(0),
+                        out.data_ptr<T>(), g.size(0), g.size(1));
   });
+  return out;
+}
+
+// cos and sin with one set of strides (the kernel indexes both alike), last dims contiguous
+std::pair<at::Tensor, at::Tensor> same_strides(const at::Tensor& cos, const at::Tensor& sin) {
+  at::Tensor c = contiguous_last(cos), s = contiguous_last(sin);
+  if (c.strides() != s.strides()) return {c.contiguous(), s.contiguous()};
+  return {c, s};
 }
 
 // x [B, S, H, D], cos/sin [B, S, D]
@@ -132,7 +184,6 @@ void check_rope_inputs(const std::string& op, const char* name, const at::Tensor
   check_tensor(op, "sin", sin, 3, x.scalar_type());
   check_shape(op, "cos", cos, {x.size(0), x.size(1), x.size(3)});
   check_shape(op, "sin", sin, {x.size(0), x.size(1), x.size(3)});
-  TORCH_CHECK_VALUE(cos.strides() == sin.strides(), op, ": cos and sin must have the same strides");
 }
 
 template <typename T>
@@ -142,26 +193,35 @@ void rope_into(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin
                x.size(0), x.size(1), x.size(2), x.size(3));
 }
 
-void rope_cpu(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
-              at::Tensor& out) {
+at::Tensor rope_cpu(const at::Tensor& x_arg, const at::Tensor& cos_arg, const at::Tensor& sin_arg,
+                    const std::optional<at::Tensor>& out_arg) {
   const std::string op = "rope_cpu";
+  const at::Tensor x = contiguous_last(x_arg);
+  const std::pair<at::Tensor, at::Tensor> cos_sin = same_strides(cos_arg, sin_arg);
+  const at::Tensor &cos = cos_sin.first, &sin = cos_sin.second;
   check_dtype(op, x);
   check_rope_inputs(op, "x", x, cos, sin);
-  check_out(op, "out", out, x, x.sizes());
+  at::Tensor out = output(op, "out", out_arg, x);
   check_apart(op, "out", out, "x", x);
-  if (x.numel() == 0) return;
+  if (x.numel() == 0) return out;
   with_decoder_type(x.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     rope_into<T>(x, cos, sin, out.data_ptr<T>(), lead(out));
   });
+  return out;
 }
 
 // Decode: q, k, v [B, 1, H(kv), D]; k rotated and v written into the caches [B, Hkv, T, D]
 // at `slot`, q rotated into q_out.
-void rope_to_cache_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                       const at::Tensor& cos, const at::Tensor& sin, at::Tensor& k_cache,
-                       at::Tensor& v_cache, const at::Tensor& slot, at::Tensor& q_out) {
+at::Tensor rope_to_cache_cpu(const at::Tensor& q_arg, const at::Tensor& k_arg,
+                             const at::Tensor& v_arg, const at::Tensor& cos_arg,
+                             const at::Tensor& sin_arg, at::Tensor& k_cache, at::Tensor& v_cache,
+                             const at::Tensor& slot, const std::optional<at::Tensor>& q_out_arg) {
   const std::string op = "rope_to_cache_cpu";
+  const at::Tensor q = contiguous_last(q_arg), k = contiguous_last(k_arg),
+                   v = contiguous_last(v_arg);
+  const std::pair<at::Tensor, at::Tensor> cos_sin = same_strides(cos_arg, sin_arg);
+  const at::Tensor &cos = cos_sin.first, &sin = cos_sin.second;
   check_dtype(op, q);
   check_rope_inputs(op, "q", q, cos, sin);
   check_rope_inputs(op, "k", k, cos, sin);
@@ -180,13 +240,13 @@ void rope_to_cache_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
   const int64_t at_slot = slot.item<int64_t>();
   TORCH_CHECK_VALUE(at_slot >= 0 && at_slot < k_cache.size(2), op, ": slot ", at_slot,
                     " is outside the cache's ", k_cache.size(2), " slots");
-  check_out(op, "q_out", q_out, q, q.sizes());
+  at::Tensor q_out = output(op, "q_out", q_out_arg, q);
   for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"q", q}, {"k", k}, {"v", v}}) {
     check_apart(op, "q_out", q_out, name, t);
     check_apart(op, "k_cache", k_cache, name, t);
     check_apart(op, "v_cache", v_cache, name, t);
   }
-  if (B == 0) return;
+  if (B == 0) return q_out;
   with_decoder_type(q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     rope_into<T>(q, cos, sin, q_out.data_ptr<T>(), lead(q_out));
@@ -197,11 +257,15 @@ void rope_to_cache_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tenso
     cpu::copy_heads<T>(v.data_ptr<T>(), lead(v), v_cache.data_ptr<T>() + at_slot * v_cache.stride(2),
                        v_slot, B, 1, Hkv, D);
   });
+  return q_out;
 }
 
-void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const at::Tensor& mask, at::Tensor& out) {
+at::Tensor decode_attention_cpu(const at::Tensor& q_arg, const at::Tensor& k_arg,
+                                const at::Tensor& v_arg, const at::Tensor& mask,
+                                const std::optional<at::Tensor>& out_arg) {
   const std::string op = "decode_attention_cpu";
+  const at::Tensor q = contiguous_last(q_arg), k = contiguous_last(k_arg),
+                   v = contiguous_last(v_arg);
   check_dtype(op, q);
   check_tensor(op, "q", q, 4, q.scalar_type());
   check_tensor(op, "k", k, 4, q.scalar_type());
@@ -215,11 +279,11 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK_VALUE(mask.device().is_cpu() && mask.dim() == 4 && mask.size(0) == B &&
                         mask.size(1) == 1 && mask.size(2) == 1 && mask.size(3) == T,
                     op, ": mask must be a CPU [", B, ", 1, 1, ", T, "] tensor, got ", mask.sizes());
-  check_out(op, "out", out, q, q.sizes());
+  at::Tensor out = output(op, "out", out_arg, q);
   check_apart(op, "out", out, "q", q);
   check_apart(op, "out", out, "k", k);
   check_apart(op, "out", out, "v", v);
-  if (out.numel() == 0) return;
+  if (out.numel() == 0) return out;
   with_decoder_type(q.scalar_type(), [&](auto tag) {
     using Scalar = decltype(tag);
     cpu::decode_attention<Scalar>(q.data_ptr<Scalar>(), lead(q), k.data_ptr<Scalar>(), lead(k),
@@ -227,27 +291,30 @@ void decode_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Te
                                   mask.stride(0), mask.stride(3), out.data_ptr<Scalar>(), B, Hkv,
                                   G, T, D, static_cast<float>(1.0 / std::sqrt(double(D))));
   });
+  return out;
 }
 
 }  // namespace
 
 void register_decoder_ops(pybind11::module_& m) {
   namespace py = pybind11;
-  m.def("rms_norm_cpu", &rms_norm_cpu,
-        "out = RMSNorm(x [+ delta]) for x [R, H]; with delta, x + delta goes to sum_out",
-        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out"),
-        py::arg("delta") = py::none(), py::arg("sum_out") = py::none());
-  m.def("swiglu_cpu", &swiglu_cpu, "out = silu(gate) * up for [R, I] rows", py::arg("gate"),
-        py::arg("up"), py::arg("out"));
-  m.def("rope_cpu", &rope_cpu, "out = x rotated by cos/sin (half-split), x [B, S, H, D]",
-        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"));
+  m.def("rms_norm_cpu", &rms_norm_cpu, "RMSNorm of x [..., H]; out given or allocated",
+        py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("out") = py::none());
+  m.def("add_rms_norm_cpu", &add_rms_norm_cpu,
+        "(x + delta, RMSNorm(x + delta)) for x, delta [..., H]; outputs given or allocated",
+        py::arg("x"), py::arg("delta"), py::arg("weight"), py::arg("eps"),
+        py::arg("sum_out") = py::none(), py::arg("out") = py::none());
+  m.def("swiglu_cpu", &swiglu_cpu, "silu(gate) * up for [..., I]", py::arg("gate"),
+        py::arg("up"), py::arg("out") = py::none());
+  m.def("rope_cpu", &rope_cpu, "x rotated by cos/sin (half-split), x [B, S, H, D]",
+        py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out") = py::none());
   m.def("rope_to_cache_cpu", &rope_to_cache_cpu,
-        "decode: q rotated into q_out; k rotated and v written into the caches at slot",
+        "decode: returns q rotated; k rotated and v written into the caches at slot",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("cos"), py::arg("sin"),
-        py::arg("k_cache"), py::arg("v_cache"), py::arg("slot"), py::arg("q_out"));
+        py::arg("k_cache"), py::arg("v_cache"), py::arg("slot"), py::arg("q_out") = py::none());
   m.def("decode_attention_cpu", &decode_attention_cpu,
         "one-token attention of q [B, Hkv, G, D] over k, v [B, Hkv, T, D] where mask is true",
-        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"));
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out") = py::none());
 }
 
 }  // namespace slimstack
