@@ -3,27 +3,12 @@ op (attention once per context), written as one JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from bench_support import load_bench
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def _load():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(
-        "slimstack_bench_pieces", BENCH / "decoder_pieces.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-decoder_pieces = _load()
+decoder_pieces = load_bench("decoder_pieces")
 
 
 def test_rows_per_op_and_context(tmp_path):

@@ -4,32 +4,22 @@ of the whole suite end to end (results into a temp folder, never into bench/resu
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import torch
+from bench_support import load_bench
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _load(name: str) -> ModuleType:
-    """bench/ is a folder of scripts, not a package: import a file under a private name."""
-    spec = importlib.util.spec_from_file_location(f"slimstack_bench_{name}", BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up while defining
-    spec.loader.exec_module(module)
-    return module
-
-
-common = _load("common")
-plot = _load("plot")
+common = load_bench("common")
+plot = load_bench("plot")
 
 
 def _rows(dtypes=("bfloat16", "float16")) -> list[dict]:
@@ -214,7 +204,7 @@ def test_cpu_suite_end_to_end(tmp_path):
     assert plot.plot_results(path)
 
 
-summarize = _load("summarize")
+summarize = load_bench("summarize")
 
 
 def test_summary_tables_geomean_over_shapes_and_decode_bandwidth():
@@ -335,7 +325,7 @@ def test_summary_lists_the_cases_the_run_did_not_measure():
 
 def test_prune_quality_redraws_table_and_plot_from_its_json(tmp_path, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(BENCH))  # it imports its sibling, as a script does
-    quality = _load("prune_quality")
+    quality = load_bench("prune_quality")
     rows = [{"method": "dense", "pattern": "-", "perplexity": 100.0, "dense": []}]
     for i, method in enumerate(quality.METHODS):
         for j, pattern in enumerate(quality.PATTERNS):
