@@ -267,7 +267,7 @@ SLIMSTACK_INLINE void attention_impl(const AttentionArgs<T>& a, int64_t begin, i
   using F = typename Vec<V>::f;
   const int64_t G = a.G, D = a.D, Dp = (D + V - 1) / V * V, chunks = Dp / V;
   std::vector<int64_t> slots(a.T_len);
-  std::vector<float> scores, qf(G * Dp), acc(G * Dp), row(Dp);
+  std::vector<float> scores, qf(G * Dp), row(Dp), inv_total(G);
   for (int64_t item = begin; item < end; ++item) {
     const int64_t b = item / a.Hkv, h = item % a.Hkv;
     int64_t visible = 0;
@@ -306,7 +306,6 @@ SLIMSTACK_INLINE void attention_impl(const AttentionArgs<T>& a, int64_t begin, i
         scores[g * visible + j] = hsum<V>(dot) * a.scale;
       }
     }
-    std::vector<float> total(G);
     for (int64_t g = 0; g < G; ++g) {
       float* s = &scores[g * visible];
       const float top = *std::max_element(s, s + visible);
@@ -321,10 +320,10 @@ SLIMSTACK_INLINE void attention_impl(const AttentionArgs<T>& a, int64_t begin, i
         store_n<V>(s + j, p, n);
         sum += p;
       }
-      total[g] = hsum<V>(sum);
+      inv_total[g] = 1.0f / hsum<V>(sum);
     }
-    // out[g, chunk c] = sum_j p[g, j] v[j, c]: one pass over the value rows per chunk of D
-    // (and per kGroup query heads), the accumulators in registers
+    // out[g, chunk c] = sum_j p[g, j] v[j, c] / sum_j p[g, j]: one pass over the value rows
+    // per chunk of D (and per kGroup query heads), the accumulators in registers
     const T* v_head = a.v + b * a.vs.s0 + h * a.vs.s1;
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t n = std::min<int64_t>(V, D - c * V);
@@ -339,15 +338,7 @@ SLIMSTACK_INLINE void attention_impl(const AttentionArgs<T>& a, int64_t begin, i
             if (g < gn) sums[g] += scores[(g0 + g) * visible + j] * x;
         }
         for (int64_t g = 0; g < gn; ++g)
-          std::memcpy(&acc[(g0 + g) * Dp + c * V], &sums[g], sizeof(F));
-      }
-    }
-    for (int64_t g = 0; g < G; ++g) {
-      const float inv = 1.0f / total[g];
-      for (int64_t c = 0; c < chunks; ++c) {
-        F sum;
-        load<V>(sum, &acc[g * Dp + c * V]);
-        store_n<V>(out + g * D + c * V, sum * inv, std::min<int64_t>(V, D - c * V));
+          store_n<V>(out + (g0 + g) * D + c * V, sums[g] * inv_total[g0 + g], n);
       }
     }
   }
