@@ -12,6 +12,9 @@ bfloat16; other dtypes run the torch references.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -105,50 +108,26 @@ def _native(x: Tensor) -> bool:
     return x.dtype in NATIVE_DTYPES and x.device.type == "cpu"
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    if not _native(x):
-        return rms_norm_reference(x, weight, eps)
-    return (_rms_norm if eager_direct(x) else rms_norm_op)(x, weight, eps)
+def _routed(impl: Callable[..., Any], op: Callable[..., Any], reference: Callable[..., Any]):
+    """The bundle's entry for one piece, routed by its first tensor: torch's reference for
+    other dtypes and devices, the implementation itself in plain eager calls, the custom op
+    where tracing or autograd must see one node."""
+
+    def run(first: Tensor, *args: Any) -> Any:
+        if not _native(first):
+            return reference(first, *args)
+        return (impl if eager_direct(first) else op)(first, *args)
+
+    run.__name__ = run.__qualname__ = impl.__name__.lstrip("_")
+    return run
 
 
-def add_rms_norm(x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    if not _native(x):
-        return add_rms_norm_reference(x, delta, weight, eps)
-    return (_add_rms_norm if eager_direct(x) else add_rms_norm_op)(x, delta, weight, eps)
-
-
-def swiglu(gate: Tensor, up: Tensor) -> Tensor:
-    if not _native(gate):
-        return swiglu_reference(gate, up)
-    return (_swiglu if eager_direct(gate) else swiglu_op)(gate, up)
-
-
-def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-    if not _native(q):
-        return rotary_reference(q, k, cos, sin)
-    return (_rotary if eager_direct(q) else rotary_op)(q, k, cos, sin)
-
-
-def rotary_to_cache(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    slot: Tensor,
-) -> Tensor:
-    if not _native(q):
-        return rotary_to_cache_reference(q, k, v, cos, sin, k_cache, v_cache, slot)
-    op = _rotary_to_cache if eager_direct(q) else rotary_to_cache_op
-    return op(q, k, v, cos, sin, k_cache, v_cache, slot)
-
-
-def decode_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    if not _native(q):
-        return decode_attention_reference(q, k, v, mask)
-    return (_decode_attention if eager_direct(q) else decode_attention_op)(q, k, v, mask)
+rms_norm = _routed(_rms_norm, rms_norm_op, rms_norm_reference)
+add_rms_norm = _routed(_add_rms_norm, add_rms_norm_op, add_rms_norm_reference)
+swiglu = _routed(_swiglu, swiglu_op, swiglu_reference)
+rotary = _routed(_rotary, rotary_op, rotary_reference)
+rotary_to_cache = _routed(_rotary_to_cache, rotary_to_cache_op, rotary_to_cache_reference)
+decode_attention = _routed(_decode_attention, decode_attention_op, decode_attention_reference)
 
 
 def native_kernels() -> Kernels:
