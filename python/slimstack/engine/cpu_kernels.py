@@ -3,8 +3,8 @@
 A 2:4 TinyLlama's decode step spent ~110 us per layer in the torch references of these
 (a dozen small ops, each a dispatch and a pass over memory) around ~1.2 ms of linears; the
 native versions take one call each (bench/decoder_pieces.py, bf16, per call as the engine
-makes it): RMSNorm with its residual add 3.5 us (torch 15), rotary into the cache 3.0 us
-(30), attention over 131 of 256 slots 17 us (29; on par with SDPA at 1501 of 2048). Each is a
+makes it): RMSNorm with its residual add 3.4 us (torch 14), rotary into the cache 3.0 us
+(28), attention over 131 of 256 slots 16 us (28), over 1501 of 2048 149 us (167). Each is a
 `torch.library` custom op with a fake, so torch.compile sees one opaque node; eager calls
 skip the dispatcher (`eager_direct`) as the sparse matmuls do. They take float32 and
 bfloat16; other dtypes run the torch references.
@@ -135,7 +135,7 @@ def native_kernels() -> Kernels:
     if not available():
         return REFERENCE_KERNELS
     # SwiGLU stays torch's: the native one (an exp and a division per element) measured
-    # 0.90x of it at a decode step (bench/decoder_pieces.py); it is kept, tested, for rework
+    # 0.88x of it at a decode step (bench/decoder_pieces.py); it is kept, tested, for rework
     return Kernels(
         "native", rms_norm, add_rms_norm, rotary, swiglu_reference, decode_attention,
         rotary_to_cache,
